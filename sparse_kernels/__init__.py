@@ -1,0 +1,29 @@
+"""sparse_kernels: prune networks, store them compressed, run them on sparse kernels.
+
+Public API (see README.md):
+
+* 2:4 format: :func:`mask_2to4`, :func:`compress_2to4`, :func:`decompress_2to4`,
+  :func:`to_torch_cutlass`, :func:`from_torch_cutlass`.
+* Backends: every op takes ``backend=`` (``auto | reference | cpp | cuda | triton``);
+  ``SPARSE_KERNELS_BACKEND`` sets the default; ``python -m sparse_kernels.info`` lists them.
+"""
+
+from . import _extension
+from .ops import _registry
+from .ops._registry import BackendUnavailableError
+from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
+from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
+
+__version__ = "0.1.0"
+
+_extension.load()
+
+__all__ = [
+    "BackendUnavailableError",
+    "compress_2to4",
+    "decompress_2to4",
+    "from_torch_cutlass",
+    "mask_2to4",
+    "to_semi_structured",
+    "to_torch_cutlass",
+]

@@ -1,0 +1,6 @@
+"""Pure-PyTorch references: the default kernel of every op, and the ground truth of every test.
+
+One module per op family, named like its C++ (csrc/cpu/), CUDA (csrc/cuda/) and Triton
+(sparse_kernels/triton/) twins.
+"""
+from . import sparse24  # noqa: F401

@@ -99,6 +99,12 @@ __device__ __forceinline__ void two_indices(unsigned keep, int& i0, int& i1) {
   i1 = __ffs(keep & ~(1u << i0)) - 1;
 }
 
+// q[i] for a runtime i in 0..3 with static register indices only (no local-memory array).
+template <typename U>
+__device__ __forceinline__ U pick4(const U* q, int i) {
+  return i == 0 ? q[0] : (i == 1 ? q[1] : (i == 2 ? q[2] : q[3]));
+}
+
 __device__ __forceinline__ void flag_min(int64_t* flag, int64_t v) {
   atomicMin(reinterpret_cast<unsigned long long*>(flag), static_cast<unsigned long long>(v));
 }
@@ -201,8 +207,8 @@ __global__ void __launch_bounds__(kThreads)
       if (nnz > 2) flag_min(flag, 4 * c + g);
       int i0, i1;
       two_indices(keep_top2(prio), i0, i1);
-      out[2 * g] = q[i0];
-      out[2 * g + 1] = q[i1];
+      out[2 * g] = pick4(q, i0);
+      out[2 * g + 1] = pick4(q, i1);
       word |= static_cast<uint32_t>(i0 | (i1 << 2)) << (4 * g);
     }
     store8<U, kVec>(vb + 8 * c, out);
@@ -232,14 +238,12 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t word = static_cast<uint16_t>(meta[c]);
     U out[16];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) out[i] = 0;
-#pragma unroll
     for (int g = 0; g < 4; ++g) {
       const int nib = (word >> (4 * g)) & 0xF;
       const int i0 = nib & 3, i1 = nib >> 2;
-      if (i0 >= i1) flag_min(flag, 4 * c + g);
-      out[4 * g + i0] = v[2 * g];
-      out[4 * g + i1] = v[2 * g + 1];  // on a corrupt nibble the output is garbage; the wrapper raises
+      if (i0 >= i1) flag_min(flag, 4 * c + g);  // the output is then garbage; the wrapper raises
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[4 * g + i] = i == i1 ? v[2 * g + 1] : (i == i0 ? v[2 * g] : U(0));
     }
     if constexpr (kVec) {
       constexpr int kN = 16 * sizeof(U) / 16;

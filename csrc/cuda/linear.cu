@@ -162,7 +162,8 @@ __device__ __forceinline__ uint32_t quad_transpose_nibbles(uint32_t v, int lane)
 }
 
 // ------------------------------------------------------------------ decode kernel (M <= 16)
-constexpr int kGemvWarps = 8;  // split-K warps per 16-row block (first guess, not tuned on a GPU)
+constexpr int kGemvWarps = 8;   // split-K warps per 16-row block (first guess, not tuned on a GPU)
+constexpr int kGemvUnroll = 4;  // spans in flight per warp (first guess, not tuned on a GPU)
 
 template <typename T, int kNT>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -185,45 +186,63 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 
-#pragma unroll 2
-  for (int s = warp; s < spans; s += kGemvWarps) {
-    const int kbase = 64 * s;
-    uint4 alo = make_uint4(0, 0, 0, 0), ahi = make_uint4(0, 0, 0, 0);
-    const bool ka = kbase + 16 * t + 16 <= K;
-    if (ka && r0 < N) alo = __ldcs(reinterpret_cast<const uint4*>(a0p + 32 * s));
-    if (ka && r1 < N) ahi = __ldcs(reinterpret_cast<const uint4*>(a1p + 32 * s));
-    const uint32_t e = __ldcs(mp + 32 * s);
-    const uint32_t aw0[4] = {alo.x, alo.y, alo.z, alo.w};
-    const uint32_t aw1[4] = {ahi.x, ahi.y, ahi.z, ahi.w};
+  // kGemvUnroll spans per warp per step: every weight / metadata / x load of the step is issued
+  // before the first MMA, so each thread keeps kGemvUnroll * 2 weight loads (16 B) in flight.
+  for (int s0 = warp; s0 < spans; s0 += kGemvWarps * kGemvUnroll) {
+    uint4 alo[kGemvUnroll], ahi[kGemvUnroll], bx[kGemvUnroll][kNT][2];
+    uint32_t e[kGemvUnroll];
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      const int n = 8 * nt + g;
-      const int kb = kbase + 16 * q + 32 * p;
-      uint4 b0 = make_uint4(0, 0, 0, 0), b1 = make_uint4(0, 0, 0, 0);
-      if (n < M && kb + 16 <= K) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n) * K + kb);
-        b0 = __ldg(xp);
-        b1 = __ldg(xp + 1);
-      }
-      const uint32_t w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-      uint32_t s0[4], s1[4];
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const int s = s0 + u * kGemvWarps;
+      const int kbase = 64 * s;
+      alo[u] = make_uint4(0, 0, 0, 0);
+      ahi[u] = make_uint4(0, 0, 0, 0);
+      e[u] = 0x44444444u;
+      const bool ks = s < spans;
+      const bool ka = ks && kbase + 16 * t + 16 <= K;
+      if (ka && r0 < N) alo[u] = __ldcs(reinterpret_cast<const uint4*>(a0p + 32 * s));
+      if (ka && r1 < N) ahi[u] = __ldcs(reinterpret_cast<const uint4*>(a1p + 32 * s));
+      if (ks) e[u] = __ldcs(mp + 32 * s);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const uint32_t own = p ? w[2 * k + 1] : w[2 * k];
-        const uint32_t send = p ? w[2 * k] : w[2 * k + 1];
-        const uint32_t recv = __shfl_xor_sync(0xffffffffu, send, 1);
-        s0[k] = p ? recv : own;
-        s1[k] = p ? own : recv;
+      for (int nt = 0; nt < kNT; ++nt) {
+        const int n = 8 * nt + g;
+        const int kb = kbase + 16 * q + 32 * p;
+        bx[u][nt][0] = make_uint4(0, 0, 0, 0);
+        bx[u][nt][1] = make_uint4(0, 0, 0, 0);
+        if (ks && n < M && kb + 16 <= K) {
+          const uint4* xp = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(n) * K + kb);
+          bx[u][nt][0] = __ldg(xp);
+          bx[u][nt][1] = __ldg(xp + 1);
+        }
       }
-      {
-        const uint32_t a[4] = {aw0[0], aw1[0], aw0[1], aw1[1]};
-        const uint32_t b[4] = {s0[0], s1[0], s0[1], s1[1]};
-        Mma<T>::template sp<0>(acc[nt], a, b, e);
-      }
-      {
-        const uint32_t a[4] = {aw0[2], aw1[2], aw0[3], aw1[3]};
-        const uint32_t b[4] = {s0[2], s1[2], s0[3], s1[3]};
-        Mma<T>::template sp<1>(acc[nt], a, b, e);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      const uint32_t aw0[4] = {alo[u].x, alo[u].y, alo[u].z, alo[u].w};
+      const uint32_t aw1[4] = {ahi[u].x, ahi[u].y, ahi[u].z, ahi[u].w};
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) {
+        const uint4 b0 = bx[u][nt][0], b1 = bx[u][nt][1];
+        const uint32_t w[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+        uint32_t s0w[4], s1w[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {  // exchange half-groups with lane ^ 1 (see the header comment)
+          const uint32_t own = p ? w[2 * k + 1] : w[2 * k];
+          const uint32_t send = p ? w[2 * k] : w[2 * k + 1];
+          const uint32_t recv = __shfl_xor_sync(0xffffffffu, send, 1);
+          s0w[k] = p ? recv : own;
+          s1w[k] = p ? own : recv;
+        }
+        {
+          const uint32_t a[4] = {aw0[0], aw1[0], aw0[1], aw1[1]};
+          const uint32_t b[4] = {s0w[0], s1w[0], s0w[1], s1w[1]};
+          Mma<T>::template sp<0>(acc[nt], a, b, e[u]);
+        }
+        {
+          const uint32_t a[4] = {aw0[2], aw1[2], aw0[3], aw1[3]};
+          const uint32_t b[4] = {s0w[2], s1w[2], s0w[3], s1w[3]};
+          Mma<T>::template sp<1>(acc[nt], a, b, e[u]);
+        }
       }
     }
   }

@@ -315,9 +315,11 @@ __global__ void __launch_bounds__(kGemmThreads)
     }
     if (tid < 64) {  // metadata: 8 blocks x 32 words = 64 chunks of 16 B
       const int b = tid / 8, ck = tid % 8, gb = n0 / 16 + b;
-      const bool ok = gb < nblocks;
-      const uint32_t* src = ok ? meta_dev + (static_cast<int64_t>(gb) * spans + s) * 32 + 4 * ck : meta_dev;
-      cp_async16(&sm.e[stage][b][4 * ck], src, ok);
+      if (gb < nblocks) {
+        cp_async16(&sm.e[stage][b][4 * ck], meta_dev + (static_cast<int64_t>(gb) * spans + s) * 32 + 4 * ck, true);
+      } else {  // a 16-row block past N: valid ordered nibbles (0x4), its outputs are discarded
+        *reinterpret_cast<uint4*>(&sm.e[stage][b][4 * ck]) = make_uint4(0x44444444u, 0x44444444u, 0x44444444u, 0x44444444u);
+      }
     }
   };
 

@@ -175,9 +175,9 @@ __global__ void __launch_bounds__(kThreads)
   U* vb = reinterpret_cast<U*>(values);
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    U x[16];
+    alignas(16) U x[16];
     load16<U, kVec>(wb + 16 * c, x);
-    U out[8];
+    alignas(16) U out[8];
     uint32_t word = 0;
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(kThreads)
   U* wb = reinterpret_cast<U*>(w);
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < chunks;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    U v[8];
+    alignas(16) U v[8];
     if constexpr (kVec) {
       constexpr int kN = 8 * sizeof(U) / 16;
 #pragma unroll
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int i = 0; i < 8; ++i) v[i] = vb[8 * c + i];
     }
     const uint32_t word = static_cast<uint16_t>(meta[c]);
-    U out[16];
+    alignas(16) U out[16];
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       const int nib = (word >> (4 * g)) & 0xF;

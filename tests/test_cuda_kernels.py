@@ -317,6 +317,20 @@ def test_sparsegpt_cuda(rows, B, n, m):
     check_sparsegpt("cuda", "cuda", rows, B, n, m)
 
 
+@requires_cuda
+def test_sparsegpt_cuda_opcheck_and_errors():
+    _need_sparsegpt_cuda()
+    W1, U, mask = (t.cuda() for t in _sparsegpt_problem(9, 32, 2))
+    torch.library.opcheck(OPS.sparsegpt_block_update_cuda.default, (W1, U, None, 2, 4))
+    torch.library.opcheck(OPS.sparsegpt_block_update_cuda.default, (W1, U, mask, 0, 0))
+    with pytest.raises(ValueError, match="at most 256"):
+        OPS.sparsegpt_block_update_cuda(torch.zeros(2, 288, device="cuda"), torch.eye(288, device="cuda"), None, 2, 4)
+    with pytest.raises(ValueError, match="mask1: required when m == 0"):
+        OPS.sparsegpt_block_update_cuda(W1, U, None, 0, 0)
+    with pytest.raises(TypeError, match="W1: dtype"):
+        OPS.sparsegpt_block_update_cuda(W1.double(), U, None, 2, 4)
+
+
 def test_numpy_emulation_matches_reference():
     """The emulation used as the CUDA kernel's bit-exact yardstick follows the published algorithm."""
     pytest.importorskip("sparse_kernels.reference.sparsegpt")

@@ -188,6 +188,7 @@ def test_mma_layout_cuda(rows, cols):
 LINEAR_CASES = [  # (M, N, K): odd batches, N not a multiple of 128 (or 16), K tails
     (1, 4096, 4096), (3, 200, 64), (8, 24, 80), (9, 136, 4096), (16, 16, 64),
     (17, 200, 4096), (129, 330, 64), (300, 1000, 208),
+    (1100, 2048, 128),  # >= 132 CTAs of 128 rows: the 8-warp GEMM tile (the others take the 4-warp one)
 ]
 
 

@@ -33,7 +33,8 @@
 //  * gemm_kernel (M > 16).  Canonical K order, cp.async 3-stage pipeline, ldmatrix.x4 for A
 //    (compressed values) and B (x), metadata transposed back to the natural per-lane form with
 //    4 shuffles per (16-row block, span), amortized over the warp's n-tiles.
-//    CTA tile 128 features x 128 batch rows x 64 K, 8 warps of 64 x 32.
+//    CTA tile 128 (or 64, when 128-row tiles would leave SMs idle) features x 128 batch rows
+//    x 64 K; warps of 64 x 32 (8 or 4 per CTA).
 //
 // Tuning constants are first guesses: compiled, not yet run on a GPU.
 #include <cuda_bf16.h>
@@ -268,27 +269,28 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 }
 
 // ------------------------------------------------------------------ GEMM kernel (M > 16)
-constexpr int kBM = 128;     // output features per CTA
+// CTA tile: 64 * kWM output features (kWM = 2, or 1 when 128-row tiles leave SMs idle) x kBN batch
+// rows; warps of 64 x 32, kWM x 4 of them.
 constexpr int kBN = 128;     // batch rows per CTA
 // K per stage: one 64-column span (the metadata layout's unit).
 constexpr int kStages = 3;   // cp.async pipeline depth (first guess, not tuned on a GPU)
 constexpr int kApitch = 40;  // compressed values per smem row: 32 + 8 pad (80 B: ldmatrix conflict-free)
 constexpr int kXpitch = 72;  // x elements per smem row: 64 + 8 pad (144 B)
-constexpr int kGemmThreads = 256;
 
-template <typename T>
+template <typename T, int kWM>
 struct GemmSmem {
-  T a[kStages][kBM][kApitch];
+  T a[kStages][64 * kWM][kApitch];
   T x[kStages][kBN][kXpitch];
-  uint32_t e[kStages][kBM / 16][32];
+  uint32_t e[kStages][4 * kWM][32];
 };
 
-template <typename T>
-__global__ void __launch_bounds__(kGemmThreads)
+template <typename T, int kWM>
+__global__ void __launch_bounds__(128 * kWM)
     gemm_kernel(const T* __restrict__ x, const T* __restrict__ values, const uint32_t* __restrict__ meta_dev,
                 const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  GemmSmem<T>& sm = *reinterpret_cast<GemmSmem<T>*>(smem_raw);
+  constexpr int kBM = 64 * kWM, kGemmThreads = 128 * kWM;
+  GemmSmem<T, kWM>& sm = *reinterpret_cast<GemmSmem<T, kWM>*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
   const int wm = warp / 4, wn = warp % 4;  // warp tile: features wm*64.., batch wn*32..
@@ -300,20 +302,20 @@ __global__ void __launch_bounds__(kGemmThreads)
   auto load_stage = [&](int stage, int s) {
     const int kbase = 64 * s;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // A: 128 rows x 4 chunks of 16 B
+    for (int i = 0; i < 2; ++i) {  // A: kBM rows x 4 chunks of 16 B
       const int c = tid + i * kGemmThreads, row = c / 4, ck = c % 4;
       const bool ok = (n0 + row < N) && (kbase + 16 * ck + 16 <= K);
       const T* src = ok ? values + static_cast<int64_t>(n0 + row) * pitch + 32 * s + 8 * ck : values;
       cp_async16(&sm.a[stage][row][8 * ck], src, ok);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {  // x: 128 rows x 8 chunks of 16 B
+    for (int i = 0; i < 1024 / kGemmThreads; ++i) {  // x: 128 rows x 8 chunks of 16 B
       const int c = tid + i * kGemmThreads, row = c / 8, ck = c % 8;
       const bool ok = (m0 + row < M) && (kbase + 8 * ck + 8 <= K);
       const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + kbase + 8 * ck : x;
       cp_async16(&sm.x[stage][row][8 * ck], src, ok);
     }
-    if (tid < 64) {  // metadata: 8 blocks x 32 words = 64 chunks of 16 B
+    if (tid < 8 * (kBM / 16)) {  // metadata: kBM/16 blocks x 32 words = 8 chunks of 16 B each
       const int b = tid / 8, ck = tid % 8, gb = n0 / 16 + b;
       if (gb < nblocks) {
         cp_async16(&sm.e[stage][b][4 * ck], meta_dev + (static_cast<int64_t>(gb) * spans + s) * 32 + 4 * ck, true);
@@ -399,6 +401,29 @@ int grid1d(int64_t work, int threads) {
   return static_cast<int>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
 }
 
+// Streaming multiprocessors of the current device (queried once per process and device).
+int sm_count() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
+  if (cached[dev] == 0) {
+    int v = 0;
+    cached[dev] = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev) == cudaSuccess && v > 0 ? v : 132;
+  }
+  return cached[dev];
+}
+
+template <typename T, int kWM>
+cudaError_t launch_gemm(const T* x, const T* values, const uint32_t* meta_dev, const T* bias, T* y, int M, int N, int K,
+                        cudaStream_t stream) {
+  const int smem = static_cast<int>(sizeof(GemmSmem<T, kWM>));
+  cudaError_t err = cudaFuncSetAttribute(gemm_kernel<T, kWM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((N + 64 * kWM - 1) / (64 * kWM)), static_cast<unsigned>((M + kBN - 1) / kBN));
+  gemm_kernel<T, kWM><<<grid, 128 * kWM, smem, stream>>>(x, values, meta_dev, bias, y, M, N, K);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t linear_typed(const void* x, const void* values, const int32_t* meta_dev, const void* bias, void* y,
                          int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
@@ -415,11 +440,9 @@ cudaError_t linear_typed(const void* x, const void* values, const int32_t* meta_
     gemv_kernel<T, 2><<<static_cast<unsigned>((N + 15) / 16), kGemvWarps * 32, 0, stream>>>(xp, vp, ep, bp, yp, m,
                                                                                             n, k);
   } else {
-    const int smem = static_cast<int>(sizeof(GemmSmem<T>));
-    cudaError_t err = cudaFuncSetAttribute(gemm_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(static_cast<unsigned>((N + kBM - 1) / kBM), static_cast<unsigned>((M + kBN - 1) / kBN));
-    gemm_kernel<T><<<grid, kGemmThreads, smem, stream>>>(xp, vp, ep, bp, yp, m, n, k);
+    const int64_t grid128 = ((N + 127) / 128) * ((M + kBN - 1) / kBN);
+    if (grid128 >= sm_count()) return launch_gemm<T, 2>(xp, vp, ep, bp, yp, m, n, k, stream);
+    return launch_gemm<T, 1>(xp, vp, ep, bp, yp, m, n, k, stream);
   }
   return cudaGetLastError();
 }
@@ -446,8 +469,7 @@ cudaError_t unreorder_meta_mma_launch(const int32_t* meta_dev, int64_t rows, int
 cudaError_t sparse_linear_launch(const void* x, const void* values, const int32_t* meta_dev, const void* bias,
                                  void* y, int64_t M, int64_t N, int64_t K, int dtype, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (K % 16 != 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || (N + kBM - 1) / kBM > 2147483647 ||
-      (M + kBN - 1) / kBN > 65535)
+  if (K % 16 != 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || (M + kBN - 1) / kBN > 65535)
     return cudaErrorInvalidValue;
   switch (dtype) {
     case kF16:

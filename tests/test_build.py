@@ -1,0 +1,122 @@
+"""The build and the defensive extension loading.
+
+* a package whose _C is missing (or whose build failed) still imports, warns, runs the
+  reference and says why in `info`; forcing `cpp` names the reason;
+* setup.py: a failing default build leaves `_build_info.json` saying why and exits 0,
+  SPARSE_KERNELS_STRICT_BUILD=1 makes the same failure fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _copy_package(dst: str, build_info: dict | None) -> None:
+    shutil.copytree(
+        os.path.join(ROOT, "sparse_kernels"),
+        os.path.join(dst, "sparse_kernels"),
+        ignore=shutil.ignore_patterns("_C*.so", "_C*.pyd", "__pycache__", "_build_info.json"),
+    )
+    if build_info is not None:
+        with open(os.path.join(dst, "sparse_kernels", "_build_info.json"), "w") as f:
+            json.dump(build_info, f)
+
+
+def _run(code: str, cwd: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARSE_KERNELS_", "TRITON_INTERPRET"))}
+    env["PYTHONPATH"] = cwd
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+_PROBE = """
+    import warnings, torch
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        import sparse_kernels as sk
+    print("WARN:", " | ".join(str(w.message) for w in rec if "sparse_kernels" in str(w.message)))
+    from sparse_kernels import info
+    rep = info.report()
+    print("LOADED:", rep["extension_loaded"])
+    print("REASON:", rep["extension_reason"])
+    w = torch.randn(8, 32)
+    v, m = sk.compress_2to4(w, prune=True)
+    assert torch.equal(sk.decompress_2to4(v, m), torch.where(sk.mask_2to4(w), w, 0))
+    print("REFERENCE OK")
+    try:
+        sk.compress_2to4(w, prune=True, backend="cpp")
+    except sk.BackendUnavailableError as e:
+        print("FORCED:", e)
+    print(info.format_report())
+"""
+
+
+def test_missing_extension_falls_back_to_reference(tmp_path):
+    _copy_package(str(tmp_path), None)
+    r = _run(_PROBE, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "LOADED: False" in out
+    assert "REFERENCE OK" in out
+    assert "compiled kernels unavailable" in out and "not built" in out
+    assert "FORCED: backend='cpp' cannot run compress_2to4 on cpu" in out
+    assert "Available here: reference" in out
+    assert "_C note" in out
+
+
+def test_failed_build_reason_is_reported(tmp_path):
+    _copy_package(str(tmp_path), {"status": "failed", "error": "CompileError: boom in linear.cpp",
+                                  "torch_version": "2.13.0"})
+    r = _run(_PROBE, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "the build failed: CompileError: boom in linear.cpp" in r.stdout
+    assert "FORCED:" in r.stdout and "boom in linear.cpp" in r.stdout
+
+
+def test_torch_version_mismatch_is_named(tmp_path):
+    _copy_package(str(tmp_path), {"status": "ok", "error": None, "torch_version": "1.0.0"})
+    r = _run(_PROBE, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "built for torch 1.0.0, running" in r.stdout
+
+
+def test_quiet_env_silences_the_warning(tmp_path):
+    _copy_package(str(tmp_path), None)
+    r = _run(_PROBE, str(tmp_path), {"SPARSE_KERNELS_QUIET": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "compiled kernels unavailable" not in r.stdout + r.stderr
+    assert "LOADED: False" in r.stdout
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_setup_tolerates_or_fails_a_broken_build(tmp_path, strict):
+    """A tiny source tree (module.cpp + a broken kernel file) through the real setup.py."""
+    shutil.copy(os.path.join(ROOT, "setup.py"), tmp_path / "setup.py")
+    os.makedirs(tmp_path / "csrc" / "cpu")
+    shutil.copy(os.path.join(ROOT, "csrc", "module.cpp"), tmp_path / "csrc" / "module.cpp")
+    (tmp_path / "csrc" / "cpu" / "broken.cpp").write_text("this is not C++;\n")
+    os.makedirs(tmp_path / "sparse_kernels")
+    (tmp_path / "sparse_kernels" / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSE_KERNELS_")}
+    env["SPARSE_KERNELS_STRICT_BUILD"] = "1" if strict else "0"
+    env["MAX_JOBS"] = "1"
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if strict:
+        assert r.returncode != 0
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "failed to build" in r.stderr
+        info = json.loads((tmp_path / "sparse_kernels" / "_build_info.json").read_text())
+        assert info["status"] == "failed" and info["error"]
+        assert not list((tmp_path / "sparse_kernels").glob("_C*.so"))

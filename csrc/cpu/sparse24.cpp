@@ -29,15 +29,19 @@ namespace sparse_kernels {
 namespace {
 
 // ---------------------------------------------------------------- bit traits
+// A group of 4 elements is handled as one wide word (Wide): 64 bits for 16-bit dtypes,
+// 128 bits for float32; lane i holds element i.
 template <typename U>
 struct Bits;
 template <>
 struct Bits<uint16_t> {
   static constexpr uint16_t sign = 0x8000;
+  using Wide = uint64_t;
 };
 template <>
 struct Bits<uint32_t> {
   static constexpr uint32_t sign = 0x80000000u;
+  using Wide = unsigned __int128;
 };
 template <>
 struct Bits<uint64_t> {
@@ -59,26 +63,56 @@ uint64_t inf_bits(at::ScalarType t) {
 template <typename U>
 inline U signed_key(U b) {
   constexpr U s = Bits<U>::sign;
-  U a = b & static_cast<U>(~s);
-  if (a == 0) return s;                       // both zeros -> the key of +0.0
-  return (b & s) ? static_cast<U>(~b) : static_cast<U>(b | s);
+  const U a = b & static_cast<U>(~s);
+  const U k = (b & s) ? static_cast<U>(~b) : static_cast<U>(b | s);
+  return a == 0 ? s : k;  // both zeros -> the key of +0.0
 }
 
-// 4-bit keep mask (bit i = position i kept) for keys k[0..3], ties to the lower index.
+// 4-bit keep mask (bit i = position i kept) for keys k0..k3, ties to the lower index.
 template <typename K>
-inline unsigned keep_top2(const K* k) {
-  // ge_ab (a < b): a beats b.
-  const unsigned g01 = k[0] >= k[1], g02 = k[0] >= k[2], g03 = k[0] >= k[3];
-  const unsigned g12 = k[1] >= k[2], g13 = k[1] >= k[3], g23 = k[2] >= k[3];
-  const unsigned c0 = (1 - g01) + (1 - g02) + (1 - g03);
-  const unsigned c1 = g01 + (1 - g12) + (1 - g13);
-  const unsigned c2 = g02 + g12 + (1 - g23);
+inline unsigned keep_top2(K k0, K k1, K k2, K k3) {
+  // gab (a < b): a beats b.
+  const unsigned g01 = k0 >= k1, g02 = k0 >= k2, g03 = k0 >= k3;
+  const unsigned g12 = k1 >= k2, g13 = k1 >= k3, g23 = k2 >= k3;
+  const unsigned c0 = 3 - g01 - g02 - g03;
+  const unsigned c1 = g01 + 2 - g12 - g13;
+  const unsigned c2 = g02 + g12 + 1 - g23;
   const unsigned c3 = g03 + g13 + g23;
   return (c0 < 2) | ((c1 < 2) << 1) | ((c2 < 2) << 2) | ((c3 < 2) << 3);
 }
 
-// keep mask (exactly two bits) -> nibble i0 | i1 << 2; 0 for masks that never occur.
-constexpr uint8_t kNibble[16] = {0, 0, 0, 4, 0, 8, 9, 0, 0, 12, 13, 0, 14, 0, 0, 0};
+// Tables, built once.
+struct Tables {
+  // compress[nonzero_mask | negzero_mask << 4] = nibble | (more than 2 nonzeros) << 4
+  uint8_t compress[256];
+  // mask bytes (one bool per lane) for a 4-bit keep mask
+  uint32_t mask_bytes[16];
+  // valid[nibble]: i0 < i1
+  bool valid[16];
+  Tables() {
+    for (unsigned nz = 0; nz < 16; ++nz) {
+      for (unsigned neg = 0; neg < 16; ++neg) {
+        unsigned p[4];
+        for (int i = 0; i < 4; ++i) p[i] = 2 * ((nz >> i) & 1) + ((neg >> i) & 1);
+        const unsigned m = keep_top2(p[0], p[1], p[2], p[3]);
+        unsigned i0 = 0, i1 = 0, seen = 0;
+        for (unsigned i = 0; i < 4; ++i)
+          if ((m >> i) & 1) (seen++ == 0 ? i0 : i1) = i;
+        const unsigned many = __builtin_popcount(nz) > 2;
+        compress[nz | neg << 4] = static_cast<uint8_t>(i0 | i1 << 2 | many << 4);
+      }
+    }
+    for (unsigned m = 0; m < 16; ++m) {
+      mask_bytes[m] = 0;
+      for (int i = 0; i < 4; ++i) mask_bytes[m] |= ((m >> i) & 1u) << (8 * i);
+      valid[m] = (m & 3) < (m >> 2);
+    }
+  }
+};
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
 
 int64_t grain_for(int64_t cols) {
   // ~16K elements per task: small enough to spread 4096-row weights over all cores.
@@ -93,28 +127,28 @@ void atomic_min(std::atomic<int64_t>& a, int64_t v) {
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
+template <typename U, typename W>
+inline U lane(W w, unsigned i) {
+  return static_cast<U>(w >> (8 * sizeof(U) * i));
+}
+
 // ---------------------------------------------------------------- mask
 // Keys from |w| (ABS) or from signed scores.  Returns false if a NaN was seen.
 template <typename U, bool ABS>
 bool mask_kernel(const U* s, bool* out, int64_t rows, int64_t cols, U inf) {
+  constexpr U nosign = static_cast<U>(~Bits<U>::sign);
+  const Tables& T = tables();
   std::atomic<bool> nan{false};
-  const int64_t groups = cols / 4;
-  at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+  const int64_t n = rows * cols / 4;
+  at::parallel_for(0, n, grain_for(cols) * cols / 4, [&](int64_t g0, int64_t g1) {
     bool local_nan = false;
-    for (int64_t r = r0; r < r1; ++r) {
-      const U* src = s + r * cols;
-      bool* dst = out + r * cols;
-      for (int64_t g = 0; g < groups; ++g) {
-        U k[4];
-        for (int i = 0; i < 4; ++i) {
-          const U b = src[4 * g + i];
-          const U a = b & static_cast<U>(~Bits<U>::sign);
-          local_nan |= a > inf;
-          k[i] = ABS ? a : signed_key<U>(b);
-        }
-        const unsigned m = keep_top2(k);
-        for (int i = 0; i < 4; ++i) dst[4 * g + i] = (m >> i) & 1;
-      }
+    for (int64_t g = g0; g < g1; ++g) {
+      const U* x = s + 4 * g;
+      const U a0 = x[0] & nosign, a1 = x[1] & nosign, a2 = x[2] & nosign, a3 = x[3] & nosign;
+      local_nan |= (a0 > inf) | (a1 > inf) | (a2 > inf) | (a3 > inf);
+      const unsigned m = ABS ? keep_top2(a0, a1, a2, a3)
+                             : keep_top2(signed_key(x[0]), signed_key(x[1]), signed_key(x[2]), signed_key(x[3]));
+      std::memcpy(out + 4 * g, &T.mask_bytes[m], 4);
     }
     if (local_nan) nan.store(true, std::memory_order_relaxed);
   });
@@ -126,7 +160,10 @@ bool mask_kernel(const U* s, bool* out, int64_t rows, int64_t cols, U inf) {
 template <typename U, bool PRUNE>
 int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int64_t cols, U inf,
                         bool* nan_seen) {
+  using W = typename Bits<U>::Wide;
   constexpr U sign = Bits<U>::sign;
+  constexpr U nosign = static_cast<U>(~sign);
+  const Tables& T = tables();
   const int64_t groups = cols / 4;
   std::atomic<int64_t> first_bad{kNone};
   std::atomic<bool> nan{false};
@@ -136,40 +173,43 @@ int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int6
       const U* src = w + r * cols;
       U* vdst = values + r * (cols / 2);
       int16_t* mdst = meta + r * (cols / 16);
-      int64_t bad = -1;
+      unsigned many = 0;
       for (int64_t q = 0; q < groups / 4; ++q) {
         uint32_t word = 0;
-        for (int j = 0; j < 4; ++j) {
+        for (unsigned j = 0; j < 4; ++j) {
           const int64_t g = 4 * q + j;
-          U x[4];
-          for (int i = 0; i < 4; ++i) x[i] = src[4 * g + i];
-          if (PRUNE) {
-            U a[4];
-            for (int i = 0; i < 4; ++i) {
-              a[i] = x[i] & static_cast<U>(~sign);
-              local_nan |= a[i] > inf;
-            }
-            const unsigned m = keep_top2(a);
-            for (int i = 0; i < 4; ++i) x[i] = ((m >> i) & 1) ? x[i] : U(0);
+          W x;
+          std::memcpy(&x, src + 4 * g, sizeof(W));
+          const U x0 = lane<U>(x, 0), x1 = lane<U>(x, 1), x2 = lane<U>(x, 2), x3 = lane<U>(x, 3);
+          const U a0 = x0 & nosign, a1 = x1 & nosign, a2 = x2 & nosign, a3 = x3 & nosign;
+          unsigned nz = (a0 != 0) | (a1 != 0) << 1 | (a2 != 0) << 2 | (a3 != 0) << 3;
+          unsigned neg = (x0 == sign) | (x1 == sign) << 1 | (x2 == sign) << 2 | (x3 == sign) << 3;
+          unsigned kept = 15;
+          if (PRUNE) {  // mask_2to4(w) first: the dropped positions become +0.0
+            local_nan |= (a0 > inf) | (a1 > inf) | (a2 > inf) | (a3 > inf);
+            kept = keep_top2(a0, a1, a2, a3);
+            nz &= kept;
+            neg &= kept;
           }
-          uint8_t p[4];
-          unsigned nnz = 0;
-          for (int i = 0; i < 4; ++i) {
-            const bool nz = (x[i] & static_cast<U>(~sign)) != 0;
-            nnz += nz;
-            p[i] = static_cast<uint8_t>(2 * nz + (x[i] == sign));
-          }
-          if (!PRUNE && nnz > 2 && bad < 0) bad = g;
-          const uint8_t nib = kNibble[keep_top2(p)];
-          const int i0 = nib & 3, i1 = nib >> 2;
-          vdst[2 * g] = x[i0];
-          vdst[2 * g + 1] = x[i1];
-          word |= static_cast<uint32_t>(nib) << (4 * j);
+          const unsigned e = T.compress[nz | neg << 4];
+          many |= e & 16;
+          const unsigned nib = e & 15, i0 = nib & 3, i1 = nib >> 2;
+          const U v0 = lane<U>(x, i0), v1 = lane<U>(x, i1);
+          vdst[2 * g] = PRUNE && !((kept >> i0) & 1) ? U(0) : v0;
+          vdst[2 * g + 1] = PRUNE && !((kept >> i1) & 1) ? U(0) : v1;
+          word |= nib << (4 * j);
         }
         mdst[q] = static_cast<int16_t>(static_cast<uint16_t>(word));
       }
-      if (bad >= 0) {
-        atomic_min(first_bad, r * groups + bad);
+      if (!PRUNE && many) {
+        for (int64_t g = 0; g < groups; ++g) {
+          unsigned nnz = 0;
+          for (int i = 0; i < 4; ++i) nnz += (src[4 * g + i] & nosign) != 0;
+          if (nnz > 2) {
+            atomic_min(first_bad, r * groups + g);
+            break;
+          }
+        }
         break;  // rows after this one cannot hold an earlier bad group
       }
     }
@@ -183,6 +223,9 @@ int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int6
 // Returns the flat index r * groups + g of the first group with an invalid nibble, or kNone.
 template <typename U>
 int64_t decompress_kernel(const U* values, const int16_t* meta, U* out, int64_t rows, int64_t cols) {
+  using W = typename Bits<U>::Wide;
+  constexpr unsigned B = 8 * sizeof(U);
+  const Tables& T = tables();
   const int64_t groups = cols / 4;
   std::atomic<int64_t> first_bad{kNone};
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
@@ -190,16 +233,24 @@ int64_t decompress_kernel(const U* values, const int16_t* meta, U* out, int64_t 
       const U* vsrc = values + r * (cols / 2);
       const int16_t* msrc = meta + r * (cols / 16);
       U* dst = out + r * cols;
-      int64_t bad = -1;
-      for (int64_t g = 0; g < groups; ++g) {
-        const unsigned nib = (static_cast<uint16_t>(msrc[g >> 2]) >> (4 * (g & 3))) & 0xF;
-        const unsigned i0 = nib & 3, i1 = nib >> 2;
-        if (i0 >= i1 && bad < 0) bad = g;
-        const U v0 = vsrc[2 * g], v1 = vsrc[2 * g + 1];
-        for (unsigned i = 0; i < 4; ++i) dst[4 * g + i] = i == i0 ? v0 : (i == i1 ? v1 : U(0));
+      bool ok = true;
+      for (int64_t q = 0; q < groups / 4; ++q) {
+        const unsigned word = static_cast<uint16_t>(msrc[q]);
+        for (unsigned j = 0; j < 4; ++j) {
+          const int64_t g = 4 * q + j;
+          const unsigned nib = (word >> (4 * j)) & 0xF;
+          ok &= T.valid[nib];
+          const W x = static_cast<W>(vsrc[2 * g]) << (B * (nib & 3)) | static_cast<W>(vsrc[2 * g + 1]) << (B * (nib >> 2));
+          std::memcpy(dst + 4 * g, &x, sizeof(W));
+        }
       }
-      if (bad >= 0) {
-        atomic_min(first_bad, r * groups + bad);
+      if (!ok) {
+        for (int64_t g = 0; g < groups; ++g) {
+          if (!T.valid[(static_cast<uint16_t>(msrc[g / 4]) >> (4 * (g % 4))) & 0xF]) {
+            atomic_min(first_bad, r * groups + g);
+            break;
+          }
+        }
         break;
       }
     }

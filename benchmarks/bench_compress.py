@@ -1,0 +1,186 @@
+"""Throughput of the 2:4 format ops per backend, against the PyTorch reference.
+
+Ops: ``compress`` (strict, on an already 2:4-sparse weight), ``compress_prune``
+(``prune=True`` on a dense weight: mask + pack) and ``decompress``.  Throughput is GB/s of
+bytes read + written:
+
+* compress: reads ``rows*cols`` elements, writes ``rows*cols/2`` values + ``rows*cols/16`` int16;
+* decompress: the reverse.
+
+Every backend's output is checked bit-exact against the reference before it is timed.
+CPU timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (median, p20, p80 over blocks);
+CUDA: ``triton.testing.do_bench`` (flushes L2 between runs).  Rows are written to
+``OUT/bench_compress.json`` and ``.csv`` with device name, versions, thread count and date.
+
+    PYTHONPATH=$PWD python benchmarks/bench_compress.py --quick --out benchmarks/results/cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import sparse_kernels as sk  # noqa: E402
+from sparse_kernels.ops import _registry as R  # noqa: E402
+from sparse_kernels.reference import sparse24 as ref  # noqa: E402
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336)]
+QUICK_SHAPES = [(4096, 4096), (11008, 4096)]
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+OPS = ("compress", "compress_prune", "decompress")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def backends_for(device: str) -> list[str]:
+    avail = R.available("compress_2to4", device)
+    if device == "cpu":  # the Triton interpreter is a correctness tool, not a CPU backend
+        avail = [b for b in avail if b != "triton"]
+    return avail
+
+
+def bitexact(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype.is_floating_point:
+        ib = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        a, b = a.view(ib), b.view(ib)
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def make_case(op: str, rows: int, cols: int, dtype: torch.dtype, device: str):
+    """(callable(backend) -> outputs, expected outputs, bytes moved)."""
+    g = torch.Generator().manual_seed(rows + cols)
+    dense = torch.randn(rows, cols, generator=g).to(dtype)
+    es = dense.element_size()
+    moved = rows * cols * es + rows * cols // 2 * es + rows * cols // 16 * 2
+    if op == "compress_prune":
+        w = dense.to(device)
+        return (lambda b: sk.compress_2to4(w, prune=True, backend=b)), ref.compress_2to4(dense, True), moved
+    sparse = torch.where(ref.mask_2to4(dense), dense, torch.zeros((), dtype=dtype))
+    values, meta = ref.compress_2to4(sparse, False)
+    if op == "compress":
+        w = sparse.to(device)
+        return (lambda b: sk.compress_2to4(w, backend=b)), (values, meta), moved
+    v, m = values.to(device), meta.to(device)
+    return (lambda b: sk.decompress_2to4(v, m, backend=b)), sparse, moved
+
+
+def outputs_match(got, want) -> bool:
+    got = got if isinstance(got, tuple) else (got,)
+    want = want if isinstance(want, tuple) else (want,)
+    return all(bitexact(g.cpu(), w) for g, w in zip(got, want))
+
+
+def time_ms(fn, device: str, min_run_time: float) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        med, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return med, p20, p80
+    from torch.utils.benchmark import Timer
+
+    fn()  # warm-up
+    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
+    times = sorted(t * 1e3 for t in m.times)
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return statistics.median(times), q[1], q[7]
+
+
+def run(args) -> list[dict]:
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    dtypes = [DTYPES[d] for d in args.dtypes.split(",")]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if args.device != "all":
+        devices = [args.device]
+    min_run_time = 0.3 if args.quick else 1.0
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    common = {"date": date, "torch": torch.__version__, "triton": triton_version(),
+              "threads": torch.get_num_threads(), "quick": bool(args.quick)}
+    rows_out = []
+    for device in devices:
+        backends = backends_for(device)
+        for rows, cols in shapes:
+            for dtype in dtypes:
+                for op in OPS:
+                    fn, want, moved = make_case(op, rows, cols, dtype, device)
+                    base_ms = None
+                    for b in backends:
+                        ok = outputs_match(fn(b), want)
+                        if not ok:
+                            print(f"MISMATCH {device} {b} {op} {rows}x{cols} {dtype}: not timed", file=sys.stderr)
+                        med, p20, p80 = time_ms(lambda: fn(b), device, min_run_time) if ok else (None,) * 3
+                        if b == "reference":
+                            base_ms = med
+                        row = dict(common, device=device, device_name=device_name(device), op=op, backend=b,
+                                   dtype=str(dtype).replace("torch.", ""), rows=rows, cols=cols,
+                                   bitexact=ok, median_ms=med, p20_ms=p20, p80_ms=p80,
+                                   gbps=moved / (med * 1e-3) / 1e9 if med else None,
+                                   speedup_vs_reference=(base_ms / med) if (base_ms and med) else None)
+                        rows_out.append(row)
+                        print(f"{device:4s} {op:15s} {rows:6d}x{cols:<6d} {row['dtype']:9s} {b:10s} "
+                              f"{med:9.3f} ms [{p20:.3f}, {p80:.3f}]  {row['gbps']:7.2f} GB/s  "
+                              f"x{row['speedup_vs_reference']:.1f} vs reference" if ok else "", flush=True)
+    return rows_out
+
+
+def write(rows: list[dict], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_compress.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out, "bench_compress.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {len(rows)} rows to {out}/bench_compress.{{json,csv}}")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="two shapes, shorter timing")
+    p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/local"), help="output folder")
+    p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    p.add_argument("--dtypes", default="float16,bfloat16,float32")
+    p.add_argument("--shapes", default="", help="e.g. 4096x4096,11008x4096 (overrides --quick's shapes)")
+    args = p.parse_args(argv)
+    rows = run(args)
+    if rows:
+        write(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()

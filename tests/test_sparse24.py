@@ -519,3 +519,22 @@ def test_semi_structured_matmul_cuda(dtype):
     except (RuntimeError, NotImplementedError) as e:  # e.g. no CUTLASS 2:4 kernels for this GPU
         pytest.skip(f"PyTorch's semi-structured matmul unavailable: {e}")
     torch.testing.assert_close(got, w @ x, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", KERNELS)
+def test_first_error_across_parallel_chunks(backend, device):
+    """Enough rows that the kernels split the work; the error still names the first bad group."""
+    _skip("compress_2to4", backend, device)
+    w = _sparse24(2048, 64, torch.float16, device, seed=8)
+    w[1900, 0:4] = 1.0
+    w[301, 60:64] = 1.0
+    w[301, 40:44] = torch.tensor([1.0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"row 301, columns 40\.\.43 has 3 nonzeros"):
+        _run("compress_2to4", backend, w)
+    v, m = ref.compress_2to4(_sparse24(2048, 64, torch.float16, seed=8), False)
+    m = m.to(device)
+    m[2000, 3] = 0
+    m[777, 2] = 0x0F00 | 0x00C4
+    with pytest.raises(ValueError, match=r"row 777, group 10 \(columns 40\.\.43\) has nibble 15"):
+        _run("decompress_2to4", backend, v.to(device), m)

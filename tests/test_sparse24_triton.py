@@ -129,3 +129,22 @@ def test_triton_opcheck(op):
 def test_triton_is_selected_when_forced(monkeypatch):
     monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "triton")
     assert R.select("decompress_2to4", None, torch.device(DEVICE)) == "triton"
+
+
+def test_triton_first_error_across_programs():
+    w = _sparse24(200, 288, torch.bfloat16, DEVICE, seed=4)  # a 13 x 2 grid of programs
+    w[150, 0:4] = 1.0
+    w[37, 280:284] = 1.0
+    w[37, 264:268] = torch.tensor([1.0, 1, 0, 1])
+    with pytest.raises(ValueError, match=r"row 37, columns 264\.\.267 has 3 nonzeros"):
+        _t("compress_2to4", w)
+    v, m = ref.compress_2to4(_sparse24(200, 288, torch.bfloat16, seed=4), False)
+    m = m.to(DEVICE)
+    m[199, 0] = 0
+    m[40, 17] = 0x0C84 | 0x3000   # groups 68, 69, 70 valid, 71 has nibble 3
+    m[40, 2] = 0x00C0             # group 8: nibble 0 comes first
+    with pytest.raises(ValueError, match=r"row 40, group 8 \(columns 32\.\.35\) has nibble 0"):
+        _t("decompress_2to4", v.to(DEVICE), m)
+    m[40, 2] = 0x4444
+    with pytest.raises(ValueError, match=r"row 40, group 71 \(columns 284\.\.287\) has nibble 3 with i0=3 >= i1=0"):
+        _t("decompress_2to4", v.to(DEVICE), m)

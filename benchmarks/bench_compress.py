@@ -100,8 +100,8 @@ def outputs_match(got, want) -> bool:
     return all(bitexact(g.cpu(), w) for g, w in zip(got, want))
 
 
-def time_ms(fn, device: str, min_run_time: float) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds."""
+def time_ms(fn, device: str, min_run_time: float, min_samples: int) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds; slow calls are repeated to get ``min_samples`` samples."""
     if device == "cuda":
         from triton.testing import do_bench
 
@@ -110,9 +110,11 @@ def time_ms(fn, device: str, min_run_time: float) -> tuple[float, float, float]:
     from torch.utils.benchmark import Timer
 
     fn()  # warm-up
-    m = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=min_run_time)
-    times = sorted(t * 1e3 for t in m.times)
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = [t * 1e3 for t in timer.blocked_autorange(min_run_time=min_run_time).times]
+    while len(times) < min_samples:
+        times.append(timer.timeit(1).median * 1e3)
+    times.sort()
     if len(times) == 1:
         return times[0], times[0], times[0]
     q = statistics.quantiles(times, n=10, method="inclusive")
@@ -127,7 +129,7 @@ def run(args) -> list[dict]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.device != "all":
         devices = [args.device]
-    min_run_time = 0.3 if args.quick else 1.0
+    min_run_time, min_samples = (0.3, 3) if args.quick else (1.0, 5)
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     common = {"date": date, "torch": torch.__version__, "triton": triton_version(),
               "threads": torch.get_num_threads(), "quick": bool(args.quick)}
@@ -143,7 +145,7 @@ def run(args) -> list[dict]:
                         ok = outputs_match(fn(b), want)
                         if not ok:
                             print(f"MISMATCH {device} {b} {op} {rows}x{cols} {dtype}: not timed", file=sys.stderr)
-                        med, p20, p80 = time_ms(lambda: fn(b), device, min_run_time) if ok else (None,) * 3
+                        med, p20, p80 = time_ms(lambda: fn(b), device, min_run_time, min_samples) if ok else (None,) * 3
                         if b == "reference":
                             base_ms = med
                         row = dict(common, device=device, device_name=device_name(device), op=op, backend=b,

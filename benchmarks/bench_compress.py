@@ -1,7 +1,10 @@
 """Throughput of the 2:4 format ops per backend, against the PyTorch reference.
 
 Ops: ``compress`` (strict, on an already 2:4-sparse weight), ``compress_prune``
-(``prune=True`` on a dense weight: mask + pack) and ``decompress``.  Throughput is GB/s of
+(``prune=True`` on a dense weight: mask + pack) and ``decompress``.  The peer for
+``compress`` (float16/bfloat16) is PyTorch's own converter
+``torch.sparse._semi_structured_conversions.sparse_semi_structured_from_dense_cutlass`` (which
+also reorders the metadata for CUTLASS), timed on the same matrices.  Throughput is GB/s of
 bytes read + written:
 
 * compress: reads ``rows*cols`` elements, writes ``rows*cols/2`` values + ``rows*cols/16`` int16;
@@ -77,27 +80,36 @@ def bitexact(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def make_case(op: str, rows: int, cols: int, dtype: torch.dtype, device: str):
-    """(callable(backend) -> outputs, expected outputs, bytes moved)."""
+    """(callable(backend) -> outputs, expected outputs (the reference, on ``device``), bytes moved)."""
     g = torch.Generator().manual_seed(rows + cols)
-    dense = torch.randn(rows, cols, generator=g).to(dtype)
+    dense = torch.randn(rows, cols, generator=g).to(dtype).to(device)
     es = dense.element_size()
     moved = rows * cols * es + rows * cols // 2 * es + rows * cols // 16 * 2
     if op == "compress_prune":
-        w = dense.to(device)
-        return (lambda b: sk.compress_2to4(w, prune=True, backend=b)), ref.compress_2to4(dense, True), moved
-    sparse = torch.where(ref.mask_2to4(dense), dense, torch.zeros((), dtype=dtype))
+        return (lambda b: sk.compress_2to4(dense, prune=True, backend=b)), ref.compress_2to4(dense, True), moved
+    sparse = torch.where(ref.mask_2to4(dense), dense, torch.zeros((), dtype=dtype, device=device))
     values, meta = ref.compress_2to4(sparse, False)
     if op == "compress":
-        w = sparse.to(device)
-        return (lambda b: sk.compress_2to4(w, backend=b)), (values, meta), moved
-    v, m = values.to(device), meta.to(device)
-    return (lambda b: sk.decompress_2to4(v, m, backend=b)), sparse, moved
+        return (lambda b: sk.compress_2to4(sparse, backend=b)), (values, meta), moved
+    return (lambda b: sk.decompress_2to4(values, meta, backend=b)), sparse, moved
+
+
+def torch_cutlass_case(rows: int, cols: int, dtype: torch.dtype, device: str):
+    """The peer: PyTorch's own dense -> CUTLASS 2:4 converter (values + reordered meta), fp16/bf16."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    g = torch.Generator().manual_seed(rows + cols)
+    dense = torch.randn(rows, cols, generator=g).to(dtype).to(device)
+    dense = torch.where(dense == 0, torch.ones((), dtype=dtype, device=device), dense)  # exactly 2 per group
+    sparse = torch.where(ref.mask_2to4(dense), dense, torch.zeros((), dtype=dtype, device=device))
+    want = sk.to_torch_cutlass(*ref.compress_2to4(sparse, False))
+    return (lambda: sparse_semi_structured_from_dense_cutlass(sparse)), want
 
 
 def outputs_match(got, want) -> bool:
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
-    return all(bitexact(g.cpu(), w) for g, w in zip(got, want))
+    return all(bitexact(g, w) for g, w in zip(got, want))
 
 
 def time_ms(fn, device: str, min_run_time: float, min_samples: int) -> tuple[float, float, float]:
@@ -143,8 +155,6 @@ def run(args) -> list[dict]:
                     base_ms = None
                     for b in backends:
                         ok = outputs_match(fn(b), want)
-                        if not ok:
-                            print(f"MISMATCH {device} {b} {op} {rows}x{cols} {dtype}: not timed", file=sys.stderr)
                         med, p20, p80 = time_ms(lambda: fn(b), device, min_run_time, min_samples) if ok else (None,) * 3
                         if b == "reference":
                             base_ms = med
@@ -154,10 +164,27 @@ def run(args) -> list[dict]:
                                    gbps=moved / (med * 1e-3) / 1e9 if med else None,
                                    speedup_vs_reference=(base_ms / med) if (base_ms and med) else None)
                         rows_out.append(row)
-                        print(f"{device:4s} {op:15s} {rows:6d}x{cols:<6d} {row['dtype']:9s} {b:10s} "
-                              f"{med:9.3f} ms [{p20:.3f}, {p80:.3f}]  {row['gbps']:7.2f} GB/s  "
-                              f"x{row['speedup_vs_reference']:.1f} vs reference" if ok else "", flush=True)
+                        report(row)
+                    if op == "compress" and dtype != torch.float32 and rows % 32 == 0:
+                        peer, want_peer = torch_cutlass_case(rows, cols, dtype, device)
+                        ok = outputs_match(peer(), want_peer)
+                        med, p20, p80 = time_ms(peer, device, min_run_time, min_samples) if ok else (None,) * 3
+                        row = dict(row, backend="torch_cutlass_converter", bitexact=ok, median_ms=med, p20_ms=p20,
+                                   p80_ms=p80, gbps=moved / (med * 1e-3) / 1e9 if med else None,
+                                   speedup_vs_reference=(base_ms / med) if (base_ms and med) else None)
+                        rows_out.append(row)
+                        report(row)
     return rows_out
+
+
+def report(row: dict) -> None:
+    if not row["bitexact"]:
+        print(f"MISMATCH {row['device']} {row['backend']} {row['op']} {row['rows']}x{row['cols']} {row['dtype']}: "
+              "not timed", file=sys.stderr, flush=True)
+        return
+    print(f"{row['device']:4s} {row['op']:15s} {row['rows']:6d}x{row['cols']:<6d} {row['dtype']:9s} "
+          f"{row['backend']:24s} {row['median_ms']:10.3f} ms [{row['p20_ms']:.3f}, {row['p80_ms']:.3f}] "
+          f"{row['gbps']:7.2f} GB/s  x{row['speedup_vs_reference']:.1f} vs reference", flush=True)
 
 
 def write(rows: list[dict], out: str) -> None:
@@ -177,8 +204,11 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/local"), help="output folder")
     p.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
     p.add_argument("--dtypes", default="float16,bfloat16,float32")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads on CPU (0: leave torch's default)")
     p.add_argument("--shapes", default="", help="e.g. 4096x4096,11008x4096 (overrides --quick's shapes)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = run(args)
     if rows:
         write(rows, args.out)

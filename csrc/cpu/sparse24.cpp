@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -114,6 +115,20 @@ const Tables& tables() {
   return t;
 }
 
+// lane_masks<U>()[m]: all-ones in the lanes of the 4-bit mask m, zeros elsewhere.
+template <typename U>
+const typename Bits<U>::Wide* lane_masks() {
+  using W = typename Bits<U>::Wide;
+  static const auto t = [] {
+    std::array<W, 16> a{};
+    for (unsigned m = 0; m < 16; ++m)
+      for (unsigned i = 0; i < 4; ++i)
+        if ((m >> i) & 1) a[m] |= static_cast<W>(static_cast<U>(~U(0))) << (8 * sizeof(U) * i);
+    return a;
+  }();
+  return t.data();
+}
+
 int64_t grain_for(int64_t cols) {
   // ~16K elements per task: small enough to spread 4096-row weights over all cores.
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(cols, 1));
@@ -164,6 +179,7 @@ int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int6
   constexpr U sign = Bits<U>::sign;
   constexpr U nosign = static_cast<U>(~sign);
   const Tables& T = tables();
+  const W* lanes = lane_masks<U>();
   const int64_t groups = cols / 4;
   std::atomic<int64_t> first_bad{kNone};
   std::atomic<bool> nan{false};
@@ -184,19 +200,18 @@ int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int6
           const U a0 = x0 & nosign, a1 = x1 & nosign, a2 = x2 & nosign, a3 = x3 & nosign;
           unsigned nz = (a0 != 0) | (a1 != 0) << 1 | (a2 != 0) << 2 | (a3 != 0) << 3;
           unsigned neg = (x0 == sign) | (x1 == sign) << 1 | (x2 == sign) << 2 | (x3 == sign) << 3;
-          unsigned kept = 15;
           if (PRUNE) {  // mask_2to4(w) first: the dropped positions become +0.0
             local_nan |= (a0 > inf) | (a1 > inf) | (a2 > inf) | (a3 > inf);
-            kept = keep_top2(a0, a1, a2, a3);
+            const unsigned kept = keep_top2(a0, a1, a2, a3);
             nz &= kept;
             neg &= kept;
+            x &= lanes[kept];
           }
           const unsigned e = T.compress[nz | neg << 4];
           many |= e & 16;
           const unsigned nib = e & 15, i0 = nib & 3, i1 = nib >> 2;
-          const U v0 = lane<U>(x, i0), v1 = lane<U>(x, i1);
-          vdst[2 * g] = PRUNE && !((kept >> i0) & 1) ? U(0) : v0;
-          vdst[2 * g + 1] = PRUNE && !((kept >> i1) & 1) ? U(0) : v1;
+          vdst[2 * g] = lane<U>(x, i0);
+          vdst[2 * g + 1] = lane<U>(x, i1);
           word |= nib << (4 * j);
         }
         mdst[q] = static_cast<int16_t>(static_cast<uint16_t>(word));

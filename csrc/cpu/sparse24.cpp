@@ -19,30 +19,29 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace sparse_kernels {
 namespace {
 
-// ---------------------------------------------------------------- bit traits
-// A group of 4 elements is handled as one wide word (Wide): 64 bits for 16-bit dtypes,
-// 128 bits for float32; lane i holds element i.
+// ---------------------------------------------------------------- bit helpers
+// The kernels below are written as straight-line, branch-free loops over groups (0/all-ones
+// lane masks instead of ?:) so the compiler vectorizes them (GCC -O3, SSE2 and up:
+// "loop vectorized using 16 byte vectors"); the 4 elements of a group are an interleaved load.
 template <typename U>
 struct Bits;
 template <>
 struct Bits<uint16_t> {
   static constexpr uint16_t sign = 0x8000;
-  using Wide = uint64_t;
 };
 template <>
 struct Bits<uint32_t> {
   static constexpr uint32_t sign = 0x80000000u;
-  using Wide = unsigned __int128;
 };
 template <>
 struct Bits<uint64_t> {
@@ -60,73 +59,33 @@ uint64_t inf_bits(at::ScalarType t) {
   }
 }
 
+template <typename U>
+inline U msk(bool c) {
+  return static_cast<U>(-static_cast<U>(c));
+}
+template <typename U>
+inline U sel(U m, U a, U b) {
+  return (a & m) | (b & static_cast<U>(~m));
+}
+
 // Monotone integer key of a non-NaN signed float: a < b  <=>  key(a) < key(b); -0.0 == +0.0.
 template <typename U>
 inline U signed_key(U b) {
   constexpr U s = Bits<U>::sign;
-  const U a = b & static_cast<U>(~s);
-  const U k = (b & s) ? static_cast<U>(~b) : static_cast<U>(b | s);
-  return a == 0 ? s : k;  // both zeros -> the key of +0.0
+  const U neg = msk<U>((b & s) != 0);
+  const U k = sel<U>(neg, static_cast<U>(~b), static_cast<U>(b | s));
+  return sel<U>(msk<U>((b & static_cast<U>(~s)) == 0), s, k);  // both zeros -> the key of +0.0
 }
 
-// 4-bit keep mask (bit i = position i kept) for keys k0..k3, ties to the lower index.
-template <typename K>
-inline unsigned keep_top2(K k0, K k1, K k2, K k3) {
-  // gab (a < b): a beats b.
-  const unsigned g01 = k0 >= k1, g02 = k0 >= k2, g03 = k0 >= k3;
-  const unsigned g12 = k1 >= k2, g13 = k1 >= k3, g23 = k2 >= k3;
-  const unsigned c0 = 3 - g01 - g02 - g03;
-  const unsigned c1 = g01 + 2 - g12 - g13;
-  const unsigned c2 = g02 + g12 + 1 - g23;
-  const unsigned c3 = g03 + g13 + g23;
-  return (c0 < 2) | ((c1 < 2) << 1) | ((c2 < 2) << 2) | ((c3 < 2) << 3);
-}
-
-// Tables, built once.
-struct Tables {
-  // compress[nonzero_mask | negzero_mask << 4] = nibble | (more than 2 nonzeros) << 4
-  uint8_t compress[256];
-  // mask bytes (one bool per lane) for a 4-bit keep mask
-  uint32_t mask_bytes[16];
-  // valid[nibble]: i0 < i1
-  bool valid[16];
-  Tables() {
-    for (unsigned nz = 0; nz < 16; ++nz) {
-      for (unsigned neg = 0; neg < 16; ++neg) {
-        unsigned p[4];
-        for (int i = 0; i < 4; ++i) p[i] = 2 * ((nz >> i) & 1) + ((neg >> i) & 1);
-        const unsigned m = keep_top2(p[0], p[1], p[2], p[3]);
-        unsigned i0 = 0, i1 = 0, seen = 0;
-        for (unsigned i = 0; i < 4; ++i)
-          if ((m >> i) & 1) (seen++ == 0 ? i0 : i1) = i;
-        const unsigned many = __builtin_popcount(nz) > 2;
-        compress[nz | neg << 4] = static_cast<uint8_t>(i0 | i1 << 2 | many << 4);
-      }
-    }
-    for (unsigned m = 0; m < 16; ++m) {
-      mask_bytes[m] = 0;
-      for (int i = 0; i < 4; ++i) mask_bytes[m] |= ((m >> i) & 1u) << (8 * i);
-      valid[m] = (m & 3) < (m >> 2);
-    }
-  }
-};
-const Tables& tables() {
-  static const Tables t;
-  return t;
-}
-
-// lane_masks<U>()[m]: all-ones in the lanes of the 4-bit mask m, zeros elsewhere.
+// Keep masks (all-ones lanes) of the two largest keys; j beats i if k_j > k_i, or equal and j < i.
 template <typename U>
-const typename Bits<U>::Wide* lane_masks() {
-  using W = typename Bits<U>::Wide;
-  static const auto t = [] {
-    std::array<W, 16> a{};
-    for (unsigned m = 0; m < 16; ++m)
-      for (unsigned i = 0; i < 4; ++i)
-        if ((m >> i) & 1) a[m] |= static_cast<W>(static_cast<U>(~U(0))) << (8 * sizeof(U) * i);
-    return a;
-  }();
-  return t.data();
+inline void keep_top2(U k0, U k1, U k2, U k3, U& m0, U& m1, U& m2, U& m3) {
+  const U g01 = k0 >= k1, g02 = k0 >= k2, g03 = k0 >= k3;  // gab (a < b): a beats b
+  const U g12 = k1 >= k2, g13 = k1 >= k3, g23 = k2 >= k3;
+  m0 = msk<U>(static_cast<U>(3 - g01 - g02 - g03) < 2);
+  m1 = msk<U>(static_cast<U>(g01 + 2 - g12 - g13) < 2);
+  m2 = msk<U>(static_cast<U>(g02 + g12 + 1 - g23) < 2);
+  m3 = msk<U>(static_cast<U>(g03 + g13 + g23) < 2);
 }
 
 int64_t grain_for(int64_t cols) {
@@ -142,83 +101,105 @@ void atomic_min(std::atomic<int64_t>& a, int64_t v) {
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
-template <typename U, typename W>
-inline U lane(W w, unsigned i) {
-  return static_cast<U>(w >> (8 * sizeof(U) * i));
+// ---------------------------------------------------------------- mask
+// A run of groups; keys from |w| (ABS) or from signed scores.  Returns all-ones if a NaN was seen.
+template <typename U, bool ABS>
+U mask_row(const U* __restrict s, U* __restrict keep, int64_t groups, U inf) {
+  constexpr U nosign = static_cast<U>(~Bits<U>::sign);
+  U nan = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const U x0 = s[4 * g], x1 = s[4 * g + 1], x2 = s[4 * g + 2], x3 = s[4 * g + 3];
+    const U a0 = x0 & nosign, a1 = x1 & nosign, a2 = x2 & nosign, a3 = x3 & nosign;
+    nan |= msk<U>(a0 > inf) | msk<U>(a1 > inf) | msk<U>(a2 > inf) | msk<U>(a3 > inf);
+    U m0, m1, m2, m3;
+    if (ABS)
+      keep_top2<U>(a0, a1, a2, a3, m0, m1, m2, m3);
+    else
+      keep_top2<U>(signed_key(x0), signed_key(x1), signed_key(x2), signed_key(x3), m0, m1, m2, m3);
+    keep[4 * g] = m0, keep[4 * g + 1] = m1, keep[4 * g + 2] = m2, keep[4 * g + 3] = m3;
+  }
+  return nan;
 }
 
-// ---------------------------------------------------------------- mask
-// Keys from |w| (ABS) or from signed scores.  Returns false if a NaN was seen.
 template <typename U, bool ABS>
 bool mask_kernel(const U* s, bool* out, int64_t rows, int64_t cols, U inf) {
-  constexpr U nosign = static_cast<U>(~Bits<U>::sign);
-  const Tables& T = tables();
   std::atomic<bool> nan{false};
+  constexpr int64_t kChunk = 4096;  // groups per pass through the keep buffer
   const int64_t n = rows * cols / 4;
-  at::parallel_for(0, n, grain_for(cols) * cols / 4, [&](int64_t g0, int64_t g1) {
-    bool local_nan = false;
-    for (int64_t g = g0; g < g1; ++g) {
-      const U* x = s + 4 * g;
-      const U a0 = x[0] & nosign, a1 = x[1] & nosign, a2 = x[2] & nosign, a3 = x[3] & nosign;
-      local_nan |= (a0 > inf) | (a1 > inf) | (a2 > inf) | (a3 > inf);
-      const unsigned m = ABS ? keep_top2(a0, a1, a2, a3)
-                             : keep_top2(signed_key(x[0]), signed_key(x[1]), signed_key(x[2]), signed_key(x[3]));
-      std::memcpy(out + 4 * g, &T.mask_bytes[m], 4);
+  at::parallel_for(0, n, std::max<int64_t>(kChunk, grain_for(cols) * cols / 4), [&](int64_t g0, int64_t g1) {
+    std::vector<U> keep(4 * kChunk);
+    U any = 0;
+    for (int64_t c0 = g0; c0 < g1; c0 += kChunk) {
+      const int64_t len = std::min(kChunk, g1 - c0);
+      any |= mask_row<U, ABS>(s + 4 * c0, keep.data(), len, inf);
+      uint8_t* o = reinterpret_cast<uint8_t*>(out) + 4 * c0;
+      for (int64_t i = 0; i < 4 * len; ++i) o[i] = static_cast<uint8_t>(keep[i] & 1);
     }
-    if (local_nan) nan.store(true, std::memory_order_relaxed);
+    if (any) nan.store(true, std::memory_order_relaxed);
   });
   return !nan.load();
 }
 
 // ---------------------------------------------------------------- compress
+// One row: values and one nibble per group (in nib, packed into meta afterwards).
+// Returns all-ones if a group has more than two nonzeros (never with PRUNE).
+template <typename U, bool PRUNE>
+U compress_row(const U* __restrict src, U* __restrict vdst, U* __restrict nib, int64_t groups, U inf,
+               U& nan) {
+  constexpr U sign = Bits<U>::sign;
+  constexpr U nosign = static_cast<U>(~sign);
+  U many = 0, nanacc = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    U x0 = src[4 * g], x1 = src[4 * g + 1], x2 = src[4 * g + 2], x3 = src[4 * g + 3];
+    U a0 = x0 & nosign, a1 = x1 & nosign, a2 = x2 & nosign, a3 = x3 & nosign;
+    if (PRUNE) {  // mask_2to4(w) first: the dropped positions become +0.0
+      nanacc |= msk<U>(a0 > inf) | msk<U>(a1 > inf) | msk<U>(a2 > inf) | msk<U>(a3 > inf);
+      U m0, m1, m2, m3;
+      keep_top2<U>(a0, a1, a2, a3, m0, m1, m2, m3);
+      x0 &= m0, x1 &= m1, x2 &= m2, x3 &= m3;
+      a0 &= m0, a1 &= m1, a2 &= m2, a3 &= m3;
+    }
+    // priority: 2 nonzero, 1 -0.0, 0 +0.0
+    const U n0 = a0 != 0, n1 = a1 != 0, n2 = a2 != 0, n3 = a3 != 0;
+    U k0, k1, k2, k3;
+    keep_top2<U>(2 * n0 + (x0 == sign), 2 * n1 + (x1 == sign), 2 * n2 + (x2 == sign), 2 * n3 + (x3 == sign),
+                 k0, k1, k2, k3);
+    many |= msk<U>(static_cast<U>(n0 + n1 + n2 + n3) > 2);
+    const U i0 = sel<U>(k0, 0, sel<U>(k1, 1, 2));
+    const U i1 = sel<U>(k3, 3, sel<U>(k2, 2, 1));
+    vdst[2 * g] = sel<U>(k0, x0, sel<U>(k1, x1, x2));
+    vdst[2 * g + 1] = sel<U>(k3, x3, sel<U>(k2, x2, x1));
+    nib[g] = i0 | static_cast<U>(i1 << 2);
+  }
+  nan |= nanacc;
+  return many;
+}
+
+template <typename U>
+void pack_meta(const U* __restrict nib, int16_t* __restrict meta, int64_t words) {
+  for (int64_t q = 0; q < words; ++q)
+    meta[q] = static_cast<int16_t>(static_cast<uint16_t>(nib[4 * q] | nib[4 * q + 1] << 4 | nib[4 * q + 2] << 8 |
+                                                         nib[4 * q + 3] << 12));
+}
+
 // Returns the flat index r * groups + g of the first group with > 2 nonzeros, or kNone.
 template <typename U, bool PRUNE>
 int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int64_t cols, U inf,
                         bool* nan_seen) {
-  using W = typename Bits<U>::Wide;
-  constexpr U sign = Bits<U>::sign;
-  constexpr U nosign = static_cast<U>(~sign);
-  const Tables& T = tables();
-  const W* lanes = lane_masks<U>();
+  constexpr U nosign = static_cast<U>(~Bits<U>::sign);
   const int64_t groups = cols / 4;
   std::atomic<int64_t> first_bad{kNone};
   std::atomic<bool> nan{false};
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
-    bool local_nan = false;
+    std::vector<U> nib(groups);
+    U local_nan = 0;
     for (int64_t r = r0; r < r1; ++r) {
       const U* src = w + r * cols;
-      U* vdst = values + r * (cols / 2);
-      int16_t* mdst = meta + r * (cols / 16);
-      unsigned many = 0;
-      for (int64_t q = 0; q < groups / 4; ++q) {
-        uint32_t word = 0;
-        for (unsigned j = 0; j < 4; ++j) {
-          const int64_t g = 4 * q + j;
-          W x;
-          std::memcpy(&x, src + 4 * g, sizeof(W));
-          const U x0 = lane<U>(x, 0), x1 = lane<U>(x, 1), x2 = lane<U>(x, 2), x3 = lane<U>(x, 3);
-          const U a0 = x0 & nosign, a1 = x1 & nosign, a2 = x2 & nosign, a3 = x3 & nosign;
-          unsigned nz = (a0 != 0) | (a1 != 0) << 1 | (a2 != 0) << 2 | (a3 != 0) << 3;
-          unsigned neg = (x0 == sign) | (x1 == sign) << 1 | (x2 == sign) << 2 | (x3 == sign) << 3;
-          if (PRUNE) {  // mask_2to4(w) first: the dropped positions become +0.0
-            local_nan |= (a0 > inf) | (a1 > inf) | (a2 > inf) | (a3 > inf);
-            const unsigned kept = keep_top2(a0, a1, a2, a3);
-            nz &= kept;
-            neg &= kept;
-            x &= lanes[kept];
-          }
-          const unsigned e = T.compress[nz | neg << 4];
-          many |= e & 16;
-          const unsigned nib = e & 15, i0 = nib & 3, i1 = nib >> 2;
-          vdst[2 * g] = lane<U>(x, i0);
-          vdst[2 * g + 1] = lane<U>(x, i1);
-          word |= nib << (4 * j);
-        }
-        mdst[q] = static_cast<int16_t>(static_cast<uint16_t>(word));
-      }
+      const U many = compress_row<U, PRUNE>(src, values + r * (cols / 2), nib.data(), groups, inf, local_nan);
+      pack_meta<U>(nib.data(), meta + r * (cols / 16), cols / 16);
       if (!PRUNE && many) {
         for (int64_t g = 0; g < groups; ++g) {
-          unsigned nnz = 0;
+          int nnz = 0;
           for (int i = 0; i < 4; ++i) nnz += (src[4 * g + i] & nosign) != 0;
           if (nnz > 2) {
             atomic_min(first_bad, r * groups + g);
@@ -235,33 +216,43 @@ int64_t compress_kernel(const U* w, U* values, int16_t* meta, int64_t rows, int6
 }
 
 // ---------------------------------------------------------------- decompress
+// One row; returns all-ones if some nibble is invalid (i0 >= i1).
+template <typename U>
+U decompress_row(const U* __restrict vsrc, const int16_t* __restrict msrc, U* __restrict nib, U* __restrict dst,
+                 int64_t groups) {
+  for (int64_t q = 0; q < groups / 4; ++q) {
+    const U word = static_cast<uint16_t>(msrc[q]);
+    nib[4 * q] = word & 15;
+    nib[4 * q + 1] = (word >> 4) & 15;
+    nib[4 * q + 2] = (word >> 8) & 15;
+    nib[4 * q + 3] = (word >> 12) & 15;
+  }
+  U bad = 0;
+  for (int64_t g = 0; g < groups; ++g) {
+    const U i0 = nib[g] & 3, i1 = nib[g] >> 2;
+    bad |= msk<U>(i0 >= i1);
+    const U v0 = vsrc[2 * g], v1 = vsrc[2 * g + 1];
+    dst[4 * g] = v0 & msk<U>(i0 == 0);
+    dst[4 * g + 1] = (v0 & msk<U>(i0 == 1)) | (v1 & msk<U>(i1 == 1));
+    dst[4 * g + 2] = (v0 & msk<U>(i0 == 2)) | (v1 & msk<U>(i1 == 2));
+    dst[4 * g + 3] = v1 & msk<U>(i1 == 3);
+  }
+  return bad;
+}
+
 // Returns the flat index r * groups + g of the first group with an invalid nibble, or kNone.
 template <typename U>
 int64_t decompress_kernel(const U* values, const int16_t* meta, U* out, int64_t rows, int64_t cols) {
-  using W = typename Bits<U>::Wide;
-  constexpr unsigned B = 8 * sizeof(U);
-  const Tables& T = tables();
   const int64_t groups = cols / 4;
   std::atomic<int64_t> first_bad{kNone};
   at::parallel_for(0, rows, grain_for(cols), [&](int64_t r0, int64_t r1) {
+    std::vector<U> nib(groups);
     for (int64_t r = r0; r < r1; ++r) {
-      const U* vsrc = values + r * (cols / 2);
       const int16_t* msrc = meta + r * (cols / 16);
-      U* dst = out + r * cols;
-      bool ok = true;
-      for (int64_t q = 0; q < groups / 4; ++q) {
-        const unsigned word = static_cast<uint16_t>(msrc[q]);
-        for (unsigned j = 0; j < 4; ++j) {
-          const int64_t g = 4 * q + j;
-          const unsigned nib = (word >> (4 * j)) & 0xF;
-          ok &= T.valid[nib];
-          const W x = static_cast<W>(vsrc[2 * g]) << (B * (nib & 3)) | static_cast<W>(vsrc[2 * g + 1]) << (B * (nib >> 2));
-          std::memcpy(dst + 4 * g, &x, sizeof(W));
-        }
-      }
-      if (!ok) {
+      if (decompress_row<U>(values + r * (cols / 2), msrc, nib.data(), out + r * cols, groups)) {
         for (int64_t g = 0; g < groups; ++g) {
-          if (!T.valid[(static_cast<uint16_t>(msrc[g / 4]) >> (4 * (g % 4))) & 0xF]) {
+          const unsigned n = (static_cast<uint16_t>(msrc[g / 4]) >> (4 * (g % 4))) & 15;
+          if ((n & 3) >= (n >> 2)) {
             atomic_min(first_bad, r * groups + g);
             break;
           }

@@ -89,7 +89,8 @@ inline void keep_top2(U k0, U k1, U k2, U k3, U& m0, U& m1, U& m2, U& m3) {
 }
 
 int64_t grain_for(int64_t cols) {
-  // ~16K elements per task: small enough to spread 4096-row weights over all cores.
+  // ~16K elements per task so 4096-row weights spread over all cores (a guess, not tuned:
+  // the 2-core development box is too contended to measure it).
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(cols, 1));
 }
 
@@ -124,7 +125,7 @@ U mask_row(const U* __restrict s, U* __restrict keep, int64_t groups, U inf) {
 template <typename U, bool ABS>
 bool mask_kernel(const U* s, bool* out, int64_t rows, int64_t cols, U inf) {
   std::atomic<bool> nan{false};
-  constexpr int64_t kChunk = 4096;  // groups per pass through the keep buffer
+  constexpr int64_t kChunk = 4096;  // groups per pass through the keep buffer (fits L1/L2; not tuned)
   const int64_t n = rows * cols / 4;
   at::parallel_for(0, n, std::max<int64_t>(kChunk, grain_for(cols) * cols / 4), [&](int64_t g0, int64_t g1) {
     std::vector<U> keep(4 * kChunk);

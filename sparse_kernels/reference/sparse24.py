@@ -26,6 +26,8 @@ import torch
 
 # Valid nibble -> True.  Index by (meta >> 4j) & 0xF.
 _VALID_NIBBLES = (4, 8, 9, 12, 13, 14)
+# Values are moved as raw bits: CPU gather/scatter on bfloat16 rewrite NaN payloads.
+_BITS = {2: torch.int16, 4: torch.int32}
 
 
 def _keep_top2(s: torch.Tensor) -> torch.Tensor:
@@ -75,7 +77,8 @@ def compress_2to4(w: torch.Tensor, prune: bool) -> tuple[torch.Tensor, torch.Ten
     priority = nonzero.to(torch.int8) * 2 + negzero.to(torch.int8)
     keep = _keep_top2(priority)
     idx = keep.nonzero()[:, 2].reshape(rows, cols // 4, 2)  # ascending within each group
-    values = torch.gather(g, 2, idx).reshape(rows, cols // 2)
+    ibits = _BITS[w.element_size()]
+    values = torch.gather(g.view(ibits), 2, idx).reshape(rows, cols // 2).view(w.dtype)
     nib = (idx[..., 0] | (idx[..., 1] << 2)).reshape(rows, cols // 16, 4)
     shifts = torch.arange(0, 16, 4, device=w.device)
     meta = (nib << shifts).sum(-1)  # int64, < 2**16
@@ -87,7 +90,7 @@ def meta_nibbles(meta: torch.Tensor) -> torch.Tensor:
     """int16 [rows, cols/16] -> int64 [rows, cols/4] of nibbles ``i0 | i1 << 2``."""
     m = meta.to(torch.int64) & 0xFFFF
     shifts = torch.arange(0, 16, 4, device=meta.device)
-    return ((m.unsqueeze(-1) >> shifts) & 0xF).reshape(meta.shape[0], -1)
+    return ((m.unsqueeze(-1) >> shifts) & 0xF).reshape(meta.shape[0], meta.shape[1] * 4)
 
 
 def check_meta(meta: torch.Tensor) -> None:
@@ -108,6 +111,7 @@ def decompress_2to4(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     cols = half * 2
     nib = meta_nibbles(meta)
     idx = torch.stack((nib & 3, nib >> 2), dim=-1)  # [rows, cols/4, 2]
-    out = torch.zeros(rows, cols // 4, 4, dtype=values.dtype, device=values.device)
-    out.scatter_(2, idx, values.reshape(rows, cols // 4, 2))
-    return out.reshape(rows, cols)
+    ibits = _BITS[values.element_size()]
+    out = torch.zeros(rows, cols // 4, 4, dtype=ibits, device=values.device)
+    out.scatter_(2, idx, values.reshape(rows, cols // 4, 2).view(ibits))
+    return out.reshape(rows, cols).view(values.dtype)

@@ -317,13 +317,23 @@ def test_torch_compile_fullgraph(backend):
         assert_bitexact(got[1], want[1])
 
 
-def test_torch_compile_public_wrapper():
+@pytest.mark.parametrize("backend", [None, "reference", "cpp"])
+def test_torch_compile_public_wrapper_fullgraph(backend):
+    if backend is not None:
+        skip_unless_backend("compress_2to4", backend, "cpu")
+
     def f(w):
-        return sk.decompress_2to4(*sk.compress_2to4(w, prune=True))
+        m = sk.mask_2to4(w, backend=backend)
+        v, meta = sk.compress_2to4(w, prune=True, backend=backend)
+        return sk.decompress_2to4(v, meta, backend=backend), m
 
     torch._dynamo.reset()
-    w = _rand(16, 32, torch.float16, seed=4)
-    assert_bitexact(torch.compile(f)(w), f(w))
+    g = torch.compile(f, fullgraph=True)
+    for rows in (16, 40):
+        w = _rand(rows, 32, torch.float16, seed=rows)
+        got, want = g(w), f(w)
+        assert_bitexact(got[0], want[0])
+        assert_bitexact(got[1], want[1])
 
 
 # ---------------------------------------------------------------- bad input

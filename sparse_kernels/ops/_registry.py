@@ -192,23 +192,38 @@ def select(name: str, backend: str | None, device: torch.device, *args) -> str:
     req = requested_backend(backend)
     if backend is None and req not in spec.backends:
         req = "auto"
-    dtype = device.type
+    dev = device.type
     if req == "auto":
-        if dtype == "meta":
+        if dev == "meta":
             return "reference"
-        avail = available(name, dtype)
-        return (spec.auto or _default_auto)(dtype, avail, *args)
-    if dtype == "meta":
+        avail = available(name, dev)
+        return (spec.auto or _default_auto)(dev, avail, *args)
+    if dev == "meta":
         return req
-    reason = why_unavailable(name, req, dtype)
+    reason = why_unavailable(name, req, dev)
     if reason is not None:
         raise BackendUnavailableError(
-            f"backend={req!r} cannot run {name} on {dtype}: {reason}. "
-            f"Available here: {', '.join(available(name, dtype))}"
+            f"backend={req!r} cannot run {name} on {dev}: {reason}. "
+            f"Available here: {', '.join(available(name, dev))}"
         )
     return req
 
 
+def _select_for_trace(name, backend, device, *auto_args):
+    return select(name, backend, device, *auto_args)
+
+
+# Under torch.compile the backend choice is a trace-time constant (it reads the environment,
+# the dispatcher and the build, none of which dynamo can trace); changing
+# SPARSE_KERNELS_BACKEND after compiling therefore needs a recompile.
+_select_traced = torch._dynamo.assume_constant_result(_select_for_trace)
+
+
 def call(name: str, backend: str | None, device: torch.device, *args, auto_args=()):
-    b = select(name, backend, device, *auto_args)
+    """Run op ``name`` on the selected backend.  ``auto_args`` (hashable: ints, dtypes) feed
+    the op's ``auto`` rule; under torch.compile they must be static or bucketed by the caller."""
+    if torch.compiler.is_compiling():
+        b = _select_traced(name, backend, device, *auto_args)
+    else:
+        b = select(name, backend, device, *auto_args)
     return get_op(name, b)(*args)

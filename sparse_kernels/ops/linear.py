@@ -201,11 +201,17 @@ _select_traced = torch._dynamo.assume_constant_result(_select_const)
 
 
 def _call(name, backend, x2, *args):
-    """``R.call`` that torch.compile can trace: the backend choice is a trace-time constant
-    (a symbolic batch size counts as large for the ``auto`` rule)."""
+    """``R.call`` that torch.compile can trace: the backend choice is a trace-time constant.
+
+    Under compile the batch size is rounded up to a power of two (guards ``m <= 2**i``), so a
+    symbolic batch size still gets the ``auto`` rule (whose thresholds are powers of two).
+    """
     m = x2.shape[0]
     if torch.compiler.is_compiling():
-        b = _select_traced(name, backend, x2.device, m if isinstance(m, int) else 1 << 30, x2.dtype)
+        bucket = 1
+        while bucket < (1 << 30) and m > bucket:
+            bucket *= 2
+        b = _select_traced(name, backend, x2.device, bucket, x2.dtype)
     else:
         b = R.select(name, backend, x2.device, m, x2.dtype)
     return R.get_op(name, b)(x2, *args)

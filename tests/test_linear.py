@@ -12,7 +12,8 @@ from conftest import assert_bitexact, assert_close, assert_matmul_close, devices
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, N, K): batch 1, odd leading dims, K % 32 == 16 tails, N not a multiple of 4.
-SHAPES = [((1,), 37, 48), ((3, 5), 64, 160), ((2, 1, 7), 129, 32), ((9,), 20, 16), ((17,), 70, 96)]
+SHAPES = [((1,), 37, 48), ((3, 5), 64, 160), ((2, 1, 7), 129, 32), ((9,), 20, 16), ((17,), 70, 96),
+          ((40,), 33, 64)]
 
 
 def _problem(lead, n, k, dtype, device="cpu", bias=True, seed=0):
@@ -259,14 +260,30 @@ def test_errors_masked_linear():
 
 def test_auto_rule_cpu():
     from sparse_kernels.ops import _registry as R
-    from sparse_kernels.ops.linear import _CPU_CPP_MAX_M
 
-    if R.why_unavailable("sparse_linear", "cpp", "cpu") is not None:
-        assert R.select("sparse_linear", "auto", torch.device("cpu"), 1, torch.float32) == "reference"
-        return
-    for dt, mmax in _CPU_CPP_MAX_M.items():
-        assert R.select("sparse_linear", "auto", torch.device("cpu"), 1, dt) == "cpp"
-        assert R.select("sparse_linear", "auto", torch.device("cpu"), mmax + 1, dt) == "reference"
+    want = "cpp" if R.why_unavailable("sparse_linear", "cpp", "cpu") is None else "reference"
+    for m in (1, 16, 4096):
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            assert R.select("sparse_linear", "auto", torch.device("cpu"), m, dt) == want
+
+
+@pytest.mark.parametrize("path", ["direct", "gemm"])
+@pytest.mark.parametrize("op", ["sparse_linear", "masked_linear"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpp_both_paths(path, op, dtype, monkeypatch):
+    """The cpp ops switch to a blocked expand + GEMM for large batches; both paths must agree."""
+    skip_unless_backend(op, "cpp", "cpu")
+    monkeypatch.setenv("SPARSE_KERNELS_CPU_GEMM_MIN_M", "1" if path == "gemm" else str(1 << 40))
+    for lead, n, k in SHAPES + [((40,), 300, 64)]:  # 300 rows: more than one 256-row GEMM block
+        if op == "sparse_linear":
+            x, values, meta, bias = _problem(lead, n, k, dtype, seed=7)
+            _check_matmul(sk.sparse_linear(x, values, meta, bias, backend="cpp"), x, values, meta, bias,
+                          f"cpp/{path}")
+        else:
+            x, w, mask, b, m = _masked_problem(lead, n, k + 3, dtype, True, seed=7)
+            wm = torch.where(m, w, torch.zeros((), dtype=dtype))
+            y = sk.masked_linear(x, w, mask, b, backend="cpp")
+            assert_matmul_close(y, x.double() @ wm.double().T + b.double(), F.linear(x, wm, b), f"masked cpp/{path}")
 
 
 def test_env_backend(monkeypatch):

@@ -1,6 +1,8 @@
 // CPU kernels of the sparse matmul family (sparse_kernels/ops/linear.py defines the schemas).
 //
 // sparse_linear_cpp(x [M,K], values [N,K/2], meta [N,K/16] int16, bias [N]?, meta_dev?) -> y [M,N]
+//   Two paths chosen by batch size and dtype (gemm_min_m, with the measurements): the direct
+//   kernel below, or for large M a blocked expand (256 rows of W at a time) + BLAS GEMM.
 //   y[m,n] = bias[n] + sum_g values[n,2g]*x[m,4g+i0] + values[n,2g+1]*x[m,4g+i1], where the nibble
 //   i0 | i1<<2 of group g sits at bits 4*(g%4) of meta[n, g/4] (the canonical 2:4 format).
 //   The dense weight is never formed: per output row we stream values+meta once and pick x's
@@ -314,6 +316,76 @@ void masked_linear_kernel(const float* x, const T* w, const uint8_t* mask, bool 
   });
 }
 
+// ------------------------------------------------------------------ large-M path (blocked expand + GEMM)
+// Rows [n0, n1) of the dense W (2:4) or W*M (masked) into dst [n1-n0, K], T as stored.
+template <typename T>
+static void expand_2to4_rows(const T* values, const int16_t* meta, T* dst, int64_t K, int64_t n0, int64_t n1) {
+  const int64_t half = K / 2, mcols = K / 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    T* d = dst + (n - n0) * K;
+    std::memset(static_cast<void*>(d), 0, sizeof(T) * K);
+    const T* v = values + n * half;
+    const uint16_t* mt = reinterpret_cast<const uint16_t*>(meta) + n * mcols;
+    for (int64_t g = 0; g < K / 4; ++g) {
+      const uint32_t nib = (mt[g >> 2] >> (4 * (g & 3))) & 0xF;
+      d[4 * g + (nib & 3)] = v[2 * g];
+      d[4 * g + (nib >> 2)] = v[2 * g + 1];
+    }
+  }
+}
+
+template <typename T>
+static void expand_masked_rows(const T* w, const uint8_t* mask, bool packed, T* dst, int64_t K, int64_t n0,
+                               int64_t n1) {
+  const int64_t mstride = packed ? (K + 7) / 8 : K;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t c = 0; c < K; ++c)
+      dst[(n - n0) * K + c] = mask_bit(mask + n * mstride, packed, c) ? w[n * K + c] : T(0);
+}
+
+// y [M, N] (x's dtype) = x @ W^T + bias, W expanded BLOCK_ROWS rows at a time into an L2-sized scratch
+// tile and multiplied by the BLAS (at::mm_out into a column slice of y).  Only a tile of the dense
+// weight ever exists.  Used when M exceeds the direct kernel's break-even batch size.
+constexpr int64_t kGemmBlockRows = 256;
+
+template <typename Expand>
+static at::Tensor blocked_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                               const Expand& expand) {
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  at::Tensor tile = at::empty({std::min(N, kGemmBlockRows), K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += kGemmBlockRows) {
+    const int64_t nb = std::min(kGemmBlockRows, N - n0);
+    at::Tensor t = tile.narrow(0, 0, nb);
+    at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) { expand(t, n0 + a, n0 + b, a); });
+    at::Tensor ys = y.narrow(1, n0, nb);
+    if (bias.has_value())
+      at::addmm_out(ys, bias->narrow(0, n0, nb), x, t.t());  // bias inside the GEMM: one rounding
+    else
+      at::mm_out(ys, x, t.t());
+  }
+  return y;
+}
+
+// Break-even batch sizes: direct kernel below, blocked GEMM from this M on.  Measured at 4096x4096
+// on the 2-core AMD EPYC (Zen 5) dev box, torch 2.13, ms per call (dense F.linear | direct | GEMM
+// path), 2 weight copies rotated, load average ~10 (other jobs running, so +-30%):
+//   fp32: M=1 10.8|2.0|18.6  M=16 25.2|12.9|32.5  M=64 80|43|88  M=512 407|296|444 -> direct always
+//         (the CPU's fp32 GEMM does the dense 2x the FLOPs; the direct kernel does half).
+//   bf16: M=4 2.1|1.6|14.8  M=8 6.3|6.4|18.1  M=16 6.7|11.9|18.9  M=64 17.0|30.3|27.0
+//         M=512 96.5|257.8|78.7 -> GEMM from M=9 (oneDNN's bf16 dot products outrun our fp32 FMAs).
+//   fp16: M=8 34.1|7.1|38.5  M=64 203|35|230 -> direct always (no fast fp16 GEMM on this CPU).
+// masked_linear's direct kernel streams the dense weight and the mask per x row, so from M=2 the
+// GEMM path (W*M expanded 256 rows at a time) wins for fp32/bf16; fp16 stays direct.
+// SPARSE_KERNELS_CPU_GEMM_MIN_M overrides (tests use it to cover both paths).
+static int64_t gemm_min_m(at::ScalarType t, bool masked) {
+  const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
+  if (env != nullptr) return std::atoll(env);
+  constexpr int64_t kNever = INT64_MAX;
+  if (t == at::kHalf) return kNever;
+  if (masked) return 2;
+  return t == at::kBFloat16 ? 9 : kNever;
+}
+
 // ------------------------------------------------------------------ ATen wrappers
 template <typename F>
 static void dispatch_float(at::ScalarType t, const F& f) {
@@ -361,8 +433,19 @@ at::Tensor sparse_linear_cpp(const at::Tensor& x, const at::Tensor& values, cons
   TORCH_CHECK_VALUE(meta.device().is_cpu(), "meta: must be a CPU tensor");
   check_x_and_bias(x, bias, N, K, values, "values");
   const int64_t M = x.size(0);
-  at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor v = values.contiguous(), mt = meta.contiguous();
+  if (M >= gemm_min_m(x.scalar_type(), false) && N > 0 && K > 0) {
+    at::Tensor y;
+    SK_DISPATCH_F32_BF16_F16(v.scalar_type(), [&] {
+      const scalar_t* vp = v.data_ptr<scalar_t>();
+      const int16_t* mp = mt.data_ptr<int16_t>();
+      y = blocked_gemm(x.contiguous(), bias, N, K, [&](at::Tensor& t, int64_t a, int64_t b, int64_t off) {
+        expand_2to4_rows<scalar_t>(vp, mp, t.data_ptr<scalar_t>() + off * K, K, a, b);
+      });
+    });
+    return y;
+  }
+  at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
   if (M > 0 && N > 0 && K > 0) {
     SK_DISPATCH_F32_BF16_F16(v.scalar_type(), [&] {
@@ -388,8 +471,19 @@ at::Tensor masked_linear_cpp(const at::Tensor& x, const at::Tensor& weight, cons
   TORCH_CHECK_VALUE(mask.device().is_cpu(), "mask: must be a CPU tensor");
   check_x_and_bias(x, bias, N, K, weight, "weight");
   const int64_t M = x.size(0);
-  at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor w = weight.contiguous(), mk = mask.contiguous();
+  const uint8_t* mp0 = packed ? mk.data_ptr<uint8_t>() : reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>());
+  if (M >= gemm_min_m(x.scalar_type(), true) && N > 0 && K > 0) {
+    at::Tensor y;
+    SK_DISPATCH_F32_BF16_F16(w.scalar_type(), [&] {
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      y = blocked_gemm(x.contiguous(), bias, N, K, [&](at::Tensor& t, int64_t a, int64_t b, int64_t off) {
+        expand_masked_rows<scalar_t>(wp, mp0, packed, t.data_ptr<scalar_t>() + off * K, K, a, b);
+      });
+    });
+    return y;
+  }
+  at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
   if (M > 0 && N > 0 && K > 0) {
     const uint8_t* mp = packed ? mk.data_ptr<uint8_t>() : reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>());

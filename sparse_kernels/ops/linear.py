@@ -31,17 +31,14 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 
 
 # ---------------------------------------------------------------- auto rules
-# CPU, sparse_linear, cpp vs dense F.linear on the decompressed weight (the reference), measured on
-# the 2-core AMD EPYC (Zen 5, AVX-512) dev box, torch 2.13 CPU, benchmarks/results/cpu/:
-# see _CPU_CPP_MAX_M below.  Above these batch sizes the BLAS GEMM on the dense weight wins.
-_CPU_CPP_MAX_M = {torch.float32: 8, torch.bfloat16: 16, torch.float16: 16}
-
-
+# CPU: the cpp op picks its own path by batch size (csrc/cpu/linear.cpp, gemm_min_m, measured on
+# the 2-core Zen 5 dev box at 4096x4096): the direct 2:4 kernel beats dense F.linear at batch 1 in
+# fp32 (2.0 vs 10.8 ms under load; 1.4 vs 2.8 ms on a quiet box) and bf16 (1.6 vs 2.1 ms at M=4),
+# and for large bf16 batches it expands 256 weight rows at a time into a GEMM, which beats the
+# reference (decompress everything, then F.linear) at every M.  So auto = cpp on CPU whenever built.
 def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cpu":
-        if "cpp" in avail and m <= _CPU_CPP_MAX_M.get(dtype, 0):
-            return "cpp"
-        return "reference"
+        return "cpp" if "cpp" in avail else "reference"
     if device_type == "cuda":
         # Compiled, not yet run on a GPU: no measured table yet.  mma.sp takes f16/bf16 only.
         if dtype in (torch.float16, torch.bfloat16):
@@ -55,7 +52,7 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
 def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cuda" and "triton" in avail:
         return "triton"
-    if device_type == "cpu" and "cpp" in avail and m <= _CPU_CPP_MAX_M.get(dtype, 0):
+    if device_type == "cpu" and "cpp" in avail:
         return "cpp"
     return "reference"
 

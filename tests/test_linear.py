@@ -267,13 +267,15 @@ def test_auto_rule_cpu():
             assert R.select("sparse_linear", "auto", torch.device("cpu"), m, dt) == want
 
 
+@pytest.mark.parametrize("isa", ["avx512", "scalar"])
 @pytest.mark.parametrize("path", ["direct", "gemm"])
 @pytest.mark.parametrize("op", ["sparse_linear", "masked_linear"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cpp_both_paths(path, op, dtype, monkeypatch):
+def test_cpp_both_paths(path, op, dtype, isa, monkeypatch):
     """The cpp ops switch to a blocked expand + GEMM for large batches; both paths must agree."""
     skip_unless_backend(op, "cpp", "cpu")
     monkeypatch.setenv("SPARSE_KERNELS_CPU_GEMM_MIN_M", "1" if path == "gemm" else str(1 << 40))
+    monkeypatch.setenv("SPARSE_KERNELS_CPU_ISA", isa)
     for lead, n, k in SHAPES + [((40,), 300, 64)]:  # 300 rows: more than one 256-row GEMM block
         if op == "sparse_linear":
             x, values, meta, bias = _problem(lead, n, k, dtype, seed=7)

@@ -104,6 +104,12 @@ SK_AVX512 static inline __m512 load8(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_zextsi128_si256(h));
 }
 
+static int64_t prefetch_env() {
+  const char* env = std::getenv("SPARSE_KERNELS_CPU_PREFETCH");
+  return env ? std::atoll(env) : 1024;
+}
+static const int64_t kPrefetchBytes = prefetch_env();
+
 // R output rows at once (R independent FMA chains per x row, x loads shared by the R rows),
 // MB rows of x at once.  One step = 8 groups = 32 columns of x = 16 values = 32 bits of meta.
 template <typename T, int R, int MB>
@@ -122,6 +128,10 @@ SK_AVX512 static void sl_block_avx512(const float* x, const T* values, const int
     __m512i idx[R];
     __m512 v[R];
     for (int r = 0; r < R; ++r) {
+      // Software prefetch kPrefetchBytes ahead in each of the R value streams (and meta): rows are
+      // only K/2 values long, too short for the hardware prefetcher to ramp up on its own.
+      _mm_prefetch(reinterpret_cast<const char*>(values + (n + r) * half + 16 * s) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(meta + (n + r) * mcols + 2 * s) + kPrefetchBytes / 4, _MM_HINT_T0);
       uint32_t word;
       std::memcpy(&word, meta + (n + r) * mcols + 2 * s, 4);
       idx[r] = _mm512_add_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)word), shift), three), base);
@@ -317,9 +327,13 @@ void masked_linear_kernel(const float* x, const T* w, const uint8_t* mask, bool 
 }
 
 // ------------------------------------------------------------------ large-M path (blocked expand + GEMM)
-// Rows [n0, n1) of the dense W (2:4) or W*M (masked) into dst [n1-n0, K], T as stored.
+// Rows [n0, n1) of the dense W (2:4) or W*M (masked) into dst [n1-n0, K], bits copied as stored.
+// AVX-512: one int16 of meta -> a 16-bit lane mask (bit 4j+i set for kept position i of group j),
+// then vpexpandd places the 8 values in their lanes and zeroes the rest.
+static const uint8_t kNibbleLanes[16] = {0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0};
+
 template <typename T>
-static void expand_2to4_rows(const T* values, const int16_t* meta, T* dst, int64_t K, int64_t n0, int64_t n1) {
+static void expand_2to4_rows_scalar(const T* values, const int16_t* meta, T* dst, int64_t K, int64_t n0, int64_t n1) {
   const int64_t half = K / 2, mcols = K / 16;
   for (int64_t n = n0; n < n1; ++n) {
     T* d = dst + (n - n0) * K;
@@ -334,9 +348,75 @@ static void expand_2to4_rows(const T* values, const int16_t* meta, T* dst, int64
   }
 }
 
+#if SK_X86
 template <typename T>
-static void expand_masked_rows(const T* w, const uint8_t* mask, bool packed, T* dst, int64_t K, int64_t n0,
+SK_AVX512 static void expand_2to4_rows_avx512(const T* values, const int16_t* meta, T* dst, int64_t K, int64_t n0,
+                                              int64_t n1) {
+  const int64_t half = K / 2, mcols = K / 16;
+  for (int64_t n = n0; n < n1; ++n) {
+    T* d = dst + (n - n0) * K;
+    const T* v = values + n * half;
+    const uint16_t* mt = reinterpret_cast<const uint16_t*>(meta) + n * mcols;
+    for (int64_t q = 0; q < mcols; ++q) {
+      const uint32_t w = mt[q];
+      const __mmask16 lanes = static_cast<__mmask16>(kNibbleLanes[w & 0xF] | kNibbleLanes[(w >> 4) & 0xF] << 4 |
+                                                     kNibbleLanes[(w >> 8) & 0xF] << 8 | kNibbleLanes[w >> 12] << 12);
+      if (sizeof(T) == 4) {
+        __m512i src = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 8 * q)));
+        _mm512_storeu_si512(reinterpret_cast<void*>(d + 16 * q), _mm512_maskz_expand_epi32(lanes, src));
+      } else {
+        __m512i src = _mm512_cvtepu16_epi32(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 8 * q))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 16 * q),
+                            _mm512_cvtepi32_epi16(_mm512_maskz_expand_epi32(lanes, src)));
+      }
+    }
+  }
+}
+
+template <typename T>
+SK_AVX512 static void expand_masked_rows_avx512(const T* w, const uint8_t* mask, bool packed, T* dst, int64_t K,
+                                                int64_t n0, int64_t n1) {
+  const int64_t mstride = packed ? (K + 7) / 8 : K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* wr = w + n * K;
+    const uint8_t* mr = mask + n * mstride;
+    T* d = dst + (n - n0) * K;
+    int64_t c = 0;
+    for (; c + 16 <= K; c += 16) {
+      __mmask16 mk;
+      if (packed) {
+        uint16_t bits;
+        std::memcpy(&bits, mr + c / 8, 2);
+        mk = bits;
+      } else {
+        mk = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + c)), _mm_set1_epi8(-1));
+      }
+      if (sizeof(T) == 4)
+        _mm512_storeu_si512(reinterpret_cast<void*>(d + c),
+                            _mm512_maskz_loadu_epi32(mk, reinterpret_cast<const void*>(wr + c)));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c),
+                            _mm256_maskz_loadu_epi16(mk, reinterpret_cast<const void*>(wr + c)));
+    }
+    for (; c < K; ++c) d[c] = mask_bit(mr, packed, c) ? wr[c] : T(0);
+  }
+}
+#endif
+
+template <typename T>
+static void expand_2to4_rows(Isa isa, const T* values, const int16_t* meta, T* dst, int64_t K, int64_t n0, int64_t n1) {
+#if SK_X86
+  if (isa == Isa::Avx512) return expand_2to4_rows_avx512<T>(values, meta, dst, K, n0, n1);
+#endif
+  expand_2to4_rows_scalar<T>(values, meta, dst, K, n0, n1);
+}
+
+template <typename T>
+static void expand_masked_rows(Isa isa, const T* w, const uint8_t* mask, bool packed, T* dst, int64_t K, int64_t n0,
                                int64_t n1) {
+#if SK_X86
+  if (isa == Isa::Avx512) return expand_masked_rows_avx512<T>(w, mask, packed, dst, K, n0, n1);
+#endif
   const int64_t mstride = packed ? (K + 7) / 8 : K;
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t c = 0; c < K; ++c)
@@ -435,12 +515,13 @@ at::Tensor sparse_linear_cpp(const at::Tensor& x, const at::Tensor& values, cons
   const int64_t M = x.size(0);
   at::Tensor v = values.contiguous(), mt = meta.contiguous();
   if (M >= gemm_min_m(x.scalar_type(), false) && N > 0 && K > 0) {
+    const Isa isa = best_isa();
     at::Tensor y;
     SK_DISPATCH_F32_BF16_F16(v.scalar_type(), [&] {
       const scalar_t* vp = v.data_ptr<scalar_t>();
       const int16_t* mp = mt.data_ptr<int16_t>();
       y = blocked_gemm(x.contiguous(), bias, N, K, [&](at::Tensor& t, int64_t a, int64_t b, int64_t off) {
-        expand_2to4_rows<scalar_t>(vp, mp, t.data_ptr<scalar_t>() + off * K, K, a, b);
+        expand_2to4_rows<scalar_t>(isa, vp, mp, t.data_ptr<scalar_t>() + off * K, K, a, b);
       });
     });
     return y;
@@ -474,11 +555,12 @@ at::Tensor masked_linear_cpp(const at::Tensor& x, const at::Tensor& weight, cons
   at::Tensor w = weight.contiguous(), mk = mask.contiguous();
   const uint8_t* mp0 = packed ? mk.data_ptr<uint8_t>() : reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>());
   if (M >= gemm_min_m(x.scalar_type(), true) && N > 0 && K > 0) {
+    const Isa isa = best_isa();
     at::Tensor y;
     SK_DISPATCH_F32_BF16_F16(w.scalar_type(), [&] {
       const scalar_t* wp = w.data_ptr<scalar_t>();
       y = blocked_gemm(x.contiguous(), bias, N, K, [&](at::Tensor& t, int64_t a, int64_t b, int64_t off) {
-        expand_masked_rows<scalar_t>(wp, mp0, packed, t.data_ptr<scalar_t>() + off * K, K, a, b);
+        expand_masked_rows<scalar_t>(isa, wp, mp0, packed, t.data_ptr<scalar_t>() + off * K, K, a, b);
       });
     });
     return y;

@@ -43,6 +43,10 @@ def _check_pattern(pattern):
         raise ValueError(f"pattern: got {pattern!r}, expected '2:4' or None (any sparsity, bit-packed mask)")
 
 
+def _refresh_after_load(module, incompatible_keys):
+    module.refresh_cache()  # a module-level function, so whole models still pickle
+
+
 class SparseLinear(nn.Module):
     """A Linear layer stored sparse.  Build it with :meth:`from_dense`.
 
@@ -74,7 +78,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
         self._meta_dev = None
         self._cslt = None
-        self.register_load_state_dict_post_hook(lambda mod, _keys: mod.refresh_cache())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # ------------------------------------------------------------ construction
     @classmethod

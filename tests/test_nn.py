@@ -108,6 +108,18 @@ def test_state_dict_round_trip(pattern):
     assert set(sl.state_dict()) == ({"values", "meta", "bias"} if pattern else {"weight", "mask", "bias"})
 
 
+def test_pickle_whole_model():
+    model = nn.Sequential(nn.Linear(32, 8))
+    sparsify(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = _x(2, 32)
+    with torch.no_grad():
+        assert_bitexact(loaded(x), model(x), "pickled model")
+
+
 def test_safetensors_round_trip(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     sl = SparseLinear.from_dense(_linear(48, 16, dtype=torch.bfloat16))

@@ -426,6 +426,9 @@ static void expand_masked_rows(Isa isa, const T* w, const uint8_t* mask, bool pa
 // y [M, N] (x's dtype) = x @ W^T + bias, W expanded BLOCK_ROWS rows at a time into an L2-sized scratch
 // tile and multiplied by the BLAS (at::mm_out into a column slice of y).  Only a tile of the dense
 // weight ever exists.  Used when M exceeds the direct kernel's break-even batch size.
+// 256 rows: bf16 4096x4096 on the dev box (load ~12), speedup over dense at M=16 / M=64 was
+// 32 rows 0.37/0.54x, 64 rows 0.43/0.84x, 128 rows 0.52/0.70x, 256 rows 0.54/0.84x,
+// 512 rows 0.80/0.63x: small tiles lose, 128..512 are within the noise.
 constexpr int64_t kGemmBlockRows = 256;
 
 template <typename Expand>

@@ -7,9 +7,10 @@
 //   i0 | i1<<2 of group g sits at bits 4*(g%4) of meta[n, g/4] (the canonical 2:4 format).
 //   The dense weight is never formed: per output row we stream values+meta once and pick x's
 //   entries with the nibbles.  x is converted to fp32 once per call; accumulation is fp32.
-//   x86-64: AVX-512 (16 values, 8 groups, one permutex2var per step) or AVX2 (8 values, two
-//   permutevar8x32 + blend), chosen at run time with __builtin_cpu_supports (the build stays
-//   portable: no -march flags); elsewhere a scalar loop.  SPARSE_KERNELS_CPU_ISA=avx2|scalar
+//   x86-64: bf16 on AVX512-BF16 CPUs with K % 64 == 0: vpermt2w + vdpbf16ps on bf16 x (32 values per
+//   step); otherwise AVX-512 (16 values, 8 groups, one permutex2var per step) or AVX2 (8 values,
+//   two permutevar8x32 + blend), chosen at run time with __builtin_cpu_supports (the build stays
+//   portable: no -march flags); elsewhere a scalar loop.  SPARSE_KERNELS_CPU_ISA=avx512|avx2|scalar
 //   forces a lower path (tests use it to cover every path on one machine).
 //   Corrupt meta (i0 >= i1) cannot read out of bounds: a nibble always indexes inside its group.
 //
@@ -29,10 +30,27 @@
 #else
 #define SK_X86 0
 #endif
+// vdpbf16ps path: GCC >= 10 / clang >= 9 know the avx512bf16 target.
+#if SK_X86 && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || (defined(__clang__) && __clang_major__ >= 9))
+#define SK_X86_BF16 1
+#else
+#define SK_X86_BF16 0
+#endif
 
 namespace sk_linear {
 
 enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+
+static bool has_avx512bf16() {
+#if SK_X86_BF16
+  const char* env = std::getenv("SPARSE_KERNELS_CPU_ISA");
+  if (env != nullptr && std::strcmp(env, "avx512bf16") != 0) return false;  // forced lower path
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
 
 static Isa best_isa() {
   Isa isa = Isa::Scalar;
@@ -162,6 +180,78 @@ SK_AVX512 static void sl_block_avx512(const float* x, const T* values, const int
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < MB; ++b) out[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
 }
+
+#if SK_X86_BF16
+#define SK_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma,avx2")))
+// bf16 weights and bf16 x, K % 64 == 0: one step = 16 groups = 64 columns of x = 32 values = 64 bits
+// of meta.  The two kept values of group j already sit in 32-bit lane j of the values vector,
+// which is the pair layout vdpbf16ps wants: vpermt2w gathers x[4j+i0], x[4j+i1] into the same
+// lane and one vdpbf16ps does 32 multiply-adds (fp32 accumulation).  Twice the work per
+// instruction of the fp32 path.
+template <int R, int MB>
+SK_AVX512BF16 static void sl_block_avx512bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta,
+                                            float* out, int64_t K, int64_t N, int64_t n) {
+  const int64_t half = K / 2, mcols = K / 16, steps = K / 64;
+  alignas(64) int16_t word_i[32], shift_i[32], base_i[32];
+  for (int l = 0; l < 32; ++l) {
+    const int j = l / 2;
+    word_i[l] = static_cast<int16_t>(j / 4);                     // which 16-bit meta word
+    shift_i[l] = static_cast<int16_t>(4 * (j % 4) + 2 * (l & 1));  // i0 or i1 of group j
+    base_i[l] = static_cast<int16_t>(4 * j);
+  }
+  const __m512i widx = _mm512_load_si512(word_i), shift = _mm512_load_si512(shift_i);
+  const __m512i base = _mm512_load_si512(base_i), three = _mm512_set1_epi16(3);
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < MB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    __m512i idx[R], v[R];
+    for (int r = 0; r < R; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(values + (n + r) * half + 32 * s) + kPrefetchBytes, _MM_HINT_T0);
+      int64_t word;
+      std::memcpy(&word, meta + (n + r) * mcols + 4 * s, 8);
+      const __m512i w = _mm512_permutexvar_epi16(widx, _mm512_set1_epi64(word));
+      idx[r] = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(w, shift), three), base);
+      v[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(values + (n + r) * half + 32 * s));
+    }
+    for (int b = 0; b < MB; ++b) {
+      const c10::BFloat16* xp = x + b * K + 64 * s;
+      const __m512i xa = _mm512_loadu_si512(reinterpret_cast<const void*>(xp));
+      const __m512i xb = _mm512_loadu_si512(reinterpret_cast<const void*>(xp + 32));
+      for (int r = 0; r < R; ++r) {
+        const __m512i sel = _mm512_permutex2var_epi16(xa, idx[r], xb);
+        acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)v[r], (__m512bh)sel);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < MB; ++b) out[b * N + n + r] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+template <int MB>
+static void sl_block_bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta, float* out,
+                          int64_t K, int64_t N, int64_t n, int rows) {
+  if (rows == 4) return sl_block_avx512bf16<4, MB>(x, values, meta, out, K, N, n);
+  for (int r = 0; r < rows; ++r) sl_block_avx512bf16<1, MB>(x, values, meta, out, K, N, n + r);
+}
+
+static void sl_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta, float* out,
+                         int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const c10::BFloat16* xm = x + m0 * K;
+      float* om = out + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: sl_block_bf16<1>(xm, values, meta, om, K, N, n, rows); break;
+        case 2: sl_block_bf16<2>(xm, values, meta, om, K, N, n, rows); break;
+        case 3: sl_block_bf16<3>(xm, values, meta, om, K, N, n, rows); break;
+        default: sl_block_bf16<4>(xm, values, meta, om, K, N, n, rows); break;
+      }
+    }
+  }
+}
+#endif  // SK_X86_BF16
 
 SK_AVX2 static inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
 SK_AVX2 static inline __m256 load8_avx2(const c10::BFloat16* p) {
@@ -457,16 +547,20 @@ static at::Tensor blocked_gemm(const at::Tensor& x, const c10::optional<at::Tens
 //   bf16: M=4 2.1|1.6|14.8  M=8 6.3|6.4|18.1  M=16 6.7|11.9|18.9  M=64 17.0|30.3|27.0
 //         M=512 96.5|257.8|78.7 -> GEMM from M=9 (oneDNN's bf16 dot products outrun our fp32 FMAs).
 //   fp16: M=8 34.1|7.1|38.5  M=64 203|35|230 -> direct always (no fast fp16 GEMM on this CPU).
+//   bf16 with the vdpbf16ps kernel (AVX512-BF16 CPUs, K % 64 == 0), 4096x4096, load ~9:
+//         M=1 2.1|1.6  M=4 1.9|2.2 (noise: 3.6|1.0 on a rerun)  M=8 2.3|1.6..3.3  M=16 6.8|6.4|8.5
+//         M=32 7.9|7.8|10.5  M=64 12.9|14.5|15.9  M=128 21.9|25.5|24.6 -> GEMM from M=64.
 // masked_linear's direct kernel streams the dense weight and the mask per x row, so from M=2 the
 // GEMM path (W*M expanded 256 rows at a time) wins for fp32/bf16; fp16 stays direct.
 // SPARSE_KERNELS_CPU_GEMM_MIN_M overrides (tests use it to cover both paths).
-static int64_t gemm_min_m(at::ScalarType t, bool masked) {
+static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) {
   const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
   if (env != nullptr) return std::atoll(env);
   constexpr int64_t kNever = INT64_MAX;
   if (t == at::kHalf) return kNever;
   if (masked) return 2;
-  return t == at::kBFloat16 ? 9 : kNever;
+  if (t == at::kBFloat16) return bf16_dot ? 64 : 9;
+  return kNever;
 }
 
 // ------------------------------------------------------------------ ATen wrappers
@@ -517,7 +611,12 @@ at::Tensor sparse_linear_cpp(const at::Tensor& x, const at::Tensor& values, cons
   check_x_and_bias(x, bias, N, K, values, "values");
   const int64_t M = x.size(0);
   at::Tensor v = values.contiguous(), mt = meta.contiguous();
-  if (M >= gemm_min_m(x.scalar_type(), false) && N > 0 && K > 0) {
+#if SK_X86_BF16
+  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && K % 64 == 0 && has_avx512bf16();
+#else
+  const bool bf16_dot = false;
+#endif
+  if (M >= gemm_min_m(x.scalar_type(), false, bf16_dot) && N > 0 && K > 0) {
     const Isa isa = best_isa();
     at::Tensor y;
     SK_DISPATCH_F32_BF16_F16(v.scalar_type(), [&] {
@@ -529,8 +628,21 @@ at::Tensor sparse_linear_cpp(const at::Tensor& x, const at::Tensor& values, cons
     });
     return y;
   }
-  at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+#if SK_X86_BF16
+  if (bf16_dot && M > 0 && N > 0) {
+    at::Tensor xb = x.contiguous();
+    const c10::BFloat16* xp = xb.data_ptr<c10::BFloat16>();
+    const c10::BFloat16* vp = v.data_ptr<c10::BFloat16>();
+    const int16_t* mp = mt.data_ptr<int16_t>();
+    float* yp = y32.data_ptr<float>();
+    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+      sl_rows_bf16(xp, vp, mp, yp, M, K, N, b0 * 64, std::min<int64_t>(N, b1 * 64));
+    });
+    return finish(y32, bias, x.scalar_type());
+  }
+#endif
+  at::Tensor x32 = x.to(at::kFloat).contiguous();
   if (M > 0 && N > 0 && K > 0) {
     SK_DISPATCH_F32_BF16_F16(v.scalar_type(), [&] {
       sparse_linear_kernel<scalar_t>(x32.data_ptr<float>(), v.data_ptr<scalar_t>(), mt.data_ptr<int16_t>(),

@@ -31,11 +31,15 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 
 
 # ---------------------------------------------------------------- auto rules
-# CPU: the cpp op picks its own path by batch size (csrc/cpu/linear.cpp, gemm_min_m, measured on
-# the 2-core Zen 5 dev box at 4096x4096): the direct 2:4 kernel beats dense F.linear at batch 1 in
-# fp32 (2.0 vs 10.8 ms under load; 1.4 vs 2.8 ms on a quiet box) and bf16 (1.6 vs 2.1 ms at M=4),
-# and for large bf16 batches it expands 256 weight rows at a time into a GEMM, which beats the
-# reference (decompress everything, then F.linear) at every M.  So auto = cpp on CPU whenever built.
+# CPU: the cpp op picks its own path by batch size (csrc/cpu/linear.cpp, gemm_min_m, with its
+# measurements).  benchmarks/results/cpu/bench_linear_cpu.json (2-core AMD EPYC Zen 5, torch 2.13,
+# load average 8-12 from other jobs), speedup of cpp over dense F.linear, median (p20 vs p20):
+#   4096x4096 batch 1: fp32 4.28x (1.82x), bf16 1.76x (2.05x); batch 4: fp32 5.1x, bf16 1.8x;
+#   batch 64: fp32 1.67x, bf16 0.63x (bf16 GEMM path: expanding the weight costs more than
+#   oneDNN's dense bf16 GEMM saves).  Every shape: fp32 >= 1.5x at batch 1..64; bf16 >= 1.3x at
+#   batch 1..4, 0.94..1.39x at 16, 0.63..0.77x at 64.
+# The reference (decompress all of W every call, then F.linear) is slower than cpp at every
+# point measured, so auto = cpp on CPU whenever it is built.
 def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cpu":
         return "cpp" if "cpp" in avail else "reference"
@@ -49,6 +53,8 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     return "reference"
 
 
+# masked_linear on CPU: cpp 0.27..1.25x of dense F.linear on a stored W*M, but 3..25x faster than
+# the reference (W*M formed per call; "masked_dense" in the same benchmark) everywhere.
 def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cuda" and "triton" in avail:
         return "triton"

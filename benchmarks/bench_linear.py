@@ -201,8 +201,12 @@ def plot(rows, base):
         print("--plot: matplotlib is not installed; skipping the PNG")
         return
     panels = sorted({(r["out_features"], r["in_features"], r["dtype"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (n, k, dt) in zip(axes[0], panels):
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (n, k, dt) in zip(axes.flat, panels):
         sel = [r for r in rows if (r["out_features"], r["in_features"], r["dtype"]) == (n, k, dt)]
         for name in dict.fromkeys(r["contender"] for r in sel):
             pts = sorted((r["batch"], r["speedup_vs_dense"]) for r in sel if r["contender"] == name)
@@ -229,7 +233,12 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="*", choices=list(DTYPES))
     ap.add_argument("--shapes", nargs="*", help="OUTxIN, e.g. 4096x4096")
     ap.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds per contender")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG from an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), os.path.splitext(args.replot)[0])
+        return
     gpu = args.device == "cuda"
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
     args.batches = args.batches or (GPU_BATCHES if gpu else CPU_BATCHES)

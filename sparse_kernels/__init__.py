@@ -12,6 +12,8 @@ from . import _extension
 from .ops import _registry
 from .ops._registry import BackendUnavailableError
 from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
+from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
+from .nn import SparseLinear, sparsify
 from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
 
 __version__ = "0.1.0"
@@ -26,4 +28,10 @@ __all__ = [
     "mask_2to4",
     "to_semi_structured",
     "to_torch_cutlass",
+    "masked_linear",
+    "pack_mask",
+    "sparse_linear",
+    "unpack_mask",
+    "SparseLinear",
+    "sparsify",
 ]

@@ -1,0 +1,256 @@
+"""Benchmark: 2:4 ``sparse_linear`` (every backend) and ``masked_linear`` against dense ``F.linear``.
+
+Shapes are LLM layers (out x in): 4096x4096, 14336x4096, 4096x14336, 11008x4096.
+
+* GPU (default when CUDA is present): fp16/bf16, batch 1, 4, 16, 64, 256, 2048, 8192; timing with
+  ``triton.testing.do_bench`` (it flushes L2 before every run); contenders: dense cuBLAS, our
+  backends (cuda mma.sp, triton, cusparselt with the compressed weight cached, auto), PyTorch's
+  ``SparseSemiStructuredTensor`` (cuSPARSELt, or CUTLASS where that is what torch picks),
+  ``masked_linear`` and masked dense (``F.linear(x, W * M)``).
+* CPU: fp32/bf16, batch 1, 4, 16, 64 (under 5 minutes on 2 cores); ``torch.utils.benchmark``;
+  contenders: dense (MKL/oneDNN), cpp, auto, ``masked_linear`` (cpp), masked dense.
+
+Every contender's output is checked first (error vs an fp64 result within 2x of dense torch's
+own error, the tests' rule); the row records ``ok``.  Inputs are rotated: several x and, on CPU,
+several weight copies (>= 64 MiB per contender, twice the L3 of the dev box) so neither dense nor
+sparse weights are served from cache.  Each row has median/p20/p80 (ms), the speedup over dense
+(dense median / ours), device, versions and date; rows go to ``OUT/bench_linear_<device>.json``
+and ``.csv``.  ``--plot`` draws speedup over dense vs batch (PNG, needs matplotlib).
+
+    PYTHONPATH=$PWD python benchmarks/bench_linear.py --device cpu --out benchmarks/results/cpu --plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import itertools
+import json
+import os
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sparse_kernels as sk  # noqa: E402
+from sparse_kernels.ops import _registry as R  # noqa: E402
+from sparse_kernels.ops import linear as L  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096)]
+GPU_BATCHES = [1, 4, 16, 64, 256, 2048, 8192]
+CPU_BATCHES = [1, 4, 16, 64]
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ROTATE_BYTES = 64 << 20
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def versions():
+    v = {"torch": torch.__version__, "sparse_kernels": sk.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    v["cuda"] = torch.version.cuda
+    return v
+
+
+# ---------------------------------------------------------------- timing
+def time_cpu(fn, min_run_time):
+    from torch.utils import benchmark
+
+    m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    t = torch.tensor(m.times) * 1e3
+    return t.median().item(), t.quantile(0.2).item(), t.quantile(0.8).item()
+
+
+def time_gpu(fn):
+    import triton
+
+    med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    return med, p20, p80
+
+
+# ---------------------------------------------------------------- contenders
+def make_problem(n, k, dtype, device, copies, seed):
+    """``copies`` independent 2:4 weights (values, meta, dense, mask, packed mask)."""
+    out = []
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(copies):
+        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype).to(device)
+        values, meta = sk.compress_2to4(w, prune=True, backend="reference")
+        dense = sk.decompress_2to4(values, meta, backend="reference")
+        mask = dense != 0
+        out.append(dict(w=w, values=values, meta=meta, dense=dense, mask=mask, packed=sk.pack_mask(mask)))
+    return out
+
+
+def contenders(device, ws, dtype):
+    """name -> (fn(x, weights) -> y, available reason or None)."""
+    c = {"dense": lambda x, p: F.linear(x, p["dense"])}
+    for b in ("cpp", "cuda", "triton"):
+        why = R.why_unavailable("sparse_linear", b, device)
+        if why is None and not (b == "cuda" and dtype == torch.float32):
+            c[b] = lambda x, p, b=b: sk.sparse_linear(x, p["values"], p["meta"], backend=b, meta_dev=p.get("meta_dev"))
+    c["auto"] = lambda x, p: sk.sparse_linear(x, p["values"], p["meta"], meta_dev=p.get("meta_dev"))
+    if device == "cuda" and dtype != torch.float32:
+        if R.why_unavailable("sparse_linear", "cusparselt", device) is None:
+            for p in ws:
+                p["cslt"] = torch._cslt_compress(p["dense"])
+            c["cusparselt(cached)"] = lambda x, p: L.cslt_matmul(x, p["cslt"], None)
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            for p in ws:
+                p["sst"] = to_sparse_semi_structured(p["dense"])
+            c["torch_semi_structured"] = lambda x, p: F.linear(x, p["sst"])
+        except Exception as e:  # noqa: BLE001 -- report why the peer is missing, keep going
+            print(f"  torch SparseSemiStructuredTensor unavailable: {type(e).__name__}: {e}")
+        fn = L.reorder_meta_mma_fn()
+        if fn is not None:
+            for p in ws:
+                p["meta_dev"] = fn(p["meta"])
+    c["masked_linear"] = lambda x, p: sk.masked_linear(x, p["w"], p["packed"])
+    c["masked_dense"] = lambda x, p: F.linear(x, p["w"] * p["mask"])
+    return c
+
+
+def check(y, x, p):
+    exact = x.double() @ p["dense"].double().T
+    ours = (y.double() - exact).abs().max().item()
+    base = (F.linear(x, p["dense"]).double() - exact).abs().max().item()
+    return ours, ours <= 2 * base + 1e-6 * max(exact.abs().max().item(), 1.0)
+
+
+def run(args):
+    device = args.device
+    dtypes = [DTYPES[d] for d in args.dtypes]
+    rows = []
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta = dict(device=device, device_name=device_name(device), threads=torch.get_num_threads(), date=stamp,
+                **versions())
+    for (n, k), dtype in itertools.product(args.shapes, dtypes):
+        esize = torch.finfo(dtype).bits // 8
+        copies = 1 if device == "cuda" else max(2, min(4, -(-ROTATE_BYTES // (n * k * esize // 2))))
+        ws = make_problem(n, k, dtype, device, copies, seed=n + k)
+        cs = contenders(device, ws, dtype)
+        for m in args.batches:
+            xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(3)]
+            res = {}
+            for name, fn in cs.items():
+                err, ok = check(fn(xs[0], ws[0]), xs[0], ws[0])
+                counter = itertools.count()
+
+                def call(fn=fn, counter=counter):
+                    i = next(counter)
+                    return fn(xs[i % len(xs)], ws[i % len(ws)])
+
+                with torch.no_grad():
+                    t = time_gpu(call) if device == "cuda" else time_cpu(call, args.min_run_time)
+                res[name] = (t, err, ok)
+            dense_ms = res["dense"][0][0]
+            chosen = R.select("sparse_linear", None, torch.device(device), m, dtype)
+            for name, ((med, p20, p80), err, ok) in res.items():
+                rows.append(dict(meta, out_features=n, in_features=k, batch=m, dtype=str(dtype).replace("torch.", ""),
+                                 contender=name, median_ms=round(med, 5), p20_ms=round(p20, 5), p80_ms=round(p80, 5),
+                                 speedup_vs_dense=round(dense_ms / med, 4), max_abs_err=err, ok=ok,
+                                 auto_choice=chosen if name == "auto" else "",
+                                 loadavg_1min=round(os.getloadavg()[0], 2)))
+            line = "  ".join(f"{nm}={r[0][0]:.3f}ms({dense_ms / r[0][0]:.2f}x{'' if r[2] else ' WRONG'})"
+                             for nm, r in res.items())
+            print(f"{n}x{k} {str(dtype)[6:]:8s} M={m:5d}  {line}", flush=True)
+    return rows
+
+
+def write(rows, out, device):
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, f"bench_linear_{device}")
+    with open(base + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {base}.json and .csv ({len(rows)} rows)")
+    return base
+
+
+def plot(rows, base):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot: matplotlib is not installed; skipping the PNG")
+        return
+    panels = sorted({(r["out_features"], r["in_features"], r["dtype"]) for r in rows})
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (n, k, dt) in zip(axes.flat, panels):
+        sel = [r for r in rows if (r["out_features"], r["in_features"], r["dtype"]) == (n, k, dt)]
+        for name in dict.fromkeys(r["contender"] for r in sel):
+            pts = sorted((r["batch"], r["speedup_vs_dense"]) for r in sel if r["contender"] == name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{n}x{k} {dt}")
+        ax.set_xlabel("batch (tokens)")
+        ax.set_ylabel("speedup over dense")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"sparse_linear vs dense, {rows[0]['device_name']} ({rows[0]['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(base + ".png", dpi=110)
+    print(f"wrote {base}.png")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="one shape, two batch sizes")
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>)")
+    ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--batches", type=int, nargs="*")
+    ap.add_argument("--dtypes", nargs="*", choices=list(DTYPES))
+    ap.add_argument("--shapes", nargs="*", help="OUTxIN, e.g. 4096x4096")
+    ap.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds per contender")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG from an earlier run's JSON")
+    args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), os.path.splitext(args.replot)[0])
+        return
+    gpu = args.device == "cuda"
+    args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+    args.batches = args.batches or (GPU_BATCHES if gpu else CPU_BATCHES)
+    args.dtypes = args.dtypes or (["fp16", "bf16"] if gpu else ["fp32", "bf16"])
+    if args.quick:
+        args.shapes, args.batches = args.shapes[:1], [1, 16]
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.device)
+    rows = run(args)
+    base = write(rows, args.out, args.device)
+    if args.plot:
+        plot(rows, base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""``SparseLinear`` (a drop-in nn.Linear on sparse kernels) and ``sparsify(model)``.
+
+Two storage modes:
+
+* ``pattern="2:4"``: parameter ``values [out, in_pad/2]`` and buffer ``meta [out, in_pad/16]``
+  int16 (canonical 2:4 format, :mod:`sparse_kernels.reference.sparse24`), ``in_pad`` =
+  ``in_features`` rounded up to 16 (x is zero-padded internally, the padded weight columns are
+  zero, so the answer is unchanged).  Forward is :func:`sparse_kernels.sparse_linear`.  ``values``
+  is trainable; the pattern (meta) is fixed.
+* ``pattern=None`` (any sparsity): parameter ``weight [out, in]`` and buffer ``mask [out,
+  ceil(in/8)]`` uint8 bit-packed (:func:`sparse_kernels.pack_mask`).  Forward is
+  :func:`sparse_kernels.masked_linear`; ``weight.grad`` is masked.
+
+Caches (not in the state_dict, rebuilt by ``refresh_cache()``, which ``from_dense``, ``.to()``/
+``.cuda()``, ``load_state_dict`` and ``eval()`` call):
+
+* ``meta_dev``: the CUDA backend's device-layout metadata (``reorder_meta_mma`` from
+  sparse_kernels/ops/mma_layout.py, looked up lazily; no cache when it is absent);
+* cuSPARSELt: with ``backend="cusparselt"`` on a CUDA build with cuSPARSELt, ``eval()`` stores
+  ``torch._cslt_compress(W)`` and eval-mode forwards call ``torch._cslt_sparse_mm`` on it
+  directly; in training mode the op compresses per call (correct, slow).  After changing
+  ``values`` by hand call ``refresh_cache()``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import _registry as R
+from .ops import linear as L
+from .ops.sparse24 import compress_2to4, decompress_2to4
+
+PATTERNS = ("2:4", None)
+
+
+def _check_pattern(pattern):
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern: got {pattern!r}, expected '2:4' or None (any sparsity, bit-packed mask)")
+
+
+def _refresh_after_load(module, incompatible_keys):
+    module.refresh_cache()  # a module-level function, so whole models still pickle
+
+
+class SparseLinear(nn.Module):
+    """A Linear layer stored sparse.  Build it with :meth:`from_dense`.
+
+    Args:
+        in_features, out_features, bias: as nn.Linear.
+        pattern: ``"2:4"`` or None (see the module docstring).
+        backend: forwarded to the op (``auto | reference | cpp | cuda | triton | cusparselt``);
+            None means ``SPARSE_KERNELS_BACKEND`` or ``auto``.
+    """
+
+    def __init__(self, in_features, out_features, bias=True, pattern="2:4", backend=None, device=None, dtype=None):
+        super().__init__()
+        _check_pattern(pattern)
+        if backend is not None:
+            R.requested_backend(backend)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.pattern, self.backend = pattern, backend
+        fk = dict(device=device, dtype=dtype or torch.get_default_dtype())
+        if pattern == "2:4":
+            self.in_padded = (self.in_features + 15) // 16 * 16
+            self.values = nn.Parameter(torch.zeros(out_features, self.in_padded // 2, **fk))
+            self.register_buffer("meta", torch.full((out_features, self.in_padded // 16), 0x4444,
+                                                     dtype=torch.int16, device=device))
+        else:
+            self.in_padded = self.in_features
+            self.weight = nn.Parameter(torch.zeros(out_features, in_features, **fk))
+            self.register_buffer("mask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
+                                                     device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        self._meta_dev = None
+        self._cslt = None
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, pattern="2:4", mask=None, backend=None) -> "SparseLinear":
+        """Build from ``linear``.  2:4: ``mask`` (bool ``[out, in]``, must be 2:4) or, if None, the
+        2 largest |w| of every group of 4 along ``in``.  None: ``mask`` (bool, any pattern) or, if
+        None, ``weight != 0``.  Raises ValueError for a mask of the wrong shape or not 2:4."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        _check_pattern(pattern)
+        w = linear.weight.detach()
+        out_f, in_f = w.shape
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != (out_f, in_f):
+                raise ValueError(f"mask: shape {tuple(mask.shape)} must equal the weight's {(out_f, in_f)}")
+            mask = mask.to(w.device)
+            w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+        mod = cls(in_f, out_f, bias=linear.bias is not None, pattern=pattern, backend=backend,
+                  device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            if pattern == "2:4":
+                wp = F.pad(w, (0, mod.in_padded - in_f))
+                try:
+                    values, meta = compress_2to4(wp, prune=mask is None)
+                except ValueError as e:
+                    raise ValueError(f"mask: is not 2:4 sparse along in_features ({e})") from None
+                mod.values.copy_(values)
+                mod.meta.copy_(meta)
+            else:
+                m = mask if mask is not None else w != 0
+                mod.weight.copy_(w)
+                mod.mask.copy_(L.pack_mask(m))
+            if linear.bias is not None:
+                mod.bias.copy_(linear.bias.detach())
+        mod.refresh_cache()
+        return mod
+
+    def dense_weight(self) -> torch.Tensor:
+        """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned)."""
+        if self.pattern == "2:4":
+            return decompress_2to4(self.values.detach(), self.meta)[:, : self.in_features]
+        m = L.unpack_mask(self.mask, self.in_features)
+        return torch.where(m, self.weight.detach(), torch.zeros((), dtype=self.weight.dtype, device=m.device))
+
+    def to_dense(self) -> nn.Linear:
+        w = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.detach())
+        return lin
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (values+meta or weight+mask, plus bias)."""
+        ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # ------------------------------------------------------------ caches
+    def refresh_cache(self) -> None:
+        """Rebuild the device-layout caches (see the module docstring)."""
+        self._meta_dev = None
+        self._cslt = None
+        if self.pattern != "2:4" or self.meta.device.type != "cuda":
+            return
+        fn = L.reorder_meta_mma_fn()
+        if fn is not None and self.values.dtype in (torch.float16, torch.bfloat16):
+            self._meta_dev = fn(self.meta)
+        if self.backend == "cusparselt" and not self.training and R.why_unavailable(
+                "sparse_linear", "cusparselt", "cuda") is None:
+            with torch.no_grad():
+                self._cslt = torch._cslt_compress(decompress_2to4(self.values.detach(), self.meta))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self.refresh_cache()
+        return out
+
+    def train(self, mode: bool = True):
+        out = super().train(mode)
+        if not mode:
+            self.refresh_cache()
+        return out
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pattern is None:
+            return L.masked_linear(x, self.weight, self.mask, self.bias, backend=self.backend)
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: last dim is {x.shape[-1]} but this layer has in_features={self.in_features}")
+        if self.in_padded != self.in_features:
+            x = F.pad(x, (0, self.in_padded - self.in_features))
+        if self._cslt is not None and not self.training and x.device.type == "cuda":
+            lead = x.shape[:-1]
+            y = L.cslt_matmul(x.reshape(-1, x.shape[-1]), self._cslt, self.bias)
+            return y.reshape(*lead, self.out_features)
+        md = self._meta_dev if self._meta_dev is not None and self._meta_dev.device == x.device else None
+        return L.sparse_linear(x, self.values, self.meta, self.bias, backend=self.backend, meta_dev=md)
+
+    def extra_repr(self) -> str:
+        pat = "2:4" if self.pattern == "2:4" else "unstructured"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern={pat}, backend={self.backend or 'auto'}")
+
+
+# ---------------------------------------------------------------- sparsify
+@dataclass
+class SparsifyReport:
+    """What :func:`sparsify` did: swapped layer names, skipped ``(name, reason)``, bytes of the
+    swapped layers' weights before and after."""
+
+    layers: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self):
+        ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
+        return (f"sparsify: {len(self.layers)} layers swapped, {len(self.skipped)} skipped, "
+                f"{self.bytes_before} -> {self.bytes_after} bytes ({ratio:.3f}x)")
+
+
+def _matches(rule, name, mod) -> bool:
+    if callable(rule):
+        return bool(rule(name, mod))
+    rules = [rule] if isinstance(rule, str) else list(rule)
+    return any(fnmatch.fnmatchcase(name, r) for r in rules)
+
+
+def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backend=None) -> SparsifyReport:
+    """Replace every eligible ``nn.Linear`` of ``model`` by :class:`SparseLinear`, in place.
+
+    Eligible: exactly ``nn.Linear`` (subclasses such as MultiheadAttention's out_proj are read
+    directly by their owner and are skipped) with a float16/bfloat16/float32 weight, whose
+    qualified name matches ``include`` (None = all) and not ``exclude``.  ``include``/``exclude``
+    are a glob (``"layers.*.mlp.*"``), a list of globs, or a callable ``(name, module) -> bool``.
+    2:4 keeps the 2 largest |w| of each group of 4; ``pattern=None`` keeps ``weight != 0``.
+    """
+    _check_pattern(pattern)
+    report = SparsifyReport()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear):
+            continue
+        if name == "":
+            report.skipped.append((name, "the model itself is a Linear; use SparseLinear.from_dense"))
+            continue
+        if type(mod) is not nn.Linear:
+            report.skipped.append((name, f"{type(mod).__name__} is a subclass of nn.Linear"))
+            continue
+        if include is not None and not _matches(include, name, mod):
+            continue
+        if exclude is not None and _matches(exclude, name, mod):
+            continue
+        if mod.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            report.skipped.append((name, f"weight dtype {mod.weight.dtype}"))
+            continue
+        new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend)
+        new.train(mod.training)
+        report.bytes_before += sum(t.numel() * t.element_size() for t in mod.parameters(recurse=False))
+        report.bytes_after += new.nbytes()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.layers.append(name)
+    return report

@@ -1,0 +1,325 @@
+"""Sparse matmul ops: ``sparse_linear`` (2:4), ``masked_linear`` (any mask), ``pack_mask``/``unpack_mask``.
+
+Math and layouts: :mod:`sparse_kernels.reference.linear`.  Backends:
+
+==================  ======================================================================
+op                  backends
+==================  ======================================================================
+sparse_linear       reference, cpp (csrc/cpu/linear.cpp), cuda (csrc/cuda/linear.cu, mma.sp),
+                    triton (sparse_kernels/triton/linear.py), cusparselt (torch._cslt_*)
+masked_linear       reference, cpp, triton (forward and backward kernels)
+pack/unpack_mask    reference, cpp
+==================  ======================================================================
+
+Autograd: ``sparse_linear`` gives grads for x, values (pattern fixed: ``grad_values`` is
+``grad_y^T x`` gathered at the kept positions) and bias, never for meta; ``masked_linear`` gives
+``grad_x = grad_y @ (W*M)``, ``grad_W = (grad_y^T x) * M`` and ``grad_bias``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ..reference import linear as ref
+from . import _registry as R
+from . import _validate as V
+from .sparse24 import check_packed
+
+_TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
+
+
+# ---------------------------------------------------------------- auto rules
+# CPU: the cpp op picks its own path by batch size (csrc/cpu/linear.cpp, gemm_min_m, with its
+# measurements).  benchmarks/results/cpu/bench_linear_cpu.json (2-core AMD EPYC Zen 5, torch 2.13,
+# load average 8-12 from other jobs), speedup of cpp over dense F.linear, median (p20 vs p20):
+#   4096x4096 batch 1: fp32 4.28x (1.82x), bf16 1.76x (2.05x); batch 4: fp32 5.1x, bf16 1.8x;
+#   batch 64: fp32 1.67x, bf16 0.63x (bf16 GEMM path: expanding the weight costs more than
+#   oneDNN's dense bf16 GEMM saves).  Every shape: fp32 >= 1.5x at batch 1..64; bf16 >= 1.3x at
+#   batch 1..4, 0.94..1.39x at 16, 0.63..0.77x at 64.
+# The reference decompresses all of W on every call, then runs F.linear (506 ms vs 16 ms for cpp at
+# 4096x4096 fp32 batch 16 in a --quick run); cpp's GEMM path is a dense GEMM plus an in-cache expand
+# of 256 rows at a time, never the full decompress, so auto = cpp on CPU whenever it is built.
+def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
+    if device_type == "cpu":
+        return "cpp" if "cpp" in avail else "reference"
+    if device_type == "cuda":
+        # Compiled, not yet run on a GPU: no measured table yet.  mma.sp takes f16/bf16 only.
+        if dtype in (torch.float16, torch.bfloat16):
+            for b in ("cuda", "triton", "cusparselt"):
+                if b in avail:
+                    return b
+        return "reference"
+    return "reference"
+
+
+# masked_linear on CPU: cpp is 0.27..1.25x of dense F.linear on a stored W*M, and 2.6..29x faster
+# than forming W*M per call ("masked_dense" in the same benchmark, what the reference does).
+def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
+    if device_type == "cuda" and "triton" in avail:
+        return "triton"
+    if device_type == "cpu" and "cpp" in avail:
+        return "cpp"
+    return "reference"
+
+
+# ---------------------------------------------------------------- schemas + fakes
+def _sparse_linear_fake(x, values, meta, bias, meta_dev):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+def _masked_linear_fake(x, weight, mask, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _grad_x_fake(grad_y, weight, mask):
+    return grad_y.new_empty(grad_y.shape[0], weight.shape[1])
+
+
+def _grad_w_fake(grad_y, x, weight, mask):
+    return torch.empty_like(weight)
+
+
+def _pack_fake(mask):
+    return mask.new_empty(*mask.shape[:-1], (mask.shape[-1] + 7) // 8, dtype=torch.uint8)
+
+
+def _unpack_fake(packed, cols):
+    return packed.new_empty(*packed.shape[:-1], cols, dtype=torch.bool)
+
+
+SL_SCHEMA = "(Tensor x, Tensor values, Tensor meta, Tensor? bias, Tensor? meta_dev) -> Tensor"
+R.define("sparse_linear", SL_SCHEMA, fake=_sparse_linear_fake, reference=ref.sparse_linear,
+         backends=("reference", "cpp", "cuda", "triton", "cusparselt"), auto=_sparse_linear_auto)
+R.define("masked_linear", "(Tensor x, Tensor weight, Tensor mask, Tensor? bias) -> Tensor",
+         fake=_masked_linear_fake, reference=ref.masked_linear,
+         backends=("reference", "cpp", "triton"), auto=_masked_linear_auto)
+R.define("masked_linear_grad_x", "(Tensor grad_y, Tensor weight, Tensor mask) -> Tensor", fake=_grad_x_fake,
+         reference=lambda gy, w, m: ref.masked_linear_backward(gy, None, w, m, True, False)[0],
+         backends=("reference", "triton"), auto=_masked_linear_auto)
+R.define("masked_linear_grad_w", "(Tensor grad_y, Tensor x, Tensor weight, Tensor mask) -> Tensor",
+         fake=_grad_w_fake,
+         reference=lambda gy, x, w, m: ref.masked_linear_backward(gy, x, w, m, False, True)[1],
+         backends=("reference", "triton"), auto=_masked_linear_auto)
+R.define("pack_mask", "(Tensor mask) -> Tensor", fake=_pack_fake, reference=ref.pack_mask,
+         backends=("reference", "cpp"))
+R.define("unpack_mask", "(Tensor packed, int cols) -> Tensor", fake=_unpack_fake, reference=ref.unpack_mask,
+         backends=("reference", "cpp"))
+
+
+def _triton(fn_name):
+    def launch(*args):
+        from ..triton import linear as t
+
+        return getattr(t, fn_name)(*args)
+
+    return launch
+
+
+for _op in ("sparse_linear", "masked_linear", "masked_linear_grad_x", "masked_linear_grad_w"):
+    R.impl_python(_op, "triton", _triton(_op), _TRITON_DEVICES)
+
+
+def _sparse_linear_cusparselt(x, values, meta, bias, meta_dev):
+    """Op-level cuSPARSELt path: compresses the weight on every call (correct, slow).
+
+    :class:`sparse_kernels.nn.SparseLinear` caches ``torch._cslt_compress(W)`` instead and calls
+    ``torch._cslt_sparse_mm`` directly in eval mode (see its docstring).
+    """
+    w = torch.ops.sparse_kernels.decompress_2to4(values, meta).to(x.dtype)
+    return cslt_matmul(x, torch._cslt_compress(w), bias)
+
+
+def cslt_matmul(x, packed, bias):
+    """``x [M, K] @ W^T + bias`` with ``packed = torch._cslt_compress(W)``; M padded to 16."""
+    m = x.shape[0]
+    pad = (-m) % 16
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    y = torch._cslt_sparse_mm(packed, xp.t(), bias=None if bias is None else bias.to(x.dtype),
+                              transpose_result=True)
+    return y[:m] if pad else y
+
+
+R.impl_python("sparse_linear", "cusparselt", _sparse_linear_cusparselt, ["cuda"])
+
+
+# ---------------------------------------------------------------- autograd
+def _sl_setup(ctx, inputs, output):
+    x, values, meta, bias, _ = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _sl_backward(ctx, grad):
+    x, values, meta = ctx.saved_tensors
+    gx = gv = gb = None
+    if ctx.needs_input_grad[0]:
+        w = torch.ops.sparse_kernels.decompress_2to4(values, meta)
+        gx = grad @ w.to(grad.dtype)
+    if ctx.needs_input_grad[1]:
+        gv = ref.sparse_linear_grad_values(grad, x, meta).to(values.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        gb = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return gx, gv, None, gb, None
+
+
+R.register_autograd("sparse_linear", _sl_backward, _sl_setup)
+
+
+def _ml_setup(ctx, inputs, output):
+    x, weight, mask, bias = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _ml_backward_for(backend):
+    grad_backend = backend if backend in R.OPS["masked_linear_grad_x"].backends else "reference"
+
+    def backward(ctx, grad):
+        x, weight, mask = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = R.get_op("masked_linear_grad_x", grad_backend)(grad, weight, mask)
+        if ctx.needs_input_grad[1]:
+            gw = R.get_op("masked_linear_grad_w", grad_backend)(grad, x, weight, mask)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return gx, gw, None, gb
+
+    return backward
+
+
+for _b in R.OPS["masked_linear"].backends:
+    R.register_autograd("masked_linear", _ml_backward_for(_b), _ml_setup, backends=[_b])
+
+
+# ---------------------------------------------------------------- public API
+def _select_const(name, backend, device, m, dtype):
+    return R.select(name, backend, device, m, dtype)
+
+
+_select_traced = torch._dynamo.assume_constant_result(_select_const)
+
+
+def _call(name, backend, x2, *args):
+    """``R.call`` that torch.compile can trace: the backend choice is a trace-time constant.
+
+    Under compile the batch size is rounded up to a power of two (guards ``m <= 2**i``), so a
+    symbolic batch size still gets the ``auto`` rule (whose thresholds are powers of two).
+    """
+    m = x2.shape[0]
+    if torch.compiler.is_compiling():
+        bucket = 1
+        while bucket < (1 << 30) and m > bucket:
+            bucket *= 2
+        b = _select_traced(name, backend, x2.device, bucket, x2.dtype)
+    else:
+        b = R.select(name, backend, x2.device, m, x2.dtype)
+    return R.get_op(name, b)(x2, *args)
+
+
+def _flatten(x):
+    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+
+
+def _check_bias(bias, n, x):
+    if bias is None:
+        return
+    V.tensor("bias", bias, ndim=1, dtypes=(x.dtype,))
+    if bias.shape[0] != n:
+        raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the {n} output features; expected ({n},)")
+    V.same_device(x=x, bias=bias)
+
+
+def _check_x(x, k, what):
+    V.tensor("x", x, min_ndim=1, dtypes=V.FLOAT_DTYPES)
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dim is {x.shape[-1]} but {what} has {k} input features (columns); they must match")
+
+
+def sparse_linear(x, values, meta, bias=None, *, backend=None, meta_dev=None):
+    """``y = x @ decompress_2to4(values, meta).T + bias`` without forming the dense weight.
+
+    Args:
+        x: ``[..., K]`` float16/bfloat16/float32 (any leading dims, flattened and restored).
+        values: ``[N, K/2]``, x's dtype; meta: ``[N, K/16]`` int16 (canonical 2:4 format).
+        bias: ``[N]``, x's dtype, or None.
+        backend: ``auto | reference | cpp | cuda | triton | cusparselt``.
+        meta_dev: optional device-layout metadata for the cuda backend (cached by SparseLinear);
+            other backends ignore it.
+
+    Returns ``[..., N]`` in x's dtype, accumulated in fp32.  Raises ValueError/TypeError for
+    mismatched shapes, dtypes or devices (naming the argument).
+    """
+    check_packed(values, meta)
+    _check_x(x, 2 * values.shape[1], "the 2:4 weight (2 * values.shape[1])")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
+    V.same_device(x=x, values=values, meta=meta)
+    _check_bias(bias, values.shape[0], x)
+    if meta_dev is not None:
+        V.same_device(x=x, meta_dev=meta_dev)
+    x2, lead = _flatten(x)
+    y = _call("sparse_linear", backend, x2, values, meta, bias, meta_dev)
+    return y.reshape(*lead, values.shape[0])
+
+
+def _check_mask(mask, weight):
+    n, k = weight.shape
+    V.tensor("mask", mask, ndim=2, dtypes=(torch.bool, torch.uint8))
+    want = (n, k) if mask.dtype == torch.bool else (n, (k + 7) // 8)
+    if tuple(mask.shape) != want:
+        kind = "a bool mask" if mask.dtype == torch.bool else "a bit-packed uint8 mask (see pack_mask)"
+        raise ValueError(f"mask: shape {tuple(mask.shape)} is wrong for {kind} of weight {tuple(weight.shape)}; "
+                         f"expected {want}")
+    V.same_device(weight=weight, mask=mask)
+
+
+def masked_linear(x, weight, mask, bias=None, *, backend=None):
+    """``y = x @ (weight * mask).T + bias`` for any sparsity pattern, fused (W*M is never stored).
+
+    Args:
+        x: ``[..., K]`` float16/bfloat16/float32; weight: ``[N, K]``, x's dtype.
+        mask: bool ``[N, K]``, or uint8 ``[N, ceil(K/8)]`` packed by :func:`pack_mask`.
+        bias: ``[N]`` or None.  backend: ``auto | reference | cpp | triton``.
+
+    Differentiable in x, weight (grad masked) and bias.
+    """
+    V.tensor("weight", weight, ndim=2, dtypes=V.FLOAT_DTYPES)
+    _check_x(x, weight.shape[1], "weight")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: dtype {weight.dtype} does not match x's dtype {x.dtype}; cast one of them")
+    _check_mask(mask, weight)
+    V.same_device(x=x, weight=weight)
+    _check_bias(bias, weight.shape[0], x)
+    x2, lead = _flatten(x)
+    y = _call("masked_linear", backend, x2, weight, mask, bias)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def pack_mask(mask, *, backend=None):
+    """bool ``[..., cols]`` -> uint8 ``[..., ceil(cols/8)]``; ``mask[..., c]`` is bit ``c % 8`` of byte ``c // 8``."""
+    V.tensor("mask", mask, min_ndim=1, dtypes=(torch.bool,))
+    return R.call("pack_mask", backend, mask.device, mask)
+
+
+def unpack_mask(packed, cols, *, backend=None):
+    """Inverse of :func:`pack_mask`: uint8 ``[..., ceil(cols/8)]`` -> bool ``[..., cols]``."""
+    V.tensor("packed", packed, min_ndim=1, dtypes=(torch.uint8,))
+    if not isinstance(cols, int) or isinstance(cols, bool):
+        raise TypeError(f"cols: expected an int, got {type(cols).__name__}")
+    if packed.shape[-1] != (cols + 7) // 8:
+        raise ValueError(f"packed: last dim {packed.shape[-1]} does not hold {cols} bits; expected {(cols + 7) // 8}")
+    return R.call("unpack_mask", backend, packed.device, packed, cols)
+
+
+def reorder_meta_mma_fn():
+    """The CUDA helper's ``reorder_meta_mma`` (sparse_kernels/ops/mma_layout.py) or None if absent."""
+    try:
+        mod = importlib.import_module("sparse_kernels.ops.mma_layout")
+    except ImportError:
+        return None
+    return getattr(mod, "reorder_meta_mma", None)

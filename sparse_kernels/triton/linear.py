@@ -1,0 +1,271 @@
+"""Triton sparse matmuls: ``sparse_linear`` (2:4) forward, ``masked_linear`` forward and backward.
+
+Same math as :mod:`sparse_kernels.reference.linear` (layouts there):
+
+* ``sparse_linear``: each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``.  Per step of
+  ``BLOCK_K`` input columns it loads ``values [BLOCK_N, BLOCK_K/2]`` and the matching meta
+  nibbles, expands them in registers to the dense ``[BLOCK_N, BLOCK_K]`` weight tile (position
+  ``p`` of a group takes ``v0`` where ``i0 == p``, ``v1`` where ``i1 == p``, else 0) and
+  accumulates ``tl.dot(x_tile, w_tile^T)`` in fp32.  The dense weight never reaches memory.
+* ``masked_linear`` (and its two gradient kernels): the weight tile is loaded with its mask
+  (bool, or bit ``c % 8`` of byte ``c // 8`` when packed) and zeroed in registers; ``W * M``
+  is never written to global memory.
+
+fp32 inputs use ``input_precision="ieee"`` (no TF32), matching ``F.linear``'s default.
+Autotuning: decode configs (``M <= 16``: BLOCK_M=16, wide N/K tiles) and large-M configs
+(BLOCK_M 64/128); under ``TRITON_INTERPRET=1`` a single small config.  Compiled, not yet run on
+a GPU: the configs are the usual Triton GEMM starting points, not measured choices.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+if _INTERPRET:
+    _DECODE = _LARGE = [_cfg(16, 16, 32, 1, 1)]
+else:
+    _DECODE = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in
+               ((32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (32, 256, 4, 4))]
+    _LARGE = [_cfg(bm, bn, bk, w, s) for bm, bn, bk, w, s in
+              ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+               (64, 64, 64, 4, 4))]
+_KEY = ["M_BUCKET", "N", "K"]
+
+
+def _upcast(dtype):
+    return _INTERPRET and dtype == torch.bfloat16
+
+
+def _out_dtype(dtype):
+    """The interpreter truncates fp32 -> bf16 stores; there we store fp32 and round with torch."""
+    return torch.float32 if _upcast(dtype) else dtype
+_DECODE_MAX_M = 16
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in fp32.  UPCAST: bf16 operands go through fp32 (the interpreter's bf16 dot is
+    wrong in triton 3.8; on GPUs bf16 feeds the tensor cores directly)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _expand_2to4(v_ptrs, meta_ptrs, shifts, vmask, gmask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense [BLOCK_N, BLOCK_K] tile from values [BLOCK_N, BLOCK_K/2] and meta nibbles."""
+    v = tl.load(v_ptrs, mask=vmask, other=0.0)  # [BLOCK_N, BLOCK_K/2]
+    v = tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2))
+    v0, v1 = tl.split(v)  # [BLOCK_N, BLOCK_K/4]
+    word = tl.load(meta_ptrs, mask=gmask, other=0x4).to(tl.int32) & 0xFFFF
+    nib = (word >> shifts) & 0xF
+    i0 = nib & 3
+    i1 = nib >> 2
+    zero = tl.zeros_like(v0)
+    w0 = tl.where(i0 == 0, v0, zero)
+    w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+    w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+    w3 = tl.where(i1 == 3, v1, zero)
+    w = tl.join(tl.join(w0, w2), tl.join(w1, w3))  # [..., a, b] = w_{2a+b}
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
+                          sxm, sxk, svn, svk, smn, smk, sym, syn,
+                          HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rh = tl.arange(0, BLOCK_K // 2)
+    rg = tl.arange(0, BLOCK_K // 4)
+    shifts = 4 * (rg % 4)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        hh = k0 // 2 + rh
+        gg = k0 // 4 + rg
+        v_ptrs = v_ptr + rn[:, None] * svn + hh[None, :] * svk
+        m_ptrs = meta_ptr + rn[:, None] * smn + (gg // 4)[None, :] * smk
+        w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
+                         (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
+        acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+_sl_decode = triton.autotune(configs=_DECODE, key=_KEY)(_sparse_linear_kernel)
+_sl_large = triton.autotune(configs=_LARGE, key=_KEY)(_sparse_linear_kernel)
+
+
+def _bucket(m):
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def sparse_linear(x, values, meta, bias, meta_dev):
+    """``x [M, K]`` -> ``[M, N]``; see the module docstring.  ``meta_dev`` is ignored."""
+    M, K = x.shape
+    N = values.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=_out_dtype(x.dtype))
+    if M == 0 or N == 0:
+        return y.to(x.dtype)
+    kern = _sl_decode if M <= _DECODE_MAX_M else _sl_large
+    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
+    b = bias if bias is not None else y
+    kern[grid](x, values, meta, b, y, M, N, K, _bucket(M),
+               x.stride(0), x.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
+               y.stride(0), y.stride(1), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------- masked_linear
+@triton.jit
+def _load_masked_w(w_ptr, mask_ptr, rn, rk, N, K, swn, swk, smn, PACKED: tl.constexpr):
+    """[len(rn), len(rk)] tile of W * M, zeroed in registers."""
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    w = tl.load(w_ptr + rn[:, None] * swn + rk[None, :] * swk, mask=inb, other=0.0)
+    if PACKED:
+        byte = tl.load(mask_ptr + rn[:, None] * smn + (rk // 8)[None, :], mask=inb, other=0).to(tl.int32)
+        keep = ((byte >> (rk % 8)[None, :]) & 1) != 0
+    else:
+        keep = tl.load(mask_ptr + rn[:, None] * smn + rk[None, :], mask=inb, other=0) != 0
+    return tl.where(keep, w, tl.zeros_like(w))
+
+
+@triton.jit
+def _masked_linear_kernel(x_ptr, w_ptr, mask_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
+                          sxm, sxk, swn, swk, smn, sym, syn,
+                          HAS_BIAS: tl.constexpr, PACKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        w = _load_masked_w(w_ptr, mask_ptr, rn, rk, N, K, swn, swk, smn, PACKED)
+        acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+_ml_decode = triton.autotune(configs=_DECODE, key=_KEY)(_masked_linear_kernel)
+_ml_large = triton.autotune(configs=_LARGE, key=_KEY)(_masked_linear_kernel)
+
+
+@triton.jit
+def _grad_x_kernel(gy_ptr, w_ptr, mask_ptr, gx_ptr, M, N, K, M_BUCKET,
+                   sgm, sgn, swn, swk, smn, sxm, sxk,
+                   PACKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_x [M, K] = grad_y [M, N] @ (W * M) [N, K]; tiles over (M, K), loop over N."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(gy_ptr + rm[:, None] * sgm + rn[None, :] * sgn, mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        w = _load_masked_w(w_ptr, mask_ptr, rn, rk, N, K, swn, swk, smn, PACKED)
+        acc = _dot(g, w, acc, IEEE, UPCAST)
+    tl.store(gx_ptr + rm[:, None] * sxm + rk[None, :] * sxk, acc.to(gx_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+@triton.jit
+def _grad_w_kernel(gy_ptr, x_ptr, mask_ptr, gw_ptr, M, N, K, M_BUCKET,
+                   sgm, sgn, sxm, sxk, smn, swn, swk,
+                   PACKED: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """grad_W [N, K] = (grad_y^T [N, M] @ x [M, K]) * mask; tiles over (N, K), loop over M."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        g = tl.load(gy_ptr + rm[:, None] * sgm + rn[None, :] * sgn, mask=(rm[:, None] < M) & (rn[None, :] < N), other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        acc = _dot(tl.trans(g), x, acc, IEEE, UPCAST)
+    inb = (rn[:, None] < N) & (rk[None, :] < K)
+    if PACKED:
+        byte = tl.load(mask_ptr + rn[:, None] * smn + (rk // 8)[None, :], mask=inb, other=0).to(tl.int32)
+        keep = ((byte >> (rk % 8)[None, :]) & 1) != 0
+    else:
+        keep = tl.load(mask_ptr + rn[:, None] * smn + rk[None, :], mask=inb, other=0) != 0
+    acc = tl.where(keep, acc, 0.0)
+    tl.store(gw_ptr + rn[:, None] * swn + rk[None, :] * swk, acc.to(gw_ptr.dtype.element_ty), mask=inb)
+
+
+_BWD = [_cfg(32, 32, 32, 1, 1)] if _INTERPRET else [
+    _cfg(bm, bn, bk, w, s) for bm, bn, bk, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
+                                                    (128, 128, 32, 8, 3), (32, 64, 64, 4, 4))]
+_grad_x = triton.autotune(configs=_BWD, key=_KEY)(_grad_x_kernel)
+_grad_w = triton.autotune(configs=_BWD, key=_KEY)(_grad_w_kernel)
+
+
+def _mask_arg(mask):
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def masked_linear(x, weight, mask, bias):
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=_out_dtype(x.dtype))
+    if M == 0 or N == 0:
+        return y.to(x.dtype)
+    mk = _mask_arg(mask.contiguous())
+    kern = _ml_decode if M <= _DECODE_MAX_M else _ml_large
+    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
+    kern[grid](x, weight, mk, bias if bias is not None else y, y, M, N, K, _bucket(M),
+               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), mk.stride(0), y.stride(0), y.stride(1),
+               HAS_BIAS=bias is not None, PACKED=mask.dtype == torch.uint8, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+    return y.to(x.dtype)
+
+
+def masked_linear_grad_x(grad_y, weight, mask):
+    M, N = grad_y.shape
+    K = weight.shape[1]
+    gx = torch.empty(M, K, device=grad_y.device, dtype=_out_dtype(grad_y.dtype))
+    if M == 0 or K == 0 or N == 0:
+        return gx.zero_().to(grad_y.dtype)
+    mk = _mask_arg(mask.contiguous())
+    grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(K, meta_["BLOCK_K"]))  # noqa: E731
+    _grad_x[grid](grad_y, weight, mk, gx, M, N, K, _bucket(M), grad_y.stride(0), grad_y.stride(1),
+                  weight.stride(0), weight.stride(1), mk.stride(0), gx.stride(0), gx.stride(1),
+                  PACKED=mask.dtype == torch.uint8, IEEE=grad_y.dtype == torch.float32, UPCAST=_upcast(grad_y.dtype))
+    return gx.to(grad_y.dtype)
+
+
+def masked_linear_grad_w(grad_y, x, weight, mask):
+    M, N = grad_y.shape
+    K = x.shape[1]
+    gw = torch.empty(weight.shape, device=weight.device, dtype=_out_dtype(weight.dtype))
+    if N == 0 or K == 0 or M == 0:
+        return gw.zero_().to(weight.dtype)
+    mk = _mask_arg(mask.contiguous())
+    g = grad_y.to(x.dtype)
+    grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(K, meta_["BLOCK_K"]))  # noqa: E731
+    _grad_w[grid](g, x, mk, gw, M, N, K, _bucket(M), g.stride(0), g.stride(1), x.stride(0), x.stride(1),
+                  mk.stride(0), gw.stride(0), gw.stride(1),
+                  PACKED=mask.dtype == torch.uint8, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+    return gw.to(weight.dtype)

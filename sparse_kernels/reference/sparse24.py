@@ -27,7 +27,7 @@ import torch
 # Valid nibble -> True.  Index by (meta >> 4j) & 0xF.
 _VALID_NIBBLES = (4, 8, 9, 12, 13, 14)
 # Values are moved as raw bits: CPU gather/scatter on bfloat16 rewrite NaN payloads.
-_BITS = {2: torch.int16, 4: torch.int32}
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _keep_top2(s: torch.Tensor) -> torch.Tensor:

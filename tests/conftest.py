@@ -107,3 +107,12 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     if t.dtype.is_floating_point:
         return torch.full_like(t, POISON)
     return torch.full_like(t, -1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test parametrized with backend "triton" counts as a Triton test (``-m triton``), so
+    CI's TRITON_INTERPRET=1 pass runs it wherever it lives."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, str) and v == "triton" for v in params.values()):
+            item.add_marker(pytest.mark.triton)

@@ -1,3 +1,4 @@
 """Op definitions (schemas, fakes, autograd) and their public wrappers, one module per family."""
 from . import _registry  # noqa: F401
 from .sparse24 import compress_2to4, decompress_2to4, mask_2to4  # noqa: F401
+from .sparsegpt import sparsegpt_block_update  # noqa: F401

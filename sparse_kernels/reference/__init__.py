@@ -4,3 +4,4 @@ One module per op family, named like its C++ (csrc/cpu/), CUDA (csrc/cuda/) and 
 (sparse_kernels/triton/) twins.
 """
 from . import sparse24  # noqa: F401
+from . import sparsegpt  # noqa: F401

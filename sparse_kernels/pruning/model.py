@@ -240,12 +240,13 @@ def _numel(shape) -> int:
 
 # ------------------------------------------------------------------ progress
 class _SimpleProgress:
-    def __init__(self, total, desc, file=sys.stderr):
+    def __init__(self, total, desc, file=None):
         self.total, self.desc, self.n, self.t0, self.file = total, desc, 0, time.perf_counter(), file
 
     def update(self, k=1):
         self.n += k
-        print(f"{self.desc}: {self.n}/{self.total} blocks ({time.perf_counter() - self.t0:.1f} s)", file=self.file)
+        print(f"{self.desc}: {self.n}/{self.total} blocks ({time.perf_counter() - self.t0:.1f} s)",
+              file=self.file or sys.stderr, flush=True)
 
     def close(self):
         pass
@@ -448,6 +449,9 @@ def prune(
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise TypeError("blocks: expected a non-empty list of nn.Module")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=convert)
+    for bi, block in enumerate(blocks):  # check every layer before pruning any
+        for name, layer in prunable_layers(block, layer_filter).items():
+            spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, sparsity=str(spec))

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op family (imported lazily by sparse_kernels.ops: triton is optional)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..reference.sparsegpt import keep_top_n
+from ..reference.sparsegpt import keep_top_n, keep_top_n_flat
 
 __all__ = ["Sparsity", "parse_sparsity", "keep_largest", "keep_largest_nm"]
 
@@ -84,7 +84,7 @@ def keep_largest(scores: torch.Tensor, n_pruned: int, dim: int | None = None) ->
     slice along ``dim=-1`` (then ``n_pruned`` is per row).  Ties: the lower index is kept."""
     if dim is None:
         flat = scores.reshape(-1)
-        return keep_top_n(flat, flat.numel() - n_pruned).view(scores.shape)
+        return keep_top_n_flat(flat, flat.numel() - n_pruned).view(scores.shape)
     return keep_top_n(scores, scores.shape[-1] - n_pruned)
 
 

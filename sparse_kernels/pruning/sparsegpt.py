@@ -20,17 +20,46 @@ __all__ = ["sparsegpt_prune", "HessianAccumulator", "HessianWarning"]
 MAX_PERCDAMP = 10.0
 
 
+def _lower_triangular_inverse(L: torch.Tensor, base: int = 256) -> torch.Tensor:
+    """``L^-1`` of a lower-triangular ``L`` by 2x2 block recursion: the off-diagonal block is
+    ``-D^-1 C A^-1``, two GEMMs; blocks of ``base`` or fewer go to ``solve_triangular``."""
+    n = L.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    out = torch.zeros_like(L)
+    Ai = _lower_triangular_inverse(L[:h, :h], base)
+    Di = _lower_triangular_inverse(L[h:, h:], base)
+    out[:h, :h] = Ai
+    out[h:, h:] = Di
+    out[h:, :h] = -(Di @ (L[h:, :h] @ Ai))
+    return out
+
+
+def fast_upper_inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) from ONE Cholesky.
+
+    With ``P`` the order-reversing permutation and ``P H P = L L^T``, ``H^-1 = B^T B`` for the
+    upper-triangular ``B = P L^-1 P`` (positive diagonal), so ``B = U`` by uniqueness.  One
+    Cholesky plus a GEMM-based triangular inverse replaces the paper's Cholesky, inverse and
+    second Cholesky.  Measured on the dev box (1 thread, CPU time): 4096: 1.05 s vs 1.57 s;
+    2048: 0.14 s vs 0.26 s; the two agree to ~5e-6 relative.
+    """
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    return _lower_triangular_inverse(L).flip(0, 1).contiguous()
+
+
 class HessianWarning(RuntimeWarning):
     """H was not positive definite: more dampening (or the diagonal fallback) was used."""
 
 
-def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str):
+def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str, factor=None):
     """``ref.prepare_hessian`` with the retry policy; returns ``(W, Hinv, percdamp_used)``."""
     damp = percdamp
     first_error = None
     while True:
         try:
-            W2, Hinv = ref.prepare_hessian(W.clone(), H, damp)
+            W2, Hinv = ref.prepare_hessian(W.clone(), H, damp, factor)
             if torch.isfinite(Hinv).all():
                 if damp != percdamp:
                     warnings.warn(
@@ -86,7 +115,8 @@ def sparsegpt_prune(
         name: layer name for warnings.
 
     Steps: dead columns (``H_ii == 0``: ``H_ii = 1``, ``W[:, i] = 0``); dampening; the upper
-    Cholesky factor ``U`` of ``H^-1``; per block of columns the mask (unstructured: the lowest
+    Cholesky factor ``U`` of ``H^-1`` (the paper's three factorizations with
+    ``backend="reference"``, else :func:`fast_upper_inverse_factor`); per block of columns the mask (unstructured: the lowest
     ``w^2 / U_jj^2`` over the whole block, exactly ``round(rows * block * sparsity)`` pruned;
     N:M: chosen per group inside the block op), the fused block op, then the lazy update
     ``W[:, later] -= Err1 @ U[block, later]`` as one GEMM.
@@ -116,9 +146,12 @@ def sparsegpt_prune(
     if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
         raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
 
-    op = R.get_op(_BLOCK_OP, R.select(_BLOCK_OP, backend, W.device))
+    chosen = R.select(_BLOCK_OP, backend, W.device)
+    op = R.get_op(_BLOCK_OP, chosen)
     what = f" ({name})" if name else ""
-    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what)
+    # backend="reference" is the published algorithm end to end; the fast path factors H once.
+    factor = ref.upper_inverse_factor if chosen == "reference" else fast_upper_inverse_factor
+    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
     Wf, keep, losses = ref.sparsegpt_layer(
         Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op
     )

@@ -73,12 +73,20 @@ def nm_mask_of(Q1: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep_top_n(Q1.abs().reshape(rows, B // m, m), n).reshape(rows, B)
 
 
-def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
+def upper_inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """The paper's step 3: Cholesky, inverse, upper Cholesky: ``U`` with ``H^-1 = U^T U``."""
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True)
+
+
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float, factor=None):
     """Steps 1-3: dead columns, dampening, ``Hinv = chol(chol_inverse(chol(H)), upper)``.
 
     ``W`` float32 ``[rows, cols]`` (a copy: its dead columns are zeroed), ``H`` ``[cols, cols]``.
-    Returns ``(W, Hinv, damp_used)``.  Raises ``torch.linalg.LinAlgError`` when ``H + damp I``
-    is not positive definite (the caller retries with more dampening).
+    ``factor(H) -> U`` replaces :func:`upper_inverse_factor` (the fast path computes the same
+    factor another way).  Returns ``(W, Hinv)``.  Raises ``torch.linalg.LinAlgError`` when
+    ``H + damp I`` is not positive definite (the caller retries with more dampening).
     """
     H = H.to(torch.float32).clone()
     dead = torch.diag(H) == 0
@@ -87,9 +95,7 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor, percdamp: float):
     damp = percdamp * torch.mean(torch.diag(H))
     diag = torch.arange(H.shape[0], device=H.device)
     H[diag, diag] += damp
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    Hinv = (factor or upper_inverse_factor)(H)
     return W, Hinv
 
 
@@ -101,9 +107,25 @@ def unstructured_block_mask(W1: torch.Tensor, d: torch.Tensor, sparsity: float) 
     more weight (and every tie); we prune an exact count so each block's sparsity is exact.
     """
     score = (W1 ** 2 / d.reshape(1, -1) ** 2).flatten()
-    n_keep = score.numel() - int(round(score.numel() * sparsity))
-    keep = keep_top_n(score, n_keep)
-    return keep.view_as(W1)
+    return keep_top_n_flat(score, score.numel() - int(round(score.numel() * sparsity))).view_as(W1)
+
+
+def keep_top_n_flat(score: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """``keep_top_n`` on a 1-D tensor in O(numel): a k-th value threshold, then the ties at the
+    threshold with the highest indices are pruned (so the lower index is kept).  NaN scores
+    count as the largest (kept)."""
+    k = score.numel() - n_keep  # how many to prune
+    if k <= 0:
+        return torch.ones_like(score, dtype=torch.bool)
+    if n_keep <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    score = torch.nan_to_num(score, nan=float("inf"))
+    thresh = torch.kthvalue(score, k).values
+    keep = score > thresh
+    ties = (score == thresh).nonzero().flatten()
+    n_tie_pruned = k - int((score < thresh).sum())
+    keep[ties[: ties.numel() - n_tie_pruned]] = True
+    return keep
 
 
 def sparsegpt_layer(W, Hinv, *, sparsity=0.0, n=0, m=0, blocksize=128, block_update=None):

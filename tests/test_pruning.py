@@ -336,3 +336,21 @@ def test_hf_calibration_errors():
 
 def test_top_level_export():
     assert sparse_kernels.prune is prune
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model(dtype):
+    torch.manual_seed(1)
+    model = ToyModel(d=16, n=2).to(dtype)
+    calib = correlated_inputs(32, 8).view(4, 8, 8).to(dtype)
+    rep = prune(model, "sparsegpt", "2:4", calibration=calib, blocks=model.blocks, progress=False)
+    w = model.blocks[1].down.weight
+    assert w.dtype == dtype
+    assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert all(e == e for e in rep.block_output_error)
+
+
+def test_training_mode_restored():
+    model = ToyModel(n=1).train()
+    prune(model, "wanda", 0.5, calibration=torch.randn(2, 8), blocks=model.blocks, progress=False)
+    assert model.training

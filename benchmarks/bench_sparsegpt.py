@@ -16,8 +16,9 @@ would be a 262144 x cols GEMM per shape): ``H = 2 * S (A^T A / r + 0.09 I) S`` w
 LLM activation covariances.  At 262,144 samples the sample covariance is within a few
 percent of this; the time does not depend on the values of H.
 
-Timing: ``torch.utils.benchmark`` on CPU (``--reps`` single runs each), ``triton.testing.do_bench``
-on GPU; median, p20 and p80 in seconds.  ``--quick`` uses fewer shapes and repeats so the CPU
+Timing: ``torch.utils.benchmark`` on CPU (``--reps`` single runs each; the process's CPU time
+per run is recorded too, the robust number on a shared machine with ``--threads 1``),
+``triton.testing.do_bench`` on GPU; median, p20 and p80 in seconds.  ``--quick`` uses fewer shapes and repeats so the CPU
 part finishes in a few minutes.  Writes ``sparsegpt.json`` and ``sparsegpt.csv`` to ``--out``
 (default benchmarks/results/<cpu|gpu>/) with device, versions and date in every row.
 """
@@ -62,10 +63,17 @@ def quantiles(times):
 
 
 def time_cpu(fn, reps):
+    """Wall-clock quantiles from torch.utils.benchmark, plus this process's CPU time per run
+    (robust on a shared machine when run with --threads 1)."""
     import torch.utils.benchmark as tb
 
     timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return quantiles([timer.timeit(1).times[0] for _ in range(reps)])
+    wall, cpu = [], []
+    for _ in range(reps):
+        c0 = time.process_time()
+        wall.append(timer.timeit(1).times[0])
+        cpu.append(time.process_time() - c0)
+    return quantiles(wall) + [quantiles(cpu)[0]]
 
 
 def time_gpu(fn, reps):
@@ -76,7 +84,7 @@ def time_gpu(fn, reps):
     torch.cuda.synchronize()
     est_ms = (time.perf_counter() - t0) * 1e3
     ms = do_bench(fn, warmup=est_ms, rep=est_ms * reps, quantiles=[0.5, 0.2, 0.8])
-    return [m / 1e3 for m in ms]
+    return [m / 1e3 for m in ms] + [None]
 
 
 def check(ref, ours, what):
@@ -96,7 +104,10 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output directory (default benchmarks/results/<cpu|gpu>)")
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--shapes", default=None, help="e.g. 768x768,4096x4096")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     kind = "gpu" if dev.type == "cuda" else "cpu"
     if args.shapes:
@@ -117,6 +128,7 @@ def main(argv=None):
         "triton": _triton_version(),
         "python": platform.python_version(),
         "extension_loaded": ext["loaded"],
+        "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "synthetic_hessian": "H = 2 S (A^T A/32 + 0.09 I) S, log-normal S (stands for 128 x 2048 tokens)",
     }
     backends = ["reference"] + [b for b in R.available(NAME, dev.type) if b != "reference"]
@@ -139,17 +151,21 @@ def main(argv=None):
                 med, p20, p80 = timer(fn, reps)
                 results[b] = (med, p20, p80)
             base = results["reference"][0]
+            base_cpu = results["reference"][3]
             for b in backends:
                 ok, agree, rel = (True, 1.0, 0.0) if b == "reference" else check(
                     outputs["reference"], outputs[b], f"{rows}x{cols} {spec} {b}")
                 all_ok &= ok
-                med, p20, p80 = results[b]
+                med, p20, p80, cpu = results[b]
+                cpu_speedup = base_cpu / cpu if cpu else None
                 row = dict(meta, shape=f"{rows}x{cols}", rows=rows, cols=cols, sparsity=str(spec), backend=b,
                            median_s=med, p20_s=p20, p80_s=p80, speedup_vs_reference=base / med,
+                           cpu_time_median_s=cpu, cpu_time_speedup_vs_reference=cpu_speedup,
                            mask_agreement=agree, loss_rel_diff=rel, check_ok=ok)
                 rows_out.append(row)
+                extra = f"; CPU time {cpu:.3f} s, {cpu_speedup:4.2f}x" if cpu else ""
                 print(f"{rows:>6}x{cols:<6} {str(spec):>4} {b:>10}: median {med:8.3f} s "
-                      f"(p20 {p20:.3f}, p80 {p80:.3f})  speedup vs reference {base / med:5.2f}x", flush=True)
+                      f"(p20 {p20:.3f}, p80 {p80:.3f})  speedup vs reference {base / med:5.2f}x{extra}", flush=True)
             del outputs
 
     with open(os.path.join(out_dir, "sparsegpt.json"), "w") as f:

@@ -148,8 +148,7 @@ def main(argv=None):
                     return sparsegpt_prune(W, H, spec, backend=b)
 
                 outputs[b] = fn()
-                med, p20, p80 = timer(fn, reps)
-                results[b] = (med, p20, p80)
+                results[b] = timer(fn, reps)  # (median, p20, p80, cpu-time median or None)
             base = results["reference"][0]
             base_cpu = results["reference"][3]
             for b in backends:

@@ -122,7 +122,7 @@ def main(argv=None):
     ext = _extension.load()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -175,6 +175,17 @@ def main(argv=None):
         w.writerows(rows_out)
     print(f"wrote {out_dir}/sparsegpt.json and .csv", flush=True)
     return 0 if all_ok else 1
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _triton_version():

@@ -26,6 +26,7 @@ Conventions (shared by every backend):
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -120,7 +121,11 @@ def keep_top_n_flat(score: torch.Tensor, n_keep: int) -> torch.Tensor:
     if n_keep <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     score = torch.nan_to_num(score, nan=float("inf"))
-    thresh = torch.kthvalue(score, k).values
+    if score.device.type == "cpu":
+        # numpy's introselect: 2 ms vs torch.kthvalue's 116 ms for 1.4M floats (1 thread, dev box)
+        thresh = torch.as_tensor(np.partition(score.detach().numpy(), k - 1)[k - 1])
+    else:
+        thresh = torch.kthvalue(score, k).values
     keep = score > thresh
     ties = (score == thresh).nonzero().flatten()
     n_tie_pruned = k - int((score < thresh).sum())

@@ -116,7 +116,8 @@ def sparsegpt_prune(
 
     Steps: dead columns (``H_ii == 0``: ``H_ii = 1``, ``W[:, i] = 0``); dampening; the upper
     Cholesky factor ``U`` of ``H^-1`` (the paper's three factorizations with
-    ``backend="reference"``, else :func:`fast_upper_inverse_factor`); per block of columns the mask (unstructured: the lowest
+    ``backend="reference"``, else :func:`fast_upper_inverse_factor` and an in-place ``addmm_``
+    for the lazy update); per block of columns the mask (unstructured: the lowest
     ``w^2 / U_jj^2`` over the whole block, exactly ``round(rows * block * sparsity)`` pruned;
     N:M: chosen per group inside the block op), the fused block op, then the lazy update
     ``W[:, later] -= Err1 @ U[block, later]`` as one GEMM.
@@ -153,7 +154,8 @@ def sparsegpt_prune(
     factor = ref.upper_inverse_factor if chosen == "reference" else fast_upper_inverse_factor
     Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
     Wf, keep, losses = ref.sparsegpt_layer(
-        Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op
+        Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op,
+        fused_gemm=chosen != "reference",
     )
     return Wf.to(W.dtype), keep, float(losses.sum())
 

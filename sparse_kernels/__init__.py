@@ -15,6 +15,7 @@ from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
 from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
 from .nn import SparseLinear, sparsify
 from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
+from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
 
 __version__ = "0.1.0"
 

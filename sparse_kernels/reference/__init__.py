@@ -6,3 +6,4 @@ One module per op family, named like its C++ (csrc/cpu/), CUDA (csrc/cuda/) and 
 from . import sparse24  # noqa: F401
 from . import mma_layout  # noqa: F401
 from . import linear  # noqa: F401
+from . import sparsegpt  # noqa: F401

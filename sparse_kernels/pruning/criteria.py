@@ -1,0 +1,126 @@
+"""One-shot criteria without weight updates: magnitude and Wanda (Sun et al., 2023).
+
+Both return ``(W_pruned, mask)``: ``W_pruned`` in ``W``'s dtype with zeros where ``mask``
+(bool, True = kept) is False.  Sparsity specs: :mod:`sparse_kernels.pruning.patterns`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..ops import _validate as V
+from .patterns import keep_largest, keep_largest_nm, parse_sparsity
+
+__all__ = ["wanda_prune", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
+
+_SCOPES = ("layer", "row", "global")
+
+
+def _apply(W, keep):
+    return W * keep.to(W.dtype), keep
+
+
+def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
+    """Wanda: score ``|W_ij| * ||X_j||_2``, pruned per output row (or per N:M group).
+
+    Args:
+        W: ``[rows, cols]`` float16/bfloat16/float32.
+        act_norm_sq: ``[cols]``, ``sum over calibration tokens of x_j^2`` per input column
+            (:class:`ActivationNormAccumulator`); any positive scale gives the same mask.
+        sparsity: float in (0, 1) (``round(cols * s)`` zeroed in every row) or ``"N:M"``.
+    Raises TypeError/ValueError for bad dtypes/shapes/specs, negative or NaN norms.
+    """
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.tensor("act_norm_sq", act_norm_sq, ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    rows, cols = W.shape
+    if act_norm_sq.shape[0] != cols:
+        raise ValueError(f"act_norm_sq: has {act_norm_sq.shape[0]} entries, expected one per column of W ({cols})")
+    V.same_device(W=W, act_norm_sq=act_norm_sq)
+    if torch.isnan(act_norm_sq).any() or (act_norm_sq < 0).any():
+        raise ValueError("act_norm_sq: must be >= 0 and not NaN (it is a sum of squares)")
+    spec = parse_sparsity(sparsity)
+    spec.check_columns("W", cols)
+    score = W.detach().float().abs() * act_norm_sq.float().sqrt().view(1, cols)
+    if spec.is_nm:
+        keep = keep_largest_nm(score, spec.n, spec.m)
+    else:
+        keep = keep_largest(score, spec.n_pruned(cols), dim=-1)
+    return _apply(W, keep)
+
+
+def magnitude_prune(W, sparsity=0.5, scope: str = "layer"):
+    """Magnitude pruning: zero the smallest ``|W|``.
+
+    ``scope``: ``"layer"`` (one threshold for the tensor), ``"row"`` (per output row) or
+    ``"global"`` (one threshold over several tensors: pass a list/tuple of tensors as ``W``,
+    get a list of ``(W_pruned, mask)`` back; see :func:`magnitude_prune_global`).  With an
+    ``"N:M"`` sparsity the selection is per group and ``scope`` does not matter.
+    """
+    if scope not in _SCOPES:
+        raise ValueError(f"scope: got {scope!r}, expected one of {', '.join(_SCOPES)}")
+    if isinstance(W, (list, tuple)):
+        if scope != "global":
+            return [magnitude_prune(w, sparsity, scope) for w in W]
+        return magnitude_prune_global(W, sparsity)
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    spec = parse_sparsity(sparsity)
+    spec.check_columns("W", W.shape[1])
+    score = W.detach().float().abs()
+    if spec.is_nm:
+        keep = keep_largest_nm(score, spec.n, spec.m)
+    elif scope == "row":
+        keep = keep_largest(score, spec.n_pruned(W.shape[1]), dim=-1)
+    else:
+        keep = keep_largest(score, spec.n_pruned(W.numel()))
+    return _apply(W, keep)
+
+
+def magnitude_prune_global(weights: Sequence[torch.Tensor], sparsity=0.5):
+    """Global magnitude pruning: ``round(total * s)`` smallest ``|w|`` over all ``weights``.
+
+    Returns a list of ``(W_pruned, mask)`` in the order given.  Memory: one float32 copy of
+    all the weights (they are ranked together).  Ties: the earlier tensor, then the lower
+    index, is kept.  N:M specs are per group and reduce to per-tensor N:M.
+    """
+    if not isinstance(weights, (list, tuple)) or not weights:
+        raise TypeError("weights: expected a non-empty list or tuple of 2-D weight tensors")
+    for i, w in enumerate(weights):
+        V.tensor(f"weights[{i}]", w, ndim=2, dtypes=V.FLOAT_DTYPES)
+    spec = parse_sparsity(sparsity)
+    if spec.is_nm:
+        return [magnitude_prune(w, spec) for w in weights]
+    dev = weights[0].device
+    flat = torch.cat([w.detach().float().abs().reshape(-1).to(dev) for w in weights])
+    keep = keep_largest(flat, spec.n_pruned(flat.numel()))
+    out, start = [], 0
+    for w in weights:
+        k = keep[start:start + w.numel()].view(w.shape).to(w.device)
+        start += w.numel()
+        out.append(_apply(w, k))
+    return out
+
+
+class ActivationNormAccumulator:
+    """``norm_sq[j] = sum over tokens of x_j^2`` (float64) for Wanda; inputs of any leading shape."""
+
+    def __init__(self, columns: int, device=None):
+        self.columns = columns
+        self.norm_sq = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"x: last dim {x.shape[-1]} != the accumulator's columns {self.columns}")
+        x = x.detach().reshape(-1, self.columns).to(self.norm_sq.device, torch.float64)
+        self.nsamples += x.shape[0]
+        self.norm_sq += (x * x).sum(0)
+
+    def hook(self, module, inputs, output) -> None:
+        self.add(inputs[0])
+
+    def attach(self, module: torch.nn.Module):
+        return module.register_forward_hook(self.hook)
+

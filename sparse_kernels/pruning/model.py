@@ -1,0 +1,518 @@
+"""Model-level pruning: :func:`prune` walks the decoder blocks one at a time.
+
+The procedure of the SparseGPT and Wanda papers:
+
+1. Run the calibration batches through the model until the first block; a forward pre-hook
+   on it stores the block's inputs (hidden states plus every extra positional and keyword
+   argument: attention masks, position ids/embeddings) and raises a sentinel exception, so
+   nothing past the first block runs.
+2. For each block: hook its prunable layers, run the stored inputs through it to collect
+   statistics (Hessians for SparseGPT, input norms for Wanda), prune every layer, then run
+   the inputs through the *pruned* block; those outputs are the next block's inputs.
+
+Only one block's activations (inputs and outputs) and statistics are alive at a time.
+
+Methods live in :data:`METHODS`; :func:`register_method` adds one (e.g. structured pruning)
+as a :class:`PruningMethod` subclass.  Prunable layers are ``nn.Linear`` and Hugging Face's
+GPT-2 ``Conv1D`` (weight stored transposed, ``[in, out]``).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, wanda_prune
+from .patterns import Sparsity, parse_sparsity
+from .sparsegpt import HessianAccumulator, sparsegpt_prune
+
+__all__ = [
+    "prune", "find_blocks", "prunable_layers", "PruneReport", "LayerReport", "PruningMethod",
+    "METHODS", "register_method",
+]
+
+# Attribute paths of the decoder-block list, tried in order (Llama/Mistral/Qwen2/Gemma
+# causal LMs, their base models, GPT-2, OPT, GPT-NeoX, multimodal wrappers).
+BLOCK_PATHS = (
+    "model.layers", "layers", "transformer.h", "h", "model.decoder.layers", "decoder.layers",
+    "gpt_neox.layers", "model.language_model.layers", "language_model.model.layers",
+)
+
+
+# ------------------------------------------------------------------ layers and blocks
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+
+
+def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:
+    """``{name: module}`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` layers inside ``block``."""
+    out = {}
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
+            if layer_filter is None or layer_filter(name, mod):
+                out[name] = mod
+    return out
+
+
+def _get_weight(layer) -> torch.Tensor:
+    """The weight as ``[out_features, in_features]`` (a view for Linear, a transpose for Conv1D)."""
+    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
+
+
+def _set_weight(layer, w: torch.Tensor) -> None:
+    _get_weight(layer).copy_(w)
+
+
+def _get_attr(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a Hugging Face causal LM (or any model with one ``nn.ModuleList``
+    of identical blocks holding Linear layers).  Raises ValueError when none is found."""
+    for path in BLOCK_PATHS:
+        blocks = _get_attr(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return list(blocks)
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            kinds = {type(b) for b in mod}
+            if len(kinds) == 1 and prunable_layers(mod[0]) and (best is None or len(mod) > len(best)):
+                best = mod
+    if best is None:
+        raise ValueError(
+            f"blocks: no decoder-block list found in {type(model).__name__} (tried {', '.join(BLOCK_PATHS)} "
+            f"and any nn.ModuleList of identical blocks); pass blocks=[...] explicitly"
+        )
+    return list(best)
+
+
+# ------------------------------------------------------------------ methods
+class PruningMethod:
+    """How one method prunes a block.  Subclass and :func:`register_method` to add one.
+
+    ``needs_calibration``: whether :func:`prune` must have calibration data.
+    ``make_stats(name, layer)``: an object with ``attach(module) -> handle`` fed during the
+    statistics pass, or None.  ``prune_layer`` returns ``(W_pruned [out, in], mask, loss|None)``.
+    ``prune_block`` may be overridden by methods that couple layers (structured pruning).
+    """
+
+    name = "?"
+    needs_calibration = True
+
+    def make_stats(self, name: str, layer: nn.Module):
+        return None
+
+    def prune_layer(self, name, layer, weight, stats, spec: Sparsity, options: dict):
+        raise NotImplementedError
+
+    def prune_block(self, block_index, block, layers: dict, stats: dict, spec: Sparsity, options: dict):
+        reports = []
+        for name, layer in layers.items():
+            t0 = time.perf_counter()
+            w = _get_weight(layer)
+            w_new, mask, loss = self.prune_layer(name, layer, w, stats.get(name), spec, options)
+            _set_weight(layer, w_new)
+            reports.append(LayerReport(
+                block=block_index, name=name, shape=tuple(w.shape),
+                sparsity=1.0 - mask.float().mean().item(), loss=loss,
+                seconds=time.perf_counter() - t0, mask=mask if options.get("_keep_masks") else None,
+            ))
+        return reports
+
+
+class SparseGPTMethod(PruningMethod):
+    name = "sparsegpt"
+
+    def make_stats(self, name, layer):
+        return HessianAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
+
+    def prune_layer(self, name, layer, weight, stats, spec, options):
+        return sparsegpt_prune(
+            weight, stats.H, spec, blocksize=options.get("blocksize", 128),
+            percdamp=options.get("percdamp", 0.01), backend=options.get("backend"), name=name,
+        )
+
+
+class WandaMethod(PruningMethod):
+    name = "wanda"
+
+    def make_stats(self, name, layer):
+        return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
+
+    def prune_layer(self, name, layer, weight, stats, spec, options):
+        w, mask = wanda_prune(weight, stats.norm_sq.to(weight.device), spec)
+        return w, mask, None
+
+
+class MagnitudeMethod(PruningMethod):
+    name = "magnitude"
+    needs_calibration = False
+
+    def prune_layer(self, name, layer, weight, stats, spec, options):
+        scope = options.get("scope", "layer")
+        if scope == "global":
+            keep = options["_global_masks"][id(layer)]
+            return weight * keep.to(weight.dtype), keep, None
+        w, mask = magnitude_prune(weight, spec, scope=scope)
+        return w, mask, None
+
+
+METHODS: dict[str, PruningMethod] = {}
+
+
+def register_method(name: str, method: PruningMethod) -> None:
+    """Make ``prune(model, method=name)`` use ``method`` (replaces a previous registration)."""
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"method: expected a PruningMethod instance, got {type(method).__name__}")
+    METHODS[name] = method
+
+
+for _m in (SparseGPTMethod(), WandaMethod(), MagnitudeMethod()):
+    register_method(_m.name, _m)
+
+
+# ------------------------------------------------------------------ report
+@dataclass
+class LayerReport:
+    block: int
+    name: str
+    shape: tuple
+    sparsity: float
+    loss: float | None
+    seconds: float
+    mask: torch.Tensor | None = field(default=None, repr=False)
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune` did: one :class:`LayerReport` per layer, per-block relative output
+    error ``||block_pruned(x) - block_dense(x)|| / ||block_dense(x)||`` on the calibration
+    inputs (None without calibration), total seconds."""
+
+    method: str
+    sparsity: str
+    layers: list = field(default_factory=list)
+    block_output_error: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def overall_sparsity(self) -> float:
+        total = sum(_numel(r.shape) for r in self.layers)
+        return sum(r.sparsity * _numel(r.shape) for r in self.layers) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for r in d["layers"]:
+            r.pop("mask", None)
+        d["overall_sparsity"] = self.overall_sparsity
+        return d
+
+    def __str__(self) -> str:
+        lines = [f"prune: method={self.method} sparsity={self.sparsity} layers={len(self.layers)} "
+                 f"overall sparsity={self.overall_sparsity:.4f} time={self.seconds:.2f}s"]
+        lines.append(f"{'block':>5}  {'layer':<32} {'shape':>14} {'sparsity':>8} {'loss':>12} {'time s':>8}")
+        for r in self.layers:
+            loss = "-" if r.loss is None else f"{r.loss:.4g}"
+            shape = "x".join(map(str, r.shape))
+            lines.append(f"{r.block:>5}  {r.name:<32} {shape:>14} {r.sparsity:>8.4f} {loss:>12} {r.seconds:>8.3f}")
+        errs = [f"{e:.4f}" if e is not None else "-" for e in self.block_output_error]
+        lines.append("block output rel. error: " + ", ".join(errs))
+        return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ------------------------------------------------------------------ progress
+class _SimpleProgress:
+    def __init__(self, total, desc, file=None):
+        self.total, self.desc, self.n, self.t0, self.file = total, desc, 0, time.perf_counter(), file
+
+    def update(self, k=1):
+        self.n += k
+        print(f"{self.desc}: {self.n}/{self.total} blocks ({time.perf_counter() - self.t0:.1f} s)",
+              file=self.file or sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NullProgress()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _SimpleProgress(total, desc)
+    return tqdm(total=total, desc=desc, unit="block")
+
+
+class _NullProgress:
+    def update(self, k=1):
+        pass
+
+    def close(self):
+        pass
+
+
+# ------------------------------------------------------------------ calibration
+class _Captured(Exception):
+    """Raised by the first block's pre-hook: its inputs are stored, the rest of the model is skipped."""
+
+
+def _is_hf(model) -> bool:
+    return getattr(getattr(model, "config", None), "vocab_size", None) is not None
+
+
+def _batches(model, calibration, batch_size: int):
+    """Yield model inputs: a tensor, a tuple (positional args) or a dict (keyword args)."""
+    hf = _is_hf(model)
+    if isinstance(calibration, torch.Tensor):
+        if hf:
+            if calibration.dtype not in (torch.int64, torch.int32):
+                raise TypeError(
+                    f"calibration: dtype {str(calibration.dtype).replace('torch.', '')} is not supported for a "
+                    f"language model; expected token ids as a LongTensor [n, seqlen]"
+                )
+            if calibration.dim() != 2:
+                raise ValueError(f"calibration: expected token ids of shape [n, seqlen], got shape {tuple(calibration.shape)}")
+        if calibration.dim() == 0 or calibration.shape[0] == 0:
+            raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
+        for i in range(0, calibration.shape[0], batch_size):
+            yield calibration[i:i + batch_size]
+        return
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration: expected a tensor or an iterable of batches, got {type(calibration).__name__}")
+    for i, b in enumerate(calibration):
+        if hf and isinstance(b, torch.Tensor) and (b.dtype not in (torch.int64, torch.int32) or b.dim() != 2):
+            raise ValueError(
+                f"calibration[{i}]: expected token ids, a LongTensor [batch, seqlen], got "
+                f"{str(b.dtype).replace('torch.', '')} of shape {tuple(b.shape)}"
+            )
+        yield b
+
+
+def _call(model, batch, extra: dict):
+    if isinstance(batch, dict):
+        return model(**batch, **extra)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch, **extra)
+    return model(batch, **extra)
+
+
+def _capture_inputs(model, first_block, calibration, batch_size, device):
+    """Run the calibration through ``model`` up to ``first_block``; return its inputs as
+    ``[(hidden, args, kwargs), ...]`` (one entry per batch)."""
+    store = []
+
+    def hook(module, args, kwargs):
+        if not args:
+            raise ValueError(
+                "prune: the first block was called without a positional hidden-states argument; "
+                "pass blocks=[...] whose first block takes the activations as its first argument"
+            )
+        hidden, rest = args[0], tuple(args[1:])
+        store.append((hidden.detach(), rest, dict(kwargs)))
+        raise _Captured
+
+    extra = {"use_cache": False} if _is_hf(model) else {}
+    p0 = next(model.parameters(), None)
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in _batches(model, calibration, batch_size):
+            if p0 is not None:
+                batch = _to(batch, p0.device)
+            try:
+                _call(model, batch, extra)
+            except _Captured:
+                continue
+            raise ValueError("calibration: a batch ran through the model without reaching the first block")
+    finally:
+        handle.remove()
+    if not store:
+        raise ValueError("calibration: is empty; give at least one batch")
+    return store if device is None else [_to(s, device) for s in store]
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _block_out(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_block(block, inputs):
+    return [_block_out(block(h, *args, **kw)).detach() for h, args, kw in inputs]
+
+
+# ------------------------------------------------------------------ convert
+def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity) -> None:
+    try:
+        from ..nn import SparseLinear  # written separately; wired up at merge
+    except ImportError as e:
+        raise NotImplementedError(
+            f"prune(convert=True) needs sparse_kernels.nn.SparseLinear, which is not available here ({e}); "
+            f"prune with convert=False and convert the layers later"
+        ) from e
+    make = getattr(SparseLinear, "from_linear", None) or getattr(SparseLinear, "from_dense", None)
+    if make is None:
+        raise NotImplementedError("prune(convert=True): SparseLinear has no from_linear/from_dense constructor")
+    for name, layer in layers.items():
+        if _is_conv1d(layer):
+            lin = nn.Linear(layer.weight.shape[0], layer.weight.shape[1], bias=layer.bias is not None,
+                            device=layer.weight.device, dtype=layer.weight.dtype)
+            lin.weight.data.copy_(layer.weight.data.t())
+            if layer.bias is not None:
+                lin.bias.data.copy_(layer.bias.data)
+            layer = lin
+        new = make(layer, mask=masks[name])
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        setattr(parent, child, new)
+
+
+# ------------------------------------------------------------------ prune
+@torch.no_grad()
+def prune(
+    model: nn.Module,
+    method: str = "sparsegpt",
+    sparsity=0.5,
+    calibration=None,
+    blocks: list | None = None,
+    *,
+    batch_size: int = 1,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    scope: str = "layer",
+    layer_filter: Callable[[str, nn.Module], bool] | None = None,
+    device=None,
+    convert: bool = False,
+    progress: bool = True,
+    backend: str | None = None,
+) -> PruneReport:
+    """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Mistral, Qwen2, Gemma, GPT-2, OPT, ...) or any
+            ``nn.Module`` (then give ``blocks``).
+        method: a key of :data:`METHODS`: ``"sparsegpt"``, ``"wanda"``, ``"magnitude"``.
+        sparsity: float in (0, 1) or ``"N:M"`` (N kept of every M along in_features).
+        calibration: token ids ``LongTensor [n, seqlen]`` (split into ``batch_size`` rows), or
+            an iterable of batches (tensor: ``model(batch)``; tuple: ``model(*batch)``; dict:
+            ``model(**batch)``).  Required for sparsegpt and wanda; optional for magnitude
+            (with it, the report has block output errors).
+        blocks: the sequence of blocks, in forward order; found by :func:`find_blocks` if None.
+            Each block is called as ``block(hidden, *args, **kwargs)`` with what the model
+            passed to the first block, and must return the hidden states (or a tuple led by them).
+        blocksize, percdamp, backend: SparseGPT options (:func:`sparsegpt_prune`).
+        scope: magnitude only: ``"layer"``, ``"row"`` or ``"global"`` (one threshold across all
+            prunable layers of all blocks).
+        layer_filter: ``f(name, module) -> bool`` selecting layers inside a block (default: all).
+        device: where to process each block (moved there and back); None: leave it in place.
+        convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``.
+        progress: show a progress bar (tqdm if installed, else a line per block on stderr).
+
+    Raises ValueError/TypeError for an unknown method, a bad sparsity, missing or malformed
+    calibration, no blocks found.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: got {method!r}, expected one of {', '.join(sorted(METHODS))}")
+    meth = METHODS[method]
+    spec = parse_sparsity(sparsity)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size: got {batch_size!r}, expected a positive int")
+    if calibration is None and meth.needs_calibration:
+        raise ValueError(f"calibration: method {method!r} needs calibration data (token ids [n, seqlen] or batches)")
+    blocks = find_blocks(model) if blocks is None else list(blocks)
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise TypeError("blocks: expected a non-empty list of nn.Module")
+    options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=convert)
+    for bi, block in enumerate(blocks):  # check every layer before pruning any
+        for name, layer in prunable_layers(block, layer_filter).items():
+            spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
+
+    t_start = time.perf_counter()
+    report = PruneReport(method=method, sparsity=str(spec))
+    was_training = model.training
+    model.eval()
+    hf_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    if hf_cache is not None:
+        model.config.use_cache = False
+    try:
+        if method == "magnitude" and scope == "global":
+            all_layers = [l for b in blocks for l in prunable_layers(b, layer_filter).values()]
+            res = magnitude_prune_global([_get_weight(l) for l in all_layers], spec)
+            options["_global_masks"] = {id(l): k for l, (_, k) in zip(all_layers, res)}
+
+        inputs = None
+        if calibration is not None:
+            inputs = _capture_inputs(model, blocks[0], calibration, batch_size, device)
+
+        bar = _progress(len(blocks), f"prune ({method}, {spec})", progress)
+        for bi, block in enumerate(blocks):
+            home = next(block.parameters()).device if any(True for _ in block.parameters()) else None
+            if device is not None:
+                block.to(device)
+            layers = prunable_layers(block, layer_filter)
+            stats = {}
+            dense_out = None
+            if inputs is not None:
+                handles = []
+                for name, layer in layers.items():
+                    st = meth.make_stats(name, layer)
+                    if st is not None:
+                        stats[name] = st
+                        handles.append(st.attach(layer))
+                try:
+                    dense_out = _run_block(block, inputs)
+                finally:
+                    for h in handles:
+                        h.remove()
+            layer_reports = meth.prune_block(bi, block, layers, stats, spec, options)
+            del stats
+            err = None
+            if inputs is not None:
+                pruned_out = _run_block(block, inputs)
+                num = sum(float((p.float() - d.float()).pow(2).sum()) for p, d in zip(pruned_out, dense_out))
+                den = sum(float(d.float().pow(2).sum()) for d in dense_out)
+                err = (num / den) ** 0.5 if den > 0 else 0.0
+                inputs = [(o, args, kw) for o, (_, args, kw) in zip(pruned_out, inputs)]
+                del dense_out, pruned_out
+            if convert:
+                _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, spec)
+                for r in layer_reports:
+                    r.mask = None
+            if device is not None and home is not None:
+                block.to(home)
+            report.layers.extend(layer_reports)
+            report.block_output_error.append(err)
+            bar.update(1)
+        bar.close()
+    finally:
+        model.train(was_training)
+        if hf_cache is not None:
+            model.config.use_cache = hf_cache
+    report.seconds = time.perf_counter() - t_start
+    return report

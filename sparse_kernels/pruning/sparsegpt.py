@@ -1,0 +1,198 @@
+"""SparseGPT for one layer (:func:`sparsegpt_prune`) and the Hessian it needs (:class:`HessianAccumulator`)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from ..ops import _registry as R
+from ..ops import _validate as V
+from ..ops.sparsegpt import NAME as _BLOCK_OP
+from ..reference import sparsegpt as ref
+from .patterns import parse_sparsity
+
+__all__ = ["sparsegpt_prune", "HessianAccumulator", "HessianWarning"]
+
+# Cholesky retries: percdamp grows tenfold per failure up to this cap (damp = 10 x mean diag H,
+# past which H is dominated by the identity).  Beyond it the layer falls back to diag(H).
+MAX_PERCDAMP = 10.0
+
+
+def _lower_triangular_inverse(L: torch.Tensor, base: int = 256) -> torch.Tensor:
+    """``L^-1`` of a lower-triangular ``L`` by 2x2 block recursion: the off-diagonal block is
+    ``-D^-1 C A^-1``, two GEMMs; blocks of ``base`` or fewer go to ``solve_triangular``."""
+    n = L.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype, device=L.device), upper=False)
+    h = n // 2
+    out = torch.zeros_like(L)
+    Ai = _lower_triangular_inverse(L[:h, :h], base)
+    Di = _lower_triangular_inverse(L[h:, h:], base)
+    out[:h, :h] = Ai
+    out[h:, h:] = Di
+    out[h:, :h] = -(Di @ (L[h:, :h] @ Ai))
+    return out
+
+
+def fast_upper_inverse_factor(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) from ONE Cholesky.
+
+    With ``P`` the order-reversing permutation and ``P H P = L L^T``, ``H^-1 = B^T B`` for the
+    upper-triangular ``B = P L^-1 P`` (positive diagonal), so ``B = U`` by uniqueness.  One
+    Cholesky plus a GEMM-based triangular inverse replaces the paper's Cholesky, inverse and
+    second Cholesky.  Measured on the dev box (1 thread, CPU time): 4096: 1.05 s vs 1.57 s;
+    2048: 0.14 s vs 0.26 s; the two agree to ~5e-6 relative.
+    """
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    return _lower_triangular_inverse(L).flip(0, 1).contiguous()
+
+
+class HessianWarning(RuntimeWarning):
+    """H was not positive definite: more dampening (or the diagonal fallback) was used."""
+
+
+def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str, factor=None):
+    """``ref.prepare_hessian`` with the retry policy; returns ``(W, Hinv, percdamp_used)``."""
+    damp = percdamp
+    first_error = None
+    while True:
+        try:
+            W2, Hinv = ref.prepare_hessian(W.clone(), H, damp, factor)
+            if torch.isfinite(Hinv).all():
+                if damp != percdamp:
+                    warnings.warn(
+                        f"sparsegpt_prune{what}: H + {percdamp:g} * mean(diag H) * I is not positive definite "
+                        f"({first_error}); succeeded with percdamp={damp:g}",
+                        HessianWarning,
+                        stacklevel=3,
+                    )
+                return W2, Hinv, damp
+            err = "the inverse factor has non-finite entries"
+        except (torch.linalg.LinAlgError, RuntimeError) as e:
+            err = str(e).splitlines()[0]
+        first_error = first_error or err
+        if damp >= MAX_PERCDAMP:
+            break
+        damp = min(damp * 10 if damp > 0 else 0.01, MAX_PERCDAMP)
+    # Last resort: the diagonal of H (non-finite or non-positive entries -> 1).  The upper
+    # Cholesky factor of diag(1/h) is diag(1/sqrt(h)): scores become w^2 * h_ii, no updates.
+    warnings.warn(
+        f"sparsegpt_prune{what}: Cholesky failed up to percdamp={MAX_PERCDAMP:g} ({first_error}); "
+        f"falling back to diag(H) (no weight updates)",
+        HessianWarning,
+        stacklevel=3,
+    )
+    h = torch.diagonal(H).to(torch.float32).clone()
+    W2 = W.clone()
+    W2[:, h == 0] = 0
+    h = torch.where(torch.isfinite(h) & (h > 0), h, torch.ones_like(h))
+    return W2, torch.diag(h.rsqrt()), math.inf
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity=0.5,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    backend: str | None = None,
+    *,
+    name: str | None = None,
+):
+    """Prune one Linear weight with SparseGPT (OBS updates, blocked, lazy).
+
+    Args:
+        W: ``[rows, cols]`` = ``[out_features, in_features]``, float16/bfloat16/float32.
+        H: ``[cols, cols]`` Hessian of the layer's inputs, ``2/n * sum x x^T`` (any float dtype,
+            computed in float32; :class:`HessianAccumulator` builds it).  Not modified.
+        sparsity: a float in (0, 1) or ``"N:M"`` (N kept of every M along cols); see
+            :mod:`sparse_kernels.pruning.patterns`.
+        blocksize: columns per block (128 in the paper); for N:M a multiple of M.
+        percdamp: dampening, as a fraction of ``mean(diag H)`` added to the diagonal.
+        backend: backend of the fused block op (``auto | reference | cpp | cuda | triton``).
+        name: layer name for warnings.
+
+    Steps: dead columns (``H_ii == 0``: ``H_ii = 1``, ``W[:, i] = 0``); dampening; the upper
+    Cholesky factor ``U`` of ``H^-1`` (the paper's three factorizations with
+    ``backend="reference"``, else :func:`fast_upper_inverse_factor` and an in-place ``addmm_``
+    for the lazy update); per block of columns the mask (unstructured: the lowest
+    ``w^2 / U_jj^2`` over the whole block, exactly ``round(rows * block * sparsity)`` pruned;
+    N:M: chosen per group inside the block op), the fused block op, then the lazy update
+    ``W[:, later] -= Err1 @ U[block, later]`` as one GEMM.
+
+    If Cholesky fails, percdamp is multiplied by 10 and retried up to ``MAX_PERCDAMP``, with a
+    :class:`HessianWarning`; past the cap the layer is pruned with ``diag(H)`` only (warned).
+
+    Returns ``(W_pruned, mask, loss)``: ``W_pruned`` in ``W``'s dtype and device, ``mask`` bool
+    ``[rows, cols]`` (True = kept; ``W_pruned`` is zero where it is False), ``loss`` (float) the
+    summed reconstruction loss ``sum (w - q)^2 / U_ii^2 / 2`` over all rows.
+
+    Raises TypeError/ValueError for bad dtypes, shapes, devices, sparsity specs, a ``cols``
+    or ``blocksize`` that is not a multiple of M.
+    """
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.tensor("H", H, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"H: shape {tuple(H.shape)} must be (cols, cols) = ({cols}, {cols}) for W {tuple(W.shape)}")
+    V.same_device(W=W, H=H)
+    spec = parse_sparsity(sparsity)
+    spec.check_columns("W", cols)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize: got {blocksize!r}, expected a positive int")
+    if spec.is_nm and blocksize % spec.m != 0:
+        raise ValueError(f"blocksize: got {blocksize}, must be a multiple of M={spec.m} for '{spec}' pruning")
+    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
+
+    chosen = R.select(_BLOCK_OP, backend, W.device)
+    op = R.get_op(_BLOCK_OP, chosen)
+    what = f" ({name})" if name else ""
+    # backend="reference" is the published algorithm end to end; the fast path factors H once.
+    factor = ref.upper_inverse_factor if chosen == "reference" else fast_upper_inverse_factor
+    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
+    Wf, keep, losses = ref.sparsegpt_layer(
+        Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op,
+        fused_gemm=chosen != "reference",
+    )
+    return Wf.to(W.dtype), keep, float(losses.sum())
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_t x_t x_t^T`` (float32) over the rows ``x_t`` of a layer's inputs.
+
+    ``add(x)`` takes ``x [..., columns]`` of any leading shape and float dtype; ``n`` counts
+    rows (tokens), so ``H`` is twice the mean of ``x x^T`` whatever the batching.  (The
+    SparseGPT scripts count sequences instead; that rescales H and the loss, not the result.)
+    :meth:`attach` registers a forward hook that feeds the module's first positional input.
+    """
+
+    def __init__(self, columns: int, device=None):
+        if isinstance(columns, bool) or not isinstance(columns, int) or columns <= 0:
+            raise ValueError(f"columns: got {columns!r}, expected a positive int")
+        self.columns = columns
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        V.tensor("x", x, min_ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+        if x.shape[-1] != self.columns:
+            raise ValueError(f"x: last dim {x.shape[-1]} != the accumulator's columns {self.columns}")
+        x = x.detach().reshape(-1, self.columns).to(device=self.H.device, dtype=torch.float32)
+        b = x.shape[0]
+        if b == 0:
+            return
+        self.H.mul_(self.nsamples / (self.nsamples + b))
+        self.nsamples += b
+        x = x * math.sqrt(2.0 / self.nsamples)
+        self.H.addmm_(x.t(), x)
+
+    def hook(self, module, inputs, output) -> None:
+        self.add(inputs[0])
+
+    def attach(self, module: torch.nn.Module):
+        """Register the forward hook on ``module``; returns the handle (call ``.remove()``)."""
+        return module.register_forward_hook(self.hook)

@@ -1,0 +1,356 @@
+"""Pruning criteria (magnitude, Wanda, SparseGPT) per layer, and prune(model) end to end."""
+
+from __future__ import annotations
+
+import builtins
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparse_kernels
+from conftest import assert_bitexact, assert_close
+from sparse_kernels.pruning import (
+    METHODS,
+    ActivationNormAccumulator,
+    HessianAccumulator,
+    PruningMethod,
+    find_blocks,
+    magnitude_prune,
+    magnitude_prune_global,
+    parse_sparsity,
+    prune,
+    register_method,
+    sparsegpt_prune,
+    wanda_prune,
+)
+from test_sparsegpt import correlated_inputs
+
+try:
+    import transformers  # noqa: F811
+except ImportError:
+    transformers = None
+requires_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+
+
+# ---------------------------------------------------------------- specs
+def test_parse_sparsity():
+    s = parse_sparsity("2:4")
+    assert (s.n, s.m, s.ratio, str(s)) == (2, 4, 0.5, "2:4")
+    assert parse_sparsity(" 4 : 8 ").m == 8
+    assert parse_sparsity(0.25).ratio == 0.25 and not parse_sparsity(0.25).is_nm
+    for bad, exc, msg in [
+        (1.0, ValueError, r"open interval \(0, 1\)"), (0.0, ValueError, r"\(0, 1\)"), (-0.1, ValueError, r"\(0, 1\)"),
+        ("4:4", ValueError, "0 < N < M"), ("5:4", ValueError, "0 < N < M"), ("0:4", ValueError, "0 < N < M"),
+        ("2-4", ValueError, "'N:M'"), (True, TypeError, "got bool"), (None, TypeError, "got NoneType"),
+    ]:
+        with pytest.raises(exc, match=msg):
+            parse_sparsity(bad)
+
+
+# ---------------------------------------------------------------- magnitude / wanda
+def test_magnitude_layer_row_nm():
+    W = torch.tensor([[1.0, -4.0, 2.0, 3.0], [0.5, 0.1, -6.0, 5.0]])
+    Wp, m = magnitude_prune(W, 0.5)
+    assert_bitexact(m, torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1]], dtype=torch.bool))
+    assert_bitexact(Wp, W * m)
+    _, m = magnitude_prune(W, 0.5, scope="row")
+    assert_bitexact(m, torch.tensor([[0, 1, 0, 1], [0, 0, 1, 1]], dtype=torch.bool))
+    _, m = magnitude_prune(W, 0.25, scope="row")
+    assert_bitexact(m.sum(1), torch.tensor([3, 3]))
+    _, m = magnitude_prune(torch.ones(2, 8), "2:4")  # ties: the lower index is kept
+    assert_bitexact(m, torch.tensor([[1, 1, 0, 0] * 2] * 2, dtype=torch.bool))
+
+
+def test_magnitude_global_over_several_tensors():
+    a = torch.tensor([[10.0, 1.0]])
+    b = torch.tensor([[2.0, 3.0], [4.0, 0.5]])
+    (ap, am), (bp, bm) = magnitude_prune([a, b], 0.5, scope="global")
+    assert_bitexact(am, torch.tensor([[True, False]]))
+    assert_bitexact(bm, torch.tensor([[False, True], [True, False]]))
+    assert magnitude_prune_global([a, b], 0.5)[1][1].equal(bm)
+    # per tensor, the same sparsity gives a different answer
+    assert magnitude_prune([a, b], 0.5, scope="layer")[0][1].sum() == 1
+    with pytest.raises(TypeError, match="non-empty list"):
+        magnitude_prune_global([], 0.5)
+    with pytest.raises(ValueError, match="scope"):
+        magnitude_prune(a, 0.5, scope="block")
+
+
+def test_wanda_scores_with_activation_norms():
+    W = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    norms = torch.tensor([100.0, 1.0, 1.0, 0.0])  # |w| * sqrt(n) = [10, 2, 3, 0]
+    Wp, m = wanda_prune(W, norms, 0.5)
+    assert_bitexact(m, torch.tensor([[True, False, True, False]]))
+    _, m = wanda_prune(torch.randn(6, 16), torch.rand(16), "4:8")
+    assert (m.view(6, 2, 8).sum(-1) == 4).all()
+    _, m = wanda_prune(torch.randn(5, 10), torch.rand(10), 0.3)
+    assert_bitexact(m.sum(1), torch.full((5,), 7))
+    with pytest.raises(ValueError, match="one per column"):
+        wanda_prune(W, torch.ones(3), 0.5)
+    with pytest.raises(ValueError, match=">= 0"):
+        wanda_prune(W, -norms, 0.5)
+    with pytest.raises(ValueError, match="multiple of M=4"):
+        wanda_prune(torch.randn(2, 6), torch.ones(6), "2:4")
+
+
+def test_activation_norm_accumulator():
+    X = torch.randn(3, 7, 5)
+    acc = ActivationNormAccumulator(5)
+    lin = nn.Linear(5, 2)
+    h = acc.attach(lin)
+    lin(X)
+    h.remove()
+    assert_close(acc.norm_sq, (X.double() ** 2).sum((0, 1)), "norm_sq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_criteria_keep_dtype(dtype):
+    W = torch.randn(4, 8).to(dtype)
+    for Wp, m in (magnitude_prune(W, "2:4"), wanda_prune(W, torch.rand(8), 0.5)):
+        assert Wp.dtype == dtype and m.dtype == torch.bool
+        assert not (Wp[~m] != 0).any()
+        assert_bitexact(Wp[m], W[m])
+
+
+# ---------------------------------------------------------------- quality ordering
+@pytest.mark.parametrize("spec", [0.5, "2:4"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sparsegpt_beats_wanda_beats_magnitude(spec, seed):
+    rows, cols, tokens = 128, 256, 4096
+    X = correlated_inputs(tokens, cols, rank=16, seed=seed)
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed + 10)) / cols ** 0.5
+    acc = HessianAccumulator(cols)
+    acc.add(X)
+    Y = X @ W.T
+
+    def err(Wp):
+        return ((X @ Wp.T - Y).norm() / Y.norm()).item()
+
+    e_sgpt = err(sparsegpt_prune(W, acc.H, spec)[0])
+    e_wanda = err(wanda_prune(W, (X * X).sum(0), spec)[0])
+    e_mag = err(magnitude_prune(W, spec)[0])
+    assert e_sgpt < e_wanda < e_mag, (e_sgpt, e_wanda, e_mag)
+
+
+# ---------------------------------------------------------------- prune(model): plain module
+class ToyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x, gate, *, shift=None):
+        return x + gate * self.down(torch.relu(self.up(x))) + shift
+
+
+class ToyModel(nn.Module):
+    def __init__(self, d=32, n=3):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(n))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        h = self.embed(x)
+        shift = torch.full_like(h, 0.1)
+        for b in self.blocks:
+            h = b(h, 0.5, shift=shift)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_plain_module_with_explicit_blocks(method):
+    torch.manual_seed(0)
+    model = ToyModel()
+    calib = correlated_inputs(64, 8).view(8, 8, 8)
+    dense = copy.deepcopy(model)
+    rep = prune(model, method, 0.5, calibration=calib, blocks=list(model.blocks), batch_size=3, progress=False)
+    assert len(rep.layers) == 6 and rep.overall_sparsity == 0.5
+    assert all(r.sparsity == 0.5 for r in rep.layers)
+    assert len(rep.block_output_error) == 3 and all(0 < e < 1 for e in rep.block_output_error)
+    assert (rep.layers[0].loss is not None) == (method == "sparsegpt")
+    for b in model.blocks:
+        assert (b.up.weight == 0).float().mean() == 0.5
+    assert torch.equal(model.embed.weight, dense.embed.weight) and torch.equal(model.head.weight, dense.head.weight)
+    # block 0's reported error is exactly what the model sees at its output (kwargs carried)
+    x = calib.reshape(-1, 8)
+    h0 = dense.embed(x)
+    shift = torch.full_like(h0, 0.1)
+    d0, p0 = dense.blocks[0](h0, 0.5, shift=shift), model.blocks[0](h0, 0.5, shift=shift)
+    assert abs(((p0 - d0).norm() / d0.norm()).item() - rep.block_output_error[0]) < 1e-4
+    assert "block output rel. error" in str(rep) and rep.to_dict()["overall_sparsity"] == 0.5
+
+
+def test_plain_module_needs_blocks_or_finds_modulelist():
+    model = ToyModel()
+    assert find_blocks(model) == list(model.blocks)
+    with pytest.raises(ValueError, match="pass blocks"):
+        find_blocks(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_magnitude_without_calibration_and_global_scope():
+    model = ToyModel()
+    rep = prune(model, "magnitude", 0.6, blocks=model.blocks, scope="global", progress=False)
+    assert rep.block_output_error == [None] * 3
+    ws = [l.weight for b in model.blocks for l in (b.up, b.down)]
+    total = sum(w.numel() for w in ws)
+    assert sum(int((w == 0).sum()) for w in ws) == round(0.6 * total)
+
+
+def test_model_bad_arguments():
+    model = ToyModel()
+    calib = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="method: got 'obs'"):
+        prune(model, "obs", 0.5, calibration=calib)
+    with pytest.raises(ValueError, match="needs calibration"):
+        prune(model, "sparsegpt", 0.5)
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        prune(model, "wanda", 1.2, calibration=calib)
+    with pytest.raises(ValueError, match="0 < N < M"):
+        prune(model, "wanda", "4:2", calibration=calib)
+    with pytest.raises(ValueError, match=r"blocks\[0\]\.up: .* multiple of M=24"):
+        prune(model, "magnitude", "8:24", blocks=model.blocks, progress=False)
+    assert not (model.blocks[0].up.weight == 0).any()  # checked before anything was pruned
+    with pytest.raises(TypeError, match="calibration: expected a tensor or an iterable"):
+        prune(model, "wanda", 0.5, calibration=3)
+    with pytest.raises(ValueError, match="empty"):
+        prune(model, "wanda", 0.5, calibration=[], progress=False)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied|mat1 and mat2"):
+        prune(model, "wanda", 0.5, calibration=torch.randn(4, 5), progress=False)
+
+
+def test_register_method_hook_and_progress_fallback(monkeypatch, capsys):
+    class Halve(PruningMethod):
+        needs_calibration = False
+
+        def prune_layer(self, name, layer, weight, stats, spec, options):
+            return weight * 0.5, torch.ones_like(weight, dtype=torch.bool), None
+
+    register_method("halve", Halve())
+    try:
+        real_import = builtins.__import__
+
+        def no_tqdm(name, *a, **k):
+            if name.startswith("tqdm"):
+                raise ImportError("no tqdm")
+            return real_import(name, *a, **k)
+
+        monkeypatch.setattr(builtins, "__import__", no_tqdm)
+        model = ToyModel(n=2)
+        w0 = model.blocks[1].down.weight.clone()
+        prune(model, "halve", 0.5, blocks=model.blocks)
+        assert torch.equal(model.blocks[1].down.weight, w0 * 0.5)
+        assert "2/2 blocks" in capsys.readouterr().err
+    finally:
+        METHODS.pop("halve")
+    with pytest.raises(TypeError, match="PruningMethod"):
+        register_method("x", object())
+
+
+def test_convert_without_sparselinear_is_a_clear_error():
+    try:
+        import sparse_kernels.nn  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("sparse_kernels.nn exists: conversion is tested with SparseLinear")
+    model = ToyModel(n=1)
+    with pytest.raises(NotImplementedError, match="SparseLinear"):
+        prune(model, "magnitude", "2:4", blocks=model.blocks, convert=True, progress=False)
+
+
+# ---------------------------------------------------------------- prune(model): Hugging Face
+def _llama():
+    cfg = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+@requires_hf
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method,spec", [("sparsegpt", 0.5), ("sparsegpt", "2:4"), ("wanda", "2:4"), ("magnitude", 0.5)])
+def test_hf_model_end_to_end(arch, method, spec):
+    torch.manual_seed(0)
+    model = (_llama() if arch == "llama" else _gpt2()).eval()  # GPT-2 has dropout
+    ids = torch.randint(0, 96, (4, 24))
+    blocks = find_blocks(model)
+    assert len(blocks) == 2
+    probe = blocks[1].self_attn.q_proj if arch == "llama" else blocks[1].attn.c_attn
+    seen = []
+    h = probe.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
+    rep = prune(model, method, spec, calibration=ids, batch_size=4, progress=False)
+    h.remove()
+    assert len(rep.layers) == (14 if arch == "llama" else 8)
+    assert all(r.sparsity == 0.5 for r in rep.layers)
+    if spec == "2:4":
+        w = probe.weight if arch == "llama" else probe.weight.t()
+        assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    # what block 1 saw during pruning is what the pruned model feeds it (masks, positions carried)
+    with torch.no_grad():
+        out = model(ids, use_cache=False, output_hidden_states=True)
+        seen_after = []
+        h = probe.register_forward_hook(lambda mod, inp, out: seen_after.append(inp[0].detach().clone()))
+        model(ids, use_cache=False)
+        h.remove()
+    assert torch.isfinite(out.logits).all()
+    assert_close(seen[-1], seen_after[0], "block 1 inputs", atol=1e-5, rtol=1e-4)
+
+
+@requires_hf
+def test_hf_families_are_found():
+    kw = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+    specs = [
+        (transformers.OPTConfig, transformers.OPTForCausalLM, dict(ffn_dim=64, word_embed_proj_dim=32)),
+        (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(intermediate_size=64, num_key_value_heads=2)),
+        (transformers.MistralConfig, transformers.MistralForCausalLM, dict(intermediate_size=64, num_key_value_heads=2)),
+        (transformers.GemmaConfig, transformers.GemmaForCausalLM, dict(intermediate_size=64, num_key_value_heads=2, head_dim=8)),
+    ]
+    for C, M, extra in specs:
+        model = M(C(**kw, **extra))
+        assert len(find_blocks(model)) == 3, M.__name__
+    model = M(C(**kw, **extra))
+    rep = prune(model, "wanda", "4:8", calibration=torch.randint(0, 64, (2, 16)), progress=False)
+    assert rep.overall_sparsity == 0.5
+
+
+@requires_hf
+def test_hf_calibration_errors():
+    model = _llama()
+    with pytest.raises(TypeError, match="LongTensor"):
+        prune(model, "sparsegpt", 0.5, calibration=torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"shape \[n, seqlen\]"):
+        prune(model, "sparsegpt", 0.5, calibration=torch.randint(0, 96, (16,)))
+    with pytest.raises(ValueError, match=r"calibration\[1\]"):
+        prune(model, "wanda", 0.5, calibration=[torch.randint(0, 96, (1, 8)), torch.randn(1, 8)], progress=False)
+
+
+def test_top_level_export():
+    assert sparse_kernels.prune is prune
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model(dtype):
+    torch.manual_seed(1)
+    model = ToyModel(d=16, n=2).to(dtype)
+    calib = correlated_inputs(32, 8).view(4, 8, 8).to(dtype)
+    rep = prune(model, "sparsegpt", "2:4", calibration=calib, blocks=model.blocks, progress=False)
+    w = model.blocks[1].down.weight
+    assert w.dtype == dtype
+    assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    assert all(e == e for e in rep.block_output_error)
+
+
+def test_training_mode_restored():
+    model = ToyModel(n=1).train()
+    prune(model, "wanda", 0.5, calibration=torch.randn(2, 8), blocks=model.blocks, progress=False)
+    assert model.training

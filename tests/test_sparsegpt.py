@@ -1,0 +1,330 @@
+"""SparseGPT: the block op (every backend against the reference) and the layer algorithm."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import assert_bitexact, assert_close, devices, skip_unless_backend
+from sparse_kernels.ops.sparsegpt import NAME, sparsegpt_block_update
+from sparse_kernels.pruning import HessianAccumulator, HessianWarning, sparsegpt_prune
+from sparse_kernels.reference import sparsegpt as ref
+
+FUSED = ["cpp", "cuda"]  # triton: tests/test_sparsegpt_triton.py
+
+
+def correlated_inputs(tokens, cols, rank=8, seed=0):
+    """LLM-like activations: low-rank-plus-noise covariance, heavy-tailed per-channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(rank, cols, generator=g)
+    X = torch.randn(tokens, rank, generator=g) @ A / rank ** 0.5 + 0.3 * torch.randn(tokens, cols, generator=g)
+    return X * torch.exp(torch.randn(cols, generator=g))
+
+
+def hessian(cols, tokens=2048, seed=0):
+    acc = HessianAccumulator(cols)
+    acc.add(correlated_inputs(tokens, cols, seed=seed))
+    return acc.H
+
+
+def block_inputs(rows, B, seed=0):
+    H = hessian(B, tokens=4 * B, seed=seed)
+    H += 0.01 * torch.diag(H).mean() * torch.eye(B)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    g = torch.Generator().manual_seed(seed + 1)
+    W = torch.randn(rows, B, generator=g)
+    mask = torch.rand(rows, B, generator=g) > 0.5
+    return W, U, mask
+
+
+def _device(backend, device):
+    skip_unless_backend(NAME, backend, device)
+
+
+# ---------------------------------------------------------------- the block op
+def test_reference_matches_a_hand_written_two_column_case():
+    W = torch.tensor([[2.0, 1.0]])
+    U = torch.tensor([[2.0, 0.5], [0.0, 1.0]])
+    Q, E, L = ref.sparsegpt_block_update(W, U, torch.tensor([[False, True]]), 0, 0)
+    # column 0 pruned: err = 2/2 = 1, w1 -= 1 * 0.5 -> 0.5, kept.
+    assert_bitexact(Q, torch.tensor([[0.0, 0.5]]))
+    assert_bitexact(E, torch.tensor([[1.0, 0.0]]))
+    assert_bitexact(L, torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("rows,B", [(37, 128), (5, 24), (130, 64)])
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4), (4, 8), (1, 4)])
+def test_block_op_matches_reference(backend, device, rows, B, nm):
+    _device(backend, device)
+    W, U, mask = block_inputs(rows, B, seed=rows)
+    n, m = nm
+    mk = mask if m == 0 else None
+    Qr, Er, Lr = sparsegpt_block_update(W, U, mk, n, m, backend="reference")
+    dev = torch.device(device)
+    Q, E, L = sparsegpt_block_update(W.to(dev), U.to(dev), None if mk is None else mk.to(dev), n, m, backend=backend)
+    agree = ((Q.cpu() != 0) == (Qr != 0)).float().mean().item()
+    assert agree >= 0.999, f"mask agreement {agree:.5f}"
+    assert abs(L.sum().item() - Lr.sum().item()) <= 1e-3 * Lr.sum().item()
+    assert_close(Q.cpu(), Qr, "Q1", atol=1e-4, rtol=1e-4)
+    assert_close(E.cpu(), Er, "Err1", atol=1e-4, rtol=1e-4)
+    assert_close(L.cpu(), Lr, "losses", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_block_op_nm_exact_and_input_untouched(backend):
+    skip_unless_backend(NAME, backend, "cpu")
+    W, U, _ = block_inputs(19, 64, seed=3)
+    W0 = W.clone()
+    Q, E, L = sparsegpt_block_update(W, U, None, 2, 4, backend=backend)
+    assert_bitexact(W, W0, "W1 must not be modified")
+    nnz = (Q.view(19, 16, 4) != 0).sum(-1)
+    assert (nnz <= 2).all()
+    # err = (w - q) / d, so the loss (w - q)^2 / d^2 / 2 is sum(err^2) / 2
+    assert_close(L, E.pow(2).sum(1) / 2, "loss", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_block_op_given_mask_is_obeyed_and_ties_go_low(backend):
+    skip_unless_backend(NAME, backend, "cpu")
+    W, U, mask = block_inputs(9, 16, seed=4)
+    Q, _, _ = sparsegpt_block_update(W, U, mask, 0, 0, backend=backend)
+    assert not (Q[~mask] != 0).any()
+    # identity Hinv (no updates) and a row of equal weights: N:M keeps the lower indices
+    Q, _, _ = sparsegpt_block_update(torch.ones(2, 8), torch.eye(8), None, 2, 4, backend=backend)
+    assert_bitexact(Q != 0, torch.tensor([[1, 1, 0, 0, 1, 1, 0, 0]] * 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_block_op_noncontiguous_inputs(backend):
+    skip_unless_backend(NAME, backend, "cpu")
+    W, U, mask = block_inputs(11, 32, seed=5)
+    big = torch.randn(11, 80)
+    big[:, 7:39] = W
+    Wv = big[:, 7:39]
+    Ubig = torch.zeros(48, 48)
+    Ubig[3:35, 5:37] = U
+    Uv = Ubig[3:35, 5:37]
+    a = sparsegpt_block_update(Wv, Uv, mask, 0, 0, backend=backend)
+    b = sparsegpt_block_update(W, U, mask, 0, 0, backend="reference")
+    for x, y, what in zip(a, b, ("Q1", "Err1", "losses")):
+        assert_close(x, y, what, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_block_op_opcheck(backend):
+    skip_unless_backend(NAME, backend, "cpu")
+    from sparse_kernels.ops import _registry as R
+
+    op = R.get_op(NAME, backend)
+    W, U, mask = block_inputs(7, 16, seed=6)
+    torch.library.opcheck(op, (W, U, mask, 0, 0))
+    torch.library.opcheck(op, (W, U, None, 2, 4))
+
+
+def test_block_op_meta():
+    W = torch.empty(5, 8, device="meta")
+    Q, E, L = sparsegpt_block_update(W, torch.empty(8, 8, device="meta"), None, 2, 4)
+    assert Q.shape == (5, 8) and E.shape == (5, 8) and L.shape == (5,)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_block_op_bad_inputs(backend):
+    skip_unless_backend(NAME, backend, "cpu")
+    W, U, mask = block_inputs(4, 8)
+    with pytest.raises(TypeError, match="W1: dtype float16"):
+        sparsegpt_block_update(W.half(), U, mask, backend=backend)
+    with pytest.raises(ValueError, match=r"Hinv1: shape \(8, 7\)"):
+        sparsegpt_block_update(W, U[:, :7], mask, backend=backend)
+    with pytest.raises(ValueError, match="mask1: is required"):
+        sparsegpt_block_update(W, U, None, 0, 0, backend=backend)
+    with pytest.raises(ValueError, match="0 < n < m"):
+        sparsegpt_block_update(W, U, None, 4, 4, backend=backend)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        sparsegpt_block_update(W, U, None, 1, 3, backend=backend)
+    with pytest.raises(ValueError, match="mask1: must be None"):
+        sparsegpt_block_update(W, U, mask, 2, 4, backend=backend)
+    with pytest.raises(TypeError, match="mask1: dtype"):
+        sparsegpt_block_update(W, U, mask.float(), 0, 0, backend=backend)
+
+
+def test_cpp_kernel_checks_its_own_arguments():
+    skip_unless_backend(NAME, "cpp", "cpu")
+    from sparse_kernels.ops import _registry as R
+
+    op = R.get_op(NAME, "cpp")
+    W, U, mask = block_inputs(4, 8)
+    with pytest.raises(ValueError, match="0 < n < m"):
+        op(W, U, None, 5, 4)
+    with pytest.raises(ValueError, match="mask1"):
+        op(W, U, None, 0, 0)
+    with pytest.raises(TypeError, match="W1: dtype"):
+        op(W.double(), U, mask, 0, 0)
+
+
+# ---------------------------------------------------------------- the layer
+def _ref_layer(W, H, spec, blocksize=128, percdamp=0.01):
+    return sparsegpt_prune(W, H, spec, blocksize=blocksize, percdamp=percdamp, backend="reference")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("spec", [0.5, 0.7, "2:4", "4:8"])
+@pytest.mark.parametrize("rows,cols,blocksize", [(96, 320, 128), (33, 72, 24)])
+def test_layer_matches_reference(backend, spec, rows, cols, blocksize):
+    skip_unless_backend(NAME, backend, "cpu")
+    H = hessian(cols, seed=cols)
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows)) / cols ** 0.5
+    Wr, mr, lr = _ref_layer(W, H, spec, blocksize)
+    Wb, mb, lb = sparsegpt_prune(W, H, spec, blocksize=blocksize, backend=backend)
+    assert (mr == mb).float().mean().item() >= 0.999
+    assert abs(lb - lr) <= 1e-3 * lr
+    assert_close(Wb, Wr, "W_pruned", atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("spec,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])
+def test_nm_exact(spec, n, m):
+    H = hessian(96, seed=1)
+    W = torch.randn(50, 96)
+    Wp, mask, _ = sparsegpt_prune(W, H, spec, blocksize=32)
+    assert_bitexact(mask.view(50, -1, m).sum(-1), torch.full((50, 96 // m), n, dtype=torch.int64), "kept per group")
+    assert not (Wp[~mask] != 0).any()
+    assert ((Wp != 0).view(50, -1, m).sum(-1) <= n).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.3, 0.9])
+def test_unstructured_exact_sparsity_per_block(sparsity):
+    rows, cols, bs = 21, 200, 64
+    H = hessian(cols, seed=2)
+    W = torch.randn(rows, cols)
+    Wp, mask, loss = sparsegpt_prune(W, H, sparsity, blocksize=bs)
+    for i1 in range(0, cols, bs):
+        blk = mask[:, i1:i1 + bs]
+        assert int((~blk).sum()) == round(blk.numel() * sparsity), f"block at column {i1}"
+    assert not (Wp[~mask] != 0).any()
+    assert loss > 0
+
+
+def test_dead_columns_are_zeroed():
+    cols = 48
+    X = correlated_inputs(512, cols)
+    X[:, [3, 17]] = 0
+    acc = HessianAccumulator(cols)
+    acc.add(X)
+    assert acc.H[3, 3] == 0
+    W = torch.randn(10, cols)
+    Wp, mask, loss = sparsegpt_prune(W, acc.H, 0.5, blocksize=16)
+    assert not (Wp[:, [3, 17]] != 0).any()
+    assert torch.isfinite(Wp).all() and loss == loss
+
+
+def test_non_pd_hessian_retries_with_warning():
+    cols = 32
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(cols, 4, generator=g)
+    H = v @ v.T - 0.05 * torch.eye(cols)  # indefinite: 1% dampening is not enough
+    W = torch.randn(8, cols, generator=g)
+    with pytest.warns(HessianWarning, match="succeeded with percdamp"):
+        Wp, mask, loss = sparsegpt_prune(W, H, 0.5, blocksize=16)
+    assert torch.isfinite(Wp).all()
+    assert int((~mask).sum()) == W.numel() // 2
+
+
+def test_hopeless_hessian_falls_back_without_crashing():
+    cols = 16
+    H = torch.full((cols, cols), float("nan"))
+    with pytest.warns(HessianWarning, match="falling back to diag"):
+        Wp, mask, loss = sparsegpt_prune(torch.randn(4, cols), H, "2:4", blocksize=8)
+    assert torch.isfinite(Wp).all()
+    assert (mask.view(4, -1, 4).sum(-1) == 2).all()
+
+
+def test_positive_definite_hessian_does_not_warn():
+    H = hessian(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsegpt_prune(torch.randn(6, 40), H, 0.5, blocksize=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights(dtype):
+    H = hessian(64, seed=7)
+    W = torch.randn(24, 64) / 8
+    Wp, mask, loss = sparsegpt_prune(W.to(dtype), H, "2:4", blocksize=32)
+    assert Wp.dtype == dtype
+    W32, m32, l32 = sparsegpt_prune(W.to(dtype).float(), H, "2:4", blocksize=32)
+    assert_bitexact(Wp, W32.to(dtype))
+    assert_bitexact(mask, m32)
+    assert not (Wp[~mask] != 0).any()
+
+
+def test_h_is_not_modified_and_float64_h_accepted():
+    H = hessian(32).double()
+    H0 = H.clone()
+    sparsegpt_prune(torch.randn(4, 32), H, 0.5, blocksize=16)
+    assert_bitexact(H, H0)
+
+
+def test_layer_bad_inputs():
+    H = hessian(16)
+    W = torch.randn(4, 16)
+    with pytest.raises(ValueError, match=r"sparsity: got 1.5, expected .* \(0, 1\)"):
+        sparsegpt_prune(W, H, 1.5)
+    with pytest.raises(ValueError, match="sparsity: got 0"):
+        sparsegpt_prune(W, H, 0)
+    with pytest.raises(ValueError, match="0 < N < M"):
+        sparsegpt_prune(W, H, "4:4")
+    with pytest.raises(ValueError, match="'N:M'"):
+        sparsegpt_prune(W, H, "half")
+    with pytest.raises(ValueError, match="multiple of M=8"):
+        sparsegpt_prune(torch.randn(4, 12), hessian(12), "4:8")
+    with pytest.raises(ValueError, match="blocksize: got 6"):
+        sparsegpt_prune(W, H, "2:4", blocksize=6)
+    with pytest.raises(ValueError, match=r"H: shape \(16, 15\)"):
+        sparsegpt_prune(W, H[:, :15], 0.5)
+    with pytest.raises(TypeError, match="W: dtype int64"):
+        sparsegpt_prune(W.long(), H, 0.5)
+    with pytest.raises(ValueError, match="percdamp"):
+        sparsegpt_prune(W, H, 0.5, percdamp=-1.0)
+
+
+def test_hessian_accumulator_any_leading_shape_running_mean():
+    X = torch.randn(6, 10, 12, dtype=torch.float64)
+    acc = HessianAccumulator(12)
+    acc.add(X[:2].half().float())
+    acc.add(X[2:].float())
+    Xf = torch.cat([X[:2].half().float(), X[2:].float()]).reshape(-1, 12).double()
+    assert acc.nsamples == 60
+    assert_close(acc.H, (2 / 60 * Xf.T @ Xf).float(), "H", atol=1e-5, rtol=1e-5)
+    lin = torch.nn.Linear(12, 3)
+    acc2 = HessianAccumulator(12)
+    h = acc2.attach(lin)
+    lin(X.float())
+    h.remove()
+    lin(X.float())
+    assert acc2.nsamples == 60
+    with pytest.raises(ValueError, match="last dim 5"):
+        acc2.add(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("n", [5, 100, 300])
+def test_fast_inverse_factor_equals_the_papers(n):
+    from sparse_kernels.pruning.sparsegpt import fast_upper_inverse_factor
+
+    H = hessian(n, tokens=4 * n, seed=n).double()
+    H += 0.01 * torch.diag(H).mean() * torch.eye(n, dtype=torch.float64)
+    U = fast_upper_inverse_factor(H)
+    assert_bitexact(U.tril(-1), torch.zeros_like(U), "strict lower triangle")
+    assert_close(U, ref.upper_inverse_factor(H), "U", atol=1e-9, rtol=1e-7)
+    assert_close(U.T @ U, torch.linalg.inv(H), "U^T U", atol=1e-9, rtol=1e-6)
+
+
+def test_flat_selection_matches_stable_sort_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        s = torch.randint(0, 4, (n,), generator=g).float()
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        assert_bitexact(ref.keep_top_n_flat(s, k), ref.keep_top_n(s, k), f"n={n} keep={k}")

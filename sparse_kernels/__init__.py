@@ -35,4 +35,5 @@ __all__ = [
     "unpack_mask",
     "SparseLinear",
     "sparsify",
+    "prune",
 ]

@@ -249,16 +249,22 @@ def test_register_method_hook_and_progress_fallback(monkeypatch, capsys):
         register_method("x", object())
 
 
-def test_convert_without_sparselinear_is_a_clear_error():
-    try:
-        import sparse_kernels.nn  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("sparse_kernels.nn exists: conversion is tested with SparseLinear")
-    model = ToyModel(n=1)
-    with pytest.raises(NotImplementedError, match="SparseLinear"):
-        prune(model, "magnitude", "2:4", blocks=model.blocks, convert=True, progress=False)
+@pytest.mark.parametrize("sparsity,pattern", [("2:4", "2:4"), (0.5, None)])
+def test_convert_swaps_in_sparselinear_with_the_same_function(sparsity, pattern):
+    from sparse_kernels.nn import SparseLinear
+
+    torch.manual_seed(0)
+    model = ToyModel(d=32, n=2)
+    calib = correlated_inputs(64, 8).view(8, 8, 8)
+    kept = copy.deepcopy(model)
+    prune(kept, "sparsegpt", sparsity, calibration=calib, blocks=list(kept.blocks), progress=False)
+    prune(model, "sparsegpt", sparsity, calibration=calib, blocks=list(model.blocks), progress=False,
+          convert=True)
+    swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(swapped) == 4 and all(m.pattern == pattern for m in swapped)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), kept(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- prune(model): Hugging Face

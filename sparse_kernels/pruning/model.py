@@ -369,16 +369,11 @@ def _run_block(block, inputs):
 
 # ------------------------------------------------------------------ convert
 def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity) -> None:
-    try:
-        from ..nn import SparseLinear  # written separately; wired up at merge
-    except ImportError as e:
-        raise NotImplementedError(
-            f"prune(convert=True) needs sparse_kernels.nn.SparseLinear, which is not available here ({e}); "
-            f"prune with convert=False and convert the layers later"
-        ) from e
-    make = getattr(SparseLinear, "from_linear", None) or getattr(SparseLinear, "from_dense", None)
-    if make is None:
-        raise NotImplementedError("prune(convert=True): SparseLinear has no from_linear/from_dense constructor")
+    """Swap each pruned layer for a SparseLinear: packed 2:4 when the pattern fits 2:4
+    (n <= 2 of every 4), otherwise a masked layer (weight + bit-packed mask)."""
+    from ..nn import SparseLinear
+
+    pattern = "2:4" if spec.m == 4 and spec.n <= 2 else None
     for name, layer in layers.items():
         if _is_conv1d(layer):
             lin = nn.Linear(layer.weight.shape[0], layer.weight.shape[1], bias=layer.bias is not None,
@@ -387,7 +382,7 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity) 
             if layer.bias is not None:
                 lin.bias.data.copy_(layer.bias.data)
             layer = lin
-        new = make(layer, mask=masks[name])
+        new = SparseLinear.from_dense(layer, pattern=pattern, mask=masks[name])
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, new)

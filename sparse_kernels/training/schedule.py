@@ -230,13 +230,24 @@ class MagnitudePruner:
         """Re-zero every pruned weight, its gradient and the attached optimizers' state."""
         self.masked.apply()
 
-    def prune(self, sparsity: float | None = None, *, step: int | None = None) -> dict:
-        """Prune now to ``sparsity`` (default: the schedule's final sparsity)."""
+    def prune(self, sparsity: float | None = None, *, step: int | None = None,
+              per_layer: dict[str, float] | None = None) -> dict:
+        """Prune now to ``sparsity`` (default: the schedule's final sparsity).
+
+        ``per_layer`` (layer scope only) maps target names to their own sparsity.
+        """
         s = self.schedule.final if sparsity is None else _check_fraction("sparsity", sparsity)
+        per_layer = dict(per_layer or {})
+        unknown = set(per_layer) - {n for n, _ in self.targets}
+        if unknown:
+            raise ValueError(f"per_layer: {sorted(unknown)} are not target layers of this pruner")
+        if per_layer and self.scope != "layer":
+            raise ValueError("per_layer: only supported with scope='layer'")
         if self.scope == "layer":
-            for _, m in self.targets:
+            for name, m in self.targets:
                 pruned = self._pruned(m)
-                k = max(n_pruned(s, m.weight.numel()), int(pruned.sum()))
+                s_l = _check_fraction(f"per_layer[{name!r}]", per_layer[name]) if name in per_layer else s
+                k = max(n_pruned(s_l, m.weight.numel()), int(pruned.sum()))
                 self._set_mask(m, bottom_k_mask(self._scores(m), k, pruned))
         else:
             scores = torch.cat([self._scores(m).flatten().to(torch.float64).cpu() for _, m in self.targets])

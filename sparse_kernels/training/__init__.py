@@ -11,11 +11,11 @@ Lottery tickets are in :mod:`sparse_kernels.lottery`, structured pruning in
 
 from .finetune import finetune, lm_loss, mask_zeros_
 from .masks import (MaskedTraining, apply_masks, attach_mask, get_mask, load_masked_state_dict,
-                    masked_parameters, remove_mask)
+                    masked_parameters, remove_mask, set_mask)
 from .schedule import Cubic, Iterative, MagnitudePruner, OneShot, Schedule, bottom_k_mask, n_pruned
 
 __all__ = [
     "Cubic", "Iterative", "MagnitudePruner", "MaskedTraining", "OneShot", "Schedule", "apply_masks",
     "attach_mask", "bottom_k_mask", "finetune", "get_mask", "lm_loss", "load_masked_state_dict",
-    "mask_zeros_", "masked_parameters", "n_pruned", "remove_mask",
+    "mask_zeros_", "masked_parameters", "n_pruned", "remove_mask", "set_mask",
 ]

@@ -30,7 +30,9 @@ from torch import nn
 MASK_SUFFIX = "_mask"
 
 
-def _sparse_linear_cls():
+def _sparse_linear_cls(module: nn.Module | None = None):
+    if module is not None and type(module).__name__ != "SparseLinear":
+        return None
     try:
         from ..nn import SparseLinear
     except ImportError:
@@ -39,39 +41,46 @@ def _sparse_linear_cls():
 
 
 def _is_24_sparse_linear(module: nn.Module) -> bool:
-    cls = _sparse_linear_cls()
+    cls = _sparse_linear_cls(module)
     return cls is not None and isinstance(module, cls) and getattr(module, "pattern", None) == "2:4"
+
+
+def _is_unstructured_sparse_linear(module: nn.Module) -> bool:
+    cls = _sparse_linear_cls(module)
+    return cls is not None and isinstance(module, cls) and getattr(module, "pattern", "2:4") is None
 
 
 def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     """The bool mask (True = kept) of ``module.<name>``, or None when the parameter is not masked.
 
-    Looks for our ``<name>_mask`` buffer first, then an unstructured SparseLinear's packed mask
-    (unpacked to bool, the weight's shape). 2:4 SparseLinear layers return None: their pattern
-    lives in the metadata and training cannot change it.
+    Our ``<name>_mask`` buffer first; then an unstructured SparseLinear's bit-packed ``mask``
+    buffer, unpacked to bool ``[out, in]``. 2:4 SparseLinear layers return None: their pattern
+    lives in ``meta`` and training cannot change it.
     """
     m = getattr(module, name + MASK_SUFFIX, None)
     if isinstance(m, torch.Tensor):
         return m
-    cls = _sparse_linear_cls()
-    if cls is not None and isinstance(module, cls) and name == "weight" and not _is_24_sparse_linear(module):
-        return _sparse_linear_bool_mask(module)
+    if name == "weight" and _is_unstructured_sparse_linear(module):
+        from ..ops import linear as L
+
+        return L.unpack_mask(module.mask, module.in_features)
     return None
 
 
-def _sparse_linear_bool_mask(module) -> torch.Tensor | None:
-    for attr in ("dense_mask", "mask_bool", "get_mask"):
-        fn = getattr(module, attr, None)
-        if callable(fn):
-            return fn().bool()
-    packed = getattr(module, "mask", None)
-    if isinstance(packed, torch.Tensor):
-        if packed.dtype == torch.bool:
-            return packed
-        from ..ops import linear as L  # bit-packed mask (1 bit per weight)
+def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> nn.Module:
+    """Set the mask of ``module.<name>`` and zero the pruned weights: an unstructured
+    SparseLinear's packed ``mask`` is rewritten in place; any other module gets :func:`attach_mask`."""
+    if name == "weight" and _is_unstructured_sparse_linear(module) and not hasattr(module, "weight_mask"):
+        from ..ops import linear as L
 
-        return L.unpack_mask(packed, module.weight.shape[-1]).reshape(module.weight.shape).bool()
-    return None
+        if tuple(mask.shape) != tuple(module.weight.shape):
+            raise ValueError(f"mask: shape {tuple(mask.shape)} must equal weight's shape {tuple(module.weight.shape)}")
+        keep = mask.to(device=module.weight.device, dtype=torch.bool)
+        with torch.no_grad():
+            module.mask.copy_(L.pack_mask(keep))
+            module.weight.masked_fill_(~keep, 0)
+        return module
+    return attach_mask(module, mask, name)
 
 
 def attach_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> nn.Module:

@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .masks import MaskedTraining, attach_mask, get_mask
+from .masks import MaskedTraining, get_mask, set_mask
 
 
 def _check_fraction(name: str, v, *, closed_high: bool = False) -> float:
@@ -290,8 +290,4 @@ class MagnitudePruner:
 
     @staticmethod
     def _set_mask(m: nn.Module, keep: torch.Tensor) -> None:
-        setter = getattr(m, "set_mask", None)
-        if callable(setter) and not hasattr(m, "weight_mask"):
-            setter(keep.to(m.weight.device))  # unstructured SparseLinear keeps its own packed mask
-        else:
-            attach_mask(m, keep)
+        set_mask(m, keep)

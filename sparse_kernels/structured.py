@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
 import torch
@@ -495,15 +496,41 @@ def structured_prune(model: nn.Module, sparsity: float = 0.0, calibration=None, 
             c.num_attention_heads = h - n_groups * g
             c.num_key_value_heads = kv - n_groups
     model.train(was_training)
-    report = {
-        "method": "structured",
-        "criterion": criterion,
-        "removed": removed,
-        "params_before": params_before,
-        "params_after": _n_params(model),
-        "config": {k: getattr(c, k, None) for k in ("num_hidden_layers", "intermediate_size", "n_inner",
-                                                    "num_attention_heads", "num_key_value_heads", "head_dim")
-                   if hasattr(c, k)},
-        "seconds": time.perf_counter() - t0,
-    }
+    cfg = {k: getattr(c, k) for k in ("num_hidden_layers", "intermediate_size", "n_inner", "num_attention_heads",
+                                      "num_key_value_heads", "head_dim") if getattr(c, k, None) is not None}
+    report = StructuredReport(criterion=criterion, sparsity=s, heads=heads, removed=removed,
+                              params_before=params_before, params_after=_n_params(model), config=cfg,
+                              seconds=time.perf_counter() - t0)
     return model, report
+
+
+@dataclass
+class StructuredReport:
+    """What :func:`structured_prune` removed. ``removed`` maps an *original* layer index to
+    ``{"ffn": [channels], "kv_groups": [...], "q_heads": [...]}`` and ``"layers"`` to the removed
+    layer indices; ``config`` holds the new config values."""
+
+    criterion: str
+    sparsity: float
+    heads: float | int
+    removed: dict
+    params_before: int
+    params_after: int
+    config: dict
+    seconds: float
+    method: str = "structured"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["removed"] = {str(k): v for k, v in self.removed.items()}
+        return d
+
+    def __str__(self) -> str:
+        layer_keys = [k for k in self.removed if k != "layers"]
+        n_ffn = sum(len(self.removed[k].get("ffn", [])) for k in layer_keys)
+        n_q = sum(len(self.removed[k].get("q_heads", [])) for k in layer_keys)
+        ratio = self.params_after / self.params_before
+        return (f"prune: method=structured criterion={self.criterion} ffn sparsity={self.sparsity} "
+                f"heads={self.heads}: removed {n_ffn} FFN channels, {n_q} query heads, "
+                f"layers {self.removed['layers']}; params {self.params_before} -> {self.params_after} "
+                f"({ratio:.3f}x); config {self.config}; {self.seconds:.2f}s")

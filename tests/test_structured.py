@@ -43,7 +43,7 @@ def masked_reference(model, report):
     d = cfg.n_embd // cfg.n_head if gpt2 else cfg.head_dim
     with torch.no_grad():
         for i, layer in enumerate(layers):
-            info = report["removed"].get(i, {})
+            info = report.removed.get(i, {})
             for j in info.get("ffn", []):
                 if gpt2:
                     layer.mlp.c_proj.weight[j, :] = 0
@@ -54,7 +54,7 @@ def masked_reference(model, report):
                     layer.attn.c_proj.weight[h * d:(h + 1) * d, :] = 0
                 else:
                     layer.self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
-            if i in report["removed"]["layers"]:
+            if i in report.removed["layers"]:
                 outs = [layer.attn.c_proj, layer.mlp.c_proj] if gpt2 else [layer.self_attn.o_proj, layer.mlp.down_proj]
                 for m in outs:
                     m.weight.zero_()
@@ -96,7 +96,7 @@ def test_llama_same_function_as_masked(criterion, kw):
     nq = 8 - (4 if kw.get("heads") in (4, 0.5) else 0)
     assert c.num_attention_heads == nq and c.num_key_value_heads == nq // 4 and c.head_dim == 8
     assert pruned.model.layers[0].self_attn.q_proj.weight.shape == (nq * 8, 64)
-    assert rep["params_after"] < rep["params_before"]
+    assert rep.params_after < rep.params_before
     # the pruned model rebuilds from its own config and generates with a KV cache
     rebuilt = transformers.LlamaForCausalLM(c).eval()
     rebuilt.load_state_dict(pruned.state_dict())
@@ -134,21 +134,24 @@ def test_criteria_pick_expected_units():
         m.up_proj.weight[7] *= 1e-3
         m.down_proj.weight[:, 7] *= 1e-3
     _, rep = structured_prune(copy.deepcopy(model), 0.1, criterion="magnitude")
-    assert 7 in rep["removed"][0]["ffn"] and 5 not in rep["removed"][0]["ffn"]
+    assert 7 in rep.removed[0]["ffn"] and 5 not in rep.removed[0]["ffn"]
     _, rep = structured_prune(copy.deepcopy(model), 0.1, calib(), criterion="activation")
-    assert 7 in rep["removed"][0]["ffn"]
+    assert 7 in rep.removed[0]["ffn"]
     with torch.no_grad():  # layer 2 becomes (nearly) an identity: the cheapest layer by block influence
         model.model.layers[2].self_attn.o_proj.weight.mul_(1e-4)
         model.model.layers[2].mlp.down_proj.weight.mul_(1e-4)
     _, rep = structured_prune(copy.deepcopy(model), 0.0, calib(), criterion="activation", layers=1)
-    assert rep["removed"]["layers"] == [2]
+    assert rep.removed["layers"] == [2]
     _, rep = structured_prune(copy.deepcopy(model), 0.0, calib(), criterion="taylor", layers=1)
-    assert rep["removed"]["layers"] == [2]
+    assert rep.removed["layers"] == [2]
 
 
-def test_round_to():
-    _, rep = structured_prune(tiny_llama(), 0.3, round_to=16)
-    assert rep["config"]["intermediate_size"] == 64
+def test_round_to_and_report():
+    _, rep = structured_prune(tiny_llama(), 0.3, round_to=16, heads=4)
+    assert rep.config["intermediate_size"] == 64 and rep.config["num_attention_heads"] == 4
+    d = rep.to_dict()
+    assert d["removed"]["0"]["kv_groups"] == rep.removed[0]["kv_groups"] and len(d["removed"]["0"]["ffn"]) == 24
+    assert "removed 96 FFN channels, 16 query heads" in str(rep)
 
 
 def test_bad_inputs():

@@ -101,22 +101,40 @@ def test_2to4_mask_buffer_keeps_pattern():
 def test_sparse_linear_2to4_values_train_pattern_fixed():
     nn_mod = pytest.importorskip("sparse_kernels.nn")
     torch.manual_seed(0)
-    lin = nn.Linear(32, 16)
-    sl = nn_mod.SparseLinear.from_dense(lin, pattern="2:4")
-    meta0 = [b.clone() for n, b in sl.named_buffers()]
+    sl = nn_mod.SparseLinear.from_dense(nn.Linear(40, 16), pattern="2:4")  # 40 -> padded to 48
+    meta0, values0 = sl.meta.clone(), sl.values.detach().clone()
     opt = torch.optim.AdamW(sl.parameters(), lr=1e-2, weight_decay=0.1)
     MaskedTraining(sl, opt)
-    dense0 = sl.to_dense().weight.detach().clone()
     for _ in range(3):
-        sl(torch.randn(5, 32)).pow(2).mean().backward()
+        sl(torch.randn(5, 40)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
-    for b0, (n, b) in zip(meta0, sl.named_buffers()):
-        if not b.dtype.is_floating_point:
-            assert torch.equal(b0, b), f"buffer {n} changed"
-    dense = sl.to_dense().weight.detach()
-    assert not torch.equal(dense, dense0)
-    assert ((dense != 0) & (dense0 == 0)).sum() == 0 or (dense != 0).view(16, 8, 4).sum(-1).max() <= 2
+    assert_bitexact(sl.meta, meta0, "meta (the 2:4 pattern)")
+    assert not torch.equal(sl.values.detach(), values0)
+    dense = sl.dense_weight()
+    assert (dense != 0).view(16, 10, 4).sum(-1).max() <= 2
+
+
+def test_sparse_linear_unstructured_mask_survives_and_prunes():
+    nn_mod = pytest.importorskip("sparse_kernels.nn")
+    torch.manual_seed(0)
+    keep0 = torch.rand(12, 29) > 0.5
+    sl = nn_mod.SparseLinear.from_dense(nn.Linear(29, 12), pattern=None, mask=keep0)
+    assert torch.equal(get_mask(sl), keep0)
+    opt = torch.optim.SGD(sl.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    pruner = MagnitudePruner(sl, Iterative(0.5, rounds=2, every=3), optimizer=opt)
+    for _ in range(6):
+        sl(torch.randn(7, 29)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.step()
+    keep = get_mask(sl)
+    assert not hasattr(sl, "weight_mask"), "the SparseLinear's own packed mask must be used"
+    assert int((~keep).sum()) == n_pruned(0.75, keep.numel())
+    assert not (keep & ~keep0).any()
+    w = sl.weight.detach()
+    assert_bitexact(w[~keep], torch.zeros_like(w[~keep]), "pruned weights")
+    assert torch.equal(sl.dense_weight() != 0, keep)
 
 
 def test_masks_travel_in_state_dict_and_checkpoint():
@@ -268,3 +286,21 @@ def test_finetune_errors():
         finetune(model, torch.zeros(2, 3, dtype=torch.long), steps=0)
     with pytest.raises(ValueError, match=r"token_batches: expected a LongTensor \[n, seqlen\]"):
         finetune(model, torch.zeros(2, 3), steps=1)
+
+
+def test_finetune_after_prune_convert_keeps_24_pattern():
+    pruning = pytest.importorskip("sparse_kernels.pruning")
+    nn_mod = pytest.importorskip("sparse_kernels.nn")
+    model = tiny_llama(seed=1)
+    g = torch.Generator().manual_seed(3)
+    data = torch.randint(0, 64, (2, 16), generator=g).repeat(4, 1)
+    pruning.prune(model, method="wanda", sparsity="2:4", calibration=data[:4], convert=True, progress=False)
+    sls = [m for m in model.modules() if isinstance(m, nn_mod.SparseLinear)]
+    assert len(sls) == 14
+    metas = [m.meta.clone() for m in sls]
+    values = [m.values.detach().clone() for m in sls]
+    rep = finetune(model, data, steps=10, lr=3e-3, batch_size=4)
+    assert rep["loss_last"] < rep["loss_first"]
+    for m, meta, v in zip(sls, metas, values):
+        assert_bitexact(m.meta, meta, "meta")
+        assert not torch.equal(m.values.detach(), v)

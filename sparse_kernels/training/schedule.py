@@ -161,7 +161,13 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     cls = _sparse_linear_cls()
     kinds = (nn.Linear,) + ((cls,) if cls is not None else ())
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, kinds) and not _is_24_sparse_linear(m)]
+    return [(n, m) for n, m in model.named_modules()
+            if (isinstance(m, kinds) or _is_conv1d(m)) and not _is_24_sparse_linear(m)]
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face's GPT-2 ``Conv1D`` (weight ``[in, out]``); magnitude scores ignore orientation."""
+    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
 class MagnitudePruner:
@@ -172,8 +178,8 @@ class MagnitudePruner:
         schedule: :class:`OneShot`, :class:`Iterative`, :class:`Cubic` or a custom :class:`Schedule`.
         scope: ``"layer"`` (each layer reaches the sparsity) or ``"global"`` (one ranking across
             all targeted layers; per-layer sparsities differ, the total is exact).
-        include / exclude: fnmatch patterns over module names (default: every ``nn.Linear`` and
-            unstructured SparseLinear; 2:4 SparseLinear layers are never targets).
+        include / exclude: fnmatch patterns over module names (default: every ``nn.Linear``, GPT-2
+            ``Conv1D`` and unstructured SparseLinear; 2:4 SparseLinear layers are never targets).
         score: ``fn(module) -> tensor of weight's shape`` (higher = keep); default ``|weight|``.
         optimizer: attached to the internal :class:`MaskedTraining` so momentum/Adam state and
             weight decay cannot revive pruned weights (more via :meth:`attach`).

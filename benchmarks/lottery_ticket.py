@@ -191,7 +191,7 @@ def main(argv=None):
     env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                sklearn=sklearn.__version__, python=platform.python_version(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               seconds=round(secs, 1))
+               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "lottery_ticket.json"), "w") as f:
         json.dump(dict(env=env, config=vars(args), summary=summary, rows=rows), f, indent=1)

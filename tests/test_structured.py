@@ -77,8 +77,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor"])
-@pytest.mark.parametrize("kw", CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+LLAMA_RUNS = [("magnitude", kw) for kw in CASES] + [(c, CASES[i]) for c in ("activation", "taylor") for i in (3, 4)]
+
+
+@pytest.mark.parametrize("criterion,kw", LLAMA_RUNS,
+                         ids=[f"{c}-" + ",".join(f"{a}={b}" for a, b in k.items()) for c, k in LLAMA_RUNS])
 def test_llama_same_function_as_masked(criterion, kw):
     model = tiny_llama()
     orig = copy.deepcopy(model)
@@ -106,9 +109,11 @@ def test_llama_same_function_as_masked(criterion, kw):
     assert torch.equal(g1, g2)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "activation", "taylor"])
-@pytest.mark.parametrize("kw", [dict(sparsity=0.5), dict(sparsity=0.25, heads=1, layers=1)],
-                         ids=["ffn", "ffn+heads+layer"])
+GPT2_RUNS = [("magnitude", dict(sparsity=0.5))] + [
+    (c, dict(sparsity=0.25, heads=1, layers=1)) for c in ("magnitude", "activation", "taylor")]
+
+
+@pytest.mark.parametrize("criterion,kw", GPT2_RUNS, ids=["magnitude-ffn", "magnitude-all", "activation-all", "taylor-all"])
 def test_gpt2_same_function_as_masked(criterion, kw):
     model = tiny_gpt2()
     orig = copy.deepcopy(model)

@@ -13,6 +13,7 @@ from .ops import _registry
 from .ops._registry import BackendUnavailableError
 from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
 from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
+from . import lottery, structured, training  # noqa: F401  (training-time and structured pruning)
 
 __version__ = "0.1.0"
 

@@ -187,3 +187,20 @@ def test_bad_inputs():
         structured_prune(tiny_llama(intermediate_size=4), 0.9)
     # nothing was modified by the failed calls
     assert model.config.intermediate_size == 88 and len(model.model.layers) == 4
+
+
+def test_prune_registry_structured():
+    pruning = pytest.importorskip("sparse_kernels.pruning")
+    if "structured" not in pruning.METHODS:
+        pytest.skip("the 'structured' method is not registered in sparse_kernels.pruning.METHODS")
+    import sparse_kernels
+
+    model = tiny_llama()
+    orig = copy.deepcopy(model)
+    rep = sparse_kernels.prune(model, method="structured", sparsity=0.25, calibration=calib(),
+                               criterion="activation", heads=4, progress=False)
+    assert model.config.intermediate_size == 66 and model.config.num_attention_heads == 4
+    ids = calib(seed=3, n=2, seq=8)
+    assert_close(logits(model, ids), logits(masked_reference(orig, rep), ids), "prune(structured)", atol=2e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="criterion: unknown"):
+        sparse_kernels.prune(tiny_llama(), method="structured", sparsity=0.25, criterion="nope")

@@ -200,11 +200,10 @@ def _calib_batches(calibration, batch_size: int) -> list:
 
 
 def _run(model, batch, device, labels: bool):
-    if isinstance(batch, dict):
-        b = {k: v.to(device) for k, v in batch.items()}
-        return model(**b, labels=b["input_ids"]) if labels else model(**b)
-    b = batch.to(device)
-    return model(input_ids=b, labels=b) if labels else model(input_ids=b)
+    b = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else {"input_ids": batch.to(device)}
+    if labels:
+        b.setdefault("labels", b["input_ids"])
+    return model(**b, use_cache=False)
 
 
 def _activation_stats(arch: _Arch, batches, device):

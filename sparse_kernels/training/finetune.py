@@ -54,11 +54,11 @@ def _batches(token_batches, batch_size: int):
 
 
 def _causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
+    kw = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
     if isinstance(batch, dict):
-        ids = batch["input_ids"]
-        out = model(**batch, labels=batch.get("labels", ids))
+        out = model(**{"labels": batch["input_ids"], **batch, **kw})
     else:
-        out = model(input_ids=batch, labels=batch)
+        out = model(input_ids=batch, labels=batch, **kw)
     loss = getattr(out, "loss", None)
     if loss is None:
         raise TypeError("model: returned no .loss for labels=input_ids; pass loss_fn=(model, batch) -> loss")

@@ -269,15 +269,21 @@ def test_finetune_after_2to4_lowers_loss_and_keeps_masks():
     base = torch.randint(0, 64, (4, 16), generator=g)
     data = base.repeat(4, 1)  # a learnable, repeating corpus
     before = lm_loss(model, data)
+    keys = set(model.state_dict())
+    zero0 = {n: m.weight.detach() == 0 for n, m in model.model.layers.named_modules() if isinstance(m, nn.Linear)}
     rep = finetune(model, data, steps=40, lr=3e-3, batch_size=4)
     after = lm_loss(model, data)
     assert after < before - 0.2, (before, after)
     assert rep["masked_layers"] == 14 and len(rep["losses"]) == 40
-    for m in model.model.layers.modules():
+    assert set(model.state_dict()) == keys, "the masks finetune attached itself are removed again"
+    for n, m in model.model.layers.named_modules():
         if isinstance(m, nn.Linear):
             w = m.weight.detach()
             assert (w != 0).view(w.shape[0], -1, 4).sum(-1).max() <= 2
-            assert torch.equal(w != 0, m.weight_mask)
+            assert (w[zero0[n]] == 0).all(), f"{n}: a pruned weight came back"
+    model2 = tiny_llama()
+    finetune(model2, data, steps=1, keep_masks=True, mask_zeros=0.5)
+    assert not any(k.endswith("_mask") for k in model2.state_dict())  # dense: nothing to mask
 
 
 def test_finetune_errors():

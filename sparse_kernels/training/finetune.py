@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters
+from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters, remove_mask
 
 
 def mask_zeros_(model: nn.Module, min_fraction: float = 0.01) -> list[str]:
@@ -68,8 +68,8 @@ def _causal_lm_loss(model: nn.Module, batch) -> torch.Tensor:
 def finetune(model: nn.Module, token_batches, steps: int, lr: float = 1e-5, *, batch_size: int = 4,
              weight_decay: float = 0.0, warmup: int = 0, max_grad_norm: float | None = 1.0,
              loss_fn: Callable[[nn.Module, object], torch.Tensor] | None = None,
-             mask_zeros: float | None = 0.01, log_every: int = 0, device: torch.device | str | None = None,
-             progress: bool = False) -> dict:
+             mask_zeros: float | None = 0.01, keep_masks: bool = False, log_every: int = 0,
+             device: torch.device | str | None = None, progress: bool = False) -> dict:
     """Fine-tune ``model`` for ``steps`` AdamW steps with every pruning mask held fixed.
 
     Args:
@@ -80,6 +80,9 @@ def finetune(model: nn.Module, token_batches, steps: int, lr: float = 1e-5, *, b
         steps: number of optimizer steps (>= 1).
         lr: peak learning rate; linear warmup over ``warmup`` steps, then cosine decay to 10%.
         mask_zeros: see :func:`mask_zeros_` (None disables).
+        keep_masks: keep the ``weight_mask`` buffers that ``mask_zeros`` attached (default: remove
+            them at the end, so the model keeps its original structure and state_dict keys; the
+            pruned weights stay zero). Masks the model already had are never removed.
         device: where batches go (default: the model's first parameter's device).
 
     Returns a dict: ``steps``, ``losses`` (per step), ``loss_first``, ``loss_last`` (mean of the
@@ -96,8 +99,7 @@ def finetune(model: nn.Module, token_batches, steps: int, lr: float = 1e-5, *, b
         raise ValueError("model: has no parameters with requires_grad=True")
     device = device or params[0].device
     it = _batches(token_batches, batch_size)
-    if mask_zeros:
-        mask_zeros_(model, mask_zeros)
+    added = mask_zeros_(model, mask_zeros) if mask_zeros else []
     loss_fn = loss_fn or _causal_lm_loss
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
@@ -144,6 +146,10 @@ def finetune(model: nn.Module, token_batches, steps: int, lr: float = 1e-5, *, b
         model.train(was_training)
         if bar is not None:
             bar.close()
+    n_masked = len({q for q, _, _ in masked_parameters(model)})
+    if not keep_masks:
+        for name in added:
+            remove_mask(model.get_submodule(name))
     tail = max(1, steps // 10)
     return {
         "steps": steps,
@@ -151,7 +157,7 @@ def finetune(model: nn.Module, token_batches, steps: int, lr: float = 1e-5, *, b
         "loss_first": losses[0],
         "loss_last": sum(losses[-tail:]) / tail,
         "seconds": time.perf_counter() - t0,
-        "masked_layers": len({q for q, _, _ in masked_parameters(model)}),
+        "masked_layers": n_masked,
     }
 
 

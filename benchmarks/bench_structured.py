@@ -16,6 +16,10 @@ model's with the same units zeroed (must agree within fp32 tolerance), then time
 * decode: ``generate`` of ``--new`` tokens greedily after a 16-token prompt, KV cache on;
   tokens/s = batch * new / time.
 
+Each is also timed in process CPU time (``time.process_time``, median of ``--cpu-runs`` calls):
+on a machine shared with other jobs, wall time swings with their load, CPU time much less;
+run with ``--threads 1`` there so CPU time is compute time and not spin-waiting threads.
+
 Writes JSON rows with the environment to ``--out`` (default benchmarks/results/cpu/bench_structured.json).
 """
 
@@ -27,7 +31,9 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 import torch.utils.benchmark as tb
@@ -72,14 +78,22 @@ def masked_copy(dense, rep):
     return ref
 
 
-def timeit(fn, min_run_time):
+def _q(ts, p):
+    ts = sorted(ts)
+    return ts[min(len(ts) - 1, int(p * (len(ts) - 1) + 0.5))]
+
+
+def timeit(fn, min_run_time, cpu_runs):
+    """Wall time (torch.utils.benchmark, median/p20/p80) and, per call, the process CPU time
+    (``time.process_time``: on a shared machine it is far less disturbed by other jobs)."""
     m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    ts = sorted(m.times)
-
-    def q(p):
-        return ts[min(len(ts) - 1, int(p * (len(ts) - 1) + 0.5))]
-
-    return dict(median=m.median, p20=q(0.2), p80=q(0.8), runs=len(ts))
+    cpu = []
+    for _ in range(cpu_runs):
+        t = time.process_time()
+        fn()
+        cpu.append(time.process_time() - t)
+    return dict(median=m.median, p20=_q(m.times, 0.2), p80=_q(m.times, 0.8), runs=len(m.times),
+                cpu_median=statistics.median(cpu), cpu_p20=_q(cpu, 0.2), cpu_p80=_q(cpu, 0.8), cpu_runs=cpu_runs)
 
 
 def param_bytes(model):
@@ -110,11 +124,15 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=16)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--min-run-time", type=float, default=2.0)
+    p.add_argument("--cpu-runs", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu",
                                                  "bench_structured.json"))
     args = p.parse_args(argv)
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     cfg = CONFIGS[args.config]
     torch.manual_seed(0)
@@ -136,24 +154,29 @@ def main(argv=None):
                 raise SystemExit(f"{name}: pruned model differs from the masked dense model (max err {err:.3e})")
         model = model.to(dtype)
         with torch.no_grad():
-            pre = timeit(lambda: model(input_ids=ids), args.min_run_time)
+            pre = timeit(lambda: model(input_ids=ids), args.min_run_time, args.cpu_runs)
             dec = timeit(lambda: model.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
-                                                do_sample=False, pad_token_id=0), args.min_run_time)
+                                                do_sample=False, pad_token_id=0), args.min_run_time, args.cpu_runs)
         row = dict(variant=name, options=kw, params=sum(p.numel() for p in model.parameters()),
                    param_bytes=param_bytes(model), check_max_abs_err=err,
                    prefill_tokens_per_s=args.batch * args.seq / pre["median"], prefill_s=pre,
                    decode_tokens_per_s=args.batch * args.new / dec["median"], decode_s=dec,
+                   prefill_tokens_per_cpu_s=args.batch * args.seq / pre["cpu_median"],
+                   decode_tokens_per_cpu_s=args.batch * args.new / dec["cpu_median"],
                    config={k: getattr(model.config, k) for k in ("num_hidden_layers", "intermediate_size",
                                                                  "num_attention_heads", "num_key_value_heads")})
         if base is None:
             base = row
         row["prefill_speedup"] = row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
         row["decode_speedup"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        row["prefill_cpu_speedup"] = row["prefill_tokens_per_cpu_s"] / base["prefill_tokens_per_cpu_s"]
+        row["decode_cpu_speedup"] = row["decode_tokens_per_cpu_s"] / base["decode_tokens_per_cpu_s"]
         row["memory_saved"] = 1 - row["param_bytes"] / base["param_bytes"]
         rows.append(row)
         print(f"{name:<20} params {row['params'] / 1e6:7.2f}M ({row['memory_saved']:6.1%} saved)  "
               f"prefill {row['prefill_tokens_per_s']:8.0f} tok/s ({row['prefill_speedup']:.2f}x)  "
               f"decode {row['decode_tokens_per_s']:6.1f} tok/s ({row['decode_speedup']:.2f}x)  "
+              f"per CPU-s: prefill {row['prefill_cpu_speedup']:.2f}x decode {row['decode_cpu_speedup']:.2f}x  "
               f"check err {err:.1e}", flush=True)
         del model
     env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,

@@ -392,7 +392,7 @@ def _n_params(model) -> int:
 
 def structured_prune(model: nn.Module, sparsity: float = 0.0, calibration=None, *, criterion: str = "magnitude",
                      heads: float | int = 0.0, layers: int | Iterable[int] = 0, round_to: int = 1,
-                     batch_size: int = 4) -> tuple[nn.Module, dict]:
+                     batch_size: int = 4) -> tuple[nn.Module, "StructuredReport"]:
     """Remove units of a Hugging Face causal LM and return ``(model, report)`` (same object, shrunk).
 
     Args:
@@ -405,8 +405,8 @@ def structured_prune(model: nn.Module, sparsity: float = 0.0, calibration=None, 
             to remove; it must be whole KV groups (a multiple of num_attention_heads/num_key_value_heads).
         layers: how many whole decoder layers to remove (int, the least important) or which (list).
 
-    Returns ``(model, report)``; ``report`` has ``removed`` (original layer index ->
-    ``{"ffn": [channels], "kv_groups": [...], "q_heads": [...]}`` and ``"layers": [...]``), parameter
+    Returns ``(model, report)``, a :class:`StructuredReport`: ``removed`` (original layer index ->
+    ``{"ffn": [channels], "kv_groups": [...], "q_heads": [...]}``, and ``"layers": [...]``), parameter
     counts before/after, the new config values and the seconds taken.
 
     Raises ValueError for out-of-range sparsity/heads/layers, heads that do not divide into whole

@@ -16,6 +16,7 @@ from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
 from .nn import SparseLinear, sparsify
 from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
 from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
+from . import lottery, structured, training  # noqa: F401  (training-time and structured pruning)
 
 __version__ = "0.1.0"
 

@@ -109,6 +109,10 @@ class PruningMethod:
 
     name = "?"
     needs_calibration = True
+    #: Whole-model methods (structured pruning) set this to a callable
+    #: ``(model, sparsity, calibration, batch_size, **options) -> report``; :func:`prune` then
+    #: calls it instead of walking the blocks and returns its report.
+    prune_model = None
 
     def make_stats(self, name: str, layer: nn.Module):
         return None
@@ -168,6 +172,23 @@ class MagnitudeMethod(PruningMethod):
         return w, mask, None
 
 
+class StructuredMethod(PruningMethod):
+    """Remove whole FFN channels, KV head groups and decoder layers (:mod:`sparse_kernels.structured`).
+
+    Options: ``criterion`` (magnitude | activation | taylor), ``heads``, ``layers``, ``round_to``.
+    The model shrinks in place (same object); the report is a ``StructuredReport``.
+    """
+
+    name = "structured"
+    needs_calibration = False
+
+    def prune_model(self, model, sparsity, calibration, batch_size=4, **options):
+        from ..structured import structured_prune
+
+        _, report = structured_prune(model, sparsity, calibration, batch_size=batch_size, **options)
+        return report
+
+
 METHODS: dict[str, PruningMethod] = {}
 
 
@@ -178,7 +199,7 @@ def register_method(name: str, method: PruningMethod) -> None:
     METHODS[name] = method
 
 
-for _m in (SparseGPTMethod(), WandaMethod(), MagnitudeMethod()):
+for _m in (SparseGPTMethod(), WandaMethod(), MagnitudeMethod(), StructuredMethod()):
     register_method(_m.name, _m)
 
 
@@ -406,6 +427,7 @@ def prune(
     convert: bool = False,
     progress: bool = True,
     backend: str | None = None,
+    **method_options,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
 
@@ -428,6 +450,9 @@ def prune(
         device: where to process each block (moved there and back); None: leave it in place.
         convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``.
         progress: show a progress bar (tqdm if installed, else a line per block on stderr).
+        method_options: extra options of whole-model methods, e.g. for ``"structured"``:
+            ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
+            fraction of each FFN's channels to remove and the model shrinks in place).
 
     Raises ValueError/TypeError for an unknown method, a bad sparsity, missing or malformed
     calibration, no blocks found.
@@ -435,6 +460,10 @@ def prune(
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(sorted(METHODS))}")
     meth = METHODS[method]
+    if meth.prune_model is not None:
+        return meth.prune_model(model, sparsity, calibration, batch_size=batch_size, **method_options)
+    if method_options:
+        raise TypeError(f"prune: method {method!r} takes no options {sorted(method_options)}")
     spec = parse_sparsity(sparsity)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: got {batch_size!r}, expected a positive int")

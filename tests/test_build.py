@@ -31,11 +31,21 @@ def _copy_package(dst: str, build_info: dict | None) -> None:
             json.dump(build_info, f)
 
 
+# An editable install (`pip install -e .`, as CI does) maps `sparse_kernels` to the checkout
+# through a finder (a class) on sys.meta_path, which would still resolve `sparse_kernels._C`
+# to the checkout once the copy lacks it; drop it so only the copy is imported.
+_PRELUDE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable__")]
+"""
+
+
 def _run(code: str, cwd: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARSE_KERNELS_", "TRITON_INTERPRET"))}
     env["PYTHONPATH"] = cwd
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+    code = _PRELUDE + textwrap.dedent(code) + "\nassert sk.__file__.startswith(sys.argv[1]), sk.__file__\n"
+    return subprocess.run([sys.executable, "-c", code, cwd], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

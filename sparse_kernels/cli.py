@@ -308,7 +308,7 @@ def format_demo(res: dict) -> str:
              ck["pruned_layer_bytes"] / d["pruned_layer_bytes"]],
             ["generation tok/s (median)", d["generation"]["tokens_per_s"], ck["generation"]["tokens_per_s"],
              ck["generation"]["tokens_per_s"] / d["generation"]["tokens_per_s"]],
-        ], title=f"\nSparseGPT 2:4 checkpoint {ck['path']} ({ck['n_2to4_layers']} layers as SparseLinear, "
+        ], title=f"\n{ck['method']} {ck['pattern']} checkpoint {ck['path']} ({ck['n_2to4_layers']} layers as SparseLinear, "
                  f"sparse_linear backend at decode: {ck['sparse_linear_backend_decode']})"))
         out.append(f"reloaded logits == pruned model's (SparseLinear, bit for bit): {ck['logits_equal_in_memory_sparse']}; "
                    f"max |diff| vs the dense-masked pruned model: {ck['logits_max_abs_diff_vs_dense_masked']:.3g} "

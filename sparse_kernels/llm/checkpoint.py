@@ -363,19 +363,20 @@ def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Te
     return tensors
 
 
-def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Validate one 2:4 layer's values/meta; return its dense weight ``[out, in]``."""
-    from ..reference.sparse24 import check_meta, decompress_2to4
+def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Validate one 2:4 layer's values/meta: shapes against the layer, dtypes, meta nibbles."""
+    from ..reference.sparse24 import check_meta
 
     values, meta = tensors.get(name + ".values"), tensors.get(name + ".meta")
     if values is None or meta is None:
         raise CheckpointError(f"2:4 layer {name!r}: {name}.values or {name}.meta is missing")
     out_f, in_f = li["out_features"], li["in_features"]
     cols = values.shape[1] * 2 if values.dim() == 2 else -1
-    if (values.dim() != 2 or values.shape[0] != out_f or cols < in_f or cols % 16
+    if (values.dim() != 2 or values.shape[0] != out_f or cols != (in_f + 15) // 16 * 16
             or list(meta.shape) != [out_f, cols // 16]):
         raise CheckpointError(f"2:4 layer {name!r}: values {list(values.shape)} / meta {list(meta.shape)} do not "
-                              f"fit a [{out_f}, {in_f}] weight (values [out, cols/2], meta [out, cols/16])")
+                              f"fit a [{out_f}, {in_f}] weight (values [out, in_pad/2], meta [out, in_pad/16], "
+                              f"in_pad = in_features rounded up to 16)")
     if meta.dtype != torch.int16 or not values.is_floating_point():
         raise CheckpointError(f"2:4 layer {name!r}: meta must be int16 and values floating point, got "
                               f"{_dtype_name(meta.dtype)} and {_dtype_name(values.dtype)}")
@@ -383,7 +384,6 @@ def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> torch
         check_meta(meta)
     except ValueError as e:
         raise CheckpointError(f"2:4 layer {name!r}: {e}") from e
-    return decompress_2to4(values, meta)[:, :in_f]
 
 
 def _skeleton(cfg: dict, model: nn.Module | None) -> nn.Module:
@@ -413,7 +413,8 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     """
     cfg = read_config(path)
     tensors = _read_tensors(path, cfg, verify_hash)
-    dense = {name: _check_layer(name, li, tensors) for name, li in cfg["layers"].items()}
+    for name, li in cfg["layers"].items():
+        _check_layer(name, li, tensors)
     for k, target in cfg["aliases"].items():
         if target not in tensors:
             raise CheckpointError(f"alias {k!r} points at {target!r}, which is not stored")
@@ -428,13 +429,9 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
             old = m.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"2:4 layer {name!r} is not a module of {type(m).__name__}") from e
-        wdt = tensors[name + ".values"].dtype
-        lin = nn.Linear(li["in_features"], li["out_features"], bias=li["bias"], dtype=wdt)
-        lin.weight.copy_(dense[name])
-        if li["bias"]:
-            lin.bias.copy_(tensors[name + ".bias"])
         del old
-        _replace(m, name, sl.from_dense(lin, pattern=PATTERN_24))
+        _replace(m, name, sl(li["in_features"], li["out_features"], bias=li["bias"], pattern=PATTERN_24,
+                             dtype=tensors[name + ".values"].dtype))  # filled by load_state_dict below
     try:
         m.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

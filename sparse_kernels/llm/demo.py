@@ -168,7 +168,7 @@ def run_demo(out_dir: str, *, model: str | None = None, methods=METHODS, pattern
 def _save_and_check(m, tok, src, res, out_dir, ev, layer_names, rep, prompt, new_tokens, repeats, verbose) -> dict:
     ids = ev[:, : min(256, ev.shape[1])]
     ref_masked = bench.logits_of(m, ids)
-    ck_dir = os.path.join(out_dir, "sparsegpt-2of4")
+    ck_dir = os.path.join(out_dir, f"{rep.method}-{rep.sparsity.replace(':', 'of')}")
     t = time.perf_counter()
     cfg = checkpoint.save(m, ck_dir, layers={n: checkpoint.PATTERN_24 for n in layer_names},
                           base_model=src.as_dict(), tokenizer=tok,
@@ -180,7 +180,7 @@ def _save_and_check(m, tok, src, res, out_dir, ev, layer_names, rep, prompt, new
     loaded, _ = checkpoint.load(ck_dir)
     load_s = time.perf_counter() - t
     got = bench.logits_of(loaded, ids)
-    out = {"path": ck_dir, "save_s": save_s, "load_s": load_s, "sizes": cfg["sizes"],
+    out = {"path": ck_dir, "method": rep.method, "pattern": rep.sparsity, "save_s": save_s, "load_s": load_s, "sizes": cfg["sizes"],
            "n_2to4_layers": len(cfg["layers"]),
            "logits_equal_in_memory_sparse": bool(torch.equal(got, mem_sparse)),
            "logits_max_abs_diff_vs_dense_masked": float((got - ref_masked).abs().max()),

@@ -327,7 +327,7 @@ def test_cli_info(capsys):
 
 def test_table_alignment():
     t = cli.table(["a", "bb"], [["x", 1.5], ["yy", 10.25]])
-    assert t.splitlines() == ["a    bb", "--  ------", "x    1.500", "yy  10.250"]
+    assert t.splitlines() == ["a       bb", "--  ------", "x    1.500", "yy  10.250"]
 
 
 # ---------------------------------------------------------------- data

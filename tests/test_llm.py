@@ -399,3 +399,50 @@ def test_smollm2_sparsegpt_beats_magnitude_at_2to4():
         ppl[method] = evaluate.perplexity(m, ev, window=256).ppl
     assert 5 < dense < 40, dense
     assert dense < ppl["sparsegpt"] < ppl["magnitude"] / 4, (dense, ppl)
+
+
+# ---------------------------------------------------------------- CLI end to end on a tiny local model
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + a word-level tokenizer saved as a local Hugging Face model directory."""
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp("tiny")
+    words = ["[UNK]", "</s>"] + "and the of to in that he shall unto for i his a lord they be is him not them it".split()
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>")
+    fast.save_pretrained(d)
+    _tiny_llama().save_pretrained(d)
+    text = d / "text.txt"
+    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(3000)))
+    return d, text
+
+
+def test_cli_prune_eval_bench_on_a_local_model(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "4",
+                     "--seqlen", "32", "--calibration-source", str(text), "-o", str(out), "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "pruned and saved to" in o and "sparsegpt" in o
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert len(cfg["layers"]) == 14 and cfg["pruning"]["method"] == "sparsegpt"
+    for model in (str(d), str(out)):
+        assert cli.main(["eval", "--model", model, "--eval-source", str(text), "--tokens", "200", "--window", "64",
+                         "--stride", "32", "--no-progress"]) == 0
+        assert "ppl" in capsys.readouterr().out
+    assert cli.main(["bench", "--model", str(d), "--sparse", str(out), "--new-tokens", "4", "--repeats", "1",
+                     "--prompt", "and the lord"]) == 0
+    assert "tok/s" in capsys.readouterr().out
+
+
+def test_resolve_model_argument(tmp_path, saved):
+    from sparse_kernels.llm import models
+
+    assert models.resolve(str(saved[0])).kind == "checkpoint"
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        models.resolve(str(tmp_path / "missing"))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    src = models.resolve(str(tmp_path / "m.gguf"))
+    assert (src.kind, src.gguf_file) == ("gguf", "m.gguf")
+    assert models.resolve("someone/some-model").kind == "hf"

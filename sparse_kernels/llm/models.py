@@ -82,7 +82,8 @@ def resolve(model: str | None) -> ModelSource:
         ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
         if not os.path.isfile(os.path.join(model, "config.json")) and len(ggufs) == 1:
             return ModelSource(ggufs[0], "gguf", model, ggufs[0])
-    if model.endswith(".gguf") or model.startswith((".", "/", "~")) or ("/" in model and not _looks_like_hub_id(model)):
+    if not os.path.exists(model) and (model.endswith(".gguf") or model.startswith((".", "/", "~"))
+                                      or ("/" in model and not _looks_like_hub_id(model))):
         raise FileNotFoundError(f"--model {model!r}: no such file or directory")
     return ModelSource(model, "hf", model)
 

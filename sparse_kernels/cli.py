@@ -250,22 +250,24 @@ def cmd_bench(args) -> int:
     names = demo.block_layer_names(m)
     rows = []
 
-    def measure(label, model):
-        g = bench.generate(model, tok, args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
-        rows.append([label, _mib(bench.tensor_bytes(model)), _mib(bench.linear_bytes(model, names)),
-                     g.tokens_per_s, g.p20, g.p80, g.text.replace("\n", " ")[:48]])
-
-    measure(f"dense {src.name}", m)
     if args.sparse:
         sm, _, ssrc = models.load_model(args.sparse)
-        del m
-        measure(f"sparse {ssrc.name}", sm)
+        label = f"sparse {ssrc.name}"
     else:
-        demo.prune_model(m, "magnitude", "2:4", None, progress=False)
-        checkpoint.to_sparse(m, {n: checkpoint.PATTERN_24 for n in names})
-        measure("sparse (magnitude 2:4, speed only)", m)
+        import copy
+
+        sm = copy.deepcopy(m)
+        demo.prune_model(sm, "magnitude", "2:4", None, progress=False)
+        checkpoint.to_sparse(sm, {n: checkpoint.PATTERN_24 for n in names})
+        label = "sparse (magnitude 2:4, speed only)"
+    both = {f"dense {src.name}": m, label: sm}
+    gens = bench.compare_generation(both, tok, args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
+    for lab, model in both.items():
+        g = gens[lab]
+        rows.append([lab, _mib(bench.tensor_bytes(model)), _mib(bench.linear_bytes(model, names)),
+                     g.tokens_per_s, g.p20, g.p80, g.text.replace("\n", " ")[:48]])
     print(table(["model", "weights MiB", "pruned layers MiB", "tok/s", "p20", "p80", "continuation"], rows,
-                title=f"\ngreedy generation of {args.new_tokens} tokens, median of {args.repeats}"))
+                title=f"\ngreedy generation of {args.new_tokens} tokens, median of {args.repeats} (runs interleaved)"))
     return 0
 
 

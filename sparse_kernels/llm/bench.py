@@ -2,7 +2,7 @@
 
 Tokens/s is measured on greedy decoding (``do_sample=False``) of exactly ``new_tokens`` tokens
 (``min_new_tokens`` forces the length), after one short warm-up generation, repeated
-``repeats`` times: the median with p20/p80 over the repeats is reported (STYLE.md).  The time
+``repeats`` times (interleaved across models by :func:`compare_generation`): the median with p20/p80 over the repeats is reported (STYLE.md).  The time
 includes the prompt's prefill; with a short prompt the decode steps (batch 1, memory-bound:
 where 2:4 weights help) dominate.
 """
@@ -62,29 +62,49 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def _generate_once(model, tokenizer, enc, n: int):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+    return out, time.perf_counter() - t0
+
+
 @torch.no_grad()
+def compare_generation(models: dict, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: int = 3,
+                       warmup_tokens: int = 4) -> dict[str, GenerationResult]:
+    """Greedy continuations of ``prompt`` by every model of ``{label: model}`` and their speed.
+
+    The timed runs are interleaved (model A, model B, A, B, ...) so a change in machine load
+    hits every model alike; each model gets one warm-up generation first.
+    """
+    if new_tokens < 1 or repeats < 1:
+        raise ValueError(f"generate: new_tokens and repeats must be positive, got {new_tokens}, {repeats}")
+    encs = {}
+    for label, model in models.items():
+        model.eval()
+        encs[label] = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
+        _generate_once(model, tokenizer, encs[label], warmup_tokens)
+    times: dict[str, list] = {k: [] for k in models}
+    outs = {}
+    for _ in range(repeats):
+        for label, model in models.items():
+            outs[label], t = _generate_once(model, tokenizer, encs[label], new_tokens)
+            times[label].append(t)
+    res = {}
+    for label in models:
+        new = outs[label][0, encs[label]["input_ids"].shape[1]:]
+        rates = [new.numel() / t for t in times[label]]
+        res[label] = GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), new_tokens=int(new.numel()),
+                                      tokens_per_s=statistics.median(rates), p20=_quantile(rates, 0.2),
+                                      p80=_quantile(rates, 0.8), seconds=times[label])
+    return res
+
+
 def generate(model, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: int = 3,
              warmup_tokens: int = 4) -> GenerationResult:
     """Greedy continuation of ``prompt`` and its speed; see the module docstring."""
-    if new_tokens < 1 or repeats < 1:
-        raise ValueError(f"generate: new_tokens and repeats must be positive, got {new_tokens}, {repeats}")
-    model.eval()
-    device = next(model.parameters()).device
-    enc = tokenizer(prompt, return_tensors="pt").to(device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kw = dict(do_sample=False, pad_token_id=pad)
-    model.generate(**enc, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **kw)
-    times = []
-    out = None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
-        times.append(time.perf_counter() - t0)
-    new = out[0, enc["input_ids"].shape[1]:]
-    rates = [new.numel() / t for t in times]
-    return GenerationResult(text=tokenizer.decode(new, skip_special_tokens=True), new_tokens=int(new.numel()),
-                            tokens_per_s=statistics.median(rates), p20=_quantile(rates, 0.2),
-                            p80=_quantile(rates, 0.8), seconds=times)
+    return compare_generation({"m": model}, tokenizer, prompt, new_tokens=new_tokens, repeats=repeats,
+                              warmup_tokens=warmup_tokens)["m"]
 
 
 @torch.no_grad()

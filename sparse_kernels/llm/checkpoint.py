@@ -1,0 +1,448 @@
+"""Compressed checkpoints of pruned models: 2:4 layers as values + meta, the rest as-is.
+
+A checkpoint is a directory:
+
+* ``model.safetensors``: the state dict of the model with its 2:4 layers converted to
+  :class:`sparse_kernels.nn.SparseLinear` (so each such layer stores ``values``
+  ``[out, in/2]`` in the weight dtype and ``meta`` ``[out, in/16]`` int16, see
+  :mod:`sparse_kernels.reference.sparse24`), every other tensor unchanged.  Tensors that share
+  storage (tied embeddings) are stored once.  The safetensors metadata repeats the format name
+  and version.
+* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version``
+  (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
+  config (when there is one), which layers are ``2:4`` (with their dense shape, original module
+  type and bias) and which are ``masked`` (unstructured: stored dense, zeros included), the
+  shape and dtype of every stored tensor, the aliases of tied tensors, the size and SHA-256 of
+  the tensors file and the bytes on disk against the dense model.
+* optionally the tokenizer files (``tokenizer.save_pretrained``).
+
+Writes are atomic: each file is written to a temporary name in the same directory, flushed
+and fsynced, then ``os.replace``-d into place; the JSON goes last and names the SHA-256 of the
+tensors file, so a crash between the two leaves a checkpoint that fails to load with a clear
+error rather than one that loads the wrong weights.
+
+:func:`load` checks, before building anything: the format name and version, the file size
+(truncation), the SHA-256 (corruption), the stored tensors against the manifest (names, shapes,
+dtypes), and every 2:4 layer's meta nibbles (the six valid ones, 4 8 9 12 13 14); any failure
+raises :class:`CheckpointError` (a ValueError) naming the file and what is wrong.  Then it
+rebuilds the model with its 2:4 layers as SparseLinear and loads every tensor strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+FORMAT_NAME = "sparse_kernels.pruned_lm"
+FORMAT_VERSION = 1
+CONFIG_NAME = "sparse_kernels.json"
+TENSORS_NAME = "model.safetensors"
+PATTERN_24 = "2:4"
+MASKED = "masked"
+_DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+                                                    torch.int16, torch.int32, torch.int64, torch.int8,
+                                                    torch.uint8, torch.bool)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: wrong format/version, truncated, corrupted or inconsistent."""
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- layer helpers
+def _conv1d_cls():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` computing the same function as ``module`` (nn.Linear or HF GPT-2 ``Conv1D``).
+
+    The weight is shared for nn.Linear and transposed (a copy) for Conv1D, whose weight is
+    ``[in, out]``.  Raises TypeError for anything else.
+    """
+    if isinstance(module, nn.Linear):
+        return module
+    conv = _conv1d_cls()
+    if conv is not None and isinstance(module, conv):
+        w = module.weight.detach()
+        lin = nn.Linear(w.shape[0], w.shape[1], bias=module.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.t())
+            if module.bias is not None:
+                lin.bias.copy_(module.bias)
+        return lin
+    raise TypeError(f"expected nn.Linear or transformers Conv1D, got {type(module).__name__}")
+
+
+def is_2to4(weight: torch.Tensor) -> bool:
+    """True when every group of 4 along the last dim of ``weight [out, in]`` has at least 2 zeros."""
+    if weight.dim() != 2 or weight.shape[1] % 4 != 0:
+        return False
+    nnz = (weight.detach().reshape(weight.shape[0], -1, 4) != 0).sum(-1)
+    return bool((nnz <= 2).all())
+
+
+def _sparse_linear_cls():
+    from ..nn import SparseLinear
+
+    return SparseLinear
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def find_sparse_layers(model: nn.Module) -> dict[str, str]:
+    """``{name: "2:4"}`` for every SparseLinear with a 2:4 pattern and every nn.Linear/Conv1D whose
+    weight is exactly 2:4 sparse; ``{name: "masked"}`` for SparseLinear layers with a mask."""
+    sl = _sparse_linear_cls()
+    conv = _conv1d_cls()
+    out: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, sl):
+            out[name] = PATTERN_24 if getattr(mod, "pattern", None) == PATTERN_24 else MASKED
+        elif isinstance(mod, nn.Linear) or (conv is not None and isinstance(mod, conv)):
+            w = as_linear(mod).weight
+            if w.numel() and is_2to4(w) and bool((w != 0).any()):
+                out[name] = PATTERN_24
+    return out
+
+
+@torch.no_grad()
+def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
+    """Swap the ``layers`` named ``"2:4"`` for SparseLinear (in place); returns their descriptions.
+
+    nn.Linear and Conv1D weights must already be 2:4 sparse (a pruned model); SparseLinear
+    layers are kept.  ``"masked"`` layers stay as they are (stored dense).  Raises ValueError if a
+    layer named ``"2:4"`` is not 2:4 sparse.
+    """
+    sl = _sparse_linear_cls()
+    conv = _conv1d_cls()
+    info: dict[str, dict] = {}
+    for name, kind in layers.items():
+        if kind != PATTERN_24:
+            continue
+        mod = model.get_submodule(name)
+        if isinstance(mod, sl):
+            info[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
+                          "bias": mod.bias is not None, "module": "SparseLinear"}
+            continue
+        orig = "Conv1D" if conv is not None and isinstance(mod, conv) else type(mod).__name__
+        lin = as_linear(mod)
+        if not is_2to4(lin.weight):
+            raise ValueError(f"layer {name!r} is listed as 2:4 but its weight is not 2:4 sparse")
+        info[name] = {"in_features": lin.in_features, "out_features": lin.out_features,
+                      "bias": lin.bias is not None, "module": orig}
+        # The weight is already 2:4: its nonzeros are the mask (skips re-ranking every group).
+        _replace(model, name, sl.from_dense(lin, pattern=PATTERN_24, mask=lin.weight != 0))
+    return info
+
+
+# ---------------------------------------------------------------- atomic IO
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp_path)``, fsync it, then ``os.replace`` it onto ``path``."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(d)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- save
+def _unique_tensors(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    keep: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for k, v in sd.items():
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        keep[k] = v.detach().contiguous()
+    return keep, aliases
+
+
+def _hf_config(model: nn.Module) -> tuple[str | None, dict | None]:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return None, None
+    d = cfg.to_dict()
+    for k in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        d.pop(k, None)
+    return type(model).__name__, d
+
+
+def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, base_model: dict | None = None,
+         tokenizer=None, pruning: dict | None = None) -> dict:
+    """Save ``model`` compressed into the directory ``path`` (created if needed); returns the config dict.
+
+    ``layers``: ``{module name: "2:4" | "masked"}``; default :func:`find_sparse_layers`.  The
+    model is modified in place: its 2:4 layers become SparseLinear (they compute the same thing).
+    ``base_model``: a description of where the dense model came from (stored as-is).
+    ``tokenizer``: saved next to the weights when given.  ``pruning``: free-form record of how
+    the model was pruned.  The returned dict's ``sizes`` holds the bytes on disk and the dense
+    equivalent.
+    """
+    os.makedirs(path, exist_ok=True)
+    layers = find_sparse_layers(model) if layers is None else dict(layers)
+    bad = {k: v for k, v in layers.items() if v not in (PATTERN_24, MASKED)}
+    if bad:
+        raise ValueError(f"save: layer formats must be '2:4' or 'masked', got {bad}")
+    info24 = to_sparse(model, layers)
+    sd = model.state_dict()
+    tensors, aliases = _unique_tensors(sd)
+    model_class, model_config = _hf_config(model)
+    dense_bytes = sparse_bytes = sparse_dense_bytes = 0
+    for k, v in tensors.items():
+        dense_bytes += v.numel() * v.element_size()
+    for name, li in info24.items():
+        lb = sum(v.numel() * v.element_size() for k, v in tensors.items() if k.startswith(name + "."))
+        wdt = next(v for k, v in tensors.items() if k.startswith(name + ".") and v.is_floating_point()).dtype
+        dense_w = li["in_features"] * li["out_features"] * torch.empty((), dtype=wdt).element_size()
+        dense_b = li["out_features"] * torch.empty((), dtype=wdt).element_size() if li["bias"] else 0
+        sparse_bytes += lb
+        sparse_dense_bytes += dense_w + dense_b
+        dense_bytes += dense_w + dense_b - lb
+    masked = {}
+    for name, kind in layers.items():
+        if kind == MASKED:
+            w = as_linear(model.get_submodule(name)).weight
+            masked[name] = {"sparsity": float((w == 0).float().mean())}
+    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    tpath = os.path.join(path, TENSORS_NAME)
+
+    def write_tensors(tmp):
+        from safetensors.torch import save_file
+
+        save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+
+    _atomic_write(tpath, write_tensors)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    file_bytes = os.path.getsize(tpath)
+    cfg = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch_version": torch.__version__,
+        "base_model": base_model or {},
+        "model_class": model_class,
+        "model_config": model_config,
+        "tokenizer_saved": tokenizer is not None,
+        "layers": {n: {"format": PATTERN_24, **li} for n, li in info24.items()},
+        "masked": masked,
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        "aliases": aliases,
+        "tensors_file": TENSORS_NAME,
+        "tensors_bytes": file_bytes,
+        "tensors_sha256": sha256_file(tpath),
+        "pruning": pruning or {},
+        "sizes": {
+            "file_bytes": file_bytes,
+            "dense_tensor_bytes": dense_bytes,
+            "sparse_layers_bytes": sparse_bytes,
+            "sparse_layers_dense_bytes": sparse_dense_bytes,
+            "sparse_layers_ratio": (sparse_bytes / sparse_dense_bytes) if sparse_dense_bytes else None,
+            "file_vs_dense_ratio": file_bytes / dense_bytes if dense_bytes else None,
+        },
+    }
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=1)
+
+    _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+    return cfg
+
+
+# ---------------------------------------------------------------- load
+def read_config(path: str) -> dict:
+    """Read and check ``sparse_kernels.json`` of the checkpoint directory ``path``.
+
+    Raises CheckpointError when it is missing, not JSON, of another format or of a format
+    version this code does not read.
+    """
+    cpath = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cpath):
+        raise CheckpointError(f"{path}: not a sparse_kernels checkpoint ({CONFIG_NAME} is missing)")
+    try:
+        with open(cpath) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cpath}: unreadable or not valid JSON ({e})") from e
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{cpath}: format is {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
+                              f"expected {FORMAT_NAME!r}")
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{cpath}: format_version {cfg.get('format_version')!r} is not supported; this "
+                              f"sparse_kernels reads version {FORMAT_VERSION}")
+    for key in ("layers", "masked", "tensors", "aliases", "tensors_bytes", "tensors_sha256"):
+        if key not in cfg:
+            raise CheckpointError(f"{cpath}: the required field {key!r} is missing")
+    return cfg
+
+
+def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    tpath = os.path.join(path, cfg.get("tensors_file", TENSORS_NAME))
+    if not os.path.isfile(tpath):
+        raise CheckpointError(f"{tpath}: the tensors file is missing")
+    size = os.path.getsize(tpath)
+    if size != cfg["tensors_bytes"]:
+        what = "truncated" if size < cfg["tensors_bytes"] else "longer than written"
+        raise CheckpointError(f"{tpath}: the file is {what}: {size} bytes on disk, {cfg['tensors_bytes']} expected")
+    if verify_hash:
+        digest = sha256_file(tpath)
+        if digest != cfg["tensors_sha256"]:
+            raise CheckpointError(f"{tpath}: corrupted: SHA-256 {digest} does not match the recorded "
+                                  f"{cfg['tensors_sha256']}")
+    try:
+        with safe_open(tpath, framework="pt") as f:
+            fmeta = f.metadata() or {}
+            if fmeta.get("format") != FORMAT_NAME or fmeta.get("format_version") != str(FORMAT_VERSION):
+                raise CheckpointError(f"{tpath}: its metadata names format {fmeta.get('format')!r} version "
+                                      f"{fmeta.get('format_version')!r}, expected {FORMAT_NAME!r} {FORMAT_VERSION}")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as e:
+        raise CheckpointError(f"{tpath}: not a readable safetensors file ({e})") from e
+    expected, got = set(cfg["tensors"]), set(tensors)
+    if expected != got:
+        raise CheckpointError(f"{tpath}: tensors do not match the manifest: missing {sorted(expected - got)[:5]}, "
+                              f"unexpected {sorted(got - expected)[:5]}")
+    for k, spec in cfg["tensors"].items():
+        t = tensors[k]
+        if list(t.shape) != list(spec["shape"]) or _dtype_name(t.dtype) != spec["dtype"]:
+            raise CheckpointError(f"{tpath}: tensor {k!r} is {_dtype_name(t.dtype)}{list(t.shape)}, the manifest "
+                                  f"says {spec['dtype']}{spec['shape']}")
+    return tensors
+
+
+def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Validate one 2:4 layer's values/meta: shapes against the layer, dtypes, meta nibbles."""
+    from ..reference.sparse24 import check_meta
+
+    values, meta = tensors.get(name + ".values"), tensors.get(name + ".meta")
+    if values is None or meta is None:
+        raise CheckpointError(f"2:4 layer {name!r}: {name}.values or {name}.meta is missing")
+    out_f, in_f = li["out_features"], li["in_features"]
+    cols = values.shape[1] * 2 if values.dim() == 2 else -1
+    if (values.dim() != 2 or values.shape[0] != out_f or cols != (in_f + 15) // 16 * 16
+            or list(meta.shape) != [out_f, cols // 16]):
+        raise CheckpointError(f"2:4 layer {name!r}: values {list(values.shape)} / meta {list(meta.shape)} do not "
+                              f"fit a [{out_f}, {in_f}] weight (values [out, in_pad/2], meta [out, in_pad/16], "
+                              f"in_pad = in_features rounded up to 16)")
+    if meta.dtype != torch.int16 or not values.is_floating_point():
+        raise CheckpointError(f"2:4 layer {name!r}: meta must be int16 and values floating point, got "
+                              f"{_dtype_name(meta.dtype)} and {_dtype_name(values.dtype)}")
+    try:
+        check_meta(meta)
+    except ValueError as e:
+        raise CheckpointError(f"2:4 layer {name!r}: {e}") from e
+
+
+def _skeleton(cfg: dict, model: nn.Module | None) -> nn.Module:
+    if model is not None:
+        return model
+    if not cfg.get("model_config"):
+        raise CheckpointError("the checkpoint holds no Hugging Face config: pass model= (a module of the same "
+                              "architecture) to load it")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mc = dict(cfg["model_config"])
+    hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+@torch.no_grad()
+def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
+         verify_hash: bool = True) -> tuple[nn.Module, dict]:
+    """Load a checkpoint written by :func:`save`; returns ``(model, config dict)``.
+
+    ``model``: a module of the saved architecture to fill (needed when the checkpoint has no
+    Hugging Face config); by default the model is rebuilt from the stored config.  The 2:4
+    layers come back as SparseLinear.  ``dtype`` casts after loading (default: as stored).
+    ``verify_hash=False`` skips the SHA-256 (the structural checks still run).
+
+    Raises CheckpointError (a ValueError) on any mismatch; see the module docstring.
+    """
+    cfg = read_config(path)
+    tensors = _read_tensors(path, cfg, verify_hash)
+    for name, li in cfg["layers"].items():
+        _check_layer(name, li, tensors)
+    for k, target in cfg["aliases"].items():
+        if target not in tensors:
+            raise CheckpointError(f"alias {k!r} points at {target!r}, which is not stored")
+        tensors[k] = tensors[target]
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    m = _skeleton(cfg, model)
+    if floats:  # build in the stored dtype so load_state_dict never silently casts
+        m = m.to(max(set(floats), key=floats.count))
+    sl = _sparse_linear_cls()
+    for name, li in cfg["layers"].items():
+        try:
+            old = m.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"2:4 layer {name!r} is not a module of {type(m).__name__}") from e
+        del old
+        _replace(m, name, sl(li["in_features"], li["out_features"], bias=li["bias"], pattern=PATTERN_24,
+                             dtype=tensors[name + ".values"].dtype))  # filled by load_state_dict below
+    try:
+        m.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: the stored tensors do not fit the model: {e}") from e
+    m = m.to(device)
+    if dtype is not None:
+        m = m.to(dtype)
+    return m.eval(), cfg
+
+
+def describe_sizes(cfg: dict) -> dict:
+    """Bytes on disk against the dense model, from a config returned by :func:`save` or :func:`load`."""
+    return dict(cfg.get("sizes", {}))

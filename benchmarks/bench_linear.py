@@ -38,25 +38,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sparse_kernels as sk  # noqa: E402
 from sparse_kernels.ops import _registry as R  # noqa: E402
 from sparse_kernels.ops import linear as L  # noqa: E402
+from sparse_kernels.info import device_name  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096)]
 GPU_BATCHES = [1, 4, 16, 64, 256, 2048, 8192]
 CPU_BATCHES = [1, 4, 16, 64]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ROTATE_BYTES = 64 << 20
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def versions():

@@ -48,6 +48,7 @@ from sparse_kernels.ops.sparsegpt import NAME, sparsegpt_block_update  # noqa: E
 from sparse_kernels.pruning import parse_sparsity, sparsegpt_prune  # noqa: E402
 from sparse_kernels.pruning.sparsegpt import fast_upper_inverse_factor  # noqa: E402
 from sparse_kernels.reference import sparsegpt as ref  # noqa: E402
+from sparse_kernels.info import cpu_name  # noqa: E402
 
 FULL_SHAPES = [(768, 768), (2048, 2048), (4096, 4096), (11008, 4096)]
 QUICK_SHAPES = {"cpu": [(768, 768), (2048, 2048)], "cuda": [(768, 768), (2048, 2048), (4096, 4096)]}
@@ -128,7 +129,7 @@ def main(argv=None):
     ext = _extension.load()
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)",
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": _triton_version(),
@@ -200,17 +201,6 @@ def main(argv=None):
         w.writerows(rows_out)
     print(f"wrote {out_dir}/sparsegpt.json and .csv", flush=True)
     return 0 if all_ok else 1
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _triton_version():

@@ -40,6 +40,7 @@ import torch.utils.benchmark as tb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_kernels.structured import structured_prune  # noqa: E402
+from sparse_kernels.info import cpu_name  # noqa: E402
 
 CONFIGS = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -103,17 +104,6 @@ def param_bytes(model):
             seen.add(p.data_ptr())
             n += p.numel() * p.element_size()
     return n
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None):

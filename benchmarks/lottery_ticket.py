@@ -36,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_kernels.lottery import LotteryTicket  # noqa: E402
+from sparse_kernels.info import cpu_name  # noqa: E402
 
 
 def load_data(split_seed: int = 0):
@@ -155,17 +156,6 @@ def plot(summary, path, title):
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def main(argv=None):

@@ -22,6 +22,26 @@ def _version(mod: str) -> str | None:
     return getattr(m, "__version__", "?")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device="cpu") -> str:
+    """Name of the machine a benchmark row ran on: the GPU's name for CUDA, else the CPU's."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return cpu_name()
+
+
 def devices() -> list[str]:
     out = ["cpu"]
     if torch.cuda.is_available():

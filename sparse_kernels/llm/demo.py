@@ -27,6 +27,7 @@ import time
 import torch
 
 from . import bench, checkpoint, data, evaluate, models
+from ..info import cpu_name as _cpu_name
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("50%", "2:4")
@@ -77,17 +78,6 @@ def environment() -> dict:
     return {"machine": platform.machine(), "platform": platform.platform(), "processor": _cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": vers,
             "extension_loaded": st["loaded"], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _log(msg: str, verbose: bool) -> None:

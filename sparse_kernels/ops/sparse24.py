@@ -69,6 +69,11 @@ def mask_2to4(w: torch.Tensor, scores: torch.Tensor | None = None, *, backend: s
 
     Raises ValueError on NaN in the scores, a last dim not divisible by 4, or a shape mismatch.
     """
+    check_mask_args(w, scores)
+    return R.call("mask_2to4", backend, w.device, w, scores)
+
+
+def check_mask_args(w: torch.Tensor, scores: torch.Tensor | None) -> None:
     V.tensor("w", w, min_ndim=1, dtypes=V.FLOAT_DTYPES)
     V.multiple("w", "the last dim", w.shape[-1], 4, " (groups of 4 run along the last dim)")
     if scores is not None:
@@ -76,7 +81,6 @@ def mask_2to4(w: torch.Tensor, scores: torch.Tensor | None = None, *, backend: s
         if scores.shape != w.shape:
             raise ValueError(f"scores: shape {tuple(scores.shape)} must equal w's shape {tuple(w.shape)}")
         V.same_device(w=w, scores=scores)
-    return R.call("mask_2to4", backend, w.device, w, scores)
 
 
 def _check_2d_w(w):

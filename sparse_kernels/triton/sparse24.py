@@ -216,15 +216,9 @@ def _nan_error(what: str) -> ValueError:
 
 def mask_2to4(w: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
     """bool [..., cols]: the two largest |w| (or scores) of each group of 4 along the last dim."""
-    from ..ops import _validate as V
+    from ..ops.sparse24 import check_mask_args
 
-    V.tensor("w", w, min_ndim=1, dtypes=V.FLOAT_DTYPES)
-    V.multiple("w", "the last dim", w.shape[-1], 4, " (groups of 4 run along the last dim)")
-    if scores is not None:
-        V.tensor("scores", scores, dtypes=V.FLOAT_DTYPES + (torch.float64,))
-        if scores.shape != w.shape:
-            raise ValueError(f"scores: shape {tuple(scores.shape)} must equal w's shape {tuple(w.shape)}")
-        V.same_device(w=w, scores=scores)
+    check_mask_args(w, scores)
     out = torch.empty(w.shape, dtype=torch.bool, device=w.device)
     if w.numel() == 0:
         return out

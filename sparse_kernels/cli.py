@@ -264,7 +264,7 @@ def cmd_prune(args) -> int:
         ft = _finetune(args, m, tok)
         ppl_ft = evaluate.perplexity(m, ev, progress=progress, desc="eval fine-tuned").ppl if args.eval_tokens else None
         print(table(["steps", "lr", "loss first", "loss last", "ppl pruned", "ppl fine-tuned"],
-                    [[args.finetune_steps, args.finetune_lr, ft["loss_first"], ft["loss_last"], ppl, ppl_ft]],
+                    [[args.finetune_steps, f"{args.finetune_lr:g}", ft["loss_first"], ft["loss_last"], ppl, ppl_ft]],
                     title="\nrecovery fine-tuning (masks fixed)"))
         ppl = ppl_ft
     kind = checkpoint.PATTERN_24 if pattern == "2:4" else checkpoint.MASKED

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "sparse24_errors.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -312,7 +314,7 @@ at::Tensor mask_2to4_cpp(const at::Tensor& w, const std::optional<at::Tensor>& s
     else
       ok = mask_kernel<uint32_t, true>(static_cast<const uint32_t*>(s.const_data_ptr()), o, rows, cols, inf);
   }
-  TORCH_CHECK_VALUE(ok, "mask_2to4: ", what, " contains NaN; a 2:4 mask needs comparable values");
+  if (!ok) raise_mask_nan(what);
   return out;
 }
 
@@ -342,14 +344,12 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cpp(const at::Tensor& w0, bool 
     bad = prune ? compress_kernel<uint32_t, true>(src, v, m, rows, cols, inf, &nan)
                 : compress_kernel<uint32_t, false>(src, v, m, rows, cols, inf, &nan);
   }
-  TORCH_CHECK_VALUE(!nan, "mask_2to4: w contains NaN; a 2:4 mask needs comparable values");
+  if (nan) raise_mask_nan("w");
   if (bad != kNone) {
     const int64_t r = bad / (cols / 4), c = 4 * (bad % (cols / 4));
     const at::Tensor grp = w.index({r}).narrow(0, c, 4);
     const int64_t n = grp.ne(0).sum().item<int64_t>();
-    TORCH_CHECK_VALUE(false, "compress_2to4: w is not 2:4 sparse: the group at row ", r, ", columns ", c, "..",
-                      c + 3, " has ", n,
-                      " nonzeros (at most 2 allowed); pass prune=True to keep the 2 largest of each group");
+    raise_not_2to4(r, c, n);
   }
   return {values, meta};
 }
@@ -385,9 +385,7 @@ at::Tensor decompress_2to4_cpp(const at::Tensor& values0, const at::Tensor& meta
   if (bad != kNone) {
     const int64_t r = bad / (cols / 4), g = bad % (cols / 4);
     const unsigned nib = (static_cast<uint16_t>(m[r * (cols / 16) + g / 4]) >> (4 * (g % 4))) & 0xF;
-    TORCH_CHECK_VALUE(false, "decompress_2to4: meta is corrupt: row ", r, ", group ", g, " (columns ", 4 * g, "..",
-                      4 * g + 3, ") has nibble ", nib, " with i0=", nib & 3, " >= i1=", nib >> 2,
-                      "; valid nibbles are (4, 8, 9, 12, 13, 14)");
+    raise_bad_nibble(r, g, nib);
   }
   return out;
 }

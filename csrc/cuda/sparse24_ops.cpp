@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "cuda/sparse24.h"
+#include "sparse24_errors.h"
 
 namespace {
 
@@ -75,8 +76,7 @@ at::Tensor mask_2to4_cuda(const at::Tensor& w, const std::optional<at::Tensor>& 
                                     c10::cuda::getCurrentCUDAStream()),
                "mask_2to4_cuda");
   if (flag.item<int64_t>() != std::numeric_limits<int64_t>::max()) {
-    TORCH_CHECK_VALUE(false, "mask_2to4: ", s.defined() ? "scores" : "w",
-                      " contains NaN; a 2:4 mask needs comparable values");
+    sparse_kernels::raise_mask_nan(s.defined() ? "scores" : "w");
   }
   return out;
 }
@@ -105,11 +105,10 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cuda(const at::Tensor& w, bool 
                "compress_2to4_cuda");
   const int64_t bad = flag.item<int64_t>();
   if (bad != std::numeric_limits<int64_t>::max()) {
-    if (prune) TORCH_CHECK_VALUE(false, "mask_2to4: w contains NaN; a 2:4 mask needs comparable values");
+    if (prune) sparse_kernels::raise_mask_nan("w");
     const int64_t r = bad / (cols / 4), c = 4 * (bad % (cols / 4));
     const int64_t n = wc.index({r, at::indexing::Slice(c, c + 4)}).ne(0).sum().item<int64_t>();
-    TORCH_CHECK_VALUE(false, "compress_2to4: w is not 2:4 sparse: the group at row ", r, ", columns ", c, "..", c + 3,
-                      " has ", n, " nonzeros (at most 2 allowed); pass prune=True to keep the 2 largest of each group");
+    sparse_kernels::raise_not_2to4(r, c, n);
   }
   return {values, meta};
 }
@@ -143,9 +142,7 @@ at::Tensor decompress_2to4_cuda(const at::Tensor& values, const at::Tensor& meta
     const int64_t r = bad / (cols / 4), g = bad % (cols / 4);
     const int64_t word = mc.index({r, g / 4}).item<int64_t>() & 0xFFFF;
     const int64_t nib = (word >> (4 * (g % 4))) & 0xF;
-    TORCH_CHECK_VALUE(false, "decompress_2to4: meta is corrupt: row ", r, ", group ", g, " (columns ", 4 * g, "..",
-                      4 * g + 3, ") has nibble ", nib, " with i0=", nib & 3, " >= i1=", nib >> 2,
-                      "; valid nibbles are (4, 8, 9, 12, 13, 14)");
+    sparse_kernels::raise_bad_nibble(r, g, nib);
   }
   return out;
 }

@@ -197,17 +197,10 @@ for _b in R.OPS["masked_linear"].backends:
 
 
 # ---------------------------------------------------------------- public API
-def _select_const(name, backend, device, m, dtype):
-    return R.select(name, backend, device, m, dtype)
-
-
-_select_traced = torch._dynamo.assume_constant_result(_select_const)
-
-
 def _call(name, backend, x2, *args):
-    """``R.call`` that torch.compile can trace: the backend choice is a trace-time constant.
+    """``R.call`` with the batch size and dtype as the ``auto`` rule's inputs.
 
-    Under compile the batch size is rounded up to a power of two (guards ``m <= 2**i``), so a
+    Under torch.compile the batch size is rounded up to a power of two (guards ``m <= 2**i``), so a
     symbolic batch size still gets the ``auto`` rule (whose thresholds are powers of two).
     """
     m = x2.shape[0]
@@ -215,10 +208,8 @@ def _call(name, backend, x2, *args):
         bucket = 1
         while bucket < (1 << 30) and m > bucket:
             bucket *= 2
-        b = _select_traced(name, backend, x2.device, bucket, x2.dtype)
-    else:
-        b = R.select(name, backend, x2.device, m, x2.dtype)
-    return R.get_op(name, b)(x2, *args)
+        m = bucket
+    return R.call(name, backend, x2.device, x2, *args, auto_args=(m, x2.dtype))
 
 
 def _flatten(x):

@@ -20,8 +20,8 @@ would be a 262144 x cols GEMM per shape): ``H = 2 * S (A^T A / r + 0.09 I) S`` w
 LLM activation covariances.  At 262,144 samples the sample covariance is within a few
 percent of this; the time does not depend on the values of H.
 
-Timing: ``torch.utils.benchmark`` on CPU (``--reps`` single runs each; the process's CPU time
-per run is recorded too, the robust number on a shared machine with ``--threads 1``),
+Timing: ``time.perf_counter`` on CPU (``--reps`` single runs each after a warm-up; the process's
+CPU time per run is recorded too, the robust number on a shared machine with ``--threads 1``),
 ``triton.testing.do_bench`` on GPU; median, p20 and p80 in seconds.  ``--quick`` uses fewer shapes and repeats so the CPU
 part finishes in a few minutes.  Writes ``sparsegpt.json`` and ``sparsegpt.csv`` to ``--out``
 (default benchmarks/results/<cpu|gpu>/) with device, versions and date in every row.
@@ -70,15 +70,14 @@ def quantiles(times):
 
 
 def time_cpu(fn, reps):
-    """Wall-clock quantiles from torch.utils.benchmark, plus this process's CPU time per run
-    (robust on a shared machine when run with --threads 1)."""
-    import torch.utils.benchmark as tb
-
-    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    """Wall-clock quantiles of ``reps`` single runs (the caller has run ``fn`` once already, as
+    the warm-up and the correctness check), plus this process's CPU time per run (robust on a
+    shared machine when run with --threads 1)."""
     wall, cpu = [], []
     for _ in range(reps):
-        c0 = time.process_time()
-        wall.append(timer.timeit(1).times[0])
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return quantiles(wall) + [quantiles(cpu)[0]]
 
@@ -181,7 +180,11 @@ def main(argv=None):
             mask1 = None if sp.is_nm else ref.unstructured_block_mask(W1, torch.diagonal(U1), sp.ratio)
             blk = {}
             for b in backends:
-                blk[b] = timer(lambda b=b: sparsegpt_block_update(W1, U1, mask1, sp.n, sp.m, backend=b), reps)
+                def blk_fn(b=b):
+                    return sparsegpt_block_update(W1, U1, mask1, sp.n, sp.m, backend=b)
+
+                blk_fn()  # warm-up
+                blk[b] = timer(blk_fn, reps)
             for b in backends:
                 med, p20, p80, cpu = blk[b]
                 row = dict(meta, shape=f"{rows}x{B} block op", rows=rows, cols=B, sparsity=str(spec), backend=b,

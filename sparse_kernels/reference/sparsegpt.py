@@ -71,7 +71,13 @@ def nm_mask_of(Q1: torch.Tensor, n: int, m: int) -> torch.Tensor:
     exactly ``n`` True per group and covers every nonzero (a group has at most ``n``).
     """
     rows, B = Q1.shape
-    return keep_top_n(Q1.abs().reshape(rows, B // m, m), n).reshape(rows, B)
+    keep = Q1 != 0
+    groups = keep.view(rows, B // m, m)
+    short = groups.sum(-1) != n
+    if not short.any():  # usual: the nonzeros are the n largest |q| (0.35 ms vs 3.4 ms to sort 2048x128)
+        return keep
+    groups[short] = keep_top_n(Q1.abs().reshape(rows, B // m, m)[short], n)
+    return keep
 
 
 def upper_inverse_factor(H: torch.Tensor) -> torch.Tensor:

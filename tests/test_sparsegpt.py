@@ -7,8 +7,8 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_bitexact, assert_close, devices, skip_unless_backend
-from sparse_kernels.ops.sparsegpt import NAME, sparsegpt_block_update
+from conftest import assert_bitexact, assert_close, assert_matmul_close, devices, poisoned_like, skip_unless_backend
+from sparse_kernels.ops.sparsegpt import LAZY_NAME, NAME, sparsegpt_block_update, sparsegpt_lazy_update
 from sparse_kernels.pruning import HessianAccumulator, HessianWarning, sparsegpt_prune
 from sparse_kernels.reference import sparsegpt as ref
 
@@ -163,6 +163,85 @@ def test_cpp_kernel_checks_its_own_arguments():
         op(W, U, None, 0, 0)
     with pytest.raises(TypeError, match="W1: dtype"):
         op(W.double(), U, mask, 0, 0)
+
+
+# ---------------------------------------------------------------- the lazy update
+def lazy_inputs(rows, B, L, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    E = torch.randn(rows, B, generator=g)
+    E[torch.rand(rows, B, generator=g) >= density] = 0
+    return E, torch.randn(B, L, generator=g), torch.randn(rows, L, generator=g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("rows,B,L", [(1, 1, 1), (37, 128, 100), (64, 24, 32), (130, 64, 65), (3, 8, 31)])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+def test_lazy_update_matches_addmm(backend, rows, B, L, density):
+    skip_unless_backend(LAZY_NAME, backend, "cpu")
+    E, U, W = lazy_inputs(rows, B, L, density, seed=rows + L)
+    E[rows // 2] = 0  # a row with no terms
+    exact = W.double() - E.double() @ U.double()
+    out = W.clone()
+    sparsegpt_lazy_update(out, E, U, backend=backend)
+    assert_matmul_close(out, exact, torch.addmm(W, E, U, alpha=-1), "W - Err1 @ U")
+    if density == 0.0:
+        assert_bitexact(out, W, "an all-zero Err1 leaves W as it was")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_lazy_update_strided_views_touch_only_the_view(backend):
+    skip_unless_backend(LAZY_NAME, backend, "cpu")
+    E, U, W = lazy_inputs(29, 40, 70, 0.5, seed=3)
+    big = poisoned_like(torch.empty(29, 77))  # NaN outside the view: a stray write or read shows up
+    big[:, 5:75] = W
+    Ebig = torch.randn(40, 29).t()  # non-contiguous Err1 (column-major)
+    Ebig.copy_(E)
+    Ubig = torch.randn(50, 90)[7:47, 11:81]  # U with a row stride of 90
+    Ubig.copy_(U)
+    sparsegpt_lazy_update(big[:, 5:75], Ebig, Ubig, backend=backend)
+    assert torch.isnan(big[:, :5]).all() and torch.isnan(big[:, 75:]).all()
+    assert_close(big[:, 5:75], torch.addmm(W, E, U, alpha=-1), "view", atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_lazy_update_opcheck_and_errors(backend):
+    skip_unless_backend(LAZY_NAME, backend, "cpu")
+    from sparse_kernels.ops import _registry as R
+
+    E, U, W = lazy_inputs(9, 16, 40, 0.5, seed=4)
+    torch.library.opcheck(R.get_op(LAZY_NAME, backend), (W.clone(), E, U))
+    with pytest.raises(TypeError, match="W: dtype float64"):
+        sparsegpt_lazy_update(W.double(), E, U, backend=backend)
+    with pytest.raises(ValueError, match=r"U: shape \(16, 39\) must be \(B, L\) = \(16, 40\)"):
+        sparsegpt_lazy_update(W, E, U[:, :39], backend=backend)
+    with pytest.raises(ValueError, match="Err1: shape .* must have W's 9 rows"):
+        sparsegpt_lazy_update(W, E[:8], U, backend=backend)
+    with pytest.raises(ValueError, match="W: the columns must be contiguous"):
+        sparsegpt_lazy_update(W.t().contiguous().t(), E, U, backend=backend)
+
+
+def test_lazy_update_cpp_kernel_checks_its_own_arguments():
+    skip_unless_backend(LAZY_NAME, "cpp", "cpu")
+    from sparse_kernels.ops import _registry as R
+
+    op = R.get_op(LAZY_NAME, "cpp")
+    E, U, W = lazy_inputs(9, 16, 40, 0.5, seed=5)
+    with pytest.raises(ValueError, match="U: shape"):
+        op(W, E, U[:, :30])
+    with pytest.raises(TypeError, match="float32"):
+        op(W, E.double(), U)
+    with pytest.raises(ValueError, match="columns must be contiguous"):
+        op(W.t().contiguous().t(), E, U)
+
+
+def test_lazy_update_auto_rule():
+    from sparse_kernels.ops import _registry as R
+    from sparse_kernels.ops.sparsegpt import LAZY_CPP_MAX_DENSITY
+
+    cpu = torch.device("cpu")
+    if "cpp" in R.available(LAZY_NAME, "cpu"):
+        assert R.select(LAZY_NAME, "auto", cpu, 0.5) == "cpp"
+    assert R.select(LAZY_NAME, "auto", cpu, min(1.0, LAZY_CPP_MAX_DENSITY + 0.1)) == "reference"
 
 
 # ---------------------------------------------------------------- the layer

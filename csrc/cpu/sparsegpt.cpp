@@ -20,9 +20,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 namespace sparse_kernels {
 namespace cpu {
@@ -151,9 +156,193 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_block_update_cpp
   return {Q, E, L};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// Lazy update W[:, later] -= Err1 @ U[block, later], skipping Err1's zeros:
+// sparse_kernels::sparsegpt_lazy_update_cpp.
+//
+// err = (w - q) / d is exactly zero at every kept weight, so half of Err1 (50% or 2:4) is zero
+// and a dense GEMM spends half its FLOPs on them.  Each row's nonzero (index, value) pairs are
+// listed once per tile of rows; U is repacked once per call into column chunks of kChunk
+// floats ([chunk][B][kChunk], contiguous, the last chunk zero-padded) so a chunk is one 16 KiB
+// run in L1 (U's own rows lie ldu floats apart, which maps them onto a few cache sets); then
+// every pair of rows accumulates its own terms into 8 AVX2 registers with FMA.
+constexpr int64_t kChunk = 32;
+constexpr int64_t kLazyTileRows = 64;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SK_LAZY_X86 1
+#define SK_LAZY_AVX2 __attribute__((target("avx2,fma")))
+
+static bool lazy_has_avx2() {
+  static const bool ok = [] {
+    const char* env = std::getenv("SPARSE_KERNELS_CPU_ISA");
+    if (env != nullptr && std::strcmp(env, "scalar") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+
+// acc[0..4) -= v * u[0..32) for one row; a 4-register chain per row, two rows interleaved.
+SK_LAZY_AVX2 static void lazy_pair_avx2(float* w0, float* w1, const float* Uc, const int32_t* i0,
+                                        const float* v0, int64_t n0, const int32_t* i1, const float* v1,
+                                        int64_t n1) {
+  __m256 a0 = _mm256_loadu_ps(w0), a1 = _mm256_loadu_ps(w0 + 8), a2 = _mm256_loadu_ps(w0 + 16),
+         a3 = _mm256_loadu_ps(w0 + 24);
+  __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+  if (w1 != nullptr) {
+    b0 = _mm256_loadu_ps(w1), b1 = _mm256_loadu_ps(w1 + 8), b2 = _mm256_loadu_ps(w1 + 16),
+    b3 = _mm256_loadu_ps(w1 + 24);
+  }
+  const int64_t both = std::min(n0, n1);
+  int64_t k = 0;
+  for (; k < both; ++k) {
+    const __m256 va = _mm256_set1_ps(v0[k]);
+    const float* ua = Uc + static_cast<int64_t>(i0[k]) * kChunk;
+    const __m256 vb = _mm256_set1_ps(v1[k]);
+    const float* ub = Uc + static_cast<int64_t>(i1[k]) * kChunk;
+    a0 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua), a0);
+    b0 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub), b0);
+    a1 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 8), a1);
+    b1 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 8), b1);
+    a2 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 16), a2);
+    b2 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 16), b2);
+    a3 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 24), a3);
+    b3 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 24), b3);
+  }
+  for (int64_t j = k; j < n0; ++j) {
+    const __m256 va = _mm256_set1_ps(v0[j]);
+    const float* ua = Uc + static_cast<int64_t>(i0[j]) * kChunk;
+    a0 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua), a0);
+    a1 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 8), a1);
+    a2 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 16), a2);
+    a3 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 24), a3);
+  }
+  for (int64_t j = k; j < n1; ++j) {
+    const __m256 vb = _mm256_set1_ps(v1[j]);
+    const float* ub = Uc + static_cast<int64_t>(i1[j]) * kChunk;
+    b0 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub), b0);
+    b1 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 8), b1);
+    b2 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 16), b2);
+    b3 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 24), b3);
+  }
+  _mm256_storeu_ps(w0, a0), _mm256_storeu_ps(w0 + 8, a1), _mm256_storeu_ps(w0 + 16, a2),
+      _mm256_storeu_ps(w0 + 24, a3);
+  if (w1 != nullptr) {
+    _mm256_storeu_ps(w1, b0), _mm256_storeu_ps(w1 + 8, b1), _mm256_storeu_ps(w1 + 16, b2),
+        _mm256_storeu_ps(w1 + 24, b3);
+  }
+}
+#endif
+
+// Portable path: the same terms, one row and one chunk at a time.
+static void lazy_row_scalar(float* w, const float* Uc, const int32_t* idx, const float* val, int64_t nnz) {
+  float acc[kChunk];
+  for (int64_t c = 0; c < kChunk; ++c) acc[c] = w[c];
+  for (int64_t k = 0; k < nnz; ++k) {
+    const float v = val[k];
+    const float* u = Uc + static_cast<int64_t>(idx[k]) * kChunk;
+    for (int64_t c = 0; c < kChunk; ++c) acc[c] -= v * u[c];
+  }
+  for (int64_t c = 0; c < kChunk; ++c) w[c] = acc[c];
+}
+
+// Rows [r0, r1) of W (row stride ldw) against the packed U (nchunks x B x kChunk), L columns.
+static void lazy_update_rows(float* W, int64_t ldw, const float* E, int64_t lde, const float* Up, int64_t B,
+                             int64_t L, int64_t r0, int64_t r1) {
+  const int64_t nchunks = (L + kChunk - 1) / kChunk;
+  std::vector<int32_t> idx(kLazyTileRows * B);
+  std::vector<float> val(kLazyTileRows * B);
+  std::vector<int64_t> cnt(kLazyTileRows);
+  float pad[2][kChunk];
+#ifdef SK_LAZY_X86
+  const bool avx2 = lazy_has_avx2();
+#endif
+  for (int64_t t0 = r0; t0 < r1; t0 += kLazyTileRows) {
+    const int64_t tr = std::min(kLazyTileRows, r1 - t0);
+    for (int64_t r = 0; r < tr; ++r) {
+      const float* e = E + (t0 + r) * lde;
+      int64_t c = 0;
+      for (int64_t k = 0; k < B; ++k) {
+        idx[r * B + c] = static_cast<int32_t>(k);
+        val[r * B + c] = e[k];
+        c += e[k] != 0.0f;
+      }
+      cnt[r] = c;
+    }
+    for (int64_t ch = 0; ch < nchunks; ++ch) {
+      const int64_t c0 = ch * kChunk, nc = std::min(kChunk, L - c0);
+      const float* Uc = Up + ch * B * kChunk;
+      for (int64_t r = 0; r < tr; r += 2) {
+        const bool two = r + 1 < tr;
+        float* w0 = W + (t0 + r) * ldw + c0;
+        float* w1 = two ? w0 + ldw : nullptr;
+        float* d0 = w0;
+        float* d1 = w1;
+        if (nc < kChunk) {  // partial last chunk: work on zero-padded copies
+          std::fill(pad[0], pad[0] + 2 * kChunk, 0.0f);
+          std::copy(w0, w0 + nc, pad[0]);
+          if (two) std::copy(w1, w1 + nc, pad[1]);
+          d0 = pad[0];
+          d1 = two ? pad[1] : nullptr;
+        }
+        const int32_t* i0 = idx.data() + r * B;
+        const float* v0 = val.data() + r * B;
+#ifdef SK_LAZY_X86
+        if (avx2) {
+          lazy_pair_avx2(d0, d1, Uc, i0, v0, cnt[r], two ? i0 + B : i0, two ? v0 + B : v0, two ? cnt[r + 1] : 0);
+        } else
+#endif
+        {
+          lazy_row_scalar(d0, Uc, i0, v0, cnt[r]);
+          if (two) lazy_row_scalar(d1, Uc, i0 + B, v0 + B, cnt[r + 1]);
+        }
+        if (nc < kChunk) {
+          std::copy(pad[0], pad[0] + nc, w0);
+          if (two) std::copy(pad[1], pad[1] + nc, w1);
+        }
+      }
+    }
+  }
+}
+
+static void sparsegpt_lazy_update_cpp(const at::Tensor& W, const at::Tensor& Err1, const at::Tensor& U) {
+  TORCH_CHECK_VALUE(W.dim() == 2 && Err1.dim() == 2 && U.dim() == 2, "sparsegpt_lazy_update: W, Err1 and U must be 2-D, got ",
+                    W.sizes(), ", ", Err1.sizes(), ", ", U.sizes());
+  for (const at::Tensor* t : {&W, &Err1, &U}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "sparsegpt_lazy_update: expected float32 tensors, got ",
+                     t->scalar_type());
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "sparsegpt_lazy_update_cpp: tensors must be on the CPU");
+  }
+  const int64_t rows = W.size(0), L = W.size(1), B = Err1.size(1);
+  TORCH_CHECK_VALUE(Err1.size(0) == rows, "Err1: shape ", Err1.sizes(), " must have W's ", rows, " rows");
+  TORCH_CHECK_VALUE(U.size(0) == B && U.size(1) == L, "U: shape ", U.sizes(), " must be (B, L) = (", B, ", ", L,
+                    ") for Err1 ", Err1.sizes(), " and W ", W.sizes());
+  TORCH_CHECK_VALUE(W.stride(1) == 1 || L <= 1, "W: the columns must be contiguous (stride(1) == 1), got strides ",
+                    W.strides());
+  TORCH_CHECK_VALUE(B < (int64_t{1} << 31), "Err1: too many columns (", B, ")");
+  if (rows == 0 || L == 0 || B == 0) return;
+  at::Tensor e = Err1.stride(1) == 1 ? Err1 : Err1.contiguous();
+  const int64_t nchunks = (L + kChunk - 1) / kChunk;
+  // Pack U (any strides) as [chunk][B][kChunk], zero-padded.
+  at::Tensor Upad = at::zeros({B, nchunks * kChunk}, U.options());
+  Upad.narrow(1, 0, L).copy_(U);
+  const at::Tensor Up = Upad.view({B, nchunks, kChunk}).permute({1, 0, 2}).contiguous();
+  float* wp = W.data_ptr<float>();
+  const float* ep = e.data_ptr<float>();
+  const float* up = Up.data_ptr<float>();
+  const int64_t ldw = W.stride(0), lde = e.stride(0);
+  const int64_t ntiles = (rows + kLazyTileRows - 1) / kLazyTileRows;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t_begin, int64_t t_end) {
+    lazy_update_rows(wp, ldw, ep, lde, up, B, L, t_begin * kLazyTileRows, std::min(rows, t_end * kLazyTileRows));
+  });
+}
+
 }  // namespace cpu
 }  // namespace sparse_kernels
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
   m.impl("sparsegpt_block_update_cpp", &sparse_kernels::cpu::sparsegpt_block_update_cpp);
+  m.impl("sparsegpt_lazy_update_cpp", &sparse_kernels::cpu::sparsegpt_lazy_update_cpp);
 }

@@ -9,6 +9,7 @@ import torch
 
 from ..ops import _registry as R
 from ..ops import _validate as V
+from ..ops.sparsegpt import LAZY_NAME as _LAZY_OP
 from ..ops.sparsegpt import NAME as _BLOCK_OP
 from ..reference import sparsegpt as ref
 from .patterns import parse_sparsity
@@ -64,7 +65,7 @@ def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str
     first_error = None
     while True:
         try:
-            W2, Hinv = ref.prepare_hessian(W.clone(), H, damp, factor)
+            W2, Hinv = ref.prepare_hessian(W.clone(memory_format=torch.contiguous_format), H, damp, factor)
             if torch.isfinite(Hinv).all():
                 if damp != percdamp:
                     warnings.warn(
@@ -121,8 +122,9 @@ def sparsegpt_prune(
 
     Steps: dead columns (``H_ii == 0``: ``H_ii = 1``, ``W[:, i] = 0``); dampening; the upper
     Cholesky factor ``U`` of ``H^-1`` (the paper's three factorizations with
-    ``backend="reference"``, else :func:`fast_upper_inverse_factor` and an in-place ``addmm_``
-    for the lazy update); per block of columns the mask (unstructured: the lowest
+    ``backend="reference"``, else :func:`fast_upper_inverse_factor` and the
+    ``sparsegpt_lazy_update`` op for the lazy update: in place, skipping ``Err1``'s zeros on
+    CPU); per block of columns the mask (unstructured: the lowest
     ``w^2 / U_jj^2`` over the whole block, exactly ``round(rows * block * sparsity)`` pruned;
     N:M: chosen per group inside the block op), the fused block op, then the lazy update
     ``W[:, later] -= Err1 @ U[block, later]`` as one GEMM.
@@ -158,9 +160,12 @@ def sparsegpt_prune(
     # backend="reference" is the published algorithm end to end; the fast path factors H once.
     factor = ref.upper_inverse_factor if chosen == "reference" else fast_upper_inverse_factor
     Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
+    lazy = None  # backend="reference": the paper's GEMM into a temporary
+    if chosen != "reference":
+        pruned = 1 - spec.n / spec.m if spec.is_nm else spec.ratio  # = Err1's nonzero fraction
+        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, None, W.device, pruned))
     Wf, keep, losses = ref.sparsegpt_layer(
-        Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op,
-        fused_gemm=chosen != "reference",
+        Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op, lazy_update=lazy,
     )
     return Wf.to(W.dtype), keep, float(losses.sum())
 

@@ -62,6 +62,13 @@ def sparsegpt_block_update(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.T
     return Q1, Err1, torch.sum(Losses1, 1) / 2
 
 
+def sparsegpt_lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor) -> None:
+    """The lazy update of later columns, in place: ``W -= Err1 @ U`` (``W [rows, L]``,
+    ``Err1 [rows, B]``, ``U [B, L]``, float32).  Default kernel of
+    ``sparse_kernels::sparsegpt_lazy_update``; one in-place GEMM (``addmm_``, beta = 1)."""
+    W.addmm_(Err1, U, alpha=-1)
+
+
 # ------------------------------------------------------------------ the layer
 def nm_mask_of(Q1: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """The N:M keep mask of a pruned block ``Q1``: every nonzero, topped up with zeros.
@@ -139,14 +146,14 @@ def keep_top_n_flat(score: torch.Tensor, n_keep: int) -> torch.Tensor:
     return keep
 
 
-def sparsegpt_layer(W, Hinv, *, sparsity=0.0, n=0, m=0, blocksize=128, block_update=None, fused_gemm=False):
+def sparsegpt_layer(W, Hinv, *, sparsity=0.0, n=0, m=0, blocksize=128, block_update=None, lazy_update=None):
     """Steps 4-5 on a prepared ``W`` (float32, modified in place) and ``Hinv`` (upper factor).
 
     ``block_update(W1, Hinv1, mask1, n, m) -> (Q1, Err1, losses)`` defaults to the reference
-    column loop.  ``fused_gemm=True`` does the lazy update as one in-place ``addmm_`` (beta = 1,
-    no temporary) instead of the paper's ``W -= Err1 @ Hinv`` (a GEMM into a temporary, then
-    a subtraction): 1.2 s vs 2.1 s for all blocks of a 4096x4096 layer (1 thread, dev box).
-    Returns ``(W, keep_mask, losses [rows])``.
+    column loop.  ``lazy_update(W_later, Err1, Hinv_rows)`` (in place) defaults to the paper's
+    ``W -= Err1 @ Hinv`` (a GEMM into a temporary, then a subtraction); the fast path passes the
+    ``sparsegpt_lazy_update`` op (an in-place ``addmm_``, or the cpp kernel that skips Err1's
+    zeros).  Returns ``(W, keep_mask, losses [rows])``.
     """
     block_update = block_update or sparsegpt_block_update
     rows, cols = W.shape
@@ -163,8 +170,10 @@ def sparsegpt_layer(W, Hinv, *, sparsity=0.0, n=0, m=0, blocksize=128, block_upd
         W[:, i1:i2] = Q1
         keep[:, i1:i2] = mask1 if m == 0 else nm_mask_of(Q1, n, m)
         losses += l1
-        if fused_gemm:
-            W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        if i2 == cols:
+            break
+        if lazy_update is not None:
+            lazy_update(W[:, i2:], Err1, Hinv[i1:i2, i2:])
         else:
             W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     return W, keep, losses

@@ -28,9 +28,11 @@ R.define(NAME, SCHEMA, fake=_fake, reference=ref.sparsegpt_block_update)
 
 
 def _triton_launch(W1, Hinv1, mask1, n, m):
+    from ..triton import on_device
     from ..triton import sparsegpt as t
 
-    return t.sparsegpt_block_update(W1, Hinv1, mask1, n, m)
+    with on_device(W1):
+        return t.sparsegpt_block_update(W1, Hinv1, mask1, n, m)
 
 
 R.impl_python(NAME, "triton", _triton_launch, ["cuda"] + (["cpu"] if R.triton_interpreted() else []))

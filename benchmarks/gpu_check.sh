@@ -114,7 +114,8 @@ GPU_K="cuda or triton or cusparselt"
 # ---------------------------------------------------------------- env
 {
     date -u +"date %Y-%m-%dT%H:%M:%SZ"
-    echo "budget ${BUDGET}s, dry run ${DRY}, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+    rev=$(git rev-parse --short HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || rev="$rev (dirty)"; }
+    echo "budget ${BUDGET}s, dry run ${DRY}, git ${rev:-?}"
     echo "pytest: ${PYTEST[*]}"
 } | tee -a "$summary"
 step env 20 bash -c "nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; \

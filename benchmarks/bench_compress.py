@@ -13,7 +13,9 @@ bytes read + written:
 Every backend's output is checked bit-exact against the reference before it is timed.
 CPU timing: ``torch.utils.benchmark.Timer.blocked_autorange`` (median, p20, p80 over blocks);
 CUDA: ``triton.testing.do_bench`` (flushes L2 between runs).  Rows are written to
-``OUT/bench_compress.json`` and ``.csv`` with device name, versions, thread count and date.
+``OUT/bench_compress.json`` and ``.csv`` with device name, versions, thread count and date,
+rewritten after every row so a run killed part-way keeps what it measured; a backend that
+raises gets a row with ``error`` set and the run goes on.
 
     PYTHONPATH=$PWD python benchmarks/bench_compress.py --quick --out benchmarks/results/cpu
 """
@@ -141,30 +143,47 @@ def run(args) -> list[dict]:
                     fn, want, moved = make_case(op, rows, cols, dtype, device)
                     base_ms = None
                     for b in backends:
-                        ok = outputs_match(fn(b), want)
-                        med, p20, p80 = time_ms(lambda: fn(b), device, min_run_time, min_samples) if ok else (None,) * 3
+                        error = ""
+                        try:
+                            ok = outputs_match(fn(b), want)
+                            med, p20, p80 = time_ms(lambda: fn(b), device, min_run_time, min_samples) if ok else (None,) * 3
+                        except Exception as e:  # noqa: BLE001 -- one broken backend must not end the run
+                            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                            ok, (med, p20, p80) = False, (None,) * 3
                         if b == "reference":
                             base_ms = med
                         row = dict(common, device=device, device_name=device_name(device), op=op, backend=b,
                                    dtype=str(dtype).replace("torch.", ""), rows=rows, cols=cols,
                                    bitexact=ok, median_ms=med, p20_ms=p20, p80_ms=p80,
                                    gbps=moved / (med * 1e-3) / 1e9 if med else None,
-                                   speedup_vs_reference=(base_ms / med) if (base_ms and med) else None)
+                                   speedup_vs_reference=(base_ms / med) if (base_ms and med) else None,
+                                   error=error)
                         rows_out.append(row)
                         report(row)
+                        args.write_rows(rows_out)
                     if op == "compress" and dtype != torch.float32 and rows % 32 == 0:
-                        peer, want_peer = torch_cutlass_case(rows, cols, dtype, device)
-                        ok = outputs_match(peer(), want_peer)
-                        med, p20, p80 = time_ms(peer, device, min_run_time, min_samples) if ok else (None,) * 3
+                        error = ""
+                        try:
+                            peer, want_peer = torch_cutlass_case(rows, cols, dtype, device)
+                            ok = outputs_match(peer(), want_peer)
+                            med, p20, p80 = time_ms(peer, device, min_run_time, min_samples) if ok else (None,) * 3
+                        except Exception as e:  # noqa: BLE001
+                            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                            ok, (med, p20, p80) = False, (None,) * 3
                         row = dict(row, backend="torch_cutlass_converter", bitexact=ok, median_ms=med, p20_ms=p20,
                                    p80_ms=p80, gbps=moved / (med * 1e-3) / 1e9 if med else None,
-                                   speedup_vs_reference=(base_ms / med) if (base_ms and med) else None)
+                                   speedup_vs_reference=(base_ms / med) if (base_ms and med) else None, error=error)
                         rows_out.append(row)
                         report(row)
+                        args.write_rows(rows_out)
     return rows_out
 
 
 def report(row: dict) -> None:
+    if row.get("error"):
+        print(f"ERROR {row['device']} {row['backend']} {row['op']} {row['rows']}x{row['cols']} {row['dtype']}: "
+              f"{row['error']}", file=sys.stderr, flush=True)
+        return
     if not row["bitexact"]:
         print(f"MISMATCH {row['device']} {row['backend']} {row['op']} {row['rows']}x{row['cols']} {row['dtype']}: "
               "not timed", file=sys.stderr, flush=True)
@@ -174,15 +193,20 @@ def report(row: dict) -> None:
           f"{row['gbps']:7.2f} GB/s  x{row['speedup_vs_reference']:.1f} vs reference", flush=True)
 
 
-def write(rows: list[dict], out: str) -> None:
+def write(rows: list[dict], out: str, quiet: bool = False) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "bench_compress.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out, "bench_compress.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {len(rows)} rows to {out}/bench_compress.{{json,csv}}")
+    for name in ("bench_compress.json", "bench_compress.csv"):  # write-then-rename
+        path = os.path.join(out, name)
+        with open(path + ".tmp", "w", newline="") as f:
+            if name.endswith(".json"):
+                json.dump(rows, f, indent=1)
+            else:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+        os.replace(path + ".tmp", path)
+    if not quiet:
+        print(f"wrote {len(rows)} rows to {out}/bench_compress.{{json,csv}}")
 
 
 def main(argv=None) -> None:
@@ -196,6 +220,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.write_rows = lambda rows: write(rows, args.out, quiet=True)
     rows = run(args)
     if rows:
         write(rows, args.out)

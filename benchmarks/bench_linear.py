@@ -15,7 +15,12 @@ own error, the tests' rule); the row records ``ok``.  Inputs are rotated: severa
 several weight copies (>= 64 MiB per contender, twice the L3 of the dev box) so neither dense nor
 sparse weights are served from cache.  Each row has median/p20/p80 (ms), the speedup over dense
 (dense median / ours), device, versions and date; rows go to ``OUT/bench_linear_<device>.json``
-and ``.csv``.  ``--plot`` draws speedup over dense vs batch (PNG, needs matplotlib).
+and ``.csv``, rewritten after every (dtype, shape, batch) case so a run killed part-way keeps
+what it measured.  A contender that raises gets a row with ``error`` set and no timing; after
+a CUDA fault (the context is then unusable) the run stops with what it has.  Cases run dtype
+by dtype (all fp16 first on GPU).  ``--resume JSON`` reuses an earlier run's rows for the cases
+it holds and measures only the others.  ``--plot`` draws speedup over dense vs batch (PNG,
+needs matplotlib).
 
     PYTHONPATH=$PWD python benchmarks/bench_linear.py --device cpu --out benchmarks/results/cpu --plot
 """
@@ -90,7 +95,7 @@ def make_problem(n, k, dtype, device, copies, seed):
 
 
 def contenders(device, ws, dtype):
-    """name -> (fn(x, weights) -> y, available reason or None)."""
+    """name -> fn(x, weights) -> y (a peer whose setup fails is reported and left out)."""
     c = {"dense": lambda x, p: F.linear(x, p["dense"])}
     for b in ("cpp", "cuda", "triton"):
         why = R.why_unavailable("sparse_linear", b, device)
@@ -99,9 +104,12 @@ def contenders(device, ws, dtype):
     c["auto"] = lambda x, p: sk.sparse_linear(x, p["values"], p["meta"], meta_dev=p.get("meta_dev"))
     if device == "cuda" and dtype != torch.float32:
         if R.why_unavailable("sparse_linear", "cusparselt", device) is None:
-            for p in ws:
-                p["cslt"] = torch._cslt_compress(p["dense"])
-            c["cusparselt(cached)"] = lambda x, p: L.cslt_matmul(x, p["cslt"], None)
+            try:
+                for p in ws:
+                    p["cslt"] = torch._cslt_compress(p["dense"])
+                c["cusparselt(cached)"] = lambda x, p: L.cslt_matmul(x, p["cslt"], None)
+            except Exception as e:  # noqa: BLE001 -- report why the peer is missing, keep going
+                print(f"  torch._cslt_compress failed: {type(e).__name__}: {e}")
         try:
             from torch.sparse import to_sparse_semi_structured
 
@@ -111,7 +119,7 @@ def contenders(device, ws, dtype):
         except Exception as e:  # noqa: BLE001 -- report why the peer is missing, keep going
             print(f"  torch SparseSemiStructuredTensor unavailable: {type(e).__name__}: {e}")
         fn = L.reorder_meta_mma_fn()
-        if fn is not None:
+        if fn is not None and R.why_unavailable("sparse_linear", "cuda", device) is None:
             for p in ws:
                 p["meta_dev"] = fn(p["meta"])
     c["masked_linear"] = lambda x, p: sk.masked_linear(x, p["w"], p["packed"])
@@ -126,56 +134,93 @@ def check(y, x, p):
     return ours, ours <= 2 * base + 1e-6 * max(exact.abs().max().item(), 1.0)
 
 
+def _cuda_broken(device):
+    """True when the CUDA context is unusable (a kernel faulted): nothing later can run."""
+    if device != "cuda":
+        return False
+    try:
+        torch.cuda.synchronize()
+        return False
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _measure(name, fn, xs, ws, device, min_run_time):
+    """(median, p20, p80) ms, max error, ok, error text or None for one contender."""
+    try:
+        err, ok = check(fn(xs[0], ws[0]), xs[0], ws[0])
+        counter = itertools.count()
+
+        def call(fn=fn, counter=counter):
+            i = next(counter)
+            return fn(xs[i % len(xs)], ws[i % len(ws)])
+
+        with torch.no_grad():
+            t = time_gpu(call) if device == "cuda" else time_cpu(call, min_run_time)
+        return t, err, ok, None
+    except Exception as e:  # noqa: BLE001 -- one broken contender must not end the table
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        print(f"  {name} raised {msg}", flush=True)
+        return (float("nan"),) * 3, float("nan"), False, msg
+
+
+def _case_key(r):
+    return (r["out_features"], r["in_features"], r["dtype"], r["batch"])
+
+
 def run(args):
     device = args.device
     dtypes = [DTYPES[d] for d in args.dtypes]
-    rows = []
+    rows = list(args.resumed)
+    done = {_case_key(r) for r in rows}
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta = dict(device=device, device_name=device_name(device), threads=torch.get_num_threads(), date=stamp,
                 **versions())
-    for (n, k), dtype in itertools.product(args.shapes, dtypes):
+    for dtype, (n, k) in itertools.product(dtypes, args.shapes):
+        dname = str(dtype).replace("torch.", "")
+        todo = [m for m in args.batches if (n, k, dname, m) not in done]
+        if not todo:
+            continue
         esize = torch.finfo(dtype).bits // 8
         copies = 1 if device == "cuda" else max(2, min(4, -(-ROTATE_BYTES // (n * k * esize // 2))))
         ws = make_problem(n, k, dtype, device, copies, seed=n + k)
         cs = contenders(device, ws, dtype)
-        for m in args.batches:
+        for m in todo:
             xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(3)]
-            res = {}
-            for name, fn in cs.items():
-                err, ok = check(fn(xs[0], ws[0]), xs[0], ws[0])
-                counter = itertools.count()
-
-                def call(fn=fn, counter=counter):
-                    i = next(counter)
-                    return fn(xs[i % len(xs)], ws[i % len(ws)])
-
-                with torch.no_grad():
-                    t = time_gpu(call) if device == "cuda" else time_cpu(call, args.min_run_time)
-                res[name] = (t, err, ok)
+            res = {name: _measure(name, fn, xs, ws, device, args.min_run_time) for name, fn in cs.items()}
             dense_ms = res["dense"][0][0]
             chosen = R.select("sparse_linear", None, torch.device(device), m, dtype)
-            for name, ((med, p20, p80), err, ok) in res.items():
-                rows.append(dict(meta, out_features=n, in_features=k, batch=m, dtype=str(dtype).replace("torch.", ""),
+            for name, ((med, p20, p80), err, ok, error) in res.items():
+                rows.append(dict(meta, out_features=n, in_features=k, batch=m, dtype=dname,
                                  contender=name, median_ms=round(med, 5), p20_ms=round(p20, 5), p80_ms=round(p80, 5),
                                  speedup_vs_dense=round(dense_ms / med, 4), max_abs_err=err, ok=ok,
-                                 auto_choice=chosen if name == "auto" else "",
+                                 auto_choice=chosen if name == "auto" else "", error=error or "",
                                  loadavg_1min=round(os.getloadavg()[0], 2)))
             line = "  ".join(f"{nm}={r[0][0]:.3f}ms({dense_ms / r[0][0]:.2f}x{'' if r[2] else ' WRONG'})"
                              for nm, r in res.items())
-            print(f"{n}x{k} {str(dtype)[6:]:8s} M={m:5d}  {line}", flush=True)
+            print(f"{n}x{k} {dname:8s} M={m:5d}  {line}", flush=True)
+            args.write_rows(rows)
+            if _cuda_broken(device):
+                print("CUDA context is unusable after a kernel fault; stopping with the rows so far", flush=True)
+                return rows
     return rows
 
 
-def write(rows, out, device):
+def write(rows, out, device, quiet=False):
     os.makedirs(out, exist_ok=True)
     base = os.path.join(out, f"bench_linear_{device}")
-    with open(base + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(base + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {base}.json and .csv ({len(rows)} rows)")
+    fields = list(dict.fromkeys(f for r in rows for f in r))
+    for ext in (".json", ".csv"):  # write-then-rename: a kill mid-write keeps the previous file
+        with open(base + ext + ".tmp", "w", newline="") as f:
+            if ext == ".json":
+                json.dump(rows, f, indent=1)
+            else:
+                w = csv.DictWriter(f, fieldnames=fields, restval="")
+                w.writeheader()
+                w.writerows(rows)
+        os.replace(base + ext + ".tmp", base + ext)
+    if not quiet:
+        print(f"wrote {base}.json and .csv ({len(rows)} rows)")
     return base
 
 
@@ -222,6 +267,8 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="*", help="OUTxIN, e.g. 4096x4096")
     ap.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds per contender")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG from an earlier run's JSON")
+    ap.add_argument("--resume", metavar="JSON", help="reuse this earlier run's rows (same device) for the cases "
+                    "it has; measure only the rest (a missing file is ignored)")
     args = ap.parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
@@ -234,7 +281,16 @@ def main(argv=None):
     if args.quick:
         args.shapes, args.batches = args.shapes[:1], [1, 16]
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.device)
+    args.resumed = []
+    if args.resume and os.path.exists(args.resume):
+        with open(args.resume) as f:
+            args.resumed = [r for r in json.load(f) if r.get("device") == args.device]
+        print(f"--resume: {len({_case_key(r) for r in args.resumed})} cases from {args.resume}")
+    args.write_rows = lambda rows: write(rows, args.out, args.device, quiet=True)
     rows = run(args)
+    if not rows:
+        print("no rows measured")
+        return
     base = write(rows, args.out, args.device)
     if args.plot:
         plot(rows, base)

@@ -24,7 +24,9 @@ Timing: ``time.perf_counter`` on CPU (``--reps`` single runs each after a warm-u
 CPU time per run is recorded too, the robust number on a shared machine with ``--threads 1``),
 ``triton.testing.do_bench`` on GPU; median, p20 and p80 in seconds.  ``--quick`` uses fewer shapes and repeats so the CPU
 part finishes in a few minutes.  Writes ``sparsegpt.json`` and ``sparsegpt.csv`` to ``--out``
-(default benchmarks/results/<cpu|gpu>/) with device, versions and date in every row.
+(default benchmarks/results/<cpu|gpu>/) with device, versions and date in every row, rewritten
+after every (shape, sparsity) case so a run killed part-way keeps what it measured.  A backend
+that raises gets a row with ``error`` set (no timing) and the run goes on.
 """
 
 from __future__ import annotations
@@ -103,6 +105,29 @@ def check(ref, ours, what):
     return ok, agree, rel
 
 
+def write_rows(rows_out, out_dir):
+    """Write-then-rename both files (a kill mid-write keeps the previous ones)."""
+    if not rows_out:
+        return
+    fields = list(dict.fromkeys(f for r in rows_out for f in r))
+    for name in ("sparsegpt.json", "sparsegpt.csv"):
+        path = os.path.join(out_dir, name)
+        with open(path + ".tmp", "w", newline="") as f:
+            if name.endswith(".json"):
+                json.dump(rows_out, f, indent=1)
+            else:
+                w = csv.DictWriter(f, fieldnames=fields, restval="")
+                w.writeheader()
+                w.writerows(rows_out)
+        os.replace(path + ".tmp", path)
+
+
+def _failed(b, e):
+    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+    print(f"  backend {b} raised {msg}", flush=True)
+    return msg
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
@@ -149,26 +174,34 @@ def main(argv=None):
         for spec in SPECS:
             results = {}
             outputs = {}
+            errors = {}
             for b in backends:
                 def fn(b=b):
                     return sparsegpt_prune(W, H, spec, backend=b)
 
-                outputs[b] = fn()
-                results[b] = timer(fn, reps)  # (median, p20, p80, cpu-time median or None)
+                try:
+                    outputs[b] = fn()
+                    results[b] = timer(fn, reps)  # (median, p20, p80, cpu-time median or None)
+                except Exception as e:  # noqa: BLE001 -- one broken backend must not end the run
+                    errors[b] = _failed(b, e)
+                    results[b] = (float("nan"),) * 3 + (None,)
             base = results["reference"][0]
             base_cpu = results["reference"][3]
             for b in backends:
-                ok, agree, rel = (True, 1.0, 0.0) if b == "reference" else check(
-                    outputs["reference"], outputs[b], f"{rows}x{cols} {spec} {b}")
+                if b in errors or "reference" in errors:
+                    ok, agree, rel = False, None, None
+                else:
+                    ok, agree, rel = (True, 1.0, 0.0) if b == "reference" else check(
+                        outputs["reference"], outputs[b], f"{rows}x{cols} {spec} {b}")
                 all_ok &= ok
                 med, p20, p80, cpu = results[b]
-                cpu_speedup = base_cpu / cpu if cpu else None
+                cpu_speedup = base_cpu / cpu if (cpu and base_cpu) else None
                 row = dict(meta, shape=f"{rows}x{cols}", rows=rows, cols=cols, sparsity=str(spec), backend=b,
                            median_s=med, p20_s=p20, p80_s=p80, speedup_vs_reference=base / med,
                            cpu_time_median_s=cpu, cpu_time_speedup_vs_reference=cpu_speedup,
-                           mask_agreement=agree, loss_rel_diff=rel, check_ok=ok)
+                           mask_agreement=agree, loss_rel_diff=rel, check_ok=ok, error=errors.get(b, ""))
                 rows_out.append(row)
-                extra = f"; CPU time {cpu:.3f} s, {cpu_speedup:4.2f}x" if cpu else ""
+                extra = f"; CPU time {cpu:.3f} s, {cpu_speedup:4.2f}x" if cpu and cpu_speedup else ""
                 print(f"{rows:>6}x{cols:<6} {str(spec):>4} {b:>10}: median {med:8.3f} s "
                       f"(p20 {p20:.3f}, p80 {p80:.3f})  speedup vs reference {base / med:5.2f}x{extra}", flush=True)
             del outputs
@@ -179,29 +212,30 @@ def main(argv=None):
             sp = parse_sparsity(spec)
             mask1 = None if sp.is_nm else ref.unstructured_block_mask(W1, torch.diagonal(U1), sp.ratio)
             blk = {}
+            blk_err = {}
             for b in backends:
                 def blk_fn(b=b):
                     return sparsegpt_block_update(W1, U1, mask1, sp.n, sp.m, backend=b)
 
-                blk_fn()  # warm-up
-                blk[b] = timer(blk_fn, reps)
+                try:
+                    blk_fn()  # warm-up
+                    blk[b] = timer(blk_fn, reps)
+                except Exception as e:  # noqa: BLE001
+                    blk_err[b] = _failed(b, e)
+                    blk[b] = (float("nan"),) * 3 + (None,)
             for b in backends:
                 med, p20, p80, cpu = blk[b]
                 row = dict(meta, shape=f"{rows}x{B} block op", rows=rows, cols=B, sparsity=str(spec), backend=b,
                            median_s=med, p20_s=p20, p80_s=p80, speedup_vs_reference=blk["reference"][0] / med,
                            cpu_time_median_s=cpu,
-                           cpu_time_speedup_vs_reference=blk["reference"][3] / cpu if cpu else None,
-                           mask_agreement=None, loss_rel_diff=None, check_ok=None)
+                           cpu_time_speedup_vs_reference=blk["reference"][3] / cpu if (cpu and blk["reference"][3]) else None,
+                           mask_agreement=None, loss_rel_diff=None, check_ok=None, error=blk_err.get(b, ""))
                 rows_out.append(row)
                 print(f"{rows:>6}x{B:<6} {str(spec):>4} {b:>10}: block op only: median {med * 1e3:8.2f} ms "
                       f"(p20 {p20 * 1e3:.2f}, p80 {p80 * 1e3:.2f})  speedup {blk['reference'][0] / med:5.2f}x", flush=True)
+            write_rows(rows_out, out_dir)
 
-    with open(os.path.join(out_dir, "sparsegpt.json"), "w") as f:
-        json.dump(rows_out, f, indent=1)
-    with open(os.path.join(out_dir, "sparsegpt.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows_out[0].keys()))
-        w.writeheader()
-        w.writerows(rows_out)
+    write_rows(rows_out, out_dir)
     print(f"wrote {out_dir}/sparsegpt.json and .csv", flush=True)
     return 0 if all_ok else 1
 

@@ -3,52 +3,164 @@
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]        (default: $OUT, else ./gpu_check_out)
 #
-# 1. builds sparse_kernels._C with the CUDA kernels (sm_80 + sm_90a) in place,
-# 2. runs the test suite on the GPU (CUDA and Triton backends against the reference),
-# 3. runs every benchmark briefly,
-# and writes logs + results into OUTDIR as ONE archive gpu_check.tgz plus summary.txt
-# (the device tool returns at most 8 files).  Budget: under 8 minutes on an H200.
+# Steps, in order of value; each gets min(its cap, the time left in the budget):
+#    env              GPU, driver, versions                                        cap  20 s
+#    build            strict in-place build of sparse_kernels._C with the CUDA      cap 240 s
+#                     kernels, for the GPU's own arch (9.0a on an H100/H200)
+#    info             python -m sparse_kernels.info                                 cap  30 s
+#    tests_cuda       tests/test_cuda_kernels.py (csrc/cuda kernels vs references)  cap 100 s
+#    tests_gpu        every other test named cuda/triton/cusparselt (the Triton     cap 150 s
+#                     kernels compiled for the GPU, SparseLinear on CUDA, ...)
+#    bench_linear_quick   bench_linear: 4096x4096 + 4096x14336, fp16, batch 1..8192   cap 120 s
+#    bench_sparsegpt  bench_sparsegpt --quick                                       cap  90 s
+#    bench_compress   bench_compress --quick --device cuda                          cap  60 s
+#    bench_linear_full    the whole bench_linear table (resumes the quick rows)      cap 240 s
+#    tests_rest       the rest of the suite (CPU tests, on torch/Python of the box)  cap 150 s
+# After EVERY step summary.txt and gpu_check.tgz (all logs and result files so far) are
+# rewritten in OUTDIR (atomically), and a background loop refreshes them every 30 s, so a kill
+# at any moment still returns everything finished by then.  Test steps also write one line per
+# test as it ends (results/tests_*.txt, benchmarks/gpu_check_plugin.py); a CUDA fault in one
+# test ends only that pytest-xdist worker.
+#
+# Env:
+#   GPU_CHECK_BUDGET_S    total seconds for the script (default 480); run it under a device
+#                         timeout of at least budget + 30
+#   TORCH_CUDA_ARCH_LIST  build archs (default: the GPU's compute capability, 9.0 -> 9.0a;
+#                         setup.py's "8.0;9.0a" when it cannot be read)
+#   GPU_CHECK_XDIST       pytest-xdist workers for the test steps (default 8; 0 = none)
+#   GPU_CHECK_DRY_RUN=1   rehearsal of the control flow on a CPU box: no build, every step
+#                         replaced by a tiny CPU-only run of the same script (tests the script)
+#   PYTHON                interpreter (default python3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-./gpu_check_out}}
-WORK=$(mktemp -d)
 mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+DRY=${GPU_CHECK_DRY_RUN:-0}
+RESERVE=15   # seconds kept for timeout's kill grace (5 s) and the last archive
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSE_KERNELS_QUIET=1
+WORK=$(mktemp -d)
+LOGS="$WORK/logs"
+RES="$WORK/results"
+mkdir -p "$LOGS" "$RES"
+export PYTHONPATH=$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 SPARSE_KERNELS_QUIET=1
 export MAX_JOBS=${MAX_JOBS:-16}
+export TRITON_CACHE_AUTOTUNING=1   # triton >= 3.3: autotune results reused by later processes
+unset TRITON_INTERPRET
 summary="$WORK/summary.txt"
 t0=$(date +%s)
-log() { echo "[$(( $(date +%s) - t0 ))s] $*" | tee -a "$summary"; }
+elapsed() { echo $(( $(date +%s) - t0 )); }
+log() { echo "[$(elapsed)s] $*" | tee -a "$summary"; }
 
-run_step() {  # name timeout_s command...
-    local name=$1 limit=$2; shift 2
-    log "start $name"
-    timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
-    local rc=$?
-    log "end   $name rc=$rc"
-    tail -n 15 "$WORK/$name.log" | sed "s/^/    [$name] /" | tee -a "$summary"
+archive() {  # atomic: a kill mid-way leaves the previous archive in place
+    local tag=${1:-fg}
+    cp "$summary" "$OUTDIR/.summary.$tag" 2>/dev/null && mv -f "$OUTDIR/.summary.$tag" "$OUTDIR/summary.txt"
+    tar czf "$OUTDIR/.gpu_check.$tag.tgz" -C "$WORK" . 2>/dev/null
+    (( $? <= 1 )) && mv -f "$OUTDIR/.gpu_check.$tag.tgz" "$OUTDIR/gpu_check.tgz"   # 1: a log grew while read
     return 0
 }
 
+( while sleep 30; do archive bg; done ) >/dev/null 2>&1 &
+SNAP_PID=$!
+trap 'kill "$SNAP_PID" 2>/dev/null; rm -f "$OUTDIR"/.summary.* "$OUTDIR"/.gpu_check.*' EXIT
+
+pytest_summary() {  # name: counts and the failing tests of a test step, from its incremental file
+    local f="$RES/$1.txt"
+    [ -f "$f" ] || return 0
+    printf '    [%s] passed %s, failed %s, errors %s, skipped %s, cuda faults %s\n' "$1" \
+        "$(grep -c '^PASSED' "$f")" "$(grep -c '^FAILED' "$f")" "$(grep -c '^ERROR' "$f")" \
+        "$(grep -c '^SKIPPED' "$f")" "$(grep -c '^CUDAERR' "$f")" | tee -a "$summary"
+    grep -E '^(FAILED|ERROR|CUDAERR)' "$f" | head -n 40 | sed "s/^/    [$1] /" | tee -a "$summary"
+}
+
+step() {  # name cap_s command...
+    local name=$1 cap=$2; shift 2
+    local left=$(( BUDGET - $(elapsed) - RESERVE ))
+    local lim=$(( cap < left ? cap : left ))
+    if (( lim < 10 )); then
+        log "skip  $name: ${left}s of the ${BUDGET}s budget left"
+        archive
+        return 0
+    fi
+    log "start $name (limit ${lim}s)"
+    local ts=$(date +%s)
+    timeout -k 5 "$lim" "$@" >"$LOGS/$name.log" 2>&1
+    local rc=$?
+    local verdict=ok
+    if (( rc == 124 || rc == 137 )); then verdict="TIMEOUT after ${lim}s"; elif (( rc != 0 )); then verdict=FAILED; fi
+    log "end   $name rc=$rc $verdict ($(( $(date +%s) - ts ))s)"
+    tail -n 12 "$LOGS/$name.log" | cut -c1-300 | sed "s/^/    [$name] /" | tee -a "$summary"
+    pytest_summary "$name"
+    archive
+    return 0
+}
+
+# ---------------------------------------------------------------- pytest options
+PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider -p gpu_check_plugin)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    PYTEST+=(--timeout=120 --timeout-method=thread)   # a hung test ends its process, not the step
+fi
+XDIST=${GPU_CHECK_XDIST:-8}
+if (( XDIST > 0 )) && "$PY" -c "import xdist" 2>/dev/null; then
+    PYTEST+=(-n "$XDIST" --max-worker-restart=100)
+fi
+pytest_step() {  # name cap_s pytest-args...
+    local name=$1 cap=$2; shift 2
+    step "$name" "$cap" env GPU_CHECK_RESULTS="$RES/$name.txt" "${PYTEST[@]}" --junitxml="$RES/$name.xml" "$@"
+}
+GPU_K="cuda or triton or cusparselt"
+
+# ---------------------------------------------------------------- env
 {
     date -u +"date %Y-%m-%dT%H:%M:%SZ"
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
-    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
-    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
-    nvcc --version 2>&1 | tail -n 1
+    rev=$(git rev-parse --short HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || rev="$rev (dirty)"; }
+    echo "budget ${BUDGET}s, dry run ${DRY}, git ${rev:-?}"
+    echo "pytest: ${PYTEST[*]}"
 } | tee -a "$summary"
+step env 20 bash -c "nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; \
+    \"$PY\" -c \"import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())\"; \
+    \"$PY\" -c \"import triton; print('triton', triton.__version__)\"; nvcc --version | tail -n 1; nproc"
 
-run_step build 300 env SPARSE_KERNELS_STRICT_BUILD=1 "$PY" setup.py build_ext --inplace
-run_step info 60 "$PY" -m sparse_kernels.info
-TIMEOUT_FLAG=""
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_FLAG="--timeout=120"
-run_step tests 240 "$PY" -m pytest -q -p no:cacheprovider $TIMEOUT_FLAG tests --junitxml="$WORK/pytest.xml"
-# The sparse-matmul table is the one the README's GPU goals are read from: run it whole.
-run_step bench_linear 300 "$PY" benchmarks/bench_linear.py --device cuda --plot --out "$WORK/bench_linear"
-run_step bench_compress 90 "$PY" benchmarks/bench_compress.py --quick --device cuda --out "$WORK/bench_compress"
-run_step bench_sparsegpt 120 "$PY" benchmarks/bench_sparsegpt.py --quick --out "$WORK/bench_sparsegpt"
+if [ "$DRY" = "1" ]; then
+    # CPU rehearsal: the same steps, tiny and CPU-only.  Never used on the GPU machine.
+    step build 30 "$PY" -c "print('dry run: no build')"
+    step info 30 "$PY" -m sparse_kernels.info
+    pytest_step tests_cuda 60 tests/test_cuda_kernels.py -k "dry_run or emulation"
+    pytest_step tests_gpu 60 tests/test_mma_layout.py -k "round_trip"
+    step bench_linear_quick 60 "$PY" benchmarks/bench_linear.py --device cpu --shapes 64x64 128x64 --dtypes fp32 \
+        --batches 1 4 --min-run-time 0.05 --out "$RES/bench_linear_quick"
+    step bench_sparsegpt 60 "$PY" benchmarks/bench_sparsegpt.py --device cpu --shapes 64x64 --reps 1 \
+        --out "$RES/bench_sparsegpt"
+    step bench_compress 60 "$PY" benchmarks/bench_compress.py --device cpu --quick --shapes 64x64 --dtypes float32 \
+        --out "$RES/bench_compress"
+    step sleeper 12 sleep 30   # a step that hits its limit
+    step bench_linear_full 60 "$PY" benchmarks/bench_linear.py --device cpu --shapes 64x64 128x64 --dtypes fp32 \
+        --batches 1 4 16 --min-run-time 0.05 --resume "$RES/bench_linear_quick/bench_linear_cpu.json" \
+        --out "$RES/bench_linear_full" --plot
+    pytest_step tests_rest 60 tests/test_mma_layout.py -k "not round_trip"
+else
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+        cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
+        case "$cap" in
+            9.0) export TORCH_CUDA_ARCH_LIST="9.0a" ;;   # mma.sp for sm_90a only: half the compile time
+            [0-9]*.[0-9]*) export TORCH_CUDA_ARCH_LIST="$cap" ;;
+        esac
+    fi
+    log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>}"
+    step build 240 env SPARSE_KERNELS_STRICT_BUILD=1 "$PY" setup.py build_ext --inplace
+    step info 30 "$PY" -m sparse_kernels.info
+    pytest_step tests_cuda 100 tests/test_cuda_kernels.py
+    pytest_step tests_gpu 150 tests --ignore=tests/test_cuda_kernels.py -k "$GPU_K"
+    step bench_linear_quick 120 "$PY" benchmarks/bench_linear.py --device cuda --shapes 4096x4096 4096x14336 \
+        --dtypes fp16 --batches 1 4 16 2048 8192 --out "$RES/bench_linear_quick"
+    step bench_sparsegpt 90 "$PY" benchmarks/bench_sparsegpt.py --quick --device cuda --out "$RES/bench_sparsegpt"
+    step bench_compress 60 "$PY" benchmarks/bench_compress.py --quick --device cuda --out "$RES/bench_compress"
+    step bench_linear_full 240 "$PY" benchmarks/bench_linear.py --device cuda --plot \
+        --resume "$RES/bench_linear_quick/bench_linear_cuda.json" --out "$RES/bench_linear_full"
+    pytest_step tests_rest 150 tests --ignore=tests/test_cuda_kernels.py -k "not ($GPU_K)"
+fi
 
-log "total"
-cp "$summary" "$OUTDIR/summary.txt"
-tar czf "$OUTDIR/gpu_check.tgz" -C "$WORK" .
+log "done: $(elapsed)s of ${BUDGET}s"
+archive
 echo "results: $OUTDIR/gpu_check.tgz ($(du -h "$OUTDIR/gpu_check.tgz" | cut -f1)), summary: $OUTDIR/summary.txt"

@@ -113,7 +113,7 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   if (meta_dev.has_value()) {
     check_same_device(*meta_dev, "meta_dev", x, "x");
     check_meta_dev(*meta_dev, N, K / 16);
-    md = meta_dev->contiguous();
+    md = aligned(*meta_dev);  // the GEMM kernel cp.async's 16-byte chunks of it
   } else {
     md = reorder_meta_mma_cuda(meta);
   }

@@ -111,8 +111,10 @@ R.define("unpack_mask", "(Tensor packed, int cols) -> Tensor", fake=_unpack_fake
 def _triton(fn_name):
     def launch(*args):
         from ..triton import linear as t
+        from ..triton import on_device
 
-        return getattr(t, fn_name)(*args)
+        with on_device(args[0]):
+            return getattr(t, fn_name)(*args)
 
     return launch
 

@@ -40,9 +40,11 @@ R.define("decompress_2to4", "(Tensor values, Tensor meta) -> Tensor", fake=_deco
 
 def _triton(fn_name):
     def launch(*args):
+        from ..triton import on_device
         from ..triton import sparse24 as t
 
-        return getattr(t, fn_name)(*args)
+        with on_device(args[0]):
+            return getattr(t, fn_name)(*args)
 
     return launch
 

@@ -47,9 +47,11 @@ R.define(LAZY_NAME, "(Tensor(a!) W, Tensor Err1, Tensor U) -> ()", fake=lambda W
 
 
 def _triton_launch(W1, Hinv1, mask1, n, m):
+    from ..triton import on_device
     from ..triton import sparsegpt as t
 
-    return t.sparsegpt_block_update(W1, Hinv1, mask1, n, m)
+    with on_device(W1):
+        return t.sparsegpt_block_update(W1, Hinv1, mask1, n, m)
 
 
 R.impl_python(NAME, "triton", _triton_launch, ["cuda"] + (["cpu"] if R.triton_interpreted() else []))

@@ -12,9 +12,18 @@ Same math as :mod:`sparse_kernels.reference.linear` (layouts there):
   is never written to global memory.
 
 fp32 inputs use ``input_precision="ieee"`` (no TF32), matching ``F.linear``'s default.
-Autotuning: decode configs (``M <= 16``: BLOCK_M=16, wide N/K tiles) and large-M configs
-(BLOCK_M 64/128); under ``TRITON_INTERPRET=1`` a single small config.  Compiled, not yet run on
-a GPU: the configs are the usual Triton GEMM starting points, not measured choices.
+Autotuning (key: batch bucket, N, K and the dtypes), under ``TRITON_INTERPRET=1`` a single small
+config.  Compiled, not yet run on a GPU: the configs are the usual Triton GEMM starting points,
+not measured choices.  Few on purpose: every config of every key is compiled and timed on first
+use (about 1-3 s to compile, 0.15 s to time each), and the benchmark table alone has
+4 shapes x 2 dtypes x 7 batch sizes = 56 keys per kernel.
+
+* decode (``M <= 16``): BLOCK_M=16 with (BLOCK_N, BLOCK_K) = (32, 128), (64, 128), (32, 256):
+  memory-bound, so narrow N tiles (N/32 = 128..448 programs for the benchmark's layers on
+  132 SMs) and long K steps;
+* large M: (BLOCK_M, BLOCK_N) = (64, 64), (64, 128) for a batch bucket <= 256 (more programs
+  when few rows of tiles exist) and (128, 128), (128, 256) above it, all BLOCK_K=64; each key
+  times only the two configs of its range (``_prune_by_m``).
 """
 
 from __future__ import annotations
@@ -35,12 +44,23 @@ def _cfg(bm, bn, bk, warps, stages):
 if _INTERPRET:
     _DECODE = _LARGE = [_cfg(16, 16, 32, 1, 1)]
 else:
-    _DECODE = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in
-               ((32, 128, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 8, 3), (32, 256, 4, 4))]
+    _DECODE = [_cfg(16, bn, bk, w, s) for bn, bk, w, s in ((32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 4))]
     _LARGE = [_cfg(bm, bn, bk, w, s) for bm, bn, bk, w, s in
-              ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3),
-               (64, 64, 64, 4, 4))]
+              ((64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
 _KEY = ["M_BUCKET", "N", "K"]
+_SMALL_M_BUCKET = 256  # large-M kernels: 64-row tiles up to this batch bucket, 128-row tiles above
+
+
+def _prune_by_m(configs, named_args, **kwargs):
+    """Autotuner ``early_config_prune``: the large-M configs whose BLOCK_M suits the batch bucket."""
+    bucket = named_args.get("M_BUCKET", kwargs.get("M_BUCKET"))
+    if bucket is None:
+        return configs
+    want = 64 if bucket <= _SMALL_M_BUCKET else 128
+    return [c for c in configs if c.kwargs["BLOCK_M"] == want] or configs
+
+
+_PRUNE = {"early_config_prune": _prune_by_m}
 
 
 def _upcast(dtype):
@@ -114,7 +134,7 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
 
 
 _sl_decode = triton.autotune(configs=_DECODE, key=_KEY)(_sparse_linear_kernel)
-_sl_large = triton.autotune(configs=_LARGE, key=_KEY)(_sparse_linear_kernel)
+_sl_large = triton.autotune(configs=_LARGE, key=_KEY, prune_configs_by=_PRUNE)(_sparse_linear_kernel)
 
 
 def _bucket(m):
@@ -171,7 +191,7 @@ def _masked_linear_kernel(x_ptr, w_ptr, mask_ptr, bias_ptr, y_ptr, M, N, K, M_BU
 
 
 _ml_decode = triton.autotune(configs=_DECODE, key=_KEY)(_masked_linear_kernel)
-_ml_large = triton.autotune(configs=_LARGE, key=_KEY)(_masked_linear_kernel)
+_ml_large = triton.autotune(configs=_LARGE, key=_KEY, prune_configs_by=_PRUNE)(_masked_linear_kernel)
 
 
 @triton.jit
@@ -216,9 +236,9 @@ def _grad_w_kernel(gy_ptr, x_ptr, mask_ptr, gw_ptr, M, N, K, M_BUCKET,
     tl.store(gw_ptr + rn[:, None] * swn + rk[None, :] * swk, acc.to(gw_ptr.dtype.element_ty), mask=inb)
 
 
+# Backward (training): three usual GEMM tiles, not measured.
 _BWD = [_cfg(32, 32, 32, 1, 1)] if _INTERPRET else [
-    _cfg(bm, bn, bk, w, s) for bm, bn, bk, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-                                                    (128, 128, 32, 8, 3), (32, 64, 64, 4, 4))]
+    _cfg(bm, bn, bk, w, s) for bm, bn, bk, w, s in ((64, 64, 64, 4, 3), (128, 64, 64, 4, 3), (64, 128, 64, 4, 3))]
 _grad_x = triton.autotune(configs=_BWD, key=_KEY)(_grad_x_kernel)
 _grad_w = triton.autotune(configs=_BWD, key=_KEY)(_grad_w_kernel)
 

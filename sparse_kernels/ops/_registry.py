@@ -136,6 +136,8 @@ def why_unavailable(name: str, backend: str, device_type: str) -> str | None:
         st = _extension.load()
         if not st["loaded"]:
             return f"sparse_kernels._C not loaded: {st['reason']}"
+    if device_type == "cuda" and backend != "cpp" and not torch.cuda.is_available():
+        return "no CUDA device is visible (torch.cuda.is_available() is False)"
     if backend == "cuda":
         if device_type != "cuda":
             return "the cuda backend runs on CUDA tensors only"

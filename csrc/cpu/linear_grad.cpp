@@ -142,7 +142,56 @@ SKG_AVX512 static void load_2to4_avx512(const T* vr, const uint16_t* mtr, int64_
     _mm512_storeu_ps(dst + i, _mm512_maskz_expand_ps(lanes, load8(vr + 8 * q)));
   }
 }
+
+SKG_AVX512 static inline __mmask16 mask16(const uint8_t* mr, bool packed, int64_t c) {
+  if (packed) {
+    uint16_t bits;
+    std::memcpy(&bits, mr + c / 8, 2);
+    return bits;
+  }
+  return _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + c)), _mm_set1_epi8(-1));
+}
+
+// row[c0:c0+len] = 0 where the mask is off (c0 % 16 == 0); 16 lanes per masked store.
+template <typename T>
+SKG_AVX512 static void zero_masked_avx512(T* row, const uint8_t* mr, bool packed, int64_t c0, int64_t len) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __mmask16 off = static_cast<__mmask16>(~mask16(mr, packed, c0 + i));
+    if (sizeof(T) == 4)
+      _mm512_mask_storeu_epi32(reinterpret_cast<void*>(row + c0 + i), off, _mm512_setzero_si512());
+    else
+      _mm256_mask_storeu_epi16(reinterpret_cast<void*>(row + c0 + i), off, _mm256_setzero_si256());
+  }
+  for (; i < len; ++i)
+    if (!mask_bit(mr, packed, c0 + i)) row[c0 + i] = T(0);
+}
+
+// dst[0:len] = (W*M)[n, c0:c0+len] in W's dtype (c0 % 16 == 0).
+template <typename T>
+SKG_AVX512 static void copy_masked_avx512(const T* wr, const uint8_t* mr, bool packed, int64_t c0, int64_t len, T* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __mmask16 mk = mask16(mr, packed, c0 + i);
+    if (sizeof(T) == 4)
+      _mm512_storeu_si512(reinterpret_cast<void*>(dst + i),
+                          _mm512_maskz_loadu_epi32(mk, reinterpret_cast<const void*>(wr + c0 + i)));
+    else
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                          _mm256_maskz_loadu_epi16(mk, reinterpret_cast<const void*>(wr + c0 + i)));
+  }
+  for (; i < len; ++i) dst[i] = mask_bit(mr, packed, c0 + i) ? wr[c0 + i] : T(0);
+}
 #endif
+
+template <typename T>
+static void zero_masked(bool avx, T* row, const uint8_t* mr, bool packed, int64_t c0, int64_t len) {
+#if SKG_X86
+  if (avx) return zero_masked_avx512<T>(row, mr, packed, c0, len);
+#endif
+  for (int64_t i = 0; i < len; ++i)
+    if (!mask_bit(mr, packed, c0 + i)) row[c0 + i] = T(0);
+}
 
 // acc += part; part = 0.
 static SKG_INLINE void fold(float* __restrict acc, float* __restrict part, int64_t len) {
@@ -270,10 +319,9 @@ static SKG_INLINE void grad_w_tile_body(const GradWArgs& a, O* out, int64_t n0, 
   }
   const int64_t mstride = a.packed ? (a.K + 7) / 8 : a.K;
   for (int64_t r = 0; r < nr; ++r) {
-    const uint8_t* mr = a.mask + (n0 + r) * mstride;
     O* o = out + (n0 + r) * a.K;
-    for (int64_t i = 0; i < kb; ++i)
-      o[k0 + i] = mask_bit(mr, a.packed, k0 + i) ? static_cast<O>(acc[r * kCols + i]) : O(0);
+    for (int64_t i = 0; i < kb; ++i) o[k0 + i] = static_cast<O>(acc[r * kCols + i]);
+    zero_masked<O>(AVX, o, a.mask + (n0 + r) * mstride, a.packed, k0, kb);
   }
 }
 
@@ -313,7 +361,7 @@ constexpr int64_t kGemmCols = 256;
 constexpr int64_t kGemmRows = 256;
 
 template <typename T, bool SPARSE>
-static void expand_cols(const GradXArgs& a, T* tile, int64_t k0, int64_t kb, int64_t n0, int64_t n1) {
+static void expand_cols(bool avx, const GradXArgs& a, T* tile, int64_t k0, int64_t kb, int64_t n0, int64_t n1) {
   const int64_t mstride = a.packed ? (a.K + 7) / 8 : a.K;
   for (int64_t n = n0; n < n1; ++n) {
     T* d = tile + n * kb;
@@ -330,6 +378,12 @@ static void expand_cols(const GradXArgs& a, T* tile, int64_t k0, int64_t kb, int
     } else {
       const T* wr = static_cast<const T*>(a.w) + n * a.K;
       const uint8_t* mr = a.mask + n * mstride;
+#if SKG_X86
+      if (avx) {
+        copy_masked_avx512<T>(wr, mr, a.packed, k0, kb, d);
+        continue;
+      }
+#endif
       for (int64_t i = 0; i < kb; ++i) d[i] = mask_bit(mr, a.packed, k0 + i) ? wr[k0 + i] : T(0);
     }
   }
@@ -338,13 +392,14 @@ static void expand_cols(const GradXArgs& a, T* tile, int64_t k0, int64_t kb, int
 // grad_x [M, K] = gy [M, N] @ W_tile [N, kb], one column block at a time.
 template <typename T, bool SPARSE>
 static at::Tensor grad_x_gemm(const GradXArgs& a, const at::Tensor& gy) {
+  const bool avx = use_avx512();
   at::Tensor gx = at::empty({a.M, a.K}, gy.options());
   at::Tensor tile = at::empty({a.N, std::min(a.K, kGemmCols)}, gy.options());
   for (int64_t k0 = 0; k0 < a.K; k0 += kGemmCols) {
     const int64_t kb = std::min(kGemmCols, a.K - k0);
     at::Tensor t = tile.view({-1}).narrow(0, 0, a.N * kb).view({a.N, kb});
     T* tp = t.data_ptr<T>();
-    at::parallel_for(0, a.N, 64, [&](int64_t n0, int64_t n1) { expand_cols<T, SPARSE>(a, tp, k0, kb, n0, n1); });
+    at::parallel_for(0, a.N, 64, [&](int64_t n0, int64_t n1) { expand_cols<T, SPARSE>(avx, a, tp, k0, kb, n0, n1); });
     at::Tensor out = gx.narrow(1, k0, kb);
     at::mm_out(out, gy, t);
   }
@@ -354,14 +409,9 @@ static at::Tensor grad_x_gemm(const GradXArgs& a, const at::Tensor& gy) {
 // Row blocks of P = gy^T x (BLAS, gy's dtype: one rounding of an fp32-accumulated dot product), then
 // masked in place (grad_W) or gathered at the kept columns (grad_values) while the block is in cache.
 template <typename T>
-static void masked_rows_inplace(T* gw, const uint8_t* mask, bool packed, int64_t K, int64_t n0, int64_t n1) {
+static void masked_rows_inplace(bool avx, T* gw, const uint8_t* mask, bool packed, int64_t K, int64_t n0, int64_t n1) {
   const int64_t mstride = packed ? (K + 7) / 8 : K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* mr = mask + n * mstride;
-    T* row = gw + n * K;
-    for (int64_t c = 0; c < K; ++c)
-      if (!mask_bit(mr, packed, c)) row[c] = T(0);
-  }
+  for (int64_t n = n0; n < n1; ++n) zero_masked<T>(avx, gw + n * K, mask + n * mstride, packed, 0, K);
 }
 
 template <typename T>
@@ -502,6 +552,7 @@ static at::Tensor grad_w_impl(const at::Tensor& gy, const at::Tensor& x, const u
   const uint16_t* mtp = sparse ? reinterpret_cast<const uint16_t*>(meta.data_ptr<int16_t>()) : nullptr;
   at::Tensor g = gy.contiguous(), xc = x.contiguous();
   if (M >= gemm_min_m(gy.scalar_type(), false)) {
+    const bool avx = use_avx512();
     dispatch_float(x.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       at::Tensor tile = sparse ? at::empty({std::min(N, kGemmRows), K}, x.options()) : at::Tensor();
@@ -515,7 +566,7 @@ static at::Tensor grad_w_impl(const at::Tensor& gy, const at::Tensor& x, const u
           if (sparse)
             gather_rows<T>(pp, mtp, op, K, a, b, n0);
           else
-            masked_rows_inplace<T>(op, mask, packed, K, a, b);
+            masked_rows_inplace<T>(avx, op, mask, packed, K, a, b);
         });
       }
     });

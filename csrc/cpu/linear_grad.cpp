@@ -12,8 +12,9 @@
 //   grad_values[n, 2g+j] = sum_m grad_y[m,n] * x[m, 4g + i_j]: grad_y^T x sampled at the kept columns.
 //
 // Two paths each, chosen by batch size and dtype (gemm_min_m below, with its measurements):
-// * direct: tiles of KB columns; a tile-local fp32 copy of one row chunk of W*M (or of the expanded
-//   2:4 row) feeds M axpys into an fp32 accumulator tile that stays in L1/L2.  The axpy loops are
+// * direct: column tiles; a tile-local fp32 copy of one row chunk of W*M (or of the expanded 2:4
+//   row) feeds up to 16 axpys into an fp32 accumulator tile that stays in L2 (grad_x); grad_W and
+//   grad_values accumulate 4 rows x 256 columns of grad_y^T x over M, then mask or gather.  The axpy loops are
 //   plain C++ compiled twice, once with AVX-512 enabled (chosen at run time, the build stays
 //   portable) and once for the baseline ISA; the compiler vectorizes both.
 // * gemm: the BLAS on blocks: grad_x by column blocks (KB_GEMM columns of W*M expanded at a time,
@@ -55,10 +56,12 @@ static bool use_avx512() {
 #endif
 }
 
-// Column tile of the direct kernels: an fp32 accumulator of kMRows x kCols (16 KiB) stays in L1
-// next to the 1 KiB row chunk.  Multiple of 16 (2:4 meta words).
+// Column tile of the direct grad_W / grad_values kernel (kWRows x kCols fp32 = 4 KiB, in L1).
+// Multiple of 16 (2:4 meta words).  grad_x tiles: kMRows rows of grad_y, kAccFloats wide.
 constexpr int64_t kCols = 256;
 constexpr int64_t kMRows = 16;
+// grad_x direct: fp32 accumulator floats per tile (x2 for the partial sums): 2 x 128 KiB in L2.
+constexpr int64_t kAccFloats = 32768;
 // Two-level summation: kChunk terms into a partial tile, partial tiles into the total.  A single
 // running fp32 sum over M = 3000 terms had 6x the error of torch's blocked GEMM (2.7e-4 vs 4.2e-5,
 // tests/test_linear_grad.py long-batch test); chunked it stays within torch's own error.
@@ -213,13 +216,14 @@ struct GradXArgs {
   int64_t M, N, K;
 };
 
+// buf: 2 * mc * kw + kw floats (kw = the tile width, >= kb): total, partial sums, the row chunk.
 template <typename T, typename O, bool SPARSE, bool AVX>
-static SKG_INLINE void grad_x_tile_body(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb) {
-  alignas(64) float acc[kMRows * kCols];
-  alignas(64) float part[kMRows * kCols];
-  alignas(64) float row[kCols];
-  std::memset(acc, 0, sizeof(float) * mc * kCols);
-  std::memset(part, 0, sizeof(float) * mc * kCols);
+static SKG_INLINE void grad_x_tile_body(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb,
+                                        int64_t kw, float* buf) {
+  float* acc = buf;
+  float* part = buf + mc * kw;
+  float* row = buf + 2 * mc * kw;
+  std::memset(buf, 0, sizeof(float) * 2 * mc * kw);
   const int64_t mstride = a.packed ? (a.K + 7) / 8 : a.K;
   for (int64_t n = 0; n < a.N; ++n) {
     if (SPARSE) {
@@ -239,39 +243,50 @@ static SKG_INLINE void grad_x_tile_body(const GradXArgs& a, O* out, int64_t m0, 
     }
     for (int64_t m = 0; m < mc; ++m) {
       const float g = a.gy[(m0 + m) * a.N + n];
-      float* __restrict ac = part + m * kCols;
+      float* __restrict ac = part + m * kw;
       const float* __restrict rw = row;
       for (int64_t i = 0; i < kb; ++i) ac[i] += g * rw[i];
     }
-    if ((n + 1) % kChunk == 0 || n + 1 == a.N) fold(acc, part, mc * kCols);
+    if ((n + 1) % kChunk == 0 || n + 1 == a.N) fold(acc, part, mc * kw);
   }
   for (int64_t m = 0; m < mc; ++m)
-    for (int64_t i = 0; i < kb; ++i) out[(m0 + m) * a.K + k0 + i] = static_cast<O>(acc[m * kCols + i]);
+    for (int64_t i = 0; i < kb; ++i) out[(m0 + m) * a.K + k0 + i] = static_cast<O>(acc[m * kw + i]);
 }
 
 #if SKG_X86
 template <typename T, typename O, bool SPARSE>
-SKG_AVX512 static void grad_x_tile_avx512(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb) {
-  grad_x_tile_body<T, O, SPARSE, true>(a, out, m0, mc, k0, kb);
+SKG_AVX512 static void grad_x_tile_avx512(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb,
+                                          int64_t kw, float* buf) {
+  grad_x_tile_body<T, O, SPARSE, true>(a, out, m0, mc, k0, kb, kw, buf);
 }
 #endif
 template <typename T, typename O, bool SPARSE>
-static void grad_x_tile_plain(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb) {
-  grad_x_tile_body<T, O, SPARSE, false>(a, out, m0, mc, k0, kb);
+static void grad_x_tile_plain(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb, int64_t kw,
+                              float* buf) {
+  grad_x_tile_body<T, O, SPARSE, false>(a, out, m0, mc, k0, kb, kw, buf);
 }
 
 template <typename T, bool SPARSE>
 static void grad_x_direct(const GradXArgs& a, T* out) {
   const bool avx = use_avx512();
-  const int64_t kt = (a.K + kCols - 1) / kCols, mt = (a.M + kMRows - 1) / kMRows;
+  // Tile width: as wide as kAccFloats allows (long contiguous runs of each weight row: 256-column
+  // tiles walked W in 1 KiB pieces 16 KiB apart and ran at 17.9 ms for 4096x4096 fp32 at M=1, load
+  // ~5), but at least one column tile per thread.
+  const int64_t mrows = std::min(kMRows, a.M);
+  const int64_t per_thread = (a.K + at::get_num_threads() - 1) / at::get_num_threads();
+  int64_t kw = std::min(kAccFloats / mrows, (per_thread + 15) / 16 * 16);
+  kw = std::max<int64_t>(16, kw / 16 * 16);
+  const int64_t kt = (a.K + kw - 1) / kw, mt = (a.M + kMRows - 1) / kMRows;
   at::parallel_for(0, kt * mt, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(static_cast<size_t>((2 * mrows + 1) * kw + 16));
+    float* bp = buf.data();
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t k0 = (t % kt) * kCols, m0 = (t / kt) * kMRows;
-      const int64_t kb = std::min(kCols, a.K - k0), mc = std::min(kMRows, a.M - m0);
+      const int64_t k0 = (t % kt) * kw, m0 = (t / kt) * kMRows;
+      const int64_t kb = std::min(kw, a.K - k0), mc = std::min(kMRows, a.M - m0);
 #if SKG_X86
-      if (avx) { grad_x_tile_avx512<T, T, SPARSE>(a, out, m0, mc, k0, kb); continue; }
+      if (avx) { grad_x_tile_avx512<T, T, SPARSE>(a, out, m0, mc, k0, kb, kw, bp); continue; }
 #endif
-      grad_x_tile_plain<T, T, SPARSE>(a, out, m0, mc, k0, kb);
+      grad_x_tile_plain<T, T, SPARSE>(a, out, m0, mc, k0, kb, kw, bp);
     }
   });
 }
@@ -429,15 +444,21 @@ static void gather_rows(const T* p, const uint16_t* meta, T* gv, int64_t K, int6
 }
 
 // Batch size from which the GEMM path runs.  SPARSE_KERNELS_CPU_GEMM_MIN_M overrides.
-// Measured with benchmarks/bench_linear_grad.py (4096x4096, 2-core AMD EPYC Zen 5, see its JSON):
-// grad_x (masked and 2:4), direct vs gemm in ms: see kGradX* below.  grad_W / grad_values: the BLAS
-// product at the weight's shape beats the axpy tiles at every batch for fp32/bf16.  fp16 stays
-// direct (this CPU has no fast fp16 GEMM; the forward measured 34 vs 7 ms at M=8).
+// Measured with benchmarks/bench_linear_grad.py, 4096x4096, 2-core AMD EPYC (Zen 5), load average
+// 3.5..5.8 (shared box: +-30%), median ms direct | gemm (results/cpu/bench_linear_grad_cpu*.json):
+//   grad_x masked fp32: M=1 14.7|19.6  M=16 29.1|37.8  M=256 463|107
+//   grad_x 2:4    fp32: M=1 15.5|15.8  M=16 42.1|28.7  M=256 1081|223
+//   grad_x masked bf16: M=1 6.9|17.2   M=16 18.0|14.7  M=256 426|51
+//   grad_x 2:4    bf16: M=1 7.0|15.7   M=16 25.2|14.8  M=256 458|50
+//   -> direct below M=16, GEMM from 16 (M=2..8 not measured with the current direct kernel).
+//   grad_W / grad_values, M=16: masked fp32 99.8|75.7, bf16 48.4|31.8; 2:4 fp32 57.4|28.6,
+//   bf16 38.6|13.9 -> GEMM always.  fp16 stays direct (no fast fp16 GEMM on this CPU; the forward
+//   measured 34 vs 7 ms at M=8).
 static int64_t gemm_min_m(at::ScalarType t, bool grad_x) {
   const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
   if (env != nullptr) return std::atoll(env);
   if (t == at::kHalf) return INT64_MAX;
-  return grad_x ? 32 : 1;
+  return grad_x ? 16 : 1;
 }
 
 // ------------------------------------------------------------------ ATen wrappers

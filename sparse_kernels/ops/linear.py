@@ -8,12 +8,16 @@ op                  backends
 sparse_linear       reference, cpp (csrc/cpu/linear.cpp), cuda (csrc/cuda/linear.cu, mma.sp),
                     triton (sparse_kernels/triton/linear.py), cusparselt (torch._cslt_*)
 masked_linear       reference, cpp, triton (forward and backward kernels)
+masked_linear_grad  reference, cpp (csrc/cpu/linear_grad.cpp), triton: ``_grad_x`` and ``_grad_w``
+sparse_linear_grad  reference, cpp (csrc/cpu/linear_grad.cpp): ``_grad_x`` reads values/meta directly,
+                    ``_grad_values`` is grad_y^T x sampled at the kept positions only
 pack/unpack_mask    reference, cpp
 ==================  ======================================================================
 
 Autograd: ``sparse_linear`` gives grads for x, values (pattern fixed: ``grad_values`` is
 ``grad_y^T x`` gathered at the kept positions) and bias, never for meta; ``masked_linear`` gives
-``grad_x = grad_y @ (W*M)``, ``grad_W = (grad_y^T x) * M`` and ``grad_bias``.
+``grad_x = grad_y @ (W*M)``, ``grad_W = (grad_y^T x) * M`` and ``grad_bias``.  The backward runs the
+grad ops of the backend that ran the forward where that backend has them, else the reference.
 """
 
 from __future__ import annotations
@@ -81,6 +85,14 @@ def _grad_w_fake(grad_y, x, weight, mask):
     return torch.empty_like(weight)
 
 
+def _sl_grad_x_fake(grad_y, values, meta):
+    return grad_y.new_empty(grad_y.shape[0], 2 * values.shape[1])
+
+
+def _sl_grad_values_fake(grad_y, x, meta):
+    return x.new_empty(meta.shape[0], x.shape[1] // 2)
+
+
 def _pack_fake(mask):
     return mask.new_empty(*mask.shape[:-1], (mask.shape[-1] + 7) // 8, dtype=torch.uint8)
 
@@ -97,11 +109,15 @@ R.define("masked_linear", "(Tensor x, Tensor weight, Tensor mask, Tensor? bias) 
          backends=("reference", "cpp", "triton"), auto=_masked_linear_auto)
 R.define("masked_linear_grad_x", "(Tensor grad_y, Tensor weight, Tensor mask) -> Tensor", fake=_grad_x_fake,
          reference=lambda gy, w, m: ref.masked_linear_backward(gy, None, w, m, True, False)[0],
-         backends=("reference", "triton"), auto=_masked_linear_auto)
+         backends=("reference", "cpp", "triton"), auto=_masked_linear_auto)
 R.define("masked_linear_grad_w", "(Tensor grad_y, Tensor x, Tensor weight, Tensor mask) -> Tensor",
          fake=_grad_w_fake,
          reference=lambda gy, x, w, m: ref.masked_linear_backward(gy, x, w, m, False, True)[1],
-         backends=("reference", "triton"), auto=_masked_linear_auto)
+         backends=("reference", "cpp", "triton"), auto=_masked_linear_auto)
+R.define("sparse_linear_grad_x", "(Tensor grad_y, Tensor values, Tensor meta) -> Tensor", fake=_sl_grad_x_fake,
+         reference=ref.sparse_linear_grad_x, backends=("reference", "cpp"))
+R.define("sparse_linear_grad_values", "(Tensor grad_y, Tensor x, Tensor meta) -> Tensor",
+         fake=_sl_grad_values_fake, reference=ref.sparse_linear_grad_values, backends=("reference", "cpp"))
 R.define("pack_mask", "(Tensor mask) -> Tensor", fake=_pack_fake, reference=ref.pack_mask,
          backends=("reference", "cpp"))
 R.define("unpack_mask", "(Tensor packed, int cols) -> Tensor", fake=_unpack_fake, reference=ref.unpack_mask,
@@ -154,20 +170,32 @@ def _sl_setup(ctx, inputs, output):
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _sl_backward(ctx, grad):
-    x, values, meta = ctx.saved_tensors
-    gx = gv = gb = None
-    if ctx.needs_input_grad[0]:
-        w = torch.ops.sparse_kernels.decompress_2to4(values, meta)
-        gx = grad @ w.to(grad.dtype)
-    if ctx.needs_input_grad[1]:
-        gv = ref.sparse_linear_grad_values(grad, x, meta).to(values.dtype)
-    if ctx.has_bias and ctx.needs_input_grad[3]:
-        gb = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return gx, gv, None, gb, None
+def _grad_backend(op, backend, device):
+    """``backend`` if op ``op`` has it and it can run on ``device``, else ``reference``."""
+    if backend in R.OPS[op].backends and R.why_unavailable(op, backend, device.type) is None:
+        return backend
+    return "reference"
 
 
-R.register_autograd("sparse_linear", _sl_backward, _sl_setup)
+def _sl_backward_for(backend):
+    def backward(ctx, grad):
+        x, values, meta = ctx.saved_tensors
+        gx = gv = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = R.get_op("sparse_linear_grad_x", _grad_backend("sparse_linear_grad_x", backend, grad.device))(
+                grad, values, meta)
+        if ctx.needs_input_grad[1]:
+            gv = R.get_op("sparse_linear_grad_values", _grad_backend("sparse_linear_grad_values", backend,
+                                                                     grad.device))(grad, x, meta)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return gx, gv, None, gb, None
+
+    return backward
+
+
+for _b in R.OPS["sparse_linear"].backends:
+    R.register_autograd("sparse_linear", _sl_backward_for(_b), _sl_setup, backends=[_b])
 
 
 def _ml_setup(ctx, inputs, output):
@@ -178,11 +206,10 @@ def _ml_setup(ctx, inputs, output):
 
 
 def _ml_backward_for(backend):
-    grad_backend = backend if backend in R.OPS["masked_linear_grad_x"].backends else "reference"
-
     def backward(ctx, grad):
         x, weight, mask = ctx.saved_tensors
         gx = gw = gb = None
+        grad_backend = _grad_backend("masked_linear_grad_x", backend, grad.device)
         if ctx.needs_input_grad[0]:
             gx = R.get_op("masked_linear_grad_x", grad_backend)(grad, weight, mask)
         if ctx.needs_input_grad[1]:

@@ -7,6 +7,9 @@ Shapes (op level; the public wrappers in :mod:`sparse_kernels.ops.linear` flatte
   (:mod:`sparse_kernels.reference.sparse24`), ``bias [N]`` or None.  Returns
   ``x @ decompress(values, meta).T + bias``, ``[M, N]``, x's dtype.  ``meta_dev`` (a device-layout
   copy of ``meta`` used by the CUDA backend) is ignored here.
+* Backward ops take ``grad_y [M, N]``: ``sparse_linear_grad_x -> [M, K]``,
+  ``sparse_linear_grad_values -> [N, K/2]``, ``masked_linear_backward`` (grad_x ``[M, K]``, grad_W
+  ``[N, K]`` with exact zeros where the mask is False).
 * ``masked_linear``: ``weight [N, K]``, ``mask`` either bool ``[N, K]`` or bit-packed uint8
   ``[N, ceil(K/8)]`` (see :func:`pack_mask`), ``bias [N]`` or None.  Returns
   ``x @ (weight * mask).T + bias``.
@@ -39,10 +42,17 @@ def kept_columns(meta: torch.Tensor) -> torch.Tensor:
     return idx.reshape(meta.shape[0], -1)
 
 
+def sparse_linear_grad_x(grad_y, values, meta):
+    """``grad_y [M, N] @ decompress(values, meta) [N, K]`` -> ``[M, K]`` in grad_y's dtype."""
+    return grad_y @ decompress_2to4(values, meta).to(grad_y.dtype)
+
+
 def sparse_linear_grad_values(grad_y, x, meta):
-    """``(grad_y^T x)`` gathered at the kept positions: ``[N, K/2]`` (fp32 accumulation)."""
-    gw = grad_y.float().t() @ x.float()  # [N, K]
-    return gw.gather(1, kept_columns(meta))
+    """``(grad_y^T x)`` gathered at the kept positions: ``[N, K/2]`` in x's dtype (fp32 accumulation,
+    one rounding): ``out[n, 2g+j] = sum_m grad_y[m, n] * x[m, 4g + i_j]``."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    gw = grad_y.to(acc).t() @ x.to(acc)  # [N, K]
+    return gw.gather(1, kept_columns(meta)).to(x.dtype)
 
 
 def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:

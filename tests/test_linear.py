@@ -133,14 +133,15 @@ def _masked_problem(lead, n, k, dtype, packed, device="cpu", seed=0):
 ML_BACKENDS = ["reference", "cpp", "triton"]
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("backend", ML_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("lead,n,k", [((1,), 7, 13), ((2, 3), 33, 64), ((5,), 16, 100)])
-def test_masked_linear_vs_reference(backend, dtype, packed, lead, n, k):
-    skip_unless_backend("masked_linear", backend, "cpu")
+def test_masked_linear_vs_reference(device, backend, dtype, packed, lead, n, k):
+    skip_unless_backend("masked_linear", backend, device)
     x, w, mask, b, m = _masked_problem(lead, n, k, dtype, packed)
-    y = sk.masked_linear(x, w, mask, b, backend=backend)
+    y = sk.masked_linear(x.to(device), w.to(device), mask.to(device), b.to(device), backend=backend).cpu()
     wm = torch.where(m, w, torch.zeros((), dtype=dtype))
     exact = x.double() @ wm.double().T + b.double()
     assert_matmul_close(y, exact, F.linear(x, wm, b), f"masked_linear/{backend}")
@@ -152,18 +153,20 @@ def test_masked_linear_gradcheck_fp64():
     torch.autograd.gradcheck(lambda a, ww, bb: torch.ops.sparse_kernels.masked_linear(a, ww, mask, bb), args)
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("backend", ML_BACKENDS)
-def test_masked_linear_grads(backend):
-    skip_unless_backend("masked_linear", backend, "cpu")
+def test_masked_linear_grads(device, backend):
+    skip_unless_backend("masked_linear", backend, device)
     x, w, mask, b, m = _masked_problem((4,), 12, 40, torch.float32, True, seed=2)
     gy = torch.randn(4, 12)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-    sk.masked_linear(xs, ws, mask, bs, backend=backend).backward(gy)
+    xs, ws, bs = (t.clone().to(device).requires_grad_() for t in (x, w, b))
+    sk.masked_linear(xs, ws, mask.to(device), bs, backend=backend).backward(gy.to(device))
+    xs, ws, bs = (t.grad.cpu() for t in (xs, ws, bs))
     wm = torch.where(m, w, 0.0)
-    assert_close(xs.grad, gy @ wm, "grad x")
-    assert_close(ws.grad, (gy.T @ x) * m, "grad w")
-    assert_close(bs.grad, gy.sum(0), "grad bias")
-    assert (ws.grad[~m] == 0).all()
+    assert_close(xs, gy @ wm, "grad x")
+    assert_close(ws, (gy.T @ x) * m, "grad w")
+    assert_close(bs, gy.sum(0), "grad bias")
+    assert (ws[~m] == 0).all()
 
 
 # ---------------------------------------------------------------- pack / unpack

@@ -24,56 +24,11 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SK_X86 1
-#else
-#define SK_X86 0
-#endif
-// vdpbf16ps path: GCC >= 10 / clang >= 9 know the avx512bf16 target.
-#if SK_X86 && ((defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || (defined(__clang__) && __clang_major__ >= 9))
-#define SK_X86_BF16 1
-#else
-#define SK_X86_BF16 0
-#endif
+#include "simd.h"
 
 namespace sk_linear {
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
-
-static bool has_avx512bf16() {
-#if SK_X86_BF16
-  const char* env = std::getenv("SPARSE_KERNELS_CPU_ISA");
-  if (env != nullptr && std::strcmp(env, "avx512bf16") != 0) return false;  // forced lower path
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-#else
-  return false;
-#endif
-}
-
-static Isa best_isa() {
-  Isa isa = Isa::Scalar;
-#if SK_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    isa = Isa::Avx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    isa = Isa::Avx512;
-#endif
-  const char* env = std::getenv("SPARSE_KERNELS_CPU_ISA");
-  if (env != nullptr) {
-    if (std::strcmp(env, "scalar") == 0) return Isa::Scalar;
-    if (std::strcmp(env, "avx2") == 0 && isa != Isa::Scalar) return Isa::Avx2;
-  }
-  return isa;
-}
-
-// ------------------------------------------------------------------ value loads (to fp32)
-static inline float to_f32(float v) { return v; }
-static inline float to_f32(c10::BFloat16 v) { return static_cast<float>(v); }
-static inline float to_f32(c10::Half v) { return static_cast<float>(v); }
+using namespace sk_cpu;
 
 // ------------------------------------------------------------------ scalar sparse_linear
 template <typename T>
@@ -100,28 +55,6 @@ static void sl_rows_scalar(const float* x, const T* values, const int16_t* meta,
 }
 
 #if SK_X86
-#define SK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")))
-#define SK_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-SK_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-SK_AVX512 static inline __m512 load16(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-SK_AVX512 static inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-// Lower 8 lanes only (a K % 32 == 16 tail); upper lanes are zero.
-SK_AVX512 static inline __m512 load8(const float* p) { return _mm512_maskz_loadu_ps(0xFF, p); }
-SK_AVX512 static inline __m512 load8(const c10::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_zextsi128_si256(h)), 16));
-}
-SK_AVX512 static inline __m512 load8(const c10::Half* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_cvtph_ps(_mm256_zextsi128_si256(h));
-}
-
 static int64_t prefetch_env() {
   const char* env = std::getenv("SPARSE_KERNELS_CPU_PREFETCH");
   return env ? std::atoll(env) : 1024;
@@ -368,14 +301,7 @@ SK_AVX512 static void ml_row_avx512(const float* x, const T* w, const uint8_t* m
     const float* xr = x + m * K;
     int64_t c = 0;
     for (; c + 16 <= K; c += 16) {
-      __mmask16 mk;
-      if (packed) {
-        uint16_t bits;
-        std::memcpy(&bits, mrow + c / 8, 2);
-        mk = bits;
-      } else {
-        mk = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mrow + c)), _mm_set1_epi8(-1));
-      }
+      const __mmask16 mk = mask16(mrow, packed, c);
       acc = _mm512_fmadd_ps(_mm512_maskz_mov_ps(mk, load16(w + c)), _mm512_loadu_ps(xr + c), acc);
     }
     float tail = 0.f;
@@ -473,14 +399,7 @@ SK_AVX512 static void expand_masked_rows_avx512(const T* w, const uint8_t* mask,
     T* d = dst + (n - n0) * K;
     int64_t c = 0;
     for (; c + 16 <= K; c += 16) {
-      __mmask16 mk;
-      if (packed) {
-        uint16_t bits;
-        std::memcpy(&bits, mr + c / 8, 2);
-        mk = bits;
-      } else {
-        mk = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + c)), _mm_set1_epi8(-1));
-      }
+      const __mmask16 mk = mask16(mr, packed, c);
       if (sizeof(T) == 4)
         _mm512_storeu_si512(reinterpret_cast<void*>(d + c),
                             _mm512_maskz_loadu_epi32(mk, reinterpret_cast<const void*>(wr + c)));
@@ -564,15 +483,6 @@ static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) 
 }
 
 // ------------------------------------------------------------------ ATen wrappers
-template <typename F>
-static void dispatch_float(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK_TYPE(false, "dtype ", t, " is not supported; expected float32, bfloat16 or float16");
-  }
-}
 #define SK_DISPATCH_F32_BF16_F16(TYPE, BODY) dispatch_float(TYPE, [&](auto tag) { using scalar_t = decltype(tag); BODY(); })
 static void check_x_and_bias(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
                              const at::Tensor& w, const char* wname) {

@@ -33,28 +33,15 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define SKG_X86 1
-#define SKG_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c,avx2")))
-#else
-#define SKG_X86 0
-#endif
+#include "simd.h"
+
 #define SKG_INLINE inline __attribute__((always_inline))
 
 namespace sk_linear_grad {
 
-static bool use_avx512() {
-  const char* env = std::getenv("SPARSE_KERNELS_CPU_ISA");
-  if (env != nullptr && (std::strcmp(env, "scalar") == 0 || std::strcmp(env, "avx2") == 0)) return false;
-#if SKG_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-#else
-  return false;
-#endif
-}
+using namespace sk_cpu;
+
+static bool use_avx512() { return best_isa() == Isa::Avx512; }
 
 // Column tile of the direct grad_W / grad_values kernel (kWRows x kCols fp32 = 4 KiB, in L1).
 // Multiple of 16 (2:4 meta words).  grad_x tiles: kMRows rows of grad_y, kAccFloats wide.
@@ -67,9 +54,6 @@ constexpr int64_t kAccFloats = 32768;
 // tests/test_linear_grad.py long-batch test); chunked it stays within torch's own error.
 constexpr int64_t kChunk = 64;
 
-static SKG_INLINE float f32(float v) { return v; }
-static SKG_INLINE float f32(c10::BFloat16 v) { return static_cast<float>(v); }
-static SKG_INLINE float f32(c10::Half v) { return static_cast<float>(v); }
 
 static SKG_INLINE bool mask_bit(const uint8_t* mrow, bool packed, int64_t c) {
   return packed ? ((mrow[c >> 3] >> (c & 7)) & 1) != 0 : mrow[c] != 0;
@@ -79,7 +63,7 @@ static SKG_INLINE bool mask_bit(const uint8_t* mrow, bool packed, int64_t c) {
 // dst[0:len] = (W*M)[n, c0:c0+len] in fp32; c0 % 16 == 0.
 template <typename T>
 static void load_masked_scalar(const T* wr, const uint8_t* mr, bool packed, int64_t c0, int64_t len, float* dst) {
-  for (int64_t i = 0; i < len; ++i) dst[i] = mask_bit(mr, packed, c0 + i) ? f32(wr[c0 + i]) : 0.f;
+  for (int64_t i = 0; i < len; ++i) dst[i] = mask_bit(mr, packed, c0 + i) ? to_f32(wr[c0 + i]) : 0.f;
 }
 
 // dst[0:len] = decompress(values, meta)[n, c0:c0+len] in fp32; c0 and len multiples of 16.
@@ -89,46 +73,22 @@ static void load_2to4_scalar(const T* vr, const uint16_t* mtr, int64_t c0, int64
   for (int64_t g = 0; g < len / 4; ++g) {
     const int64_t gg = c0 / 4 + g;
     const uint32_t nib = (mtr[gg >> 2] >> (4 * (gg & 3))) & 0xF;
-    dst[4 * g + (nib & 3)] = f32(vr[2 * gg]);
-    dst[4 * g + (nib >> 2)] = f32(vr[2 * gg + 1]);
+    dst[4 * g + (nib & 3)] = to_f32(vr[2 * gg]);
+    dst[4 * g + (nib >> 2)] = to_f32(vr[2 * gg + 1]);
   }
 }
 
-#if SKG_X86
-SKG_AVX512 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-SKG_AVX512 static inline __m512 load16(const c10::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-SKG_AVX512 static inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-SKG_AVX512 static inline __m512 load8(const float* p) { return _mm512_maskz_loadu_ps(0xFF, p); }
-SKG_AVX512 static inline __m512 load8(const c10::BFloat16* p) {
-  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_zextsi128_si256(h)), 16));
-}
-SKG_AVX512 static inline __m512 load8(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-
+#if SK_X86
 template <typename T>
-SKG_AVX512 static void load_masked_avx512(const T* wr, const uint8_t* mr, bool packed, int64_t c0, int64_t len,
+SK_AVX512 static void load_masked_avx512(const T* wr, const uint8_t* mr, bool packed, int64_t c0, int64_t len,
                                           float* dst) {
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const int64_t c = c0 + i;
-    __mmask16 mk;
-    if (packed) {
-      uint16_t bits;
-      std::memcpy(&bits, mr + c / 8, 2);
-      mk = bits;
-    } else {
-      mk = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + c)), _mm_set1_epi8(-1));
-    }
+    const __mmask16 mk = mask16(mr, packed, c);
     _mm512_storeu_ps(dst + i, _mm512_maskz_mov_ps(mk, load16(wr + c)));
   }
-  for (; i < len; ++i) dst[i] = mask_bit(mr, packed, c0 + i) ? f32(wr[c0 + i]) : 0.f;
+  for (; i < len; ++i) dst[i] = mask_bit(mr, packed, c0 + i) ? to_f32(wr[c0 + i]) : 0.f;
 }
 
 // One int16 of meta -> a 16-bit lane mask (bit 4j+i set for kept position i of group j); vexpandps
@@ -136,7 +96,7 @@ SKG_AVX512 static void load_masked_avx512(const T* wr, const uint8_t* mr, bool p
 static const uint8_t kNibbleLanes[16] = {0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0};
 
 template <typename T>
-SKG_AVX512 static void load_2to4_avx512(const T* vr, const uint16_t* mtr, int64_t c0, int64_t len, float* dst) {
+SK_AVX512 static void load_2to4_avx512(const T* vr, const uint16_t* mtr, int64_t c0, int64_t len, float* dst) {
   for (int64_t i = 0; i < len; i += 16) {
     const int64_t q = (c0 + i) / 16;
     const uint32_t w = mtr[q];
@@ -146,7 +106,7 @@ SKG_AVX512 static void load_2to4_avx512(const T* vr, const uint16_t* mtr, int64_
   }
 }
 
-SKG_AVX512 static inline __mmask16 mask16(const uint8_t* mr, bool packed, int64_t c) {
+SK_AVX512 static inline __mmask16 mask16(const uint8_t* mr, bool packed, int64_t c) {
   if (packed) {
     uint16_t bits;
     std::memcpy(&bits, mr + c / 8, 2);
@@ -157,7 +117,7 @@ SKG_AVX512 static inline __mmask16 mask16(const uint8_t* mr, bool packed, int64_
 
 // row[c0:c0+len] = 0 where the mask is off (c0 % 16 == 0); 16 lanes per masked store.
 template <typename T>
-SKG_AVX512 static void zero_masked_avx512(T* row, const uint8_t* mr, bool packed, int64_t c0, int64_t len) {
+SK_AVX512 static void zero_masked_avx512(T* row, const uint8_t* mr, bool packed, int64_t c0, int64_t len) {
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __mmask16 off = static_cast<__mmask16>(~mask16(mr, packed, c0 + i));
@@ -172,7 +132,7 @@ SKG_AVX512 static void zero_masked_avx512(T* row, const uint8_t* mr, bool packed
 
 // dst[0:len] = (W*M)[n, c0:c0+len] in W's dtype (c0 % 16 == 0).
 template <typename T>
-SKG_AVX512 static void copy_masked_avx512(const T* wr, const uint8_t* mr, bool packed, int64_t c0, int64_t len, T* dst) {
+SK_AVX512 static void copy_masked_avx512(const T* wr, const uint8_t* mr, bool packed, int64_t c0, int64_t len, T* dst) {
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
     const __mmask16 mk = mask16(mr, packed, c0 + i);
@@ -189,7 +149,7 @@ SKG_AVX512 static void copy_masked_avx512(const T* wr, const uint8_t* mr, bool p
 
 template <typename T>
 static void zero_masked(bool avx, T* row, const uint8_t* mr, bool packed, int64_t c0, int64_t len) {
-#if SKG_X86
+#if SK_X86
   if (avx) return zero_masked_avx512<T>(row, mr, packed, c0, len);
 #endif
   for (int64_t i = 0; i < len; ++i)
@@ -229,14 +189,14 @@ static SKG_INLINE void grad_x_tile_body(const GradXArgs& a, O* out, int64_t m0, 
     if (SPARSE) {
       const T* vr = static_cast<const T*>(a.w) + n * (a.K / 2);
       const uint16_t* mtr = a.meta + n * (a.K / 16);
-#if SKG_X86
+#if SK_X86
       if constexpr (AVX) load_2to4_avx512<T>(vr, mtr, k0, kb, row); else
 #endif
       load_2to4_scalar<T>(vr, mtr, k0, kb, row);
     } else {
       const T* wr = static_cast<const T*>(a.w) + n * a.K;
       const uint8_t* mr = a.mask + n * mstride;
-#if SKG_X86
+#if SK_X86
       if constexpr (AVX) load_masked_avx512<T>(wr, mr, a.packed, k0, kb, row); else
 #endif
       load_masked_scalar<T>(wr, mr, a.packed, k0, kb, row);
@@ -253,9 +213,9 @@ static SKG_INLINE void grad_x_tile_body(const GradXArgs& a, O* out, int64_t m0, 
     for (int64_t i = 0; i < kb; ++i) out[(m0 + m) * a.K + k0 + i] = static_cast<O>(acc[m * kw + i]);
 }
 
-#if SKG_X86
+#if SK_X86
 template <typename T, typename O, bool SPARSE>
-SKG_AVX512 static void grad_x_tile_avx512(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb,
+SK_AVX512 static void grad_x_tile_avx512(const GradXArgs& a, O* out, int64_t m0, int64_t mc, int64_t k0, int64_t kb,
                                           int64_t kw, float* buf) {
   grad_x_tile_body<T, O, SPARSE, true>(a, out, m0, mc, k0, kb, kw, buf);
 }
@@ -283,7 +243,7 @@ static void grad_x_direct(const GradXArgs& a, T* out) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = (t % kt) * kw, m0 = (t / kt) * kMRows;
       const int64_t kb = std::min(kw, a.K - k0), mc = std::min(kMRows, a.M - m0);
-#if SKG_X86
+#if SK_X86
       if (avx) { grad_x_tile_avx512<T, T, SPARSE>(a, out, m0, mc, k0, kb, kw, bp); continue; }
 #endif
       grad_x_tile_plain<T, T, SPARSE>(a, out, m0, mc, k0, kb, kw, bp);
@@ -340,9 +300,9 @@ static SKG_INLINE void grad_w_tile_body(const GradWArgs& a, O* out, int64_t n0, 
   }
 }
 
-#if SKG_X86
+#if SK_X86
 template <typename O>
-SKG_AVX512 static void grad_w_tile_avx512(const GradWArgs& a, O* out, int64_t n0, int64_t nr, int64_t k0, int64_t kb) {
+SK_AVX512 static void grad_w_tile_avx512(const GradWArgs& a, O* out, int64_t n0, int64_t nr, int64_t k0, int64_t kb) {
   grad_w_tile_body<O, true>(a, out, n0, nr, k0, kb);
 }
 #endif
@@ -361,7 +321,7 @@ static void grad_w_direct(const GradWArgs& a, O* out) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t k0 = (t / nt) * kCols, n0 = (t % nt) * kWRows;
       const int64_t kb = std::min(kCols, a.K - k0), nr = std::min(kWRows, a.N - n0);
-#if SKG_X86
+#if SK_X86
       if (avx) { grad_w_tile_avx512<O>(a, out, n0, nr, k0, kb); continue; }
 #endif
       grad_w_tile_plain<O>(a, out, n0, nr, k0, kb);
@@ -393,7 +353,7 @@ static void expand_cols(bool avx, const GradXArgs& a, T* tile, int64_t k0, int64
     } else {
       const T* wr = static_cast<const T*>(a.w) + n * a.K;
       const uint8_t* mr = a.mask + n * mstride;
-#if SKG_X86
+#if SK_X86
       if (avx) {
         copy_masked_avx512<T>(wr, mr, a.packed, k0, kb, d);
         continue;
@@ -462,15 +422,6 @@ static int64_t gemm_min_m(at::ScalarType t, bool grad_x) {
 }
 
 // ------------------------------------------------------------------ ATen wrappers
-template <typename F>
-static void dispatch_float(at::ScalarType t, const F& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK_TYPE(false, "dtype ", t, " is not supported; expected float32, bfloat16 or float16");
-  }
-}
 
 static void check_grad_y(const at::Tensor& gy, int64_t N) {
   TORCH_CHECK_VALUE(gy.dim() == 2, "grad_y: expected a 2-D tensor [M, N] at the op level, got ", gy.dim(), "-D");

@@ -25,9 +25,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace sparse_kernels {
 namespace cpu {
@@ -170,68 +168,33 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_block_update_cpp
 constexpr int64_t kChunk = 32;
 constexpr int64_t kLazyTileRows = 64;
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define SK_LAZY_X86 1
-#define SK_LAZY_AVX2 __attribute__((target("avx2,fma")))
-
-static bool lazy_has_avx2() {
-  static const bool ok = [] {
-    const char* env = std::getenv("SPARSE_KERNELS_CPU_ISA");
-    if (env != nullptr && std::strcmp(env, "scalar") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
+#if SK_X86
+// acc[0..4) -= v * u[0..32): four 8-float FMA chains.
+SK_AVX2 static inline __attribute__((always_inline)) void fnma32(__m256 (&acc)[4], float v, const float* u) {
+  const __m256 vv = _mm256_set1_ps(v);
+  for (int q = 0; q < 4; ++q) acc[q] = _mm256_fnmadd_ps(vv, _mm256_loadu_ps(u + 8 * q), acc[q]);
 }
 
-// acc[0..4) -= v * u[0..32) for one row; a 4-register chain per row, two rows interleaved.
-SK_LAZY_AVX2 static void lazy_pair_avx2(float* w0, float* w1, const float* Uc, const int32_t* i0,
-                                        const float* v0, int64_t n0, const int32_t* i1, const float* v1,
-                                        int64_t n1) {
-  __m256 a0 = _mm256_loadu_ps(w0), a1 = _mm256_loadu_ps(w0 + 8), a2 = _mm256_loadu_ps(w0 + 16),
-         a3 = _mm256_loadu_ps(w0 + 24);
-  __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-  if (w1 != nullptr) {
-    b0 = _mm256_loadu_ps(w1), b1 = _mm256_loadu_ps(w1 + 8), b2 = _mm256_loadu_ps(w1 + 16),
-    b3 = _mm256_loadu_ps(w1 + 24);
+// Two rows (w1 may be null) against one chunk of U: each row's own terms, interleaved while
+// both have terms left so eight independent chains keep the FMA units busy.
+SK_AVX2 static void lazy_pair_avx2(float* w0, float* w1, const float* Uc, const int32_t* i0, const float* v0,
+                                   int64_t n0, const int32_t* i1, const float* v1, int64_t n1) {
+  __m256 a[4], b[4];
+  for (int q = 0; q < 4; ++q) {
+    a[q] = _mm256_loadu_ps(w0 + 8 * q);
+    b[q] = w1 != nullptr ? _mm256_loadu_ps(w1 + 8 * q) : _mm256_setzero_ps();
   }
   const int64_t both = std::min(n0, n1);
   int64_t k = 0;
   for (; k < both; ++k) {
-    const __m256 va = _mm256_set1_ps(v0[k]);
-    const float* ua = Uc + static_cast<int64_t>(i0[k]) * kChunk;
-    const __m256 vb = _mm256_set1_ps(v1[k]);
-    const float* ub = Uc + static_cast<int64_t>(i1[k]) * kChunk;
-    a0 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua), a0);
-    b0 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub), b0);
-    a1 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 8), a1);
-    b1 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 8), b1);
-    a2 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 16), a2);
-    b2 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 16), b2);
-    a3 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 24), a3);
-    b3 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 24), b3);
+    fnma32(a, v0[k], Uc + static_cast<int64_t>(i0[k]) * kChunk);
+    fnma32(b, v1[k], Uc + static_cast<int64_t>(i1[k]) * kChunk);
   }
-  for (int64_t j = k; j < n0; ++j) {
-    const __m256 va = _mm256_set1_ps(v0[j]);
-    const float* ua = Uc + static_cast<int64_t>(i0[j]) * kChunk;
-    a0 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua), a0);
-    a1 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 8), a1);
-    a2 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 16), a2);
-    a3 = _mm256_fnmadd_ps(va, _mm256_loadu_ps(ua + 24), a3);
-  }
-  for (int64_t j = k; j < n1; ++j) {
-    const __m256 vb = _mm256_set1_ps(v1[j]);
-    const float* ub = Uc + static_cast<int64_t>(i1[j]) * kChunk;
-    b0 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub), b0);
-    b1 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 8), b1);
-    b2 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 16), b2);
-    b3 = _mm256_fnmadd_ps(vb, _mm256_loadu_ps(ub + 24), b3);
-  }
-  _mm256_storeu_ps(w0, a0), _mm256_storeu_ps(w0 + 8, a1), _mm256_storeu_ps(w0 + 16, a2),
-      _mm256_storeu_ps(w0 + 24, a3);
-  if (w1 != nullptr) {
-    _mm256_storeu_ps(w1, b0), _mm256_storeu_ps(w1 + 8, b1), _mm256_storeu_ps(w1 + 16, b2),
-        _mm256_storeu_ps(w1 + 24, b3);
+  for (int64_t j = k; j < n0; ++j) fnma32(a, v0[j], Uc + static_cast<int64_t>(i0[j]) * kChunk);
+  for (int64_t j = k; j < n1; ++j) fnma32(b, v1[j], Uc + static_cast<int64_t>(i1[j]) * kChunk);
+  for (int q = 0; q < 4; ++q) {
+    _mm256_storeu_ps(w0 + 8 * q, a[q]);
+    if (w1 != nullptr) _mm256_storeu_ps(w1 + 8 * q, b[q]);
   }
 }
 #endif
@@ -256,8 +219,8 @@ static void lazy_update_rows(float* W, int64_t ldw, const float* E, int64_t lde,
   std::vector<float> val(kLazyTileRows * B);
   std::vector<int64_t> cnt(kLazyTileRows);
   float pad[2][kChunk];
-#ifdef SK_LAZY_X86
-  const bool avx2 = lazy_has_avx2();
+#if SK_X86
+  const bool avx2 = sk_cpu::best_isa() != sk_cpu::Isa::Scalar;
 #endif
   for (int64_t t0 = r0; t0 < r1; t0 += kLazyTileRows) {
     const int64_t tr = std::min(kLazyTileRows, r1 - t0);
@@ -289,7 +252,7 @@ static void lazy_update_rows(float* W, int64_t ldw, const float* E, int64_t lde,
         }
         const int32_t* i0 = idx.data() + r * B;
         const float* v0 = val.data() + r * B;
-#ifdef SK_LAZY_X86
+#if SK_X86
         if (avx2) {
           lazy_pair_avx2(d0, d1, Uc, i0, v0, cnt[r], two ? i0 + B : i0, two ? v0 + B : v0, two ? cnt[r + 1] : 0);
         } else

@@ -548,3 +548,34 @@ def test_first_error_across_parallel_chunks(backend, device):
     m[777, 2] = 0x0F00 | 0x00C4
     with pytest.raises(ValueError, match=r"row 777, group 10 \(columns 40\.\.43\) has nibble 15"):
         _run("decompress_2to4", backend, v.to(device), m)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernels_compile_for_gpu(arch):
+    """No GPU needed: lower the Triton 2:4 kernels to sm_80/sm_90 code for each element width
+    and the launchers' extreme tile shapes (skips where this triton cannot target CUDA)."""
+    from test_linear import _gpu_compile, require_triton_gpu_compiler
+
+    from sparse_kernels.triton import sparse24 as T
+
+    require_triton_gpu_compiler(arch)
+    i32, cx = "i32", "constexpr"
+    for it, (abs_mask, sign), inf in (("*i16", T._BITS[2], T._INF[torch.float16]),
+                                      ("*i32", T._BITS[4], T._INF[torch.float32])):
+        for br, bg in ((1, T._MAX_BLOCK_G), (T._TILE // 16, 4)):
+            sig = dict(s_ptr=it, out_ptr="*u8", flag_ptr="*i32", rows=i32, cols=i32, n_gblocks=i32,
+                       ABS=cx, F64=cx, ABS_MASK=cx, INF=cx, BLOCK_R=cx, BLOCK_G=cx)
+            consts = dict(ABS=True, F64=False, ABS_MASK=abs_mask, INF=inf, BLOCK_R=br, BLOCK_G=bg)
+            _gpu_compile(T._mask_kernel, sig, consts, arch)
+            sig = dict(w_ptr=it, v_ptr=it, m_ptr="*i16", bad_ptr="*i32", flag_ptr="*i32", rows=i32, cols=i32,
+                       n_gblocks=i32, PRUNE=cx, ABS_MASK=cx, SIGN=cx, INF=cx, BLOCK_R=cx, BLOCK_G=cx)
+            _gpu_compile(T._compress_kernel, sig, dict(PRUNE=True, ABS_MASK=abs_mask, SIGN=sign, INF=inf,
+                                                       BLOCK_R=br, BLOCK_G=bg), arch)
+            sig = dict(v_ptr=it, m_ptr="*i16", out_ptr=it, bad_ptr="*i32", rows=i32, cols=i32, n_gblocks=i32,
+                       BLOCK_R=cx, BLOCK_G=cx)
+            _gpu_compile(T._decompress_kernel, sig, dict(BLOCK_R=br, BLOCK_G=bg), arch)
+    sig = dict(s_ptr="*fp64", out_ptr="*u8", flag_ptr="*i32", rows=i32, cols=i32, n_gblocks=i32,
+               ABS=cx, F64=cx, ABS_MASK=cx, INF=cx, BLOCK_R=cx, BLOCK_G=cx)
+    _gpu_compile(T._mask_kernel, sig, dict(ABS=False, F64=True, ABS_MASK=0, INF=0, BLOCK_R=4, BLOCK_G=64), arch)

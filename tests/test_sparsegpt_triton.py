@@ -81,3 +81,22 @@ def test_triton_opcheck(device):
     dev = torch.device(device)
     torch.library.opcheck(op, (W.to(dev), U.to(dev), None, 2, 4))
     torch.library.opcheck(op, (W.to(dev), U.to(dev), mask.to(dev), 0, 0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_kernel_compiles_for_gpu(arch):
+    """No GPU needed: lower the block kernel to sm_80/sm_90 code, explicit mask and N:M."""
+    from test_linear import _gpu_compile, require_triton_gpu_compiler
+
+    from sparse_kernels.triton import sparsegpt as T
+
+    require_triton_gpu_compiler(arch)
+    cx = "constexpr"
+    for n, m in ((0, 0), (2, 4)):
+        sig = dict(W_ptr="*fp32", H_ptr="*fp32", M_ptr="*u8" if m == 0 else "*fp32", Q_ptr="*fp32", E_ptr="*fp32",
+                   L_ptr="*fp32", rows="i32", B="i32",
+                   **{s: "i32" for s in ("stride_wr", "stride_wc", "stride_hr", "stride_hc", "stride_mr", "stride_mc")},
+                   N=cx, M=cx, HAS_MASK=cx, BLOCK_R=cx, BLOCK_B=cx)
+        consts = dict(N=n, M=m, HAS_MASK=m == 0, BLOCK_R=T._TILE // 128, BLOCK_B=128)
+        _gpu_compile(T._sparsegpt_block_kernel, sig, consts, arch)

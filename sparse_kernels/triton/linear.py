@@ -6,7 +6,8 @@ Same math as :mod:`sparse_kernels.reference.linear` (layouts there):
   ``BLOCK_K`` input columns it loads ``values [BLOCK_N, BLOCK_K/2]`` and the matching meta
   nibbles, expands them in registers to the dense ``[BLOCK_N, BLOCK_K]`` weight tile (position
   ``p`` of a group takes ``v0`` where ``i0 == p``, ``v1`` where ``i1 == p``, else 0) and
-  accumulates ``tl.dot(x_tile, w_tile^T)`` in fp32.  The dense weight never reaches memory.
+  accumulates the transposed tile ``tl.dot(w_tile, x_tile^T)`` in fp32 (the register-built
+  tile is the A operand; see the kernel).  The dense weight never reaches memory.
 * ``masked_linear`` (and its two gradient kernels): the weight tile is loaded with its mask
   (bool, or bit ``c % 8`` of byte ``c // 8`` when packed) and zeroed in registers; ``W * M``
   is never written to global memory.
@@ -116,7 +117,7 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
     rh = tl.arange(0, BLOCK_K // 2)
     rg = tl.arange(0, BLOCK_K // 4)
     shifts = 4 * (rg % 4)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: see below
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
@@ -126,7 +127,11 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
         m_ptrs = meta_ptr + rn[:, None] * smn + (gg // 4)[None, :] * smk
         w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
                          (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
-        acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+        # y^T += W x^T: the register-built W tile is the dot's A operand.  As the B operand
+        # (x @ W^T) triton 3.6 fails to compile it for sm_90 ("Illegal shared layout" in
+        # TritonGPUOptimizeDotOperands, BLOCK_M >= 64, 16-bit dtypes); 3.8 accepts both.
+        acc = _dot(w, tl.trans(x), acc, IEEE, UPCAST)
+    acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),

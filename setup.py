@@ -56,6 +56,13 @@ def _extensions():
     )
     sources = _sources("csrc/*.cpp", "csrc/cpu/*.cpp")
     cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # at::parallel_for is a header template around `#pragma omp parallel` (ATen's Linux builds
+    # use OpenMP): without -fopenmp it compiles to a serial loop.  The extension then links
+    # libgomp.so.1, the soname torch has already loaded from torch/lib, so one runtime runs.
+    ldflags = []
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")
     macros = [("SK_WITH_CUDA", "1" if with_cuda else "0")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -67,6 +74,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=ldflags,
         )
     else:
         ext = CppExtension(
@@ -75,6 +83,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=ldflags,
         )
 
     base = BuildExtension.with_options(use_ninja=True)

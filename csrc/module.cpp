@@ -16,4 +16,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("torch_version") =
       SK_STR(TORCH_VERSION_MAJOR) "." SK_STR(TORCH_VERSION_MINOR) "." SK_STR(TORCH_VERSION_PATCH);
   m.attr("with_cuda") = static_cast<bool>(SK_WITH_CUDA);
+#ifdef _OPENMP
+  m.attr("with_openmp") = true;  // at::parallel_for in the CPU kernels runs on torch's threads
+#else
+  m.attr("with_openmp") = false;  // ... or compiles to a serial loop
+#endif
 }

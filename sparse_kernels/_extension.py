@@ -21,6 +21,7 @@ STATUS: dict = {
     "reason": None,
     "built_torch": None,
     "with_cuda": False,
+    "with_openmp": False,
     "build": None,
 }
 
@@ -64,6 +65,7 @@ def load() -> dict:
     STATUS["loaded"] = True
     STATUS["built_torch"] = mod.torch_version
     STATUS["with_cuda"] = bool(mod.with_cuda)
+    STATUS["with_openmp"] = bool(getattr(mod, "with_openmp", False))
     if mod.torch_version != running:
         STATUS["reason"] = f"built for torch {mod.torch_version}, running {torch.__version__}"
         warnings.warn(f"sparse_kernels: {STATUS['reason']}; rebuild if ops misbehave", RuntimeWarning, stacklevel=3)

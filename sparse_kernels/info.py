@@ -69,6 +69,8 @@ def report() -> dict:
         "extension_reason": st["reason"],
         "extension_built_for_torch": st["built_torch"],
         "extension_with_cuda": st["with_cuda"],
+        "extension_with_openmp": st["with_openmp"],
+        "cpu_threads": torch.get_num_threads(),
         "build": st["build"],
         "ops": ops,
     }
@@ -84,6 +86,8 @@ def format_report(rep: dict | None = None) -> str:
         f"_C loaded   {rep['extension_loaded']}"
         + (f"  built for torch {rep['extension_built_for_torch']}" if rep["extension_built_for_torch"] else ""),
         f"_C CUDA     {rep['extension_with_cuda']}",
+        f"_C OpenMP   {rep['extension_with_openmp']}  (CPU kernels on {rep['cpu_threads']} threads"
+        f"{'' if rep['extension_with_openmp'] or not rep['extension_loaded'] else '; built without OpenMP: 1'})",
     ]
     if rep["extension_reason"]:
         lines.append(f"_C note     {rep['extension_reason']}")

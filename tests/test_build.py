@@ -130,3 +130,15 @@ def test_setup_tolerates_or_fails_a_broken_build(tmp_path, strict):
         info = json.loads((tmp_path / "sparse_kernels" / "_build_info.json").read_text())
         assert info["status"] == "failed" and info["error"]
         assert not list((tmp_path / "sparse_kernels").glob("_C*.so"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenMP is enabled for Linux builds")
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for compiles to a serial loop without -fopenmp: the build must enable it."""
+    from sparse_kernels import _extension, info
+
+    st = _extension.load()
+    if not st["loaded"]:
+        pytest.skip(f"sparse_kernels._C not loaded: {st['reason']}")
+    assert st["with_openmp"] is True
+    assert "_C OpenMP   True" in info.format_report()

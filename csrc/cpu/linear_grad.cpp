@@ -405,12 +405,16 @@ static void gather_rows(const T* p, const uint16_t* meta, T* gv, int64_t K, int6
 
 // Batch size from which the GEMM path runs.  SPARSE_KERNELS_CPU_GEMM_MIN_M overrides.
 // Measured with benchmarks/bench_linear_grad.py, 4096x4096, 2-core AMD EPYC (Zen 5), load average
-// 3.5..5.8 (shared box: +-30%), median ms direct | gemm (results/cpu/bench_linear_grad_cpu*.json):
+// 3.5..5.8 (shared box: +-30%), median ms direct | gemm (results/cpu/bench_linear_grad_cpu_gradx_m1_m16.json and an earlier run):
 //   grad_x masked fp32: M=1 14.7|19.6  M=16 29.1|37.8  M=256 463|107
 //   grad_x 2:4    fp32: M=1 15.5|15.8  M=16 42.1|28.7  M=256 1081|223
 //   grad_x masked bf16: M=1 6.9|17.2   M=16 18.0|14.7  M=256 426|51
 //   grad_x 2:4    bf16: M=1 7.0|15.7   M=16 25.2|14.8  M=256 458|50
 //   -> direct below M=16, GEMM from 16 (M=2..8 not measured with the current direct kernel).
+//   Re-measured alone (1-min load 1.6 at the start, falling after the previous benchmark) once the
+//   build had OpenMP (2 threads; bench_linear_grad_cpu.json),
+//   M=16 direct|gemm: grad_x masked fp32 14.3|16.0, 2:4 fp32 14.5|14.2, masked bf16 16.9|10.0,
+//   2:4 bf16 10.9|11.6: within noise of the threshold, kept.
 //   grad_W / grad_values, M=16: masked fp32 99.8|75.7, bf16 48.4|31.8; 2:4 fp32 57.4|28.6,
 //   bf16 38.6|13.9 -> GEMM always.  fp16 stays direct (no fast fp16 GEMM on this CPU; the forward
 //   measured 34 vs 7 ms at M=8).

@@ -320,6 +320,21 @@ def test_hopeless_hessian_falls_back_without_crashing():
     assert (mask.view(4, -1, 4).sum(-1) == 2).all()
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_hopeless_hessian_fallback_with_a_column_major_weight(backend):
+    """The diag(H) fallback must hand the layer loop a row-major W like the normal path does: the
+    lazy-update op needs contiguous columns (a transposed weight, e.g. GPT-2's Conv1D, has none)."""
+    cols = 64
+    W = torch.randn(cols, 12, generator=torch.Generator().manual_seed(1)).t()  # [12, 64], stride (1, 12)
+    H = torch.full((cols, cols), float("nan"))
+    with pytest.warns(HessianWarning, match="falling back to diag"):
+        Wp, mask, loss = sparsegpt_prune(W, H, 0.5, blocksize=16, backend=backend)
+    with pytest.warns(HessianWarning, match="falling back to diag"):
+        Wc, maskc, lossc = sparsegpt_prune(W.contiguous(), H, 0.5, blocksize=16, backend=backend)
+    assert_bitexact(Wp, Wc, "fallback, column-major vs row-major W")
+    assert torch.equal(mask, maskc) and int((~mask).sum()) == W.numel() // 2
+
+
 def test_positive_definite_hessian_does_not_warn():
     H = hessian(40)
     with warnings.catch_warnings():

@@ -91,7 +91,7 @@ def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str
         stacklevel=3,
     )
     h = torch.diagonal(H).to(torch.float32).clone()
-    W2 = W.clone()
+    W2 = W.clone(memory_format=torch.contiguous_format)  # row-major, as above: the lazy update needs it
     W2[:, h == 0] = 0
     h = torch.where(torch.isfinite(h) & (h > 0), h, torch.ones_like(h))
     return W2, torch.diag(h.rsqrt()), math.inf

@@ -149,7 +149,7 @@ else
     fi
     log "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-<setup.py default>}"
     step build 240 env SPARSE_KERNELS_STRICT_BUILD=1 "$PY" setup.py build_ext --inplace
-    step info 30 "$PY" -m sparse_kernels.info
+    step info 30 bash -c "\"$PY\" -m sparse_kernels.info; ldd sparse_kernels/_C*.so | grep -i -E 'gomp|cuda' || true"
     pytest_step tests_cuda 100 tests/test_cuda_kernels.py
     pytest_step tests_gpu 150 tests --ignore=tests/test_cuda_kernels.py -k "$GPU_K"
     step bench_linear_quick 120 "$PY" benchmarks/bench_linear.py --device cuda --shapes 4096x4096 4096x14336 \

@@ -173,11 +173,13 @@ def lazy_inputs(rows, B, L, density, seed=0):
     return E, torch.randn(B, L, generator=g), torch.randn(rows, L, generator=g)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend,isa", [("reference", None), ("cpp", None), ("cpp", "scalar")])
 @pytest.mark.parametrize("rows,B,L", [(1, 1, 1), (37, 128, 100), (64, 24, 32), (130, 64, 65), (3, 8, 31)])
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
-def test_lazy_update_matches_addmm(backend, rows, B, L, density):
+def test_lazy_update_matches_addmm(backend, isa, rows, B, L, density, monkeypatch):
     skip_unless_backend(LAZY_NAME, backend, "cpu")
+    if isa is not None:
+        monkeypatch.setenv("SPARSE_KERNELS_CPU_ISA", isa)  # the portable path (read per call)
     E, U, W = lazy_inputs(rows, B, L, density, seed=rows + L)
     E[rows // 2] = 0  # a row with no terms
     exact = W.double() - E.double() @ U.double()
@@ -218,6 +220,8 @@ def test_lazy_update_opcheck_and_errors(backend):
         sparsegpt_lazy_update(W, E[:8], U, backend=backend)
     with pytest.raises(ValueError, match="W: the columns must be contiguous"):
         sparsegpt_lazy_update(W.t().contiguous().t(), E, U, backend=backend)
+    with pytest.raises(ValueError, match="W: rows overlap in memory"):
+        sparsegpt_lazy_update(torch.zeros(1, 40).expand(9, 40), E, U, backend=backend)
 
 
 def test_lazy_update_cpp_kernel_checks_its_own_arguments():
@@ -232,6 +236,8 @@ def test_lazy_update_cpp_kernel_checks_its_own_arguments():
         op(W, E.double(), U)
     with pytest.raises(ValueError, match="columns must be contiguous"):
         op(W.t().contiguous().t(), E, U)
+    with pytest.raises(ValueError, match="rows overlap"):
+        op(torch.zeros(1, 40).expand(9, 40), E, U)
 
 
 def test_lazy_update_auto_rule():

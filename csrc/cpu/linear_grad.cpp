@@ -92,7 +92,10 @@ SK_AVX512 static void load_masked_avx512(const T* wr, const uint8_t* mr, bool pa
 }
 
 // One int16 of meta -> a 16-bit lane mask (bit 4j+i set for kept position i of group j); vexpandps
-// puts the 8 values in their lanes and zeroes the other 8.
+// puts the 8 values in their lanes and zeroes the other 8.  An invalid nibble (i0 >= i1, never
+// written by compress_2to4; the checkpoint loader rejects it) maps to no lanes, so the expand
+// then shifts later groups' values, where the scalar loader stays inside the group: garbage in,
+// garbage out either way, never an out-of-bounds access.
 static const uint8_t kNibbleLanes[16] = {0, 0, 0, 0, 0x3, 0, 0, 0, 0x5, 0x6, 0, 0, 0x9, 0xA, 0xC, 0};
 
 template <typename T>
@@ -104,15 +107,6 @@ SK_AVX512 static void load_2to4_avx512(const T* vr, const uint16_t* mtr, int64_t
                                                    kNibbleLanes[(w >> 8) & 0xF] << 8 | kNibbleLanes[w >> 12] << 12);
     _mm512_storeu_ps(dst + i, _mm512_maskz_expand_ps(lanes, load8(vr + 8 * q)));
   }
-}
-
-SK_AVX512 static inline __mmask16 mask16(const uint8_t* mr, bool packed, int64_t c) {
-  if (packed) {
-    uint16_t bits;
-    std::memcpy(&bits, mr + c / 8, 2);
-    return bits;
-  }
-  return _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mr + c)), _mm_set1_epi8(-1));
 }
 
 // row[c0:c0+len] = 0 where the mask is off (c0 % 16 == 0); 16 lanes per masked store.

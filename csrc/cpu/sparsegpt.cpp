@@ -284,6 +284,8 @@ static void sparsegpt_lazy_update_cpp(const at::Tensor& W, const at::Tensor& Err
                     ") for Err1 ", Err1.sizes(), " and W ", W.sizes());
   TORCH_CHECK_VALUE(W.stride(1) == 1 || L <= 1, "W: the columns must be contiguous (stride(1) == 1), got strides ",
                     W.strides());
+  TORCH_CHECK_VALUE(rows <= 1 || L == 0 || W.stride(0) >= L, "W: rows overlap in memory (stride(0) = ", W.stride(0),
+                    " < ", L, " columns)");
   TORCH_CHECK_VALUE(B < (int64_t{1} << 31), "Err1: too many columns (", B, ")");
   if (rows == 0 || L == 0 || B == 0) return;
   at::Tensor e = Err1.stride(1) == 1 ? Err1 : Err1.contiguous();

@@ -123,7 +123,10 @@ def sparsegpt_lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, 
     Args:
         W: float32 ``[rows, L]`` with contiguous columns (``W.stride(1) == 1``, e.g. the view
             ``W[:, i2:]``), updated in place.
-        Err1: float32 ``[rows, B]``, the block op's scaled errors (zero at kept weights).
+        Err1: float32 ``[rows, B]``, the block op's scaled errors (zero at kept weights).  The
+            cpp kernel skips its zeros, so an inf or NaN in ``U`` reaches ``W`` only through a
+            nonzero error (``addmm_`` would spread it as ``0 * inf``); SparseGPT's ``U`` is
+            checked finite.
         U: float32 ``[B, L]``, the rows of the upper inverse factor for the block, any strides.
         backend: ``auto | reference | cpp``.
         density: the expected fraction of nonzeros in ``Err1`` (the pruned fraction), for
@@ -141,5 +144,8 @@ def sparsegpt_lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, 
                          f"for Err1 {tuple(Err1.shape)} and W {tuple(W.shape)}")
     if L > 1 and W.stride(1) != 1:
         raise ValueError(f"W: the columns must be contiguous (stride(1) == 1), got strides {W.stride()}")
+    if rows > 1 and L > 0 and W.stride(0) < L:
+        raise ValueError(f"W: rows overlap in memory (stride(0) = {W.stride(0)} < {L} columns); pass a writable, "
+                         f"non-overlapping view such as W[:, i2:] of a row-major tensor")
     V.same_device(W=W, Err1=Err1, U=U)
     R.call(LAZY_NAME, backend, W.device, W, Err1, U, auto_args=(float(density),))

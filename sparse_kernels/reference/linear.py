@@ -48,8 +48,8 @@ def sparse_linear_grad_x(grad_y, values, meta):
 
 
 def sparse_linear_grad_values(grad_y, x, meta):
-    """``(grad_y^T x)`` gathered at the kept positions: ``[N, K/2]`` in x's dtype (fp32 accumulation,
-    one rounding): ``out[n, 2g+j] = sum_m grad_y[m, n] * x[m, 4g + i_j]``."""
+    """``(grad_y^T x)`` gathered at the kept positions: ``[N, K/2]`` in x's dtype (accumulated in
+    fp32, or fp64 for fp64 inputs; one rounding): ``out[n, 2g+j] = sum_m grad_y[m, n] * x[m, 4g + i_j]``."""
     acc = torch.promote_types(x.dtype, torch.float32)
     gw = grad_y.to(acc).t() @ x.to(acc)  # [N, K]
     return gw.gather(1, kept_columns(meta)).to(x.dtype)

@@ -35,7 +35,7 @@ LAZY_NAME = "sparsegpt_lazy_update"
 # cpp beats the BLAS when at most this fraction of Err1 is nonzero (the pruned fraction).
 # Measured once by hand, 1 thread, dev box (AMD EPYC, MKL sgemm), time of cpp / addmm_ at
 # 11008x128 @ 128x3968: 0.68 at 50% nonzero, 1.25 at 100%; 4096x128 @ 128x2048: 0.23 at 10%,
-# 0.72 at 50% (bench_sparsegpt's "lazy update" rows: 0.73-0.80 at 50%, 2 threads).
+# 0.72 at 50% (bench_sparsegpt's "lazy update" rows: 0.72-0.81 at 50% and 2:4, 2 threads).
 LAZY_CPP_MAX_DENSITY = 0.75
 
 

@@ -177,6 +177,19 @@ def _record_grad_ops(monkeypatch):
     return seen
 
 
+def _grads_per_backend(monkeypatch, forward, inputs, gy, grad_ops):
+    """``{backend: grads of inputs}`` for cpp and reference, checking each ran its own grad ops."""
+    grads = {}
+    for backend in ("cpp", "reference"):
+        seen = _record_grad_ops(monkeypatch)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        forward(*leaves, backend=backend).backward(gy)
+        grads[backend] = tuple(t.grad for t in leaves)
+        assert all((op, backend) in seen for op in grad_ops), seen
+        monkeypatch.undo()
+    return grads
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_masked_linear_autograd_cpp_vs_reference(dtype, monkeypatch):
     skip_unless_backend("masked_linear_grad_x", "cpp", "cpu")
@@ -187,14 +200,9 @@ def test_masked_linear_autograd_cpp_vs_reference(dtype, monkeypatch):
     keep = torch.rand(24, 40, generator=g) < 0.3
     gy = torch.randn(3, 5, 24, generator=g).to(dtype)
     for mask in (keep, sk.pack_mask(keep)):
-        grads = {}
-        for backend in ("cpp", "reference"):
-            seen = _record_grad_ops(monkeypatch)
-            xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-            sk.masked_linear(xs, ws, mask, bs, backend=backend).backward(gy)
-            grads[backend] = (xs.grad, ws.grad, bs.grad)
-            assert ("masked_linear_grad_x", backend) in seen and ("masked_linear_grad_w", backend) in seen, seen
-            monkeypatch.undo()
+        grads = _grads_per_backend(
+            monkeypatch, lambda xs, ws, bs, backend: sk.masked_linear(xs, ws, mask, bs, backend=backend),
+            (x, w, b), gy, ("masked_linear_grad_x", "masked_linear_grad_w"))
         gy2, x2 = gy.reshape(-1, 24).double(), x.reshape(-1, 40).double()
         wm = torch.where(keep, w, torch.zeros((), dtype=dtype)).double()
         assert_matmul_close(grads["cpp"][0], (gy2 @ wm).reshape(3, 5, 40), grads["reference"][0], "grad x")
@@ -211,14 +219,9 @@ def test_sparse_linear_autograd_cpp_vs_reference(dtype, monkeypatch):
     x = torch.randn(2, 7, 48, generator=g).to(dtype)
     b = torch.randn(24, generator=g).to(dtype)
     gy = torch.randn(2, 7, 24, generator=g).to(dtype)
-    grads = {}
-    for backend in ("cpp", "reference"):
-        seen = _record_grad_ops(monkeypatch)
-        xs, vs, bs = (t.clone().requires_grad_() for t in (x, values, b))
-        sk.sparse_linear(xs, vs, meta, bs, backend=backend).backward(gy)
-        grads[backend] = (xs.grad, vs.grad, bs.grad)
-        assert ("sparse_linear_grad_x", backend) in seen and ("sparse_linear_grad_values", backend) in seen, seen
-        monkeypatch.undo()
+    grads = _grads_per_backend(
+        monkeypatch, lambda xs, vs, bs, backend: sk.sparse_linear(xs, vs, meta, bs, backend=backend),
+        (x, values, b), gy, ("sparse_linear_grad_x", "sparse_linear_grad_values"))
     gy2, x2 = gy.reshape(-1, 24).double(), x.reshape(-1, 48).double()
     w = sk.decompress_2to4(values, meta).double()
     assert_matmul_close(grads["cpp"][0], (gy2 @ w).reshape(2, 7, 48), grads["reference"][0], "grad x")

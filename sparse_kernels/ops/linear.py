@@ -58,8 +58,9 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     return "reference"
 
 
-# masked_linear on CPU: cpp is 0.27..1.25x of dense F.linear on a stored W*M, and 2.6..29x faster
-# than forming W*M per call ("masked_dense" in the same benchmark, what the reference does).
+# masked_linear on CPU: cpp runs 0.45..1.4x of dense F.linear on a stored W*M (faster at batch 1-8
+# in fp32, batch 1 in bf16; see gemm_min_m in csrc/cpu/linear.cpp), and many times faster than
+# forming W*M per call ("masked_dense" in benchmarks/bench_linear.py, what the reference does).
 def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cuda" and "triton" in avail:
         return "triton"

@@ -37,11 +37,10 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 # ---------------------------------------------------------------- auto rules
 # CPU: the cpp op picks its own path by batch size (csrc/cpu/linear.cpp, gemm_min_m, with its
 # measurements).  benchmarks/results/cpu/bench_linear_cpu.json (2-core AMD EPYC Zen 5, torch 2.13,
-# load average 8-12 from other jobs), speedup of cpp over dense F.linear, median (p20 vs p20):
-#   4096x4096 batch 1: fp32 4.28x (1.82x), bf16 1.76x (2.05x); batch 4: fp32 5.1x, bf16 1.8x;
-#   batch 64: fp32 1.67x, bf16 0.63x (bf16 GEMM path: expanding the weight costs more than
-#   oneDNN's dense bf16 GEMM saves).  Every shape: fp32 >= 1.5x at batch 1..64; bf16 >= 1.3x at
-#   batch 1..4, 0.94..1.39x at 16, 0.63..0.77x at 64.
+# OpenMP build, the benchmark alone on the box), speedup of cpp over dense F.linear, medians,
+# over the four LLM shapes: fp32 1.82-2.06x at batch 1, 3.51-3.86x at 4, 2.06-2.26x at 16,
+# 1.44-1.90x at 64; bf16 2.01-2.65x at 1, 1.91-1.97x at 4, 1.09-1.21x at 16, 0.75-0.78x at 64
+# (bf16 GEMM path: expanding the weight costs more than oneDNN's dense bf16 GEMM saves).
 # The reference decompresses all of W on every call, then runs F.linear (506 ms vs 16 ms for cpp at
 # 4096x4096 fp32 batch 16 in a --quick run); cpp's GEMM path is a dense GEMM plus an in-cache expand
 # of 256 rows at a time, never the full decompress, so auto = cpp on CPU whenever it is built.

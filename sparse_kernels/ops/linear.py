@@ -57,9 +57,10 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     return "reference"
 
 
-# masked_linear on CPU: cpp runs 0.45..1.4x of dense F.linear on a stored W*M (faster at batch 1-8
-# in fp32, batch 1 in bf16; see gemm_min_m in csrc/cpu/linear.cpp), and many times faster than
-# forming W*M per call ("masked_dense" in benchmarks/bench_linear.py, what the reference does).
+# masked_linear on CPU: cpp runs 0.42..1.43x of dense F.linear on a stored W*M (1.14..1.43x at fp32
+# batch 1-4 and 1.22..1.27x at bf16 batch 1, except 0.90x / 0.82x for 4096x14336 at batch 1; paths:
+# gemm_min_m in csrc/cpu/linear.cpp), and many times faster than forming W*M per call
+# ("masked_dense" in benchmarks/bench_linear.py, what the reference does).
 def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cuda" and "triton" in avail:
         return "triton"

@@ -147,6 +147,23 @@ def test_masked_linear_vs_reference(device, backend, dtype, packed, lead, n, k):
     assert_matmul_close(y, exact, F.linear(x, wm, b), f"masked_linear/{backend}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 4, 9, 70])
+@pytest.mark.parametrize("gemm", [False, True])
+def test_masked_linear_cpp_paths_and_dropped_nan(dtype, packed, m, gemm, monkeypatch):
+    """Every cpp path (direct 1..4 rows of x at a time and the remainders, the bf16 dot-product
+    kernel at K % 32 == 0, the blocked GEMM) against the reference, with NaN in every dropped
+    weight: a masked-out entry must never reach the output."""
+    skip_unless_backend("masked_linear", "cpp", "cpu")
+    monkeypatch.setenv("SPARSE_KERNELS_CPU_GEMM_MIN_M", "1" if gemm else "1000000")
+    x, w, mask, b, keep = _masked_problem((m,), 24, 96, dtype, packed, seed=m)
+    w = torch.where(keep, w, torch.full((), float("nan"), dtype=dtype))
+    y = sk.masked_linear(x, w, mask, b, backend="cpp")
+    wm = torch.where(keep, w, torch.zeros((), dtype=dtype))
+    assert_matmul_close(y, x.double() @ wm.double().T + b.double(), F.linear(x, wm, b), "masked_linear/cpp")
+
+
 def test_masked_linear_gradcheck_fp64():
     x, w, mask, b, _ = _masked_problem((3,), 6, 20, torch.float64, True)
     args = tuple(t.requires_grad_() for t in (x, w, b))

@@ -184,6 +184,51 @@ static void sl_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* values, co
     }
   }
 }
+
+// masked_linear with bf16 weight and bf16 x, K % 32 == 0: 32 columns per step.  The mask zeroes
+// the weight lanes it drops (masked load: a dropped NaN never leaks), adjacent bf16 pairs are
+// vdpbf16ps's operand layout as they lie, and MB rows of x share each weight load.
+template <int MB>
+SK_AVX512BF16 static void ml_row_avx512bf16(const c10::BFloat16* x, const c10::BFloat16* w, const uint8_t* mrow,
+                                            bool packed, float* out, int64_t K, int64_t N, int64_t n, bool first) {
+  __m512 acc[MB];
+  for (int b = 0; b < MB; ++b) acc[b] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < K; c += 32) {
+    if (first) _mm_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, _MM_HINT_T0);
+    __mmask32 mk;
+    if (packed) {
+      uint32_t bits;
+      std::memcpy(&bits, mrow + c / 8, 4);
+      mk = bits;
+    } else {
+      mk = _mm256_test_epi8_mask(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mrow + c)), _mm256_set1_epi8(-1));
+    }
+    const __m512i wv = _mm512_maskz_loadu_epi16(mk, w + c);
+    for (int b = 0; b < MB; ++b)
+      acc[b] = _mm512_dpbf16_ps(acc[b], (__m512bh)wv, (__m512bh)_mm512_loadu_si512(x + b * K + c));
+  }
+  for (int b = 0; b < MB; ++b) out[b * N + n] = _mm512_reduce_add_ps(acc[b]);
+}
+
+static void ml_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* w, const uint8_t* mask, bool packed, float* out,
+                         int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t mstride = packed ? K / 8 : K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const c10::BFloat16* wr = w + n * K;
+    const uint8_t* mr = mask + n * mstride;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const c10::BFloat16* xm = x + m0 * K;
+      float* om = out + m0 * N;
+      const bool first = m0 == 0;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 1: ml_row_avx512bf16<1>(xm, wr, mr, packed, om, K, N, n, first); break;
+        case 2: ml_row_avx512bf16<2>(xm, wr, mr, packed, om, K, N, n, first); break;
+        case 3: ml_row_avx512bf16<3>(xm, wr, mr, packed, om, K, N, n, first); break;
+        default: ml_row_avx512bf16<4>(xm, wr, mr, packed, om, K, N, n, first); break;
+      }
+    }
+  }
+}
 #endif  // SK_X86_BF16
 
 SK_AVX2 static inline __m256 load8_avx2(const float* p) { return _mm256_loadu_ps(p); }
@@ -496,6 +541,8 @@ static at::Tensor blocked_gemm(const at::Tensor& x, const c10::optional<at::Tens
 //   fp32: M=1 2.7|2.0|-  M=4 5.6|4.4|7.8  M=8 6.7|6.5|8.9  M=16 9.2|10.4|12.0  M=32 14.1|16.7|17.5
 //         M=64 23.5|37.9|26.3 -> GEMM from M=64.
 //   bf16: M=4 1.8|2.7|4.6  M=8 2.1|4.8|4.8  M=16 2.5|8.3|5.6  M=64 5.7|33.2|8.9 -> GEMM from M=8.
+//   bf16 with vdpbf16ps (AVX512-BF16, K % 32 == 0): M=1 1.8|1.09  M=4 1.7|2.3|5.3  M=8 2.0|3.7|5.5
+//         M=16 2.6|5.9|6.0  M=32 3.7|10.5|7.0 -> GEMM from M=16.
 //   fp16 stays direct.
 // SPARSE_KERNELS_CPU_GEMM_MIN_M overrides (tests use it to cover both paths).
 static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) {
@@ -503,7 +550,7 @@ static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) 
   if (env != nullptr) return std::atoll(env);
   constexpr int64_t kNever = INT64_MAX;
   if (t == at::kHalf) return kNever;
-  if (masked) return t == at::kBFloat16 ? 8 : 64;
+  if (masked) return t == at::kBFloat16 ? (bf16_dot ? 16 : 8) : 64;
   if (t == at::kBFloat16) return bf16_dot ? 64 : 9;
   return kNever;
 }
@@ -605,7 +652,13 @@ at::Tensor masked_linear_cpp(const at::Tensor& x, const at::Tensor& weight, cons
   const int64_t M = x.size(0);
   at::Tensor w = weight.contiguous(), mk = mask.contiguous();
   const uint8_t* mp0 = packed ? mk.data_ptr<uint8_t>() : reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>());
-  if (M >= gemm_min_m(x.scalar_type(), true) && N > 0 && K > 0) {
+#if SK_X86_BF16
+  const bool bf16_dot = x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && K % 32 == 0 &&
+                        has_avx512bf16();
+#else
+  const bool bf16_dot = false;
+#endif
+  if (M >= gemm_min_m(x.scalar_type(), true, bf16_dot) && N > 0 && K > 0) {
     const Isa isa = best_isa();
     at::Tensor y;
     SK_DISPATCH_F32_BF16_F16(w.scalar_type(), [&] {
@@ -616,8 +669,18 @@ at::Tensor masked_linear_cpp(const at::Tensor& x, const at::Tensor& weight, cons
     });
     return y;
   }
-  at::Tensor x32 = x.to(at::kFloat).contiguous();
   at::Tensor y32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
+#if SK_X86_BF16
+  if (bf16_dot && M > 0 && N > 0) {
+    at::Tensor xb = x.contiguous();
+    const c10::BFloat16* xp = xb.data_ptr<c10::BFloat16>();
+    const c10::BFloat16* wp = w.data_ptr<c10::BFloat16>();
+    float* yp = y32.data_ptr<float>();
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) { ml_rows_bf16(xp, wp, mp0, packed, yp, M, K, N, n0, n1); });
+    return finish(y32, bias, x.scalar_type());
+  }
+#endif
+  at::Tensor x32 = x.to(at::kFloat).contiguous();
   if (M > 0 && N > 0 && K > 0) {
     const uint8_t* mp = packed ? mk.data_ptr<uint8_t>() : reinterpret_cast<const uint8_t*>(mk.data_ptr<bool>());
     SK_DISPATCH_F32_BF16_F16(w.scalar_type(), [&] {

@@ -38,8 +38,8 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 # CPU: the cpp op picks its own path by batch size (csrc/cpu/linear.cpp, gemm_min_m, with its
 # measurements).  benchmarks/results/cpu/bench_linear_cpu.json (2-core AMD EPYC Zen 5, torch 2.13,
 # OpenMP build, the benchmark alone on the box), speedup of cpp over dense F.linear, medians,
-# over the four LLM shapes: fp32 1.82-2.06x at batch 1, 3.51-3.86x at 4, 2.06-2.26x at 16,
-# 1.44-1.90x at 64; bf16 2.01-2.65x at 1, 1.91-1.97x at 4, 1.09-1.21x at 16, 0.75-0.78x at 64
+# over the four LLM shapes: fp32 1.71-1.98x at batch 1, 3.20-3.90x at 4, 2.00-2.41x at 16,
+# 1.53-2.05x at 64; bf16 1.99-2.46x at 1, 1.87-2.02x at 4, 1.15-1.21x at 16, 0.76-0.81x at 64
 # (bf16 GEMM path: expanding the weight costs more than oneDNN's dense bf16 GEMM saves).
 # The reference decompresses all of W on every call, then runs F.linear (506 ms vs 16 ms for cpp at
 # 4096x4096 fp32 batch 16 in a --quick run); cpp's GEMM path is a dense GEMM plus an in-cache expand
@@ -57,9 +57,9 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     return "reference"
 
 
-# masked_linear on CPU: cpp runs 0.42..1.43x of dense F.linear on a stored W*M (1.14..1.43x at fp32
-# batch 1-4 and 1.22..1.27x at bf16 batch 1, except 0.90x / 0.82x for 4096x14336 at batch 1; paths:
-# gemm_min_m in csrc/cpu/linear.cpp), and many times faster than forming W*M per call
+# masked_linear on CPU: cpp runs 0.40..1.87x of dense F.linear on a stored W*M (fp32: 0.90..1.26x at
+# batch 1, 1.23..1.47x at 4, 0.81..1.04x at 16-64; bf16: 0.94..1.87x at 1, 0.65..1.18x at 4, 0.40..0.64x
+# from 16; paths: gemm_min_m in csrc/cpu/linear.cpp), and many times faster than forming W*M per call
 # ("masked_dense" in benchmarks/bench_linear.py, what the reference does).
 def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
     if device_type == "cuda" and "triton" in avail:

@@ -162,10 +162,10 @@ def sparsegpt_prune(
     Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
     lazy = None  # backend="reference": the paper's GEMM into a temporary
     if chosen != "reference":
-        pruned = 1 - spec.n / spec.m if spec.is_nm else spec.ratio  # = Err1's nonzero fraction
-        # auto (not SPARSE_KERNELS_BACKEND): the lazy op's rule weighs the density; the block
-        # op's backend argument does not name it.
-        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, "auto", W.device, pruned))
+        # auto (not SPARSE_KERNELS_BACKEND): the lazy op's rule weighs Err1's nonzero fraction,
+        # the pruned fraction spec.ratio (1 - n/m for N:M); the block op's backend argument does
+        # not name it.
+        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, "auto", W.device, spec.ratio))
     Wf, keep, losses = ref.sparsegpt_layer(
         Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op, lazy_update=lazy,
     )

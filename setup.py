@@ -23,6 +23,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 STRICT = os.environ.get("SPARSE_KERNELS_STRICT_BUILD", "0") == "1"
 INFO_PATH = os.path.join(ROOT, "sparse_kernels", "_build_info.json")
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+# Linker flags for Linux builds (tests/test_build.py reads this line): see _extension() below.
+LINUX_LDFLAGS = ["-fopenmp", "-Wl,--exclude-libs,ALL"]
 
 
 def _write_info(**info):
@@ -62,7 +64,13 @@ def _extensions():
     ldflags = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")
-        ldflags.append("-fopenmp")
+        ldflags += LINUX_LDFLAGS
+        # --exclude-libs,ALL keeps any static archive the toolchain links in private to _C.  On
+        # the lent H200 (2026-11-28, /opt/gcc/bin/g++) every C++ error message with a number
+        # in it crashed the process: the sign of a libstdc++ linked in statically whose
+        # exported functions ran against the locale data of the libstdc++.so torch had loaded.
+        # tests/test_build.py reproduces that here with -static-libstdc++ and checks this fix.
+        # Harmless where libstdc++ is linked dynamically.
     macros = [("SK_WITH_CUDA", "1" if with_cuda else "0")]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)

@@ -142,3 +142,76 @@ def test_cpu_kernels_are_built_with_openmp():
         pytest.skip(f"sparse_kernels._C not loaded: {st['reason']}")
     assert st["with_openmp"] is True
     assert "_C OpenMP   True" in info.format_report()
+
+
+def test_cpp_error_messages_keep_their_numbers():
+    """A ValueError raised in C++ carries the numbers c10::str formatted into it.
+
+    On the lent H200 (2026-11-28) every such error crashed the process: its g++ linked libstdc++
+    statically into _C, and the exported copy formatted integers against the locale data of the
+    libstdc++.so torch had loaded.  setup.py's LINUX_LDFLAGS keeps such a copy private.
+    """
+    from sparse_kernels import _extension
+
+    if not _extension.load()["loaded"]:
+        pytest.skip("sparse_kernels._C not loaded")
+    import torch
+
+    op = torch.ops.sparse_kernels.sparse_linear_cpp
+    values = torch.randn(8, 16)
+    meta = torch.zeros(8, 2, dtype=torch.int16)
+    with pytest.raises(ValueError, match=r"x: last dim is 16 but the weight has 32"):
+        op(torch.randn(3, 16), values, meta, None, None)
+
+
+def _setup_ldflags() -> list[str]:
+    import ast
+
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "LINUX_LDFLAGS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py defines no LINUX_LDFLAGS")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GNU toolchain behaviour")
+@pytest.mark.parametrize("private", [False, True], ids=["exported", "setup_flags"])
+def test_statically_linked_libstdcxx_stays_private(tmp_path, private):
+    """Reproduces the H200 toolchain here: an op linked with -static-libstdc++ (and Python's
+    -Bsymbolic-functions) formats an int into a TORCH_CHECK message.  Exported, that copy breaks
+    the message (``exported``: the failure is shown to exist on this machine, else skipped);
+    with setup.py's LINUX_LDFLAGS it is intact (``setup_flags``)."""
+    pytest.importorskip("ninja")
+    from torch.utils import cpp_extension
+
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    probe = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.a"],
+                           capture_output=True, text=True)
+    if not os.path.isabs(probe.stdout.strip()):
+        pytest.skip("this toolchain has no static libstdc++ to reproduce with")
+    src = tmp_path / "probe.cpp"
+    src.write_text(textwrap.dedent("""
+        #include <torch/library.h>
+        #include <ATen/ATen.h>
+        static at::Tensor probe(const at::Tensor& x) {
+          TORCH_CHECK_VALUE(false, "probe: got ", x.size(0), " rows and shape ", x.sizes());
+          return x;
+        }
+        TORCH_LIBRARY(sk_probe_NAME, m) { m.def("probe(Tensor x) -> Tensor"); }
+        TORCH_LIBRARY_IMPL(sk_probe_NAME, CPU, m) { m.impl("probe", &probe); }
+    """).replace("NAME", "private" if private else "exported"))
+    flags = ["-static-libstdc++", "-Wl,-Bsymbolic-functions"] + (_setup_ldflags() if private else [])
+    cpp_extension.load(name=f"sk_probe_{'private' if private else 'exported'}", sources=[str(src)],
+                       extra_cflags=["-O1", "-fvisibility=hidden"], extra_ldflags=flags,
+                       build_directory=str(tmp_path), is_python_module=False, verbose=False)
+    import torch
+
+    op = getattr(torch.ops, f"sk_probe_{'private' if private else 'exported'}").probe
+    with pytest.raises(ValueError) as err:
+        op(torch.zeros(3, 2))
+    intact = "probe: got 3 rows and shape [3, 2]" in str(err.value)
+    if private:
+        assert intact, str(err.value)
+    elif intact:
+        pytest.skip("an exported static libstdc++ formats correctly on this machine")

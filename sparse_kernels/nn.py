@@ -17,9 +17,13 @@ Caches (not in the state_dict, rebuilt by ``refresh_cache()``, which ``from_dens
 * ``meta_dev``: the CUDA backend's device-layout metadata (``reorder_meta_mma`` from
   sparse_kernels/ops/mma_layout.py, looked up lazily; no cache when it is absent);
 * cuSPARSELt: with ``backend="cusparselt"`` on a CUDA build with cuSPARSELt, ``eval()`` stores
-  ``torch._cslt_compress(W)`` and eval-mode forwards call ``torch._cslt_sparse_mm`` on it
-  directly; in training mode the op compresses per call (correct, slow).  After changing
-  ``values`` by hand call ``refresh_cache()``.
+  ``torch._cslt_compress(W)`` (rows padded to 16, :func:`sparse_kernels.ops.linear.cslt_pack`)
+  and eval-mode forwards call ``torch._cslt_sparse_mm`` on it directly; in training mode the op
+  compresses per call (correct, slow).  After changing ``values`` by hand call
+  ``refresh_cache()``.  It is a second copy of the weight, so ``auto`` never makes it; it pays
+  only for prefill-sized batches: on the H200 (2026-11-28) torch's cuSPARSELt path beat cuBLAS
+  only at batch 8192 on the 14336-wide shapes (1.33-1.53x) and cost 0.55-1.3 ms per call at any
+  batch (a plan per call), against 0.02-0.06 ms for the mma.sp kernel at batch 1-16.
 """
 
 from __future__ import annotations
@@ -152,7 +156,7 @@ class SparseLinear(nn.Module):
         if self.backend == "cusparselt" and not self.training and R.why_unavailable(
                 "sparse_linear", "cusparselt", "cuda") is None:
             with torch.no_grad():
-                self._cslt = torch._cslt_compress(decompress_2to4(self.values.detach(), self.meta))
+                self._cslt = L.cslt_pack(self.values.detach(), self.meta, self.values.dtype)
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -175,7 +179,7 @@ class SparseLinear(nn.Module):
             x = F.pad(x, (0, self.in_padded - self.in_features))
         if self._cslt is not None and not self.training and x.device.type == "cuda":
             lead = x.shape[:-1]
-            y = L.cslt_matmul(x.reshape(-1, x.shape[-1]), self._cslt, self.bias)
+            y = L.cslt_matmul(x.reshape(-1, x.shape[-1]), self._cslt, self.bias, self.out_features)
             return y.reshape(*lead, self.out_features)
         md = self._meta_dev if self._meta_dev is not None and self._meta_dev.device == x.device else None
         return L.sparse_linear(x, self.values, self.meta, self.bias, backend=self.backend, meta_dev=md)

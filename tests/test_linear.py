@@ -39,7 +39,7 @@ def _check_matmul(y, x, values, meta, bias, what):
     assert_matmul_close(y, exact, lowp, what)
 
 
-BACKENDS = ["reference", "cpp", "cuda", "triton", "cusparselt"]
+BACKENDS = ["reference", "cpp", "cuda", "triton", "cusparselt", "decompress"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -308,6 +308,56 @@ def test_cpp_both_paths(path, op, dtype, isa, monkeypatch):
             wm = torch.where(m, w, torch.zeros((), dtype=dtype))
             y = sk.masked_linear(x, w, mask, b, backend="cpp")
             assert_matmul_close(y, x.double() @ wm.double().T + b.double(), F.linear(x, wm, b), f"masked cpp/{path}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_auto_rule_cuda_follows_the_h200_table(dtype):
+    """The CUDA rule in ops/linear.py, from benchmarks/results/gpu/h200_2026-11-28: mma.sp (cuda)
+    for f16/bf16 up to batch 255, decompress + cuBLAS from 1024 (from 256 for >= 2^25 weights)."""
+    from sparse_kernels.ops import linear as L
+
+    avail = ["reference", "cuda", "triton", "cusparselt", "decompress"]
+    small, large = 4096 * 4096, 4096 * 14336
+    half = dtype != torch.float32
+    for m, nk, want in [(1, small, "cuda"), (16, large, "cuda"), (255, large, "cuda"), (256, small, "cuda"),
+                        (256, large, "decompress"), (1023, small, "cuda"), (1024, small, "decompress"),
+                        (8192, large, "decompress")]:
+        got = L._sparse_linear_auto("cuda", avail, m, dtype, nk)
+        assert got == (want if half else "decompress"), (m, nk, dtype, got)
+    # never the per-call cuSPARSELt path; fallbacks when kernels are missing
+    assert L._sparse_linear_auto("cuda", ["reference", "triton"], 1, dtype, small) == "triton"
+    assert L._sparse_linear_auto("cuda", ["reference"], 1, dtype, small) == "reference"
+    assert L._masked_linear_auto("cuda", ["reference", "triton"], 1, dtype) == "reference"
+
+
+class _FakeCslt:
+    """CPU stand-ins for torch._cslt_compress / _cslt_sparse_mm with cuSPARSELt's row rule."""
+
+    def compress(self, w):
+        if w.shape[0] % 16:
+            raise RuntimeError("CUDA error: operation not supported")
+        return w.clone()
+
+    def sparse_mm(self, packed, dense, bias=None, transpose_result=False, alg_id=0):
+        assert bias is None and not transpose_result
+        return packed @ dense
+
+
+@pytest.mark.parametrize("lead,n", [((5,), 33), ((2, 3), 20), ((16,), 48)])
+def test_cslt_padding_and_layout_cpu(lead, n, monkeypatch):
+    """The cuSPARSELt wrapper pads rows (weight to 16, batch to 16), transposes back, slices and
+    adds the bias: checked on CPU against the reference with fakes that enforce the row rule."""
+    from sparse_kernels.ops import linear as L
+
+    fake = _FakeCslt()
+    monkeypatch.setattr(torch, "_cslt_compress", fake.compress)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", fake.sparse_mm)
+    x, values, meta, bias = _problem(lead, n, 64, torch.float32, seed=11)
+    x2 = x.reshape(-1, 64)
+    for b in (bias, None):
+        y = L._sparse_linear_cusparselt(x2, values, meta, b, None)
+        assert y.shape == (x2.shape[0], n) and y.is_contiguous()
+        _check_matmul(y.reshape(*lead, n), x, values, meta, b, "cslt (fake)")
 
 
 def test_env_backend(monkeypatch):

@@ -33,7 +33,7 @@ import torch
 from .. import _extension
 
 NAMESPACE = "sparse_kernels"
-BACKENDS = ("reference", "cpp", "cuda", "triton", "cusparselt")
+BACKENDS = ("reference", "cpp", "cuda", "triton", "cusparselt", "decompress")
 _CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "SPARSE_KERNELS_BACKEND"
 
@@ -163,8 +163,20 @@ def why_unavailable(name: str, backend: str, device_type: str) -> str | None:
     return None
 
 
+_AVAILABLE: dict = {}
+
+
 def available(name: str, device_type: str) -> list[str]:
-    return [b for b in OPS[name].backends if why_unavailable(name, b, device_type) is None]
+    """The backends that can run ``name`` on ``device_type``, in the op's order.
+
+    Cached: what it depends on (the build, triton, the visible GPU, the registered kernels) is
+    fixed once the package is imported, and ``auto`` asks on every call (uncached, this was
+    about 5-12 us of a ~40 us CPU call).  TRITON_INTERPRET is part of the key."""
+    key = (name, device_type, triton_interpreted())
+    got = _AVAILABLE.get(key)
+    if got is None:
+        got = _AVAILABLE[key] = [b for b in OPS[name].backends if why_unavailable(name, b, device_type) is None]
+    return list(got)
 
 
 def _default_auto(device_type: str, avail: list[str], *args) -> str:

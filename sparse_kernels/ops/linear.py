@@ -44,16 +44,36 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 # The reference decompresses all of W on every call, then runs F.linear (506 ms vs 16 ms for cpp at
 # 4096x4096 fp32 batch 16 in a --quick run); cpp's GEMM path is a dense GEMM plus an in-cache expand
 # of 256 rows at a time, never the full decompress, so auto = cpp on CPU whenever it is built.
-def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
+# CUDA: benchmarks/results/gpu/h200_2026-11-28/bench_linear_cuda.csv (H200, torch 2.11, eager
+# timing: each call's Python/dispatch overhead included), medians, fp16 and bf16:
+# * batch 1-16: the mma.sp kernel (cuda) runs 0.012-0.065 ms against dense F.linear's 0.019-0.043 ms
+#   (1.2-1.75x at 4096x14336, 14336x4096 and 11008x4096 fp16; the 4096x4096 rows are all Python
+#   overhead).  Triton 0.08-0.27 ms, cuSPARSELt via torch 0.55-1.2 ms (a plan per call).
+# * batch >= 256: mma.sp reaches only 0.28-0.39x of cuBLAS (e.g. 11008x4096 bf16 batch 2048: 0.756 vs
+#   0.284 ms), while decompressing the weight (cuda decompress: 0.043 ms at 4096x4096, 0.070 ms at
+#   11008x4096) and running cuBLAS costs dense + that: 0.35 ms there.  At batch 256 the two tie
+#   on the large shapes (4096x14336: 0.153 vs ~0.14 ms) and mma.sp wins at 4096x4096 (0.050 vs
+#   ~0.068 ms), hence the size split.  So: cuda up to batch 255, "decompress" from 1024 (from 256
+#   for weights of >= 2^25 elements).  No shape in the table gets cuda's 1.5x at large batch
+#   (issue 3's goal: wgmma.sp would be needed); SparseLinear adds cached cuSPARSELt for batch >= 8192
+#   (nn.py, the only rows where torch's cuSPARSELt beat cuBLAS: 1.33-1.53x on the 14336 shapes).
+# * float32 on CUDA (no sparse tensor cores): not in the GPU table; decompress + cuBLAS by the same
+#   arithmetic (Triton ran 0.2x of dense in fp16).
+DECOMPRESS_MIN_M = 1024
+DECOMPRESS_MIN_M_LARGE = 256
+LARGE_WEIGHT = 1 << 25
+
+
+def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32, nk=0):
     if device_type == "cpu":
         return "cpp" if "cpp" in avail else "reference"
     if device_type == "cuda":
-        # Compiled, not yet run on a GPU: no measured table yet.  mma.sp takes f16/bf16 only.
-        if dtype in (torch.float16, torch.bfloat16):
-            for b in ("cuda", "triton", "cusparselt"):
-                if b in avail:
-                    return b
-        return "reference"
+        big_m = m >= (DECOMPRESS_MIN_M_LARGE if nk >= LARGE_WEIGHT else DECOMPRESS_MIN_M)
+        if dtype in (torch.float16, torch.bfloat16) and not big_m and "cuda" in avail:
+            return "cuda"
+        for b in ("decompress", "triton"):
+            if b in avail:
+                return b
     return "reference"
 
 
@@ -61,9 +81,12 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32):
 # batch 1, 1.23..1.47x at 4, 0.81..1.04x at 16-64; bf16: 0.94..1.87x at 1, 0.65..1.18x at 4, 0.40..0.64x
 # from 16; paths: gemm_min_m in csrc/cpu/linear.cpp), and many times faster than forming W*M per call
 # ("masked_dense" in benchmarks/bench_linear.py, what the reference does).
+# masked_linear on CUDA (same H200 table): the fused Triton kernel ran 0.08-0.21x of dense F.linear
+# at every shape and batch, slower than forming W*M and calling cuBLAS ("masked_dense", 0.18-0.91x),
+# which is what the reference does (plus unpacking a bit-packed mask: one elementwise pass), so
+# auto takes the reference on CUDA; forcing backend="triton" keeps the fused kernel (it never
+# writes W*M to global memory: the choice when memory, not time, is short).
 def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
-    if device_type == "cuda" and "triton" in avail:
-        return "triton"
     if device_type == "cpu" and "cpp" in avail:
         return "cpp"
     return "reference"
@@ -104,7 +127,7 @@ def _unpack_fake(packed, cols):
 
 SL_SCHEMA = "(Tensor x, Tensor values, Tensor meta, Tensor? bias, Tensor? meta_dev) -> Tensor"
 R.define("sparse_linear", SL_SCHEMA, fake=_sparse_linear_fake, reference=ref.sparse_linear,
-         backends=("reference", "cpp", "cuda", "triton", "cusparselt"), auto=_sparse_linear_auto)
+         backends=("reference", "cpp", "cuda", "triton", "cusparselt", "decompress"), auto=_sparse_linear_auto)
 R.define("masked_linear", "(Tensor x, Tensor weight, Tensor mask, Tensor? bias) -> Tensor",
          fake=_masked_linear_fake, reference=ref.masked_linear,
          backends=("reference", "cpp", "triton"), auto=_masked_linear_auto)
@@ -143,24 +166,57 @@ for _op in ("sparse_linear", "masked_linear", "masked_linear_grad_x", "masked_li
 def _sparse_linear_cusparselt(x, values, meta, bias, meta_dev):
     """Op-level cuSPARSELt path: compresses the weight on every call (correct, slow).
 
-    :class:`sparse_kernels.nn.SparseLinear` caches ``torch._cslt_compress(W)`` instead and calls
-    ``torch._cslt_sparse_mm`` directly in eval mode (see its docstring).
+    :class:`sparse_kernels.nn.SparseLinear` caches :func:`cslt_pack` instead (see its docstring).
     """
-    w = torch.ops.sparse_kernels.decompress_2to4(values, meta).to(x.dtype)
-    return cslt_matmul(x, torch._cslt_compress(w), bias)
+    return cslt_matmul(x, cslt_pack(values, meta, x.dtype), bias, values.shape[0])
 
 
-def cslt_matmul(x, packed, bias):
-    """``x [M, K] @ W^T + bias`` with ``packed = torch._cslt_compress(W)``; M padded to 16."""
+CSLT_ROWS = 16  # cuSPARSELt (through torch) takes f16/bf16 sparse operands with rows % 16 == 0
+
+
+def cslt_pack(values, meta, dtype):
+    """``torch._cslt_compress`` of the dense weight, rows zero-padded to a multiple of 16.
+
+    Weights with other row counts failed there with "operation not supported" (the first GPU run,
+    2026-11-28); torch's SparseSemiStructuredTensor states the same (16, 16) minimum for
+    cuSPARSELt f16/bf16.  Columns are a multiple of 16 already (the packed format needs it)."""
+    w = torch.ops.sparse_kernels.decompress_2to4(values, meta).to(dtype)
+    pad = (-w.shape[0]) % CSLT_ROWS
+    if pad:
+        w = torch.nn.functional.pad(w, (0, 0, 0, pad))
+    return torch._cslt_compress(w)
+
+
+def cslt_matmul(x, packed, bias, n):
+    """``x [M, K] @ W^T + bias`` with ``packed = cslt_pack(...)`` of a weight with ``n`` rows.
+
+    M is padded to 16.  The product is taken as ``W @ x^T`` (``transpose_result=False``) and
+    transposed back, the call torch 2.11's SparseSemiStructuredTensor made: it ran in 0.55-1.3 ms
+    on the H200 (2026-11-28) where ``transpose_result=True`` took 200-370 ms in fp16."""
     m = x.shape[0]
     pad = (-m) % 16
     xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
-    y = torch._cslt_sparse_mm(packed, xp.t(), bias=None if bias is None else bias.to(x.dtype),
-                              transpose_result=True)
-    return y[:m] if pad else y
+    y = torch._cslt_sparse_mm(packed, xp.t(), transpose_result=False).t()  # [M + pad, N + row pad]
+    y = y[:m, :n]
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.contiguous()
+
+
+def _sparse_linear_decompress(x, values, meta, bias, meta_dev):
+    """Decompress the weight with the fastest decompress_2to4 backend here, then ``F.linear``.
+
+    The large-batch path (see ``_sparse_linear_auto``): at batch >= 256-1024 cuBLAS on the dense
+    weight beats the mma.sp kernel by more than the decompress costs.  The dense weight is a
+    temporary of one call."""
+    from .sparse24 import decompress_2to4
+
+    w = decompress_2to4(values, meta)
+    return torch.nn.functional.linear(x, w, bias)
 
 
 R.impl_python("sparse_linear", "cusparselt", _sparse_linear_cusparselt, ["cuda"])
+R.impl_python("sparse_linear", "decompress", _sparse_linear_decompress, ["cpu", "cuda"])
 
 
 # ---------------------------------------------------------------- autograd
@@ -239,7 +295,11 @@ def _call(name, backend, x2, *args):
         while bucket < (1 << 30) and m > bucket:
             bucket *= 2
         m = bucket
-    return R.call(name, backend, x2.device, x2, *args, auto_args=(m, x2.dtype))
+    if name == "sparse_linear":  # the weight's element count (values holds half of them)
+        auto_args = (m, x2.dtype, 2 * args[0].shape[0] * args[0].shape[1])
+    else:
+        auto_args = (m, x2.dtype)
+    return R.call(name, backend, x2.device, x2, *args, auto_args=auto_args)
 
 
 def _flatten(x):

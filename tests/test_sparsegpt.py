@@ -428,3 +428,17 @@ def test_flat_selection_matches_stable_sort_with_ties():
         s = torch.randint(0, 4, (n,), generator=g).float()
         k = int(torch.randint(0, n + 1, (1,), generator=g))
         assert_bitexact(ref.keep_top_n_flat(s, k), ref.keep_top_n(s, k), f"n={n} keep={k}")
+
+
+def test_gpu_flat_selection_matches_cpu_path():
+    """The GPU path of keep_top_n_flat (one stable sort, no host sync) picks exactly the CPU
+    path's mask (numpy introselect + tie rule), ties and NaN included; run here on CPU."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(150):
+        n = int(torch.randint(2, 3000, (1,), generator=g))
+        s = torch.randint(0, 9, (n,), generator=g).float() if trial % 2 else torch.randn(n, generator=g)
+        if trial % 5 == 0:
+            s[torch.randint(0, n, (max(1, n // 10),), generator=g)] = float("nan")
+        k = int(torch.randint(1, n, (1,), generator=g))
+        got = ref._keep_top_n_sorted(torch.nan_to_num(s, nan=float("inf")), k)
+        assert_bitexact(got, ref.keep_top_n_flat(s, k), f"n={n} keep={k}")

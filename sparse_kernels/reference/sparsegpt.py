@@ -134,15 +134,26 @@ def keep_top_n_flat(score: torch.Tensor, n_keep: int) -> torch.Tensor:
     if n_keep <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
     score = torch.nan_to_num(score, nan=float("inf"))
-    if score.device.type == "cpu":
-        # numpy's introselect: 2 ms vs torch.kthvalue's 116 ms for 1.4M floats (1 thread, dev box)
-        thresh = torch.as_tensor(np.partition(score.detach().numpy(), k - 1)[k - 1])
-    else:
-        thresh = torch.kthvalue(score, k).values
+    if score.device.type != "cpu":
+        return _keep_top_n_sorted(score, n_keep)
+    # numpy's introselect: 2 ms vs torch.kthvalue's 116 ms for 1.4M floats (1 thread, dev box)
+    thresh = torch.as_tensor(np.partition(score.detach().numpy(), k - 1)[k - 1])
     keep = score > thresh
     ties = (score == thresh).nonzero().flatten()
     n_tie_pruned = k - int((score < thresh).sum())
     keep[ties[: ties.numel() - n_tie_pruned]] = True
+    return keep
+
+
+def _keep_top_n_sorted(score: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """``keep_top_n_flat`` by one stable descending sort (equal scores: lower index first, so
+    kept first), with no host synchronisation.  The GPU path: on the H200 (2026-11-28) the
+    unstructured layer took 100 ms at 4096x4096 against 19 ms for 2:4, the difference being
+    this per-block selection, then ``torch.kthvalue`` (one thread block per slice on CUDA, and
+    the whole 4096x128 block is one slice) plus two host syncs."""
+    order = torch.sort(score, descending=True, stable=True).indices
+    keep = torch.zeros_like(score, dtype=torch.bool)
+    keep[order[:n_keep]] = True
     return keep
 
 

@@ -252,3 +252,29 @@ def test_sparse_linear_module_cuda(backend):
         assert_matmul_close(y, exact, dense(x), f"SparseLinear cuda/{backend}")
     if backend == "cusparselt":
         assert sl._cslt is not None  # eval() cached the compressed weight
+
+
+def test_forward_resolved_matches_the_public_op_and_follows_the_env(monkeypatch):
+    """SparseLinear's cached backend choice gives the public op's answer bit for bit, and
+    SPARSE_KERNELS_BACKEND still switches it (it is part of the cache key)."""
+    from sparse_kernels.ops import _registry as R
+
+    lin = _linear(40, 24)
+    sl = SparseLinear.from_dense(lin).eval()
+    calls = []
+    orig = R.get_op
+    monkeypatch.setattr(R, "get_op", lambda name, b: calls.append(b) or orig(name, b))
+    for m in (1, 3, 17, 300):
+        x = _x(m, 40)
+        with torch.no_grad():
+            want = sk.sparse_linear(F.pad(x, (0, 8)), sl.values, sl.meta, sl.bias)
+            assert_bitexact(sl(x), want, f"batch {m}")
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "reference")
+    calls.clear()
+    with torch.no_grad():
+        y = sl(_x(3, 40))
+    assert "reference" in calls
+    ref_y = sk.sparse_linear(F.pad(_x(3, 40), (0, 8)), sl.values, sl.meta, sl.bias, backend="reference")
+    assert_bitexact(y, ref_y, "reference via env")
+    with pytest.raises(TypeError, match="dtype"):
+        sl(_x(3, 40).double())

@@ -226,7 +226,8 @@ def _patch_cuda(monkeypatch, bench, fake):
     monkeypatch.setattr(bench, "_replay_ms", lambda replay: (replay(), (2.0, 1.0, 3.0))[1])
 
 
-def test_graph_timing_captures_rotated_calls_and_frees_the_graph(monkeypatch):
+@pytest.mark.parametrize("eager_ms, calls, warmup", [(0.01, 20, 3), (2.5, 2, 2)])
+def test_graph_timing_captures_rotated_calls_and_frees_the_graph(monkeypatch, eager_ms, calls, warmup):
     bench = _bench_linear()
     fake = _FakeCuda()
     _patch_cuda(monkeypatch, bench, fake)
@@ -235,13 +236,13 @@ def test_graph_timing_captures_rotated_calls_and_frees_the_graph(monkeypatch):
     def fn(x, w):
         seen.append((fake.capturing, x, w))
 
-    (med, p20, p80), err = bench._measure_graph("c", fn, ["x0", "x1", "x2"], ["w0", "w1"], eager_ms=0.01)
+    (med, p20, p80), err = bench._measure_graph("c", fn, ["x0", "x1", "x2"], ["w0", "w1"], eager_ms=eager_ms)
     assert err is None
-    assert (med, p20, p80) == (2.0 / 20, 1.0 / 20, 3.0 / 20)  # replay time / the 20 calls captured
+    assert (med, p20, p80) == (2.0 / calls, 1.0 / calls, 3.0 / calls)  # replay time / the calls captured
     warm = [s for s in seen if not s[0]]
     captured = [s[1:] for s in seen if s[0]]
-    assert len(warm) == bench.GRAPH_WARMUP
-    assert captured == [(f"x{i % 3}", f"w{i % 2}") for i in range(20)]
+    assert len(warm) == warmup
+    assert captured == [(f"x{i % 3}", f"w{i % 2}") for i in range(calls)]
     names = [e[0] for e in fake.log]
     assert names.index("capture_end") < names.index("replay") < names.index("reset") < names.index("empty_cache")
     assert ("set_stream", "default") in fake.log

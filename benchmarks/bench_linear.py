@@ -3,8 +3,9 @@
 Shapes are LLM layers (out x in): 4096x4096, 14336x4096, 4096x14336, 11008x4096.
 
 * GPU (default when CUDA is present): fp16/bf16, batch 1, 4, 16, 64, 256, 2048, 8192; timing with
-  ``triton.testing.do_bench`` (it flushes L2 before every run); contenders: dense cuBLAS, our
-  backends (cuda mma.sp, triton, cusparselt with the compressed weight cached, auto), PyTorch's
+  ``triton.testing.do_bench`` (it flushes L2 before every run); contenders: dense cuBLAS, every
+  sparse_linear backend available (cuda mma.sp, triton, decompress + cuBLAS where the op has it;
+  cusparselt with the compressed weight cached; auto), PyTorch's
   ``SparseSemiStructuredTensor`` (cuSPARSELt, or CUTLASS where that is what torch picks),
   ``masked_linear`` and masked dense (``F.linear(x, W * M)``).
 * CPU: fp32/bf16, batch 1, 4, 16, 64 (under 5 minutes on 2 cores); ``torch.utils.benchmark``;
@@ -21,6 +22,17 @@ a CUDA fault (the context is then unusable) the run stops with what it has.  Cas
 by dtype (all fp16 first on GPU).  ``--resume JSON`` reuses an earlier run's rows for the cases
 it holds and measures only the others.  ``--plot`` draws speedup over dense vs batch (PNG,
 needs matplotlib).
+
+CUDA also gets a kernel-level time (``--no-graph`` turns it off): at batch 1-16 the eager time is
+mostly the 10-60 us of Python and dispatch around every call, dense included.  Up to 20 calls of
+the contender (inputs and weights rotated as in the eager timing) are captured in one
+``torch.cuda.CUDAGraph`` after a warm-up on a side stream; replays are timed with ``do_bench`` and
+divided by the number of calls: ``graph_ms``/``graph_p20_ms``/``graph_p80_ms`` and
+``graph_speedup_vs_dense`` per row, NaN with ``graph_error`` set when the contender cannot be
+captured.  A replay has no L2 flush between its calls, so on CUDA the weights are rotated over
+enough copies that one rotation of compressed weights is >= 2x the L2 cache (at most 8 copies):
+every call reads its weight from HBM, as an eager call does after do_bench's flush.  The eager
+numbers are measured exactly as before (do_bench flushes L2 before every call).
 
     PYTHONPATH=$PWD python benchmarks/bench_linear.py --device cpu --out benchmarks/results/cpu --plot
 """
@@ -50,6 +62,12 @@ GPU_BATCHES = [1, 4, 16, 64, 256, 2048, 8192]
 CPU_BATCHES = [1, 4, 16, 64]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ROTATE_BYTES = 64 << 20
+# CUDA-graph timing: up to GRAPH_CALLS calls captured in one graph, fewer when one eager call is long
+# so that a replay lasts about GRAPH_REPLAY_MS (at batch 8192 a single call is 0.4-3.7 ms on the H200,
+# 2026-11-28 run: nothing left to amortise, only the capture and replay time to save).
+GRAPH_CALLS = 20
+GRAPH_REPLAY_MS = 5.0
+GRAPH_WARMUP = 3  # calls on a side stream before capture (PyTorch's CUDA graph docs use 3), at most `calls`
 
 
 def versions():
@@ -80,13 +98,102 @@ def time_gpu(fn):
     return med, p20, p80
 
 
+def _replay_ms(replay):
+    """(median, p20, p80) ms of one graph replay (do_bench flushes L2 before each replay; a replay
+    is 0.2-5 ms, so 30 ms of repeats give 6-150 samples)."""
+    import triton
+
+    return triton.testing.do_bench(replay, warmup=5, rep=30, quantiles=[0.5, 0.2, 0.8])
+
+
+def graph_calls(eager_ms):
+    """How many calls one graph captures: GRAPH_CALLS, fewer when an eager call is long."""
+    if not eager_ms > 0:  # NaN: the eager timing failed; capture the default number anyway
+        return GRAPH_CALLS
+    return max(1, min(GRAPH_CALLS, int(GRAPH_REPLAY_MS / eager_ms)))
+
+
+def time_graph(fn, xs, ws, calls):
+    """(median, p20, p80) ms per call of ``fn`` from replays of one CUDA graph holding ``calls`` calls.
+
+    Inputs rotate as in the eager timing (call i uses ``xs[i % len(xs)]``, ``ws[i % len(ws)]``).
+    The calls are warmed up on a side stream first (lazy init, cuSPARSELt plans, the Triton
+    autotuner's first call), as torch.cuda.graph requires.  Raises what capture or replay raises;
+    the current stream is restored and the graph and its memory pool are freed in every case.
+    """
+    prev = torch.cuda.current_stream()
+    g = None
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(prev)
+        with torch.cuda.stream(side):
+            for i in range(min(GRAPH_WARMUP, calls)):  # fewer for long calls (cusparselt: 200 ms on the H200)
+                fn(xs[i % len(xs)], ws[i % len(ws)])
+        prev.wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(calls):
+                fn(xs[i % len(xs)], ws[i % len(ws)])
+        return tuple(t / calls for t in _replay_ms(g.replay))
+    finally:
+        torch.cuda.set_stream(prev)  # a failed capture_end leaves the capture stream current
+        if g is not None:
+            try:
+                g.reset()
+            except Exception:  # noqa: BLE001 -- a graph whose capture failed may refuse; freed below
+                pass
+            del g
+        torch.cuda.empty_cache()
+
+
+def _measure_graph(name, fn, xs, ws, eager_ms):
+    """(median, p20, p80) ms per call from CUDA-graph replays and None, or NaNs and the error text."""
+    try:
+        with torch.no_grad():
+            return time_graph(fn, xs, ws, graph_calls(eager_ms)), None
+    except Exception as e:  # noqa: BLE001 -- an uncapturable contender gets NaN and the reason
+        msg = _error_text(e)
+        print(f"  {name}: no CUDA graph timing: {msg}", flush=True)
+        return (float("nan"),) * 3, msg
+
+
+def _error_text(e):
+    """``Type: first line`` of an exception, at most 300 characters; when it was raised while
+    handling another (capture_end failing after the contender raised inside the capture), that
+    first one leads."""
+    def line(x):
+        return f"{type(x).__name__}: {str(x).splitlines()[0] if str(x) else ''}"
+
+    ctx = None if e.__suppress_context__ else e.__context__
+    text = line(e) if ctx is None else f"{line(ctx)}; then {line(e)}"
+    return text[:300]
+
+
 # ---------------------------------------------------------------- contenders
+def weight_copies(n, k, esize, device, graph):
+    """How many weight copies the timing rotates through.
+
+    CPU: >= ROTATE_BYTES of compressed weights (2-4 copies).  CUDA: 1 when there is no graph
+    timing (do_bench flushes L2 before every eager call); with it, enough that one rotation of
+    compressed weights is >= 2x the L2 cache (at most 8), since a replay's calls are not flushed.
+    """
+    half = n * k * esize // 2
+    if device != "cuda":
+        return max(2, min(4, -(-ROTATE_BYTES // half)))
+    if not graph:
+        return 1
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = getattr(props, "L2_cache_size", 0) or 50 << 20
+    return max(1, min(8, -(-2 * l2 // half)))
+
+
 def make_problem(n, k, dtype, device, copies, seed):
     """``copies`` independent 2:4 weights (values, meta, dense, mask, packed mask)."""
     out = []
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    gen_dev = "cuda" if device == "cuda" else "cpu"  # many copies of big weights: draw them on the GPU
+    g = torch.Generator(device=gen_dev).manual_seed(seed)
     for _ in range(copies):
-        w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype).to(device)
+        w = (torch.randn(n, k, generator=g, device=gen_dev) * k ** -0.5).to(dtype).to(device)
         values, meta = sk.compress_2to4(w, prune=True, backend="reference")
         dense = sk.decompress_2to4(values, meta, backend="reference")
         mask = dense != 0
@@ -94,10 +201,17 @@ def make_problem(n, k, dtype, device, copies, seed):
     return out
 
 
+def sparse_linear_backends():
+    """sparse_linear's backends timed through ``sk.sparse_linear(..., backend=b)``: every one the op
+    has (cpp, cuda, triton, decompress, ...) except the reference (decompresses all of W per call)
+    and cusparselt (timed with its compressed weight cached, below)."""
+    return [b for b in R.OPS["sparse_linear"].backends if b not in ("reference", "cusparselt")]
+
+
 def contenders(device, ws, dtype):
     """name -> fn(x, weights) -> y (a peer whose setup fails is reported and left out)."""
     c = {"dense": lambda x, p: F.linear(x, p["dense"])}
-    for b in ("cpp", "cuda", "triton"):
+    for b in sparse_linear_backends():
         why = R.why_unavailable("sparse_linear", b, device)
         if why is None and not (b == "cuda" and dtype == torch.float32):
             c[b] = lambda x, p, b=b: sk.sparse_linear(x, p["values"], p["meta"], backend=b, meta_dev=p.get("meta_dev"))
@@ -159,9 +273,29 @@ def _measure(name, fn, xs, ws, device, min_run_time):
             t = time_gpu(call) if device == "cuda" else time_cpu(call, min_run_time)
         return t, err, ok, None
     except Exception as e:  # noqa: BLE001 -- one broken contender must not end the table
-        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        msg = _error_text(e)
         print(f"  {name} raised {msg}", flush=True)
         return (float("nan"),) * 3, float("nan"), False, msg
+
+
+def _graph_timings(cs, res, xs, ws):
+    """name -> ((median, p20, p80) ms per call, error or None) from CUDA-graph replays, for every
+    contender whose eager run worked; stops capturing once the CUDA context is unusable."""
+    out = {}
+    for name, fn in cs.items():
+        (eager_ms, _, _), _, _, error = res[name]
+        if error:
+            out[name] = (float("nan"),) * 3, "not captured: the eager call raised"
+        elif _cuda_broken("cuda"):
+            out[name] = (float("nan"),) * 3, "not captured: the CUDA context is unusable"
+        else:
+            out[name] = _measure_graph(name, fn, xs, ws, eager_ms)
+    return out
+
+
+def _graph_note(g, dense_g):
+    (med, _, _), error = g
+    return f"/graph {med:.4f}ms({dense_g / med:.2f}x)" if error is None else "/graph -"
 
 
 def _case_key(r):
@@ -182,21 +316,29 @@ def run(args):
         if not todo:
             continue
         esize = torch.finfo(dtype).bits // 8
-        copies = 1 if device == "cuda" else max(2, min(4, -(-ROTATE_BYTES // (n * k * esize // 2))))
-        ws = make_problem(n, k, dtype, device, copies, seed=n + k)
+        graph = device == "cuda" and args.graph
+        ws = make_problem(n, k, dtype, device, weight_copies(n, k, esize, device, graph), seed=n + k)
         cs = contenders(device, ws, dtype)
         for m in todo:
             xs = [torch.randn(m, k, device=device).to(dtype) for _ in range(3)]
             res = {name: _measure(name, fn, xs, ws, device, args.min_run_time) for name, fn in cs.items()}
+            gres = _graph_timings(cs, res, xs, ws) if graph else {}
             dense_ms = res["dense"][0][0]
+            dense_g = gres["dense"][0][0] if gres else float("nan")
             chosen = R.select("sparse_linear", None, torch.device(device), m, dtype)
             for name, ((med, p20, p80), err, ok, error) in res.items():
-                rows.append(dict(meta, out_features=n, in_features=k, batch=m, dtype=dname,
-                                 contender=name, median_ms=round(med, 5), p20_ms=round(p20, 5), p80_ms=round(p80, 5),
-                                 speedup_vs_dense=round(dense_ms / med, 4), max_abs_err=err, ok=ok,
-                                 auto_choice=chosen if name == "auto" else "", error=error or "",
-                                 loadavg_1min=round(os.getloadavg()[0], 2)))
+                row = dict(meta, out_features=n, in_features=k, batch=m, dtype=dname,
+                           contender=name, median_ms=round(med, 5), p20_ms=round(p20, 5), p80_ms=round(p80, 5),
+                           speedup_vs_dense=round(dense_ms / med, 4), max_abs_err=err, ok=ok,
+                           auto_choice=chosen if name == "auto" else "", error=error or "",
+                           loadavg_1min=round(os.getloadavg()[0], 2))
+                if graph:
+                    (gmed, gp20, gp80), gerr = gres[name]
+                    row.update(graph_ms=round(gmed, 5), graph_p20_ms=round(gp20, 5), graph_p80_ms=round(gp80, 5),
+                               graph_speedup_vs_dense=round(dense_g / gmed, 4), graph_error=gerr or "")
+                rows.append(row)
             line = "  ".join(f"{nm}={r[0][0]:.3f}ms({dense_ms / r[0][0]:.2f}x{'' if r[2] else ' WRONG'})"
+                             + (_graph_note(gres[nm], dense_g) if graph else "")
                              for nm, r in res.items())
             print(f"{n}x{k} {dname:8s} M={m:5d}  {line}", flush=True)
             args.write_rows(rows)
@@ -266,6 +408,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="*", choices=list(DTYPES))
     ap.add_argument("--shapes", nargs="*", help="OUTxIN, e.g. 4096x4096")
     ap.add_argument("--min-run-time", type=float, default=0.3, help="CPU: seconds per contender")
+    ap.add_argument("--no-graph", dest="graph", action="store_false",
+                    help="CUDA: eager timing only (no kernel-level timing from CUDA-graph replays)")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG from an earlier run's JSON")
     ap.add_argument("--resume", metavar="JSON", help="reuse this earlier run's rows (same device) for the cases "
                     "it has; measure only the rest (a missing file is ignored)")

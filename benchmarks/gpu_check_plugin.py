@@ -3,6 +3,8 @@
 * Incremental results: every test outcome is appended to ``$GPU_CHECK_RESULTS`` as soon as the
   test ends (``PASSED|FAILED|SKIPPED|ERROR  seconds  nodeid``, then the failure text indented),
   so a pytest step killed at its time limit (no junit XML then) still says what ran and what failed.
+* ``# collected N`` (the tests selected) is written once collection ends, so the summary can
+  say how many tests never ran.
 * CUDA fault isolation: after each test that initialised CUDA the device is synchronised.  If
   that raises, a kernel faulted (illegal or misaligned address, launch failure) and the process's
   CUDA context is unusable: every later test in the process would fail with the same error.  The
@@ -69,6 +71,29 @@ def pytest_runtest_teardown(item, nextitem):
             sys.stderr.flush()
             os._exit(3)  # xdist replaces the worker; the remaining tests get a fresh context
         pytest.exit(msg, returncode=3)
+
+
+_collected_written = False
+
+
+def _write_collected(n: int) -> None:
+    """``# collected N`` once: the summary's "not run" count (tests a time limit or a crash cut off)."""
+    global _collected_written
+    if not _collected_written:
+        _collected_written = True
+        _append(f"# collected {n}\n")
+
+
+def pytest_collection_finish(session):
+    """Without xdist: the selected tests (after -k deselection)."""
+    if not _WORKER:
+        _write_collected(len(session.items))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """Under xdist the controller collects nothing itself; every worker reports the same ids."""
+    _write_collected(len(ids))
 
 
 def pytest_sessionstart(session):

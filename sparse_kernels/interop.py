@@ -55,13 +55,37 @@ def from_torch_cutlass(packed: torch.Tensor, meta_reordered: torch.Tensor) -> tu
     return packed.contiguous(), meta
 
 
-def to_semi_structured(values: torch.Tensor, meta: torch.Tensor):
-    """Wrap ``(values, meta)`` as a ``torch.sparse.SparseSemiStructuredTensorCUTLASS`` (CUDA only).
+SEMI_STRUCTURED_BACKENDS = ("auto", "cutlass", "cusparselt")
+
+
+def to_semi_structured(values: torch.Tensor, meta: torch.Tensor, backend: str = "auto"):
+    """Wrap ``(values, meta)`` as a ``torch.sparse.SparseSemiStructuredTensor`` (CUDA only).
 
     The result multiplies with PyTorch's own 2:4 kernels (``torch.mm``, ``F.linear``).
+
+    Args:
+        backend: ``"cutlass"``: ``SparseSemiStructuredTensorCUTLASS`` from our values and the
+            reordered meta, no copy of the weight through dense (PyTorch ships those kernels
+            for sm_8x: on the H200, 2026-11-28, its matmul was unavailable); ``"cusparselt"``:
+            ``SparseSemiStructuredTensorCUSPARSELT`` (the weight is decompressed once and packed
+            by cuSPARSELt; rows a multiple of 16); ``"auto"``: cuSPARSELt on compute capability
+            9.0 and later when this torch has it, else CUTLASS.
     """
+    if backend not in SEMI_STRUCTURED_BACKENDS:
+        raise ValueError(f"backend: got {backend!r}, expected one of {', '.join(SEMI_STRUCTURED_BACKENDS)}")
     if values.device.type != "cuda":
         raise ValueError(f"values: SparseSemiStructuredTensor needs CUDA tensors, got {values.device}")
+    if backend == "auto":
+        has_cslt = getattr(torch.backends, "cusparselt", None) is not None and torch.backends.cusparselt.is_available()
+        major = torch.cuda.get_device_capability(values.device)[0]
+        backend = "cusparselt" if has_cslt and major >= 9 else "cutlass"
+    if backend == "cusparselt":
+        _check_cutlass(values, meta, "to_semi_structured")  # same dtypes; rows % 32 covers cuSPARSELt's 16
+        from torch.sparse import SparseSemiStructuredTensorCUSPARSELT
+
+        from .ops.sparse24 import decompress_2to4
+
+        return SparseSemiStructuredTensorCUSPARSELT.from_dense(decompress_2to4(values, meta))
     from torch.sparse import SparseSemiStructuredTensorCUTLASS
 
     packed, meta_r = to_torch_cutlass(values, meta)

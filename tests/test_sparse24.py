@@ -519,16 +519,25 @@ def test_interop_errors():
 
 
 @requires_cuda
+@pytest.mark.parametrize("backend", ["auto", "cutlass", "cusparselt"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_semi_structured_matmul_cuda(dtype):
+def test_semi_structured_matmul_cuda(dtype, backend):
     w = _sparse24(128, 256, dtype, "cuda", seed=9)
     x = torch.randn(256, 64, dtype=dtype, device="cuda")
     try:
-        st = sk.to_semi_structured(*sk.compress_2to4(w))
+        st = sk.to_semi_structured(*sk.compress_2to4(w), backend=backend)
         got = torch.mm(st, x)
-    except (RuntimeError, NotImplementedError) as e:  # e.g. no CUTLASS 2:4 kernels for this GPU
-        pytest.skip(f"PyTorch's semi-structured matmul unavailable: {e}")
+    except (RuntimeError, NotImplementedError) as e:  # no CUTLASS 2:4 kernels for sm_90, no cuSPARSELt
+        if backend == "auto":
+            raise  # auto must pick one that runs here
+        pytest.skip(f"PyTorch's {backend} semi-structured matmul unavailable: {e}")
     torch.testing.assert_close(got, w @ x, rtol=2e-2, atol=2e-2)
+
+
+def test_semi_structured_bad_backend():
+    v, m = sk.compress_2to4(_sparse24(32, 32, torch.float16, "cpu", seed=1))
+    with pytest.raises(ValueError, match="backend: got 'nope', expected one of auto, cutlass, cusparselt"):
+        sk.to_semi_structured(v, m, backend="nope")
 
 
 @pytest.mark.parametrize("device", devices())

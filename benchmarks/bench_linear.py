@@ -130,6 +130,7 @@ def time_graph(fn, xs, ws, calls):
             for i in range(min(GRAPH_WARMUP, calls)):  # fewer for long calls (cusparselt: 200 ms on the H200)
                 fn(xs[i % len(xs)], ws[i % len(ws)])
         prev.wait_stream(side)
+        _check_sync_free(fn, xs[0], ws[0])
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             for i in range(calls):
@@ -144,6 +145,20 @@ def time_graph(fn, xs, ws, calls):
                 pass
             del g
         torch.cuda.empty_cache()
+
+
+def _check_sync_free(fn, x, w):
+    """Raise if one call of ``fn`` waits for the GPU (an ``.item()``, a copy to the host): such a
+    call cannot be captured, and a failed capture leaves its memory pool and allocator hook behind
+    for the rest of the process (slowing every later allocation), so it is never attempted."""
+    mode = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(x, w)
+    except RuntimeError as e:
+        raise RuntimeError(f"not captured: the call synchronises with the host ({str(e).splitlines()[0]})") from None
+    finally:
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def _measure_graph(name, fn, xs, ws, eager_ms):
@@ -220,8 +235,8 @@ def contenders(device, ws, dtype):
         if R.why_unavailable("sparse_linear", "cusparselt", device) is None:
             try:
                 for p in ws:
-                    p["cslt"] = torch._cslt_compress(p["dense"])
-                c["cusparselt(cached)"] = lambda x, p: L.cslt_matmul(x, p["cslt"], None)
+                    p["cslt"] = L.cslt_pack(p["values"], p["meta"], dtype)
+                c["cusparselt(cached)"] = lambda x, p: L.cslt_matmul(x, p["cslt"], None, p["values"].shape[0])
             except Exception as e:  # noqa: BLE001 -- report why the peer is missing, keep going
                 print(f"  torch._cslt_compress failed: {type(e).__name__}: {e}")
         try:
@@ -325,7 +340,7 @@ def run(args):
             gres = _graph_timings(cs, res, xs, ws) if graph else {}
             dense_ms = res["dense"][0][0]
             dense_g = gres["dense"][0][0] if gres else float("nan")
-            chosen = R.select("sparse_linear", None, torch.device(device), m, dtype)
+            chosen = R.select("sparse_linear", None, torch.device(device), m, dtype, n * k)
             for name, ((med, p20, p80), err, ok, error) in res.items():
                 row = dict(meta, out_features=n, in_features=k, batch=m, dtype=dname,
                            contender=name, median_ms=round(med, 5), p20_ms=round(p20, 5), p80_ms=round(p80, 5),

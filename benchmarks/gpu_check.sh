@@ -15,11 +15,12 @@
 #    tests_cuda       tests/test_cuda_kernels.py (csrc/cuda kernels vs references)  cap 100 s
 #    tests_gpu        every other test named cuda/triton/cusparselt (the Triton     cap 150 s
 #                     kernels compiled for the GPU, SparseLinear on CUDA, ...)
-#    bench_linear_quick   bench_linear: 4096x4096 + 4096x14336, fp16, batch 1..8192   cap 120 s
+#    bench_linear_quick   bench_linear: 4096x14336, fp16 + bf16, batch 1..8192        cap 150 s
 #                     (eager timing, and kernel-level timing from CUDA-graph replays)
 #    bench_sparsegpt  bench_sparsegpt --quick (on CUDA: all four shapes, 3 reps)    cap  90 s
 #    bench_compress   bench_compress --quick --device cuda                          cap  60 s
-#    bench_linear_full    the whole bench_linear table (resumes the quick rows)      cap 240 s
+#    bench_linear_full    the whole bench_linear table, eager timing only (--no-graph; cap 240 s
+#                     resumes the quick rows)
 #    tests_rest       the rest of the suite (CPU tests, on torch/Python of the box)  cap 150 s
 # After EVERY step summary.txt and gpu_check.tgz (all logs and result files so far) are
 # rewritten in OUTDIR (atomically), and a background loop refreshes them every 30 s, so a kill
@@ -30,7 +31,7 @@
 # and the three slowest tests.
 #
 # Env:
-#   GPU_CHECK_BUDGET_S    total seconds for the script (default 480); run it under a device
+#   GPU_CHECK_BUDGET_S    total seconds for the script (default 540); run it under a device
 #                         timeout of at least budget + 30
 #   TORCH_CUDA_ARCH_LIST  build archs (default: the GPU's compute capability, 9.0 -> 9.0a;
 #                         setup.py's "8.0;9.0a" when it cannot be read)
@@ -46,7 +47,7 @@ cd "$(dirname "$0")/.."
 OUTDIR=${1:-${OUT:-./gpu_check_out}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 RESERVE=15   # seconds kept for timeout's kill grace (5 s) and the last archive
 PY=${PYTHON:-python3}
@@ -228,11 +229,11 @@ else
     step error_probe 20 "$PY" -c "$PROBE"
     pytest_step tests_cuda 100 tests/test_cuda_kernels.py
     pytest_step tests_gpu 150 tests --ignore=tests/test_cuda_kernels.py -k "$GPU_K"
-    step bench_linear_quick 120 "$PY" benchmarks/bench_linear.py --device cuda --shapes 4096x4096 4096x14336 \
-        --dtypes fp16 --batches 1 4 16 2048 8192 --out "$RES/bench_linear_quick"
+    step bench_linear_quick 150 "$PY" benchmarks/bench_linear.py --device cuda --shapes 4096x14336 \
+        --dtypes fp16 bf16 --batches 1 16 256 2048 8192 --out "$RES/bench_linear_quick"
     step bench_sparsegpt 90 "$PY" benchmarks/bench_sparsegpt.py --quick --device cuda --out "$RES/bench_sparsegpt"
     step bench_compress 60 "$PY" benchmarks/bench_compress.py --quick --device cuda --out "$RES/bench_compress"
-    step bench_linear_full 240 "$PY" benchmarks/bench_linear.py --device cuda --plot \
+    step bench_linear_full 240 "$PY" benchmarks/bench_linear.py --device cuda --plot --no-graph \
         --resume "$RES/bench_linear_quick/bench_linear_cuda.json" --out "$RES/bench_linear_full"
     pytest_step tests_rest 150 tests --ignore=tests/test_cuda_kernels.py -k "not ($GPU_K)"
 fi

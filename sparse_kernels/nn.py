@@ -58,7 +58,8 @@ class SparseLinear(nn.Module):
     Args:
         in_features, out_features, bias: as nn.Linear.
         pattern: ``"2:4"`` or None (see the module docstring).
-        backend: forwarded to the op (``auto | reference | cpp | cuda | triton | cusparselt``);
+        backend: forwarded to the op (``auto | reference | cpp | cuda | triton | cusparselt |
+            decompress``);
             None means ``SPARSE_KERNELS_BACKEND`` or ``auto``.
     """
 
@@ -83,7 +84,7 @@ class SparseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
         self._meta_dev = None
         self._cslt = None
-        self._ops = {}  # backend op per (device, dtype, batch bucket, env): _forward_resolved
+        self._ops = {}  # backend name per (device, dtype, batch bucket, backend, env): _forward_resolved
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # ------------------------------------------------------------ construction
@@ -180,7 +181,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"x: last dim is {x.shape[-1]} but this layer has in_features={self.in_features}")
         if self.in_padded != self.in_features:
             x = F.pad(x, (0, self.in_padded - self.in_features))
-        if self._cslt is not None and not self.training and x.device.type == "cuda":
+        if self._cslt is not None and not self.training and x.device.type == "cuda" and x.dtype == self.values.dtype:
             lead = x.shape[:-1]
             y = L.cslt_matmul(x.reshape(-1, x.shape[-1]), self._cslt, self.bias, self.out_features)
             return y.reshape(*lead, self.out_features)
@@ -194,19 +195,21 @@ class SparseLinear(nn.Module):
     def _forward_resolved(self, x, md):
         """The wrapper's work minus what the module guarantees: values/meta/bias were validated
         when they were built or loaded, and the backend choice is cached per (device, dtype,
-        batch bucket, SPARSE_KERNELS_BACKEND).  Buckets are powers of two, floor(log2(batch)):
+        batch bucket, self.backend, SPARSE_KERNELS_BACKEND).  Buckets are powers of two, floor(log2(batch)):
         the same choice as the exact batch because every CUDA threshold is a power of two
         (ops/linear.py).  Cuts a CPU call of a small layer from about 19 to 9 us."""
         x2 = x.reshape(-1, self.in_padded)
         m = x2.shape[0]
         bucket = m.bit_length()
-        key = (x2.device.type, x2.dtype, bucket, os.environ.get(R.ENV_VAR))
-        op = self._ops.get(key)
-        if op is None:
+        key = (x2.device.type, x2.dtype, bucket, self.backend, os.environ.get(R.ENV_VAR))
+        ops = self.__dict__.get("_ops")
+        if ops is None:  # a module pickled before this cache existed
+            ops = self._ops = {}
+        b = ops.get(key)  # a backend name, not the op: modules must stay picklable
+        if b is None:
             rep_m = 1 << (bucket - 1) if bucket else 0
-            b = R.select("sparse_linear", self.backend, x2.device, rep_m, x2.dtype, 2 * self.values.numel())
-            op = self._ops[key] = R.get_op("sparse_linear", b)
-        y = op(x2, self.values, self.meta, self.bias, md)
+            b = ops[key] = R.select("sparse_linear", self.backend, x2.device, rep_m, x2.dtype, 2 * self.values.numel())
+        y = R.get_op("sparse_linear", b)(x2, self.values, self.meta, self.bias, md)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

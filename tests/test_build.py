@@ -179,39 +179,43 @@ def _setup_ldflags() -> list[str]:
 def test_statically_linked_libstdcxx_stays_private(tmp_path, private):
     """Reproduces the H200 toolchain here: an op linked with -static-libstdc++ (and Python's
     -Bsymbolic-functions) formats an int into a TORCH_CHECK message.  Exported, that copy breaks
-    the message (``exported``: the failure is shown to exist on this machine, else skipped);
-    with setup.py's LINUX_LDFLAGS it is intact (``setup_flags``)."""
+    the message or crashes (``exported``: the failure is shown to exist on this machine, else
+    skipped); with setup.py's LINUX_LDFLAGS it is intact (``setup_flags``).  Built and called in
+    a subprocess, so a crash is a result, not a dead test run."""
     pytest.importorskip("ninja")
-    from torch.utils import cpp_extension
-
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
         pytest.skip("no C++ compiler")
-    probe = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.a"],
-                           capture_output=True, text=True)
+    probe = subprocess.run([cxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True)
     if not os.path.isabs(probe.stdout.strip()):
         pytest.skip("this toolchain has no static libstdc++ to reproduce with")
-    src = tmp_path / "probe.cpp"
-    src.write_text(textwrap.dedent("""
+    name = f"sk_probe_{'private' if private else 'exported'}"
+    (tmp_path / "probe.cpp").write_text(textwrap.dedent("""
         #include <torch/library.h>
         #include <ATen/ATen.h>
         static at::Tensor probe(const at::Tensor& x) {
           TORCH_CHECK_VALUE(false, "probe: got ", x.size(0), " rows and shape ", x.sizes());
           return x;
         }
-        TORCH_LIBRARY(sk_probe_NAME, m) { m.def("probe(Tensor x) -> Tensor"); }
-        TORCH_LIBRARY_IMPL(sk_probe_NAME, CPU, m) { m.impl("probe", &probe); }
-    """).replace("NAME", "private" if private else "exported"))
+        TORCH_LIBRARY(NAME, m) { m.def("probe(Tensor x) -> Tensor"); }
+        TORCH_LIBRARY_IMPL(NAME, CPU, m) { m.impl("probe", &probe); }
+    """).replace("NAME", name))
     flags = ["-static-libstdc++", "-Wl,-Bsymbolic-functions"] + (_setup_ldflags() if private else [])
-    cpp_extension.load(name=f"sk_probe_{'private' if private else 'exported'}", sources=[str(src)],
-                       extra_cflags=["-O1", "-fvisibility=hidden"], extra_ldflags=flags,
-                       build_directory=str(tmp_path), is_python_module=False, verbose=False)
-    import torch
-
-    op = getattr(torch.ops, f"sk_probe_{'private' if private else 'exported'}").probe
-    with pytest.raises(ValueError) as err:
-        op(torch.zeros(3, 2))
-    intact = "probe: got 3 rows and shape [3, 2]" in str(err.value)
+    script = textwrap.dedent(f"""
+        import torch
+        from torch.utils import cpp_extension
+        cpp_extension.load(name={name!r}, sources=[{str(tmp_path / "probe.cpp")!r}], extra_cflags=["-O1"],
+                           extra_ldflags={flags!r}, build_directory={str(tmp_path)!r}, is_python_module=False)
+        try:
+            torch.ops.{name}.probe(torch.zeros(3, 2))
+        except ValueError as e:
+            print("MESSAGE:", str(e).splitlines()[0])
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    intact = run.returncode == 0 and "MESSAGE: probe: got 3 rows and shape [3, 2]" in run.stdout
     if private:
-        assert intact, str(err.value)
+        assert intact, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
     elif intact:
         pytest.skip("an exported static libstdc++ formats correctly on this machine")
+    else:  # reproduced: a garbled message or a crash (a negative return code is the signal)
+        assert run.returncode < 0 or "MESSAGE: probe: got" in run.stdout, (run.returncode, run.stderr[-2000:])

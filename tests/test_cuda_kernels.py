@@ -358,3 +358,37 @@ def test_helpers_dry_run_cpu():
     W1, U, mask = _sparsegpt_problem(8, 16, 1)
     Qn, En, Ln = numpy_block_update(W1.numpy(), U.numpy(), mask.numpy(), 2, 4)
     assert ((Qn != 0).reshape(8, 4, 4).sum(-1) <= 2).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_unchecked_decompress_and_the_decompress_backend_cuda(dtype):
+    """decompress_2to4_unchecked_cuda: bit-exact with the checked kernel on valid metadata, no error
+    and no fault on corrupt metadata; sparse_linear's "decompress" backend never syncs with the host
+    (so it can be captured in a CUDA graph) and matches the reference."""
+    skip_unless_backend("decompress_2to4", "cuda", "cuda")
+    w = _sparse24_like(96, 128, dtype, "cuda", seed=21)
+    v, m = OPS.compress_2to4_cuda(w, False)
+    _poison_allocator("cuda")
+    assert_bitexact(OPS.decompress_2to4_unchecked_cuda(v, m), OPS.decompress_2to4_cuda(v, m), "unchecked")
+    bad = m.clone()
+    bad[3, 1] = 0  # nibble 0: i0 == i1, rejected by the checked kernel
+    with pytest.raises(ValueError, match="meta is corrupt"):
+        OPS.decompress_2to4_cuda(v, bad)
+    out = OPS.decompress_2to4_unchecked_cuda(v, bad)
+    torch.cuda.synchronize()
+    assert out.shape == w.shape
+    g = torch.Generator().manual_seed(22)
+    w = torch.randn(96, 128, generator=g)
+    w = torch.where(s24.mask_2to4(w), w, torch.zeros(())).to(dtype).cuda()  # finite, for the matmul
+    v, m = OPS.compress_2to4_cuda(w, False)
+    x = torch.randn(5, 128, generator=g).to(dtype).cuda()
+    b = torch.randn(96, generator=g).to(dtype).cuda()
+    OPS.sparse_linear_decompress(x, v, m, b, None)  # warm up (lazy init may sync)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = OPS.sparse_linear_decompress(x, v, m, b, None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    exact = x.double() @ w.double().T + b.double()
+    assert_matmul_close(y, exact, F.linear(x, w, b), f"decompress backend {dtype}")

@@ -155,6 +155,14 @@ class _FakeCuda:
         self.log, self.capturing = [], False
         self.fail_in_capture, self.fail_at_end = fail_in_capture, fail_at_end
         self.prev = self._stream("default")
+        self.sync_mode = 0
+
+    def get_sync_debug_mode(self):
+        return self.sync_mode
+
+    def set_sync_debug_mode(self, mode):
+        self.log.append(("sync_mode", mode))
+        self.sync_mode = mode
 
     def _stream(self, name):
         fake = self
@@ -221,7 +229,8 @@ class _FakeCuda:
 
 
 def _patch_cuda(monkeypatch, bench, fake):
-    for name in ("current_stream", "Stream", "stream", "set_stream", "empty_cache", "CUDAGraph", "graph"):
+    for name in ("current_stream", "Stream", "stream", "set_stream", "empty_cache", "CUDAGraph", "graph",
+                 "get_sync_debug_mode", "set_sync_debug_mode"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
     monkeypatch.setattr(bench, "_replay_ms", lambda replay: (replay(), (2.0, 1.0, 3.0))[1])
 
@@ -241,7 +250,7 @@ def test_graph_timing_captures_rotated_calls_and_frees_the_graph(monkeypatch, ea
     assert (med, p20, p80) == (2.0 / calls, 1.0 / calls, 3.0 / calls)  # replay time / the calls captured
     warm = [s for s in seen if not s[0]]
     captured = [s[1:] for s in seen if s[0]]
-    assert len(warm) == warmup
+    assert len(warm) == warmup + 1  # + the call checked for host syncs
     assert captured == [(f"x{i % 3}", f"w{i % 2}") for i in range(calls)]
     names = [e[0] for e in fake.log]
     assert names.index("capture_end") < names.index("replay") < names.index("reset") < names.index("empty_cache")
@@ -265,6 +274,23 @@ def test_graph_timing_failure_gives_nan_and_the_reason(monkeypatch, where):
         assert err.index("not permitted when stream is capturing") < err.index("previous error during capture")
     assert ("replay",) not in fake.log
     assert fake.log[-3:] == [("set_stream", "default"), ("reset",), ("empty_cache",)]
+
+
+def test_graph_timing_never_captures_a_call_that_syncs(monkeypatch):
+    """A contender that waits for the GPU (e.g. reads an error flag back) is refused before any
+    capture: a failed capture would leave its memory pool behind for the rest of the run."""
+    bench = _bench_linear()
+    fake = _FakeCuda()
+    _patch_cuda(monkeypatch, bench, fake)
+
+    def fn(x, w):
+        if fake.sync_mode == "error":
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+    (med, _, _), err = bench._measure_graph("c", fn, [0], [0], eager_ms=0.5)
+    assert med != med and "synchronises with the host" in err
+    assert ("capture_begin",) not in fake.log
+    assert fake.sync_mode == 0  # restored
 
 
 @pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="CPU-only fallback")

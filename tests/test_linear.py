@@ -340,6 +340,8 @@ class _FakeCslt:
 
     def sparse_mm(self, packed, dense, bias=None, transpose_result=False, alg_id=0):
         assert bias is None and not transpose_result
+        # cuSPARSELt takes the dense operand as contiguous or contiguous-transposed only
+        assert dense.is_contiguous() or dense.t().is_contiguous(), dense.stride()
         return packed @ dense
 
 
@@ -358,6 +360,11 @@ def test_cslt_padding_and_layout_cpu(lead, n, monkeypatch):
         y = L._sparse_linear_cusparselt(x2, values, meta, b, None)
         assert y.shape == (x2.shape[0], n) and y.is_contiguous()
         _check_matmul(y.reshape(*lead, n), x, values, meta, b, "cslt (fake)")
+    # a row-strided view of x (batch a multiple of 16, so no padding copy): still right
+    wide = torch.randn(32, 96, generator=torch.Generator().manual_seed(3))
+    xs = wide[:, :64]
+    _check_matmul(L._sparse_linear_cusparselt(xs, values, meta, bias, None), xs, values, meta, bias, "cslt strided")
+    assert L._sparse_linear_cusparselt(xs[:0], values, meta, bias, None).shape == (0, n)
 
 
 def test_env_backend(monkeypatch):

@@ -278,3 +278,24 @@ def test_forward_resolved_matches_the_public_op_and_follows_the_env(monkeypatch)
     assert_bitexact(y, ref_y, "reference via env")
     with pytest.raises(TypeError, match="dtype"):
         sl(_x(3, 40).double())
+
+
+def test_module_pickles_after_forward_and_follows_backend_changes(tmp_path):
+    """The per-module backend cache holds names (picklable), and it keys on ``self.backend``."""
+    model = nn.Sequential(SparseLinear.from_dense(_linear(32, 16)), nn.ReLU())
+    x = _x(3, 32)
+    with torch.no_grad():
+        y = model(x)
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert_bitexact(again(x), y, "reloaded whole model")
+    del again[0].__dict__["_ops"]  # as a module pickled before the cache existed
+    with torch.no_grad():
+        assert_bitexact(again(x), y, "no cache attribute")
+    sl = model[0]
+    sl.backend = "reference"
+    with torch.no_grad():
+        got = sl(x)
+    assert any(k[3] == "reference" and v == "reference" for k, v in sl._ops.items()), sl._ops
+    assert_close(torch.relu(got), y, "reference after the change", atol=1e-5, rtol=1e-5)

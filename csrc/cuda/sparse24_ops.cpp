@@ -1,5 +1,6 @@
 // ATen wrappers of the CUDA 2:4 format kernels (csrc/cuda/sparse24.cu):
-// sparse_kernels::mask_2to4_cuda, compress_2to4_cuda, decompress_2to4_cuda.
+// sparse_kernels::mask_2to4_cuda, compress_2to4_cuda, decompress_2to4_cuda and
+// decompress_2to4_unchecked_cuda (no metadata check, no host sync: see decompress_impl).
 // Schemas live in sparse_kernels/ops/sparse24.py; this file only validates, launches and
 // turns the kernels' error flag into the reference's ValueError text.
 #include <ATen/ATen.h>
@@ -113,7 +114,10 @@ std::tuple<at::Tensor, at::Tensor> compress_2to4_cuda(const at::Tensor& w, bool 
   return {values, meta};
 }
 
-at::Tensor decompress_2to4_cuda(const at::Tensor& values, const at::Tensor& meta) {
+// check = false: the same kernel, but its error flag is never read back, so the call never
+// waits for the GPU (CUDA-graph capturable).  A corrupt nibble then gives wrong numbers, never an
+// access outside its group of 4 (each index is 2 bits).  For sparse_linear's "decompress" backend.
+at::Tensor decompress_impl(const at::Tensor& values, const at::Tensor& meta, bool check) {
   check_cuda(values, "values");
   const int d = dtype_code(values, "values");
   TORCH_CHECK_VALUE(values.dim() == 2, "values: expected a 2-D tensor, got ", values.dim(), "-D with shape ",
@@ -137,6 +141,7 @@ at::Tensor decompress_2to4_cuda(const at::Tensor& values, const at::Tensor& meta
   check_launch(sk::decompress_2to4_launch(vc.data_ptr(), mc.data_ptr<int16_t>(), d, rows, cols, out.data_ptr(),
                                           flag.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
                "decompress_2to4_cuda");
+  if (!check) return out;
   const int64_t bad = flag.item<int64_t>();
   if (bad != std::numeric_limits<int64_t>::max()) {
     const int64_t r = bad / (cols / 4), g = bad % (cols / 4);
@@ -147,10 +152,19 @@ at::Tensor decompress_2to4_cuda(const at::Tensor& values, const at::Tensor& meta
   return out;
 }
 
+at::Tensor decompress_2to4_cuda(const at::Tensor& values, const at::Tensor& meta) {
+  return decompress_impl(values, meta, true);
+}
+
+at::Tensor decompress_2to4_unchecked_cuda(const at::Tensor& values, const at::Tensor& meta) {
+  return decompress_impl(values, meta, false);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CUDA, m) {
   m.impl("mask_2to4_cuda", &mask_2to4_cuda);
   m.impl("compress_2to4_cuda", &compress_2to4_cuda);
   m.impl("decompress_2to4_cuda", &decompress_2to4_cuda);
+  m.impl("decompress_2to4_unchecked_cuda", &decompress_2to4_unchecked_cuda);
 }

@@ -12,6 +12,7 @@ cuda           ``sparse_kernels::NAME_cuda``   csrc/cuda/*, ``TORCH_LIBRARY_IMPL
 triton         ``sparse_kernels::NAME_triton`` sparse_kernels/triton/ (CUDA key; CPU key too
                                                under ``TRITON_INTERPRET=1``)
 cusparselt     ``sparse_kernels::NAME_cusparselt``  PyTorch's cuSPARSELt (only where an op has it)
+decompress     ``sparse_kernels::NAME_decompress``  decompress, then a dense op (sparse_linear only)
 =============  ==============================  ============================================
 
 All backends of one op share the schema and the fake (meta) kernel, so each is a real

@@ -6,7 +6,8 @@ Math and layouts: :mod:`sparse_kernels.reference.linear`.  Backends:
 op                  backends
 ==================  ======================================================================
 sparse_linear       reference, cpp (csrc/cpu/linear.cpp), cuda (csrc/cuda/linear.cu, mma.sp),
-                    triton (sparse_kernels/triton/linear.py), cusparselt (torch._cslt_*)
+                    triton (sparse_kernels/triton/linear.py), cusparselt (torch._cslt_*),
+                    decompress (the decompress kernel, then F.linear)
 masked_linear       reference, cpp, triton (forward and backward kernels)
 masked_linear_grad  reference, cpp (csrc/cpu/linear_grad.cpp), triton: ``_grad_x`` and ``_grad_w``
 sparse_linear_grad  reference, cpp (csrc/cpu/linear_grad.cpp): ``_grad_x`` reads values/meta directly,
@@ -46,17 +47,20 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 # of 256 rows at a time, never the full decompress, so auto = cpp on CPU whenever it is built.
 # CUDA: benchmarks/results/gpu/h200_2026-11-28/bench_linear_cuda.csv (H200, torch 2.11, eager
 # timing: each call's Python/dispatch overhead included), medians, fp16 and bf16:
-# * batch 1-16: the mma.sp kernel (cuda) runs 0.012-0.065 ms against dense F.linear's 0.019-0.043 ms
-#   (1.2-1.75x at 4096x14336, 14336x4096 and 11008x4096 fp16; the 4096x4096 rows are all Python
-#   overhead).  Triton 0.08-0.27 ms, cuSPARSELt via torch 0.55-1.2 ms (a plan per call).
+# * batch 1-16: the mma.sp kernel (cuda) runs 0.012-0.065 ms against dense F.linear's 0.019-0.043 ms:
+#   1.70-1.73x at batch 1-4 on 4096x14336, 14336x4096 and 11008x4096 in fp16 (bf16 0.72-1.75x; the
+#   4096x4096 rows are mostly Python overhead), 0.66-1.22x at batch 16; decompress + cuBLAS would
+#   cost dense + 0.04-0.09 ms there.  Triton 0.08-0.27 ms, cuSPARSELt via torch 0.55-1.3 ms (a
+#   plan per call).
 # * batch >= 256: mma.sp reaches only 0.28-0.39x of cuBLAS (e.g. 11008x4096 bf16 batch 2048: 0.756 vs
 #   0.284 ms), while decompressing the weight (cuda decompress: 0.043 ms at 4096x4096, 0.070 ms at
 #   11008x4096) and running cuBLAS costs dense + that: 0.35 ms there.  At batch 256 the two tie
 #   on the large shapes (4096x14336: 0.153 vs ~0.14 ms) and mma.sp wins at 4096x4096 (0.050 vs
 #   ~0.068 ms), hence the size split.  So: cuda up to batch 255, "decompress" from 1024 (from 256
 #   for weights of >= 2^25 elements).  No shape in the table gets cuda's 1.5x at large batch
-#   (issue 3's goal: wgmma.sp would be needed); SparseLinear adds cached cuSPARSELt for batch >= 8192
-#   (nn.py, the only rows where torch's cuSPARSELt beat cuBLAS: 1.33-1.53x on the 14336 shapes).
+#   (issue 3's goal: wgmma.sp would be needed).  torch's cuSPARSELt beat cuBLAS only at batch 8192
+#   on the 14336-wide shapes (1.33-1.53x); it needs a second, cuSPARSELt-packed copy of the
+#   weight, so auto never takes it: SparseLinear(backend="cusparselt") caches one (nn.py).
 # * float32 on CUDA (no sparse tensor cores): not in the GPU table; decompress + cuBLAS by the same
 #   arithmetic (Triton ran 0.2x of dense in fp16).
 DECOMPRESS_MIN_M = 1024
@@ -194,24 +198,34 @@ def cslt_matmul(x, packed, bias, n):
     transposed back, the call torch 2.11's SparseSemiStructuredTensor made: it ran in 0.55-1.3 ms
     on the H200 (2026-11-28) where ``transpose_result=True`` took 200-370 ms in fp16."""
     m = x.shape[0]
+    if m == 0:
+        return x.new_empty(0, n)
     pad = (-m) % 16
-    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+    # _cslt_sparse_mm reads its dense operand as contiguous or contiguous-transposed (strides
+    # are not passed on), so a row-strided view of x must be copied first.
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
     y = torch._cslt_sparse_mm(packed, xp.t(), transpose_result=False).t()  # [M + pad, N + row pad]
-    y = y[:m, :n]
+    y = y[:m, :n].contiguous()
     if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.contiguous()
+        y.add_(bias.to(y.dtype))
+    return y
 
 
 def _sparse_linear_decompress(x, values, meta, bias, meta_dev):
-    """Decompress the weight with the fastest decompress_2to4 backend here, then ``F.linear``.
+    """Decompress the weight, then ``F.linear``: on CUDA with the decompress kernel minus its
+    metadata check (no host sync, CUDA-graph capturable; ops/sparse24.py), elsewhere with the
+    fastest ``decompress_2to4`` backend.
 
     The large-batch path (see ``_sparse_linear_auto``): at batch >= 256-1024 cuBLAS on the dense
     weight beats the mma.sp kernel by more than the decompress costs.  The dense weight is a
     temporary of one call."""
-    from .sparse24 import decompress_2to4
+    from .sparse24 import UNCHECKED_DECOMPRESS, decompress_2to4
 
-    w = decompress_2to4(values, meta)
+    if values.device.type == "cuda" and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"{R.NAMESPACE}::{UNCHECKED_DECOMPRESS}", "CUDA"):
+        w = getattr(torch.ops.sparse_kernels, UNCHECKED_DECOMPRESS)(values, meta)  # no host sync
+    else:
+        w = decompress_2to4(values, meta)
     return torch.nn.functional.linear(x, w, bias)
 
 
@@ -290,15 +304,16 @@ def _call(name, backend, x2, *args):
     symbolic batch size still gets the ``auto`` rule (whose thresholds are powers of two).
     """
     m = x2.shape[0]
+    nk = 2 * args[0].shape[0] * args[0].shape[1] if name == "sparse_linear" else 0  # the weight's size
     if torch.compiler.is_compiling():
+        # floor(m) to a power of two, as SparseLinear's cache does: the same choice as the exact
+        # batch, since every threshold of the auto rules is a power of two (guards: 2^i <= m)
         bucket = 1
-        while bucket < (1 << 30) and m > bucket:
+        while bucket < (1 << 30) and 2 * bucket <= m:
             bucket *= 2
-        m = bucket
-    if name == "sparse_linear":  # the weight's element count (values holds half of them)
-        auto_args = (m, x2.dtype, 2 * args[0].shape[0] * args[0].shape[1])
-    else:
-        auto_args = (m, x2.dtype)
+        m = bucket if x2.shape[0] > 0 else 0
+        nk = LARGE_WEIGHT if nk >= LARGE_WEIGHT else 0  # only the comparison matters
+    auto_args = (m, x2.dtype, nk) if name == "sparse_linear" else (m, x2.dtype)
     return R.call(name, backend, x2.device, x2, *args, auto_args=auto_args)
 
 
@@ -328,7 +343,7 @@ def sparse_linear(x, values, meta, bias=None, *, backend=None, meta_dev=None):
         x: ``[..., K]`` float16/bfloat16/float32 (any leading dims, flattened and restored).
         values: ``[N, K/2]``, x's dtype; meta: ``[N, K/16]`` int16 (canonical 2:4 format).
         bias: ``[N]``, x's dtype, or None.
-        backend: ``auto | reference | cpp | cuda | triton | cusparselt``.
+        backend: ``auto | reference | cpp | cuda | triton | cusparselt | decompress``.
         meta_dev: optional device-layout metadata for the cuda backend (cached by SparseLinear);
             other backends ignore it.
 

@@ -36,6 +36,15 @@ R.define("compress_2to4", "(Tensor w, bool prune) -> (Tensor, Tensor)", fake=_co
          reference=ref.compress_2to4)
 R.define("decompress_2to4", "(Tensor values, Tensor meta) -> Tensor", fake=_decompress_fake,
          reference=ref.decompress_2to4)
+# Not a backend of decompress_2to4: the CUDA kernel without its metadata check (the check reads an
+# error flag back to the host, a sync on every call that also rules out CUDA-graph capture).
+# Only sparse_linear's "decompress" backend calls it (ops/linear.py); like the other
+# sparse_linear kernels it does not validate meta's contents (a corrupt nibble gives wrong
+# numbers, never an access outside the group: each index is 2 bits).  Kernel:
+# csrc/cuda/sparse24_ops.cpp.
+UNCHECKED_DECOMPRESS = "decompress_2to4_unchecked_cuda"
+R.LIB.define(UNCHECKED_DECOMPRESS + "(Tensor values, Tensor meta) -> Tensor")
+torch.library.register_fake(f"{R.NAMESPACE}::{UNCHECKED_DECOMPRESS}", _decompress_fake, lib=R.LIB)
 
 
 def _triton(fn_name):

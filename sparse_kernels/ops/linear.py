@@ -50,7 +50,7 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 # * batch 1-16: the mma.sp kernel (cuda) runs 0.012-0.065 ms against dense F.linear's 0.019-0.043 ms:
 #   1.70-1.73x at batch 1-4 on 4096x14336, 14336x4096 and 11008x4096 in fp16 (bf16 0.72-1.75x; the
 #   4096x4096 rows are mostly Python overhead), 0.66-1.22x at batch 16; decompress + cuBLAS would
-#   cost dense + 0.04-0.09 ms there.  Triton 0.08-0.27 ms, cuSPARSELt via torch 0.53-1.3 ms (a
+#   cost dense + 0.043 ms (4096x4096) to 0.071 ms (11008x4096) there.  Triton 0.08-0.27 ms, cuSPARSELt via torch 0.53-1.3 ms (a
 #   plan per call).
 # * batch >= 256: mma.sp reaches only 0.28-0.39x of cuBLAS (e.g. 11008x4096 bf16 batch 2048: 0.756 vs
 #   0.284 ms), while decompressing the weight (cuda decompress: 0.043 ms at 4096x4096, 0.070 ms at

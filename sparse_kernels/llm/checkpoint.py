@@ -11,9 +11,16 @@ A checkpoint is a directory:
 * ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version``
   (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
   config (when there is one), which layers are ``2:4`` (with their dense shape, original module
-  type and bias) and which are ``masked`` (unstructured: stored dense, zeros included), the
-  shape and dtype of every stored tensor, the aliases of tied tensors, the size and SHA-256 of
-  the tensors file and the bytes on disk against the dense model.
+  type and bias) and which are ``masked`` (unstructured), the shape and dtype of every stored
+  tensor, the aliases of tied tensors, the size and SHA-256 of the tensors file and the bytes on
+  disk against the dense model.
+* a ``masked`` layer's weight ``W`` is stored bitmask-compressed (format version 2) when that
+  is smaller: ``KEY.bitmask`` uint8 ``[rows, ceil(cols/8)]`` (bit ``c % 8`` of byte ``c / 8``
+  set where the element is not zero; NaN counts as a value) and ``KEY.nonzeros``, those
+  elements in row-major order; ``bitmask`` in the JSON records each such ``KEY``'s shape, dtype
+  and count.  Load rebuilds ``W`` bit for bit except that ``-0.0`` comes back as ``+0.0`` (equal
+  values; pruning's ``W * mask`` leaves about half of the zeros negative).  At 50% that is
+  0.53x of a float32 weight's bytes and 0.56x of a 16-bit one (as 2:4), instead of 1x.
 * optionally the tokenizer files (``tokenizer.save_pretrained``).
 
 Writes are atomic: each file is written to a temporary name in the same directory, flushed
@@ -40,7 +47,8 @@ import torch
 import torch.nn as nn
 
 FORMAT_NAME = "sparse_kernels.pruned_lm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: masked layers bitmask-compressed
+READ_VERSIONS = (1, 2)
 CONFIG_NAME = "sparse_kernels.json"
 TENSORS_NAME = "model.safetensors"
 PATTERN_24 = "2:4"
@@ -128,7 +136,8 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
     """Swap the ``layers`` named ``"2:4"`` for SparseLinear (in place); returns their descriptions.
 
     nn.Linear and Conv1D weights must already be 2:4 sparse (a pruned model); SparseLinear
-    layers are kept.  ``"masked"`` layers stay as they are (stored dense).  Raises ValueError if a
+    layers are kept.  ``"masked"`` layers stay as they are (their weights are stored
+    bitmask-compressed by :func:`save`).  Raises ValueError if a
     layer named ``"2:4"`` is not 2:4 sparse.
     """
     sl = _sparse_linear_cls()
@@ -253,6 +262,22 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         if kind == MASKED:
             w = as_linear(model.get_submodule(name)).weight
             masked[name] = {"sparsity": float((w == 0).float().mean())}
+    bitmask = {}
+    masked_bytes = masked_dense_bytes = 0
+    for name in masked:
+        key = name + ".weight"
+        if key not in tensors:  # stored under another name (tied): left dense
+            continue
+        w = tensors[key]
+        masked_dense_bytes += w.numel() * w.element_size()
+        enc = _encode_bitmask(w)
+        if enc is None:
+            masked_bytes += w.numel() * w.element_size()
+            continue
+        del tensors[key]
+        tensors[key + ".bitmask"], tensors[key + ".nonzeros"] = enc
+        bitmask[key] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "nnz": int(enc[1].numel())}
+        masked_bytes += enc[0].numel() + enc[1].numel() * enc[1].element_size()
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     tpath = os.path.join(path, TENSORS_NAME)
 
@@ -276,6 +301,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         "tokenizer_saved": tokenizer is not None,
         "layers": {n: {"format": PATTERN_24, **li} for n, li in info24.items()},
         "masked": masked,
+        "bitmask": bitmask,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "aliases": aliases,
         "tensors_file": TENSORS_NAME,
@@ -288,6 +314,9 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
             "sparse_layers_bytes": sparse_bytes,
             "sparse_layers_dense_bytes": sparse_dense_bytes,
             "sparse_layers_ratio": (sparse_bytes / sparse_dense_bytes) if sparse_dense_bytes else None,
+            "masked_layers_bytes": masked_bytes,
+            "masked_layers_dense_bytes": masked_dense_bytes,
+            "masked_layers_ratio": (masked_bytes / masked_dense_bytes) if masked_dense_bytes else None,
             "file_vs_dense_ratio": file_bytes / dense_bytes if dense_bytes else None,
         },
     }
@@ -318,9 +347,10 @@ def read_config(path: str) -> dict:
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{cpath}: format is {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
                               f"expected {FORMAT_NAME!r}")
-    if cfg.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{cpath}: format_version {cfg.get('format_version')!r} is not supported; this "
-                              f"sparse_kernels reads version {FORMAT_VERSION}")
+    v = cfg.get("format_version")
+    if isinstance(v, bool) or v not in READ_VERSIONS:
+        raise CheckpointError(f"{cpath}: format_version {v!r} is not supported; this sparse_kernels reads "
+                              f"versions {', '.join(map(str, READ_VERSIONS))}")
     for key in ("layers", "masked", "tensors", "aliases", "tensors_bytes", "tensors_sha256"):
         if key not in cfg:
             raise CheckpointError(f"{cpath}: the required field {key!r} is missing")
@@ -346,9 +376,10 @@ def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Te
     try:
         with safe_open(tpath, framework="pt") as f:
             fmeta = f.metadata() or {}
-            if fmeta.get("format") != FORMAT_NAME or fmeta.get("format_version") != str(FORMAT_VERSION):
+            if fmeta.get("format") != FORMAT_NAME or fmeta.get("format_version") != str(cfg["format_version"]):
                 raise CheckpointError(f"{tpath}: its metadata names format {fmeta.get('format')!r} version "
-                                      f"{fmeta.get('format_version')!r}, expected {FORMAT_NAME!r} {FORMAT_VERSION}")
+                                      f"{fmeta.get('format_version')!r}, expected {FORMAT_NAME!r} "
+                                      f"{cfg['format_version']}")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as e:
         raise CheckpointError(f"{tpath}: not a readable safetensors file ({e})") from e
@@ -361,7 +392,55 @@ def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Te
         if list(t.shape) != list(spec["shape"]) or _dtype_name(t.dtype) != spec["dtype"]:
             raise CheckpointError(f"{tpath}: tensor {k!r} is {_dtype_name(t.dtype)}{list(t.shape)}, the manifest "
                                   f"says {spec['dtype']}{spec['shape']}")
+    _decode_bitmasks(tpath, cfg.get("bitmask", {}), tensors)
     return tensors
+
+
+# ---------------------------------------------------------------- bitmask compression (masked layers)
+def _encode_bitmask(w: torch.Tensor):
+    """``(bitmask, nonzeros)`` of a 2-D float tensor, or None when that would not be smaller."""
+    from ..ops.linear import pack_mask
+
+    if w.dim() != 2 or not w.is_floating_point():
+        return None
+    w = w.detach().cpu().contiguous()
+    present = w != 0  # NaN is stored; -0.0 is not (it comes back +0.0, an equal value): pruning
+    # writes W * mask, so about half of a pruned weight's zeros are -0.0
+    nnz = int(present.sum())
+    if nnz * w.element_size() + w.shape[0] * ((w.shape[1] + 7) // 8) >= w.numel() * w.element_size():
+        return None
+    return pack_mask(present), w[present]
+
+
+def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Rebuild each bitmask-compressed tensor in place of its two stored parts (validated first)."""
+    from ..ops.linear import unpack_mask
+
+    for key, spec in specs.items():
+        bm, nz = tensors.pop(key + ".bitmask", None), tensors.pop(key + ".nonzeros", None)
+        where = f"{tpath}: bitmask-compressed {key!r}"
+        try:
+            rows, cols = (int(d) for d in spec["shape"])
+            dtype, count = _DTYPES[spec["dtype"]], int(spec["nnz"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where}: its manifest entry {spec!r} is malformed ({e})") from e
+        if bm is None or nz is None:
+            raise CheckpointError(f"{where}: {key}.bitmask or {key}.nonzeros is missing")
+        if bm.dtype != torch.uint8 or list(bm.shape) != [rows, (cols + 7) // 8]:
+            raise CheckpointError(f"{where}: the bitmask is {_dtype_name(bm.dtype)}{list(bm.shape)}, expected "
+                                  f"uint8{[rows, (cols + 7) // 8]}")
+        if nz.dtype != dtype or nz.dim() != 1 or nz.numel() != count:
+            raise CheckpointError(f"{where}: the nonzeros are {_dtype_name(nz.dtype)}{list(nz.shape)}, expected "
+                                  f"{spec['dtype']}[{count}]")
+        if cols % 8 and rows and int((bm[:, -1] >> (cols % 8)).count_nonzero()):
+            raise CheckpointError(f"{where}: bits are set past column {cols} (padding must be zero)")
+        present = unpack_mask(bm, cols)
+        n_set = int(present.sum())
+        if n_set != count:
+            raise CheckpointError(f"{where}: the bitmask marks {n_set} elements but {count} are stored")
+        w = torch.zeros(rows, cols, dtype=dtype)
+        w[present] = nz
+        tensors[key] = w
 
 
 def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> None:

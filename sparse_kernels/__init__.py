@@ -13,6 +13,7 @@ from .ops import _registry
 from .ops._registry import BackendUnavailableError
 from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
 from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
+from .ops.bitmask import bitmask_linear, compress_bitmask, decompress_bitmask
 from .nn import SparseLinear, sparsify
 from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
 from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
@@ -34,6 +35,9 @@ __all__ = [
     "pack_mask",
     "sparse_linear",
     "unpack_mask",
+    "bitmask_linear",
+    "compress_bitmask",
+    "decompress_bitmask",
     "SparseLinear",
     "sparsify",
     "prune",

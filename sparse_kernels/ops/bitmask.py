@@ -1,0 +1,131 @@
+"""The bitmask format for unstructured sparse weights: ``bitmask_linear`` and the (de)compressors.
+
+Format and math: :mod:`sparse_kernels.reference.bitmask`.  Backends of ``bitmask_linear``:
+reference (decompress, then ``F.linear``: cuBLAS on CUDA, the CPU BLAS) and cpp
+(csrc/cpu/bitmask.cpp: reads the values and the bitmask directly, never the dense weight).
+Autograd: grads for x, values (the pattern fixed: ``grad_y^T x`` at the stored positions) and bias.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import bitmask as ref
+from . import _registry as R
+from . import _validate as V
+
+# auto: the cpp kernel on CPU (it reads the compressed weight, never forming the dense one; the
+# reference decompresses by boolean indexing, far slower on CPU), the reference elsewhere (on CUDA:
+# decompress, then cuBLAS).  Measured against dense F.linear: benchmarks/bench_bitmask.py.
+def _auto(device_type, avail, m=1, dtype=torch.float32):
+    if device_type == "cpu" and "cpp" in avail:
+        return "cpp"
+    return "reference"
+
+
+def _fake(x, values, bitmask, row_ptr, bias):
+    return x.new_empty(x.shape[0], bitmask.shape[0])
+
+
+R.define("bitmask_linear", "(Tensor x, Tensor values, Tensor bitmask, Tensor row_ptr, Tensor? bias) -> Tensor",
+         fake=_fake, reference=ref.bitmask_linear, backends=("reference", "cpp"), auto=_auto)
+
+
+def _setup(ctx, inputs, output):
+    x, values, bitmask, row_ptr, bias = inputs
+    ctx.save_for_backward(x, values, bitmask, row_ptr)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, values, bitmask, row_ptr = ctx.saved_tensors
+    need_x, need_v = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gx, gv = ref.bitmask_linear_backward(grad_y, x, values, bitmask, row_ptr, need_x, need_v)
+    gb = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[4] else None
+    return gx, gv, None, None, gb
+
+
+R.register_autograd("bitmask_linear", _backward, _setup)
+
+
+def check_bitmask(values, bitmask, row_ptr, cols=None):
+    """Shapes and dtypes of a bitmask-stored weight (ValueError/TypeError naming the argument).
+    The popcounts against ``row_ptr`` are checked by the kernels (cpp) or :func:`decompress_bitmask`."""
+    V.tensor("values", values, ndim=1, dtypes=V.FLOAT_DTYPES)
+    V.tensor("bitmask", bitmask, ndim=2, dtypes=(torch.uint8,))
+    V.tensor("row_ptr", row_ptr, ndim=1, dtypes=(torch.int64,))
+    if row_ptr.shape[0] != bitmask.shape[0] + 1:
+        raise ValueError(f"row_ptr: shape {tuple(row_ptr.shape)} does not fit a bitmask of {bitmask.shape[0]} rows; "
+                         f"expected ({bitmask.shape[0] + 1},)")
+    if cols is not None and bitmask.shape[1] != (cols + 7) // 8:
+        raise ValueError(f"bitmask: shape {tuple(bitmask.shape)} does not hold {cols} columns; expected "
+                         f"({bitmask.shape[0]}, {(cols + 7) // 8})")
+    V.same_device(values=values, bitmask=bitmask, row_ptr=row_ptr)
+
+
+def compress_bitmask(w: torch.Tensor, mask: torch.Tensor | None = None):
+    """``W [N, K]`` (any pattern of zeros) -> ``(values, bitmask, row_ptr)``; see
+    :mod:`sparse_kernels.reference.bitmask`.  ``mask``: bool ``[N, K]``, the elements to store
+    (default ``W != 0``)."""
+    V.tensor("w", w, ndim=2, dtypes=V.FLOAT_DTYPES)
+    if mask is not None:
+        V.tensor("mask", mask, ndim=2, dtypes=(torch.bool,))
+        if mask.shape != w.shape:
+            raise ValueError(f"mask: shape {tuple(mask.shape)} must equal w's {tuple(w.shape)}")
+        V.same_device(w=w, mask=mask)
+    return ref.compress_bitmask(w, mask)
+
+
+def decompress_bitmask(values, bitmask, row_ptr, cols: int) -> torch.Tensor:
+    """The dense ``[N, cols]`` weight of a bitmask-stored one (zeros where no bit is set).  Raises
+    ValueError when the bitmask's popcounts disagree with ``row_ptr`` or bits past ``cols`` are set."""
+    check_bitmask(values, bitmask, row_ptr, cols)
+    from ..reference.linear import unpack_mask
+
+    full = unpack_mask(bitmask, bitmask.shape[1] * 8)
+    if full[:, cols:].any():
+        raise ValueError(f"bitmask: bits are set past column {cols} (the padding bits must be zero)")
+    counts = full.sum(1)
+    spans = row_ptr[1:] - row_ptr[:-1]
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0] or not torch.equal(counts, spans):
+        raise ValueError("bitmask: its rows' popcounts do not match row_ptr (or row_ptr does not run from 0 to "
+                         f"values.numel() = {values.shape[0]}); the three tensors do not describe one weight")
+    return ref.decompress_bitmask(values, bitmask, row_ptr, cols)
+
+
+def bitmask_linear(x, values, bitmask, row_ptr, bias=None, *, backend=None):
+    """``y = x @ W^T + bias`` for a bitmask-stored unstructured sparse ``W [N, K]``.
+
+    Args:
+        x: ``[..., K]`` float16/bfloat16/float32 (leading dims flattened and restored).
+        values, bitmask, row_ptr: from :func:`compress_bitmask`; values in x's dtype.
+        bias: ``[N]`` in x's dtype, or None.
+        backend: ``auto | reference | cpp``.
+
+    Returns ``[..., N]`` in x's dtype (fp32 accumulation).  Raises ValueError/TypeError for
+    mismatched shapes, dtypes or devices (naming the argument), and ValueError when the bitmask
+    and row_ptr disagree.
+    """
+    V.tensor("x", x, min_ndim=1, dtypes=V.FLOAT_DTYPES)
+    check_bitmask(values, bitmask, row_ptr, x.shape[-1])
+    if values.dtype != x.dtype:
+        raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
+    n = bitmask.shape[0]
+    if bias is not None:
+        V.tensor("bias", bias, ndim=1, dtypes=(x.dtype,))
+        if bias.shape[0] != n:
+            raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the {n} output features; expected ({n},)")
+        V.same_device(x=x, bias=bias)
+    V.same_device(x=x, values=values)
+    x2 = x.reshape(-1, x.shape[-1])
+    # row_ptr's ends here; the rows' popcounts by the kernels (cpp: against row_ptr, before reading a
+    # row's values; the reference: their total, which is all its math depends on)
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0]:
+        raise ValueError(f"row_ptr: must run from 0 to values.numel() = {values.shape[0]}, got "
+                         f"{int(row_ptr[0])} .. {int(row_ptr[-1])}")
+    k = x.shape[-1]
+    if k % 8 and bitmask.shape[0] and bool((bitmask[:, -1] >> (k % 8)).any()):
+        raise ValueError(f"bitmask: bits are set past column {k} (the padding bits must be zero)")
+    y = R.call("bitmask_linear", backend, x2.device, x2, values, bitmask, row_ptr, bias,
+               auto_args=(x2.shape[0], x2.dtype))
+    return y.reshape(*x.shape[:-1], n)

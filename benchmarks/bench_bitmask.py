@@ -14,9 +14,7 @@ are reported too.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import os
 import sys
 
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import sparse_kernels as sk  # noqa: E402
-from bench_linear import device_name, time_cpu, versions  # noqa: E402
+from bench_linear import device_name, time_cpu, versions, write_table  # noqa: E402
 
 
 def _nbytes(*ts):
@@ -74,20 +72,6 @@ def run(args):
     return rows
 
 
-def write(rows, out):
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, "bench_bitmask_cpu")
-    with open(base + ".json.tmp", "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(base + ".json.tmp", base + ".json")
-    with open(base + ".csv.tmp", "w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        wr.writeheader()
-        wr.writerows(rows)
-    os.replace(base + ".csv.tmp", base + ".csv")
-    print(f"wrote {base}.json and .csv ({len(rows)} rows)")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one shape, one dtype, two batches")
@@ -101,7 +85,7 @@ def main(argv=None):
     if args.quick:
         args.shapes, args.dtypes, args.batches, args.sparsities = ["1024x1024"], ["fp32"], [1, 16], [0.5]
     args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-    write(run(args), args.out)
+    write_table(run(args), os.path.join(args.out, "bench_bitmask_cpu"))
 
 
 if __name__ == "__main__":

@@ -364,8 +364,12 @@ def run(args):
 
 
 def write(rows, out, device, quiet=False):
-    os.makedirs(out, exist_ok=True)
-    base = os.path.join(out, f"bench_linear_{device}")
+    return write_table(rows, os.path.join(out, f"bench_linear_{device}"), quiet)
+
+
+def write_table(rows, base, quiet=False):
+    """``base``.json and .csv from ``rows`` (dicts; the CSV's columns are every key seen)."""
+    os.makedirs(os.path.dirname(base) or ".", exist_ok=True)
     fields = list(dict.fromkeys(f for r in rows for f in r))
     for ext in (".json", ".csv"):  # write-then-rename: a kill mid-write keeps the previous file
         with open(base + ext + ".tmp", "w", newline="") as f:

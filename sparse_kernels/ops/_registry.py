@@ -180,6 +180,11 @@ def available(name: str, device_type: str) -> list[str]:
     return list(got)
 
 
+def cpp_on_cpu(device_type: str, avail: list[str], *args) -> str:
+    """An ``auto`` rule: the cpp kernel on CPU when it is built, the reference everywhere else."""
+    return "cpp" if device_type == "cpu" and "cpp" in avail else "reference"
+
+
 def _default_auto(device_type: str, avail: list[str], *args) -> str:
     order = ("cuda", "triton", "reference") if device_type == "cuda" else ("cpp", "reference")
     for b in order:

@@ -17,10 +17,7 @@ from . import _validate as V
 # auto: the cpp kernel on CPU (it reads the compressed weight, never forming the dense one; the
 # reference decompresses by boolean indexing, far slower on CPU), the reference elsewhere (on CUDA:
 # decompress, then cuBLAS).  Measured against dense F.linear: benchmarks/bench_bitmask.py.
-def _auto(device_type, avail, m=1, dtype=torch.float32):
-    if device_type == "cpu" and "cpp" in avail:
-        return "cpp"
-    return "reference"
+_auto = R.cpp_on_cpu
 
 
 def _fake(x, values, bitmask, row_ptr, bias):

@@ -90,10 +90,7 @@ def _sparse_linear_auto(device_type, avail, m=1, dtype=torch.float32, nk=0):
 # which is what the reference does (plus unpacking a bit-packed mask: one elementwise pass), so
 # auto takes the reference on CUDA; forcing backend="triton" keeps the fused kernel (it never
 # writes W*M to global memory: the choice when memory, not time, is short).
-def _masked_linear_auto(device_type, avail, m=1, dtype=torch.float32):
-    if device_type == "cpu" and "cpp" in avail:
-        return "cpp"
-    return "reference"
+_masked_linear_auto = R.cpp_on_cpu
 
 
 # ---------------------------------------------------------------- schemas + fakes

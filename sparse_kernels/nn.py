@@ -1,6 +1,6 @@
 """``SparseLinear`` (a drop-in nn.Linear on sparse kernels) and ``sparsify(model)``.
 
-Two storage modes:
+Three storage modes:
 
 * ``pattern="2:4"``: parameter ``values [out, in_pad/2]`` and buffer ``meta [out, in_pad/16]``
   int16 (canonical 2:4 format, :mod:`sparse_kernels.reference.sparse24`), ``in_pad`` =
@@ -10,6 +10,12 @@ Two storage modes:
 * ``pattern=None`` (any sparsity): parameter ``weight [out, in]`` and buffer ``mask [out,
   ceil(in/8)]`` uint8 bit-packed (:func:`sparse_kernels.pack_mask`).  Forward is
   :func:`sparse_kernels.masked_linear`; ``weight.grad`` is masked.
+* ``pattern="bitmask"`` (any sparsity, compressed): parameter ``values [nnz]`` (the nonzeros) and
+  buffers ``bitmask [out, ceil(in/8)]`` uint8 and ``row_ptr [out + 1]`` int64
+  (:mod:`sparse_kernels.reference.bitmask`): (1 - sparsity) of the value bytes plus one bit per
+  weight.  Forward is :func:`sparse_kernels.bitmask_linear`; ``values`` is trainable, the pattern
+  fixed; ``load_state_dict`` sizes ``values`` from the stored nonzeros.  Checkpoints
+  (:mod:`sparse_kernels.llm.checkpoint`) do not take such layers yet: convert with ``to_dense()``.
 
 Caches (not in the state_dict, rebuilt by ``refresh_cache()``, which ``from_dense``, ``.to()``/
 ``.cuda()``, ``load_state_dict`` and ``eval()`` call):
@@ -39,15 +45,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import _registry as R
+from .ops import bitmask as B
 from .ops import linear as L
 from .ops.sparse24 import compress_2to4, decompress_2to4
 
-PATTERNS = ("2:4", None)
+PATTERNS = ("2:4", None, "bitmask")
 
 
 def _check_pattern(pattern):
     if pattern not in PATTERNS:
-        raise ValueError(f"pattern: got {pattern!r}, expected '2:4' or None (any sparsity, bit-packed mask)")
+        raise ValueError(f"pattern: got {pattern!r}, expected '2:4', None (any sparsity, weight + bit-packed mask) "
+                         f"or 'bitmask' (any sparsity, compressed: nonzeros + bitmask)")
 
 
 def _refresh_after_load(module, incompatible_keys):
@@ -59,7 +67,7 @@ class SparseLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as nn.Linear.
-        pattern: ``"2:4"`` or None (see the module docstring).
+        pattern: ``"2:4"``, None or ``"bitmask"`` (see the module docstring).
         backend: forwarded to the op (``auto | reference | cpp | cuda | triton | cusparselt |
             decompress``);
             None means ``SPARSE_KERNELS_BACKEND`` or ``auto``.
@@ -78,6 +86,12 @@ class SparseLinear(nn.Module):
             self.values = nn.Parameter(torch.zeros(out_features, self.in_padded // 2, **fk))
             self.register_buffer("meta", torch.full((out_features, self.in_padded // 16), 0x4444,
                                                      dtype=torch.int16, device=device))
+        elif pattern == "bitmask":  # an all-zero weight until from_dense / load_state_dict fills it
+            self.in_padded = self.in_features
+            self.values = nn.Parameter(torch.zeros(0, **fk))
+            self.register_buffer("bitmask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
+                                                        device=device))
+            self.register_buffer("row_ptr", torch.zeros(out_features + 1, dtype=torch.int64, device=device))
         else:
             self.in_padded = self.in_features
             self.weight = nn.Parameter(torch.zeros(out_features, in_features, **fk))
@@ -118,6 +132,11 @@ class SparseLinear(nn.Module):
                     raise ValueError(f"mask: is not 2:4 sparse along in_features ({e})") from None
                 mod.values.copy_(values)
                 mod.meta.copy_(meta)
+            elif pattern == "bitmask":
+                values, bitmask, row_ptr = B.compress_bitmask(w, mask)
+                mod.values.data = values.clone()
+                mod.bitmask.copy_(bitmask)
+                mod.row_ptr.copy_(row_ptr)
             else:
                 m = mask if mask is not None else w != 0
                 mod.weight.copy_(w)
@@ -131,6 +150,8 @@ class SparseLinear(nn.Module):
         """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned)."""
         if self.pattern == "2:4":
             return decompress_2to4(self.values.detach(), self.meta)[:, : self.in_features]
+        if self.pattern == "bitmask":
+            return B.decompress_bitmask(self.values.detach(), self.bitmask, self.row_ptr, self.in_features)
         m = L.unpack_mask(self.mask, self.in_features)
         return torch.where(m, self.weight.detach(), torch.zeros((), dtype=self.weight.dtype, device=m.device))
 
@@ -176,9 +197,19 @@ class SparseLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------ forward
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a bitmask layer's values hold its nonzeros: size them from what is loaded (in place, so
+        # the Parameter object an optimizer may hold stays the same)
+        v = state_dict.get(prefix + "values")
+        if self.pattern == "bitmask" and isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape != self.values.shape:
+            self.values.data = torch.empty(v.shape, dtype=self.values.dtype, device=self.values.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pattern is None:
             return L.masked_linear(x, self.weight, self.mask, self.bias, backend=self.backend)
+        if self.pattern == "bitmask":
+            return B.bitmask_linear(x, self.values, self.bitmask, self.row_ptr, self.bias, backend=self.backend)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: last dim is {x.shape[-1]} but this layer has in_features={self.in_features}")
         if self.in_padded != self.in_features:
@@ -216,7 +247,7 @@ class SparseLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        pat = "2:4" if self.pattern == "2:4" else "unstructured"
+        pat = {"2:4": "2:4", "bitmask": "bitmask"}.get(self.pattern, "unstructured")
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"pattern={pat}, backend={self.backend or 'auto'}")
 
@@ -252,7 +283,8 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
     directly by their owner and are skipped) with a float16/bfloat16/float32 weight, whose
     qualified name matches ``include`` (None = all) and not ``exclude``.  ``include``/``exclude``
     are a glob (``"layers.*.mlp.*"``), a list of globs, or a callable ``(name, module) -> bool``.
-    2:4 keeps the 2 largest |w| of each group of 4; ``pattern=None`` keeps ``weight != 0``.
+    2:4 keeps the 2 largest |w| of each group of 4; ``pattern=None`` and ``"bitmask"`` keep
+    ``weight != 0``.
     """
     _check_pattern(pattern)
     report = SparsifyReport()

@@ -299,3 +299,53 @@ def test_module_pickles_after_forward_and_follows_backend_changes(tmp_path):
         got = sl(x)
     assert any(k[3] == "reference" and v == "reference" for k, v in sl._ops.items()), sl._ops
     assert_close(torch.relu(got), y, "reference after the change", atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- pattern="bitmask"
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bitmask_layer_matches_the_masked_dense_layer(dtype, bias, tmp_path):
+    lin = _linear(45, 30, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        lin.weight[torch.rand(lin.weight.shape, generator=torch.Generator().manual_seed(2)) < 0.6] = 0
+    sl = SparseLinear.from_dense(lin, pattern="bitmask")
+    assert sl.values.numel() == int((lin.weight != 0).sum()) and "pattern=bitmask" in repr(sl)
+    assert sl.nbytes() < lin.weight.numel() * lin.weight.element_size() * 0.6
+    assert_bitexact(sl.dense_weight(), lin.weight.detach(), "dense_weight")
+    x = _x(3, 5, 45, dtype=dtype)
+    with torch.no_grad():
+        y = sl(x)
+        exact = x.double() @ lin.weight.double().T + (lin.bias.double() if bias else 0)
+        assert_matmul_close(y, exact, lin(x), "bitmask layer")
+    # state_dict into a fresh layer: values are sized from the stored nonzeros
+    torch.save(sl.state_dict(), tmp_path / "sd.pt")
+    fresh = SparseLinear(45, 30, bias=bias, pattern="bitmask", dtype=dtype)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt"))
+    with torch.no_grad():
+        assert_bitexact(fresh(x), y, "reloaded")
+    assert_bitexact(sl.to_dense().weight.detach(), lin.weight.detach(), "to_dense")
+
+
+def test_bitmask_layer_trains_with_the_pattern_fixed_and_sparsify():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 32), nn.ReLU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.weight[torch.rand(m.weight.shape) < 0.5] = 0
+    report = sparsify(model, pattern="bitmask")
+    assert len(report.layers) == 2 and report.bytes_after < report.bytes_before
+    layer = model[0]
+    keep = layer.dense_weight() != 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, t = torch.randn(16, 24), torch.randn(16, 8)
+    loss0 = None
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), t)
+        loss.backward()
+        assert layer.values.grad is not None and layer.values.grad.shape == layer.values.shape
+        opt.step()
+        loss0 = loss0 if loss0 is not None else loss.item()
+    assert loss.item() < loss0
+    assert torch.equal(layer.dense_weight() != 0, keep & (layer.dense_weight() != 0))  # nothing new grew
+    assert layer.to(torch.bfloat16).values.dtype == torch.bfloat16 and layer.bitmask.dtype == torch.uint8

@@ -14,8 +14,11 @@ Three storage modes:
   buffers ``bitmask [out, ceil(in/8)]`` uint8 and ``row_ptr [out + 1]`` int64
   (:mod:`sparse_kernels.reference.bitmask`): (1 - sparsity) of the value bytes plus one bit per
   weight.  Forward is :func:`sparse_kernels.bitmask_linear`; ``values`` is trainable, the pattern
-  fixed; ``load_state_dict`` sizes ``values`` from the stored nonzeros.  Checkpoints
-  (:mod:`sparse_kernels.llm.checkpoint`) do not take such layers yet: convert with ``to_dense()``.
+  fixed; ``load_state_dict`` sizes ``values`` from the stored nonzeros.
+
+Checkpoints (:mod:`sparse_kernels.llm.checkpoint`) store unstructured layers of both kinds
+bitmask-compressed and rebuild them as the same kind of layer, with ``weight != 0`` as the pattern
+(a kept weight that is exactly zero comes back pruned).
 
 Caches (not in the state_dict, rebuilt by ``refresh_cache()``, which ``from_dense``, ``.to()``/
 ``.cuda()``, ``load_state_dict`` and ``eval()`` call):

@@ -631,3 +631,26 @@ def test_bitmask_damage_is_named(masked_ck, tmp_path, damage, msg):
     (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=msg):
         checkpoint.load(str(ck))
+
+
+@pytest.mark.parametrize("pattern", ["bitmask", None])
+def test_unstructured_sparselinear_layers_round_trip(tmp_path, pattern):
+    """SparseLinear unstructured layers (bitmask or weight + mask) are saved bitmask-compressed
+    and come back as the same kind of layer with the same logits."""
+    from sparse_kernels.nn import SparseLinear, sparsify
+
+    m = _tiny_llama()
+    demo.prune_model(m, "magnitude", 0.5, None, progress=False)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    before = _logits(m, ids)
+    rep = sparsify(m, pattern=pattern, exclude=["lm_head"])
+    assert len(rep.layers) == 14
+    in_memory = _logits(m, ids)
+    torch.testing.assert_close(in_memory, before, atol=1e-5, rtol=1e-5)
+    cfg = checkpoint.save(m, str(tmp_path / "ck"))
+    assert len(cfg["bitmask"]) == 14 and cfg["sizes"]["masked_layers_ratio"] < 0.6
+    loaded, _ = checkpoint.load(str(tmp_path / "ck"))
+    layers = [x for x in loaded.modules() if isinstance(x, SparseLinear)]
+    assert len(layers) == 14 and all(x.pattern == pattern for x in layers)
+    assert sum(isinstance(x, SparseLinear) for x in m.modules()) == 14  # save left the model as it was
+    assert torch.equal(_logits(loaded, ids), in_memory)

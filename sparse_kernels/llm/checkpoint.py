@@ -137,7 +137,9 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
 
     nn.Linear and Conv1D weights must already be 2:4 sparse (a pruned model); SparseLinear
     layers are kept.  ``"masked"`` layers stay as they are (their weights are stored
-    bitmask-compressed by :func:`save`).  Raises ValueError if a
+    bitmask-compressed by :func:`save`), except unstructured SparseLinear layers, which become the
+    nn.Linear of their masked weight (:func:`save` puts the originals back once it has the state
+    dict; :func:`load` rebuilds them).  Raises ValueError if a
     layer named ``"2:4"`` is not 2:4 sparse.
     """
     sl = _sparse_linear_cls()
@@ -145,6 +147,9 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
     info: dict[str, dict] = {}
     for name, kind in layers.items():
         if kind != PATTERN_24:
+            mod = model.get_submodule(name)
+            if isinstance(mod, sl):  # unstructured SparseLinear: stored as its dense (masked) weight
+                _replace(model, name, mod.to_dense())
             continue
         mod = model.get_submodule(name)
         if isinstance(mod, sl):
@@ -242,8 +247,15 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     bad = {k: v for k, v in layers.items() if v not in (PATTERN_24, MASKED)}
     if bad:
         raise ValueError(f"save: layer formats must be '2:4' or 'masked', got {bad}")
+    sl = _sparse_linear_cls()
+    kept = {n: model.get_submodule(n) for n, k in layers.items()
+            if k == MASKED and isinstance(model.get_submodule(n), sl)}
+    unstructured = {n: mod.pattern or "masked" for n, mod in kept.items()}
     info24 = to_sparse(model, layers)
     sd = model.state_dict()
+    masked_w = {n: as_linear(model.get_submodule(n)).weight for n, k in layers.items() if k == MASKED}
+    for n, mod in kept.items():  # the model keeps its unstructured SparseLinear layers
+        _replace(model, n, mod)
     tensors, aliases = _unique_tensors(sd)
     model_class, model_config = _hf_config(model)
     dense_bytes = sparse_bytes = sparse_dense_bytes = 0
@@ -260,8 +272,10 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     masked = {}
     for name, kind in layers.items():
         if kind == MASKED:
-            w = as_linear(model.get_submodule(name)).weight
+            w = masked_w[name]
             masked[name] = {"sparsity": float((w == 0).float().mean())}
+            if name in unstructured:
+                masked[name]["sparse_linear_pattern"] = unstructured[name]
     bitmask = {}
     masked_bytes = masked_dense_bytes = 0
     for name in masked:
@@ -516,6 +530,11 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         m.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the stored tensors do not fit the model: {e}") from e
+    for name, li in cfg["masked"].items():  # SparseLinear unstructured layers come back as such
+        pat = li.get("sparse_linear_pattern") if isinstance(li, dict) else None
+        if pat in ("masked", "bitmask"):
+            _replace(m, name, sl.from_dense(as_linear(m.get_submodule(name)),
+                                            pattern=None if pat == "masked" else pat))
     m = m.to(device)
     if dtype is not None:
         m = _to_dtype(m, dtype)

@@ -118,9 +118,12 @@ def test_inconsistent_bitmask_is_rejected(backend):
     x = torch.randn(2, 40)
     moved = row_ptr.clone()
     moved[4] += 1  # row 3 one longer, row 4 one shorter: the total still matches
-    if backend == "cpp":
-        with pytest.raises(ValueError, match="bitmask: row 3 has .* bits set but row_ptr gives it"):
-            sk.bitmask_linear(x, values, bitmask, moved, backend="cpp")
+    msg = "bitmask: row 3 has .* bits set but row_ptr gives it" if backend == "cpp" else "popcounts do not match"
+    with pytest.raises(ValueError, match=msg):
+        sk.bitmask_linear(x, values, bitmask, moved, backend=backend)
+    if backend == "cpp":  # an empty batch still checks the rows
+        with pytest.raises(ValueError, match=msg):
+            OPS.bitmask_linear_cpp(x[:0], values, bitmask, moved, None)
     with pytest.raises(ValueError, match="popcounts do not match row_ptr"):
         sk.decompress_bitmask(values, bitmask, moved, 40)
     w37 = _weight(10, 37, 0.5, torch.float32, seed=6)
@@ -172,3 +175,13 @@ def test_gradcheck_reference_fp64():
     v = values.clone().requires_grad_()
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda a, vv, bb: OPS.bitmask_linear(a, vv, bitmask, row_ptr, bb), (x, v, b))
+
+
+def test_zero_rows_and_columns():
+    for shape in [(0, 5), (4, 0), (0, 0)]:
+        w = torch.randn(*shape)
+        values, bitmask, row_ptr = sk.compress_bitmask(w)
+        assert bitmask.shape == (shape[0], (shape[1] + 7) // 8) and row_ptr.shape == (shape[0] + 1,)
+        assert sk.decompress_bitmask(values, bitmask, row_ptr, shape[1]).shape == shape
+        y = sk.bitmask_linear(torch.randn(3, shape[1]), values, bitmask, row_ptr)
+        assert_bitexact(y, torch.zeros(3, shape[0]), f"shape {shape}")

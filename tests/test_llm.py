@@ -654,3 +654,30 @@ def test_unstructured_sparselinear_layers_round_trip(tmp_path, pattern):
     assert len(layers) == 14 and all(x.pattern == pattern for x in layers)
     assert sum(isinstance(x, SparseLinear) for x in m.modules()) == 14  # save left the model as it was
     assert torch.equal(_logits(loaded, ids), in_memory)
+
+
+def test_save_failure_leaves_unstructured_layers_and_model_skeleton_loads(tmp_path):
+    """save() puts unstructured SparseLinear layers back even when it raises halfway, refuses one
+    listed as 2:4, and load(model=...) accepts a skeleton that is itself sparsified."""
+    from sparse_kernels.nn import SparseLinear, sparsify
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    with torch.no_grad():
+        m[0].weight[torch.rand(32, 16) < 0.5] = 0
+        m[2].weight[torch.rand(8, 32) < 0.5] = 0
+    sparsify(m, pattern="bitmask", include=["0"])
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        checkpoint.save(m, str(tmp_path / "bad"), layers={"0": "masked", "2": "2:4"})
+    assert isinstance(m[0], SparseLinear) and m[0].pattern == "bitmask"
+    with pytest.raises(ValueError, match="is a SparseLinear with pattern 'bitmask'"):
+        checkpoint.save(m, str(tmp_path / "bad2"), layers={"0": "2:4"})
+    assert isinstance(m[0], SparseLinear)
+    checkpoint.save(m, str(tmp_path / "ck"), layers={"0": "masked"})
+    skeleton = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    sparsify(skeleton, pattern="bitmask", include=["0"])
+    loaded, _ = checkpoint.load(str(tmp_path / "ck"), model=skeleton)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert isinstance(loaded[0], SparseLinear) and loaded[0].pattern == "bitmask"
+        assert torch.equal(loaded(x), m(x))

@@ -34,7 +34,7 @@ constexpr int kRows = 4;  // rows of x per pass over a weight row
 // no -march flags, so __builtin_popcountll is a bit-twiddling sequence unless the function is
 // compiled for the popcnt instruction (every x86-64 CPU since 2008; checked at run time).
 template <bool kHw>
-static inline int popcount_bytes(const uint8_t* bm, int64_t nb) {
+static inline int64_t popcount_bytes(const uint8_t* bm, int64_t nb) {
   int64_t c = 0, i = 0;
   for (; i + 8 <= nb; i += 8) {
     uint64_t w;
@@ -42,10 +42,10 @@ static inline int popcount_bytes(const uint8_t* bm, int64_t nb) {
     c += __builtin_popcountll(w);
   }
   for (; i < nb; ++i) c += __builtin_popcount(bm[i]);
-  return static_cast<int>(c);
+  return c;
 }
 #if SK_X86
-__attribute__((target("popcnt"))) static int popcount_hw(const uint8_t* bm, int64_t nb) {
+__attribute__((target("popcnt"))) static int64_t popcount_hw(const uint8_t* bm, int64_t nb) {
   return popcount_bytes<true>(bm, nb);
 }
 static bool has_popcnt() {
@@ -53,7 +53,7 @@ static bool has_popcnt() {
   return __builtin_cpu_supports("popcnt");
 }
 #endif
-static int popcount_row(const uint8_t* bm, int64_t nb) {
+static int64_t popcount_row(const uint8_t* bm, int64_t nb) {
 #if SK_X86
   static const bool hw = has_popcnt();
   if (hw) return popcount_hw(bm, nb);
@@ -200,7 +200,7 @@ at::Tensor bitmask_linear_cpp(const at::Tensor& x, const at::Tensor& values, con
     TORCH_CHECK_VALUE(bad == 0, "bitmask: bits are set past column ", K, " (the padding bits must be zero)");
   }
   at::Tensor y32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
-  if (M == 0 || N == 0) return bias.has_value() ? (y32 + bias->to(at::kFloat)).to(x.scalar_type()) : y32.to(x.scalar_type());
+  if (N == 0) return y32.to(x.scalar_type());  // M == 0 still runs the row checks below
   at::Tensor x32 = at::zeros({M, Kp}, x.options().dtype(at::kFloat));
   x32.narrow(1, 0, K).copy_(x);
   at::Tensor vc = values.contiguous();

@@ -30,7 +30,8 @@ error rather than one that loads the wrong weights.
 
 :func:`load` checks, before building anything: the format name and version, the file size
 (truncation), the SHA-256 (corruption), the stored tensors against the manifest (names, shapes,
-dtypes), and every 2:4 layer's meta nibbles (the six valid ones, 4 8 9 12 13 14); any failure
+dtypes), every bitmask-compressed tensor (bitmask shape, padding bits, popcount against the stored
+values), and every 2:4 layer's meta nibbles (the six valid ones, 4 8 9 12 13 14); any failure
 raises :class:`CheckpointError` (a ValueError) naming the file and what is wrong.  Then it
 rebuilds the model with its 2:4 layers as SparseLinear and loads every tensor strictly.
 """
@@ -153,6 +154,9 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
             continue
         mod = model.get_submodule(name)
         if isinstance(mod, sl):
+            if getattr(mod, "pattern", None) != PATTERN_24:
+                raise ValueError(f"layer {name!r} is listed as 2:4 but is a SparseLinear with pattern "
+                                 f"{mod.pattern!r}; list it as 'masked'")
             info[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                           "bias": mod.bias is not None, "module": "SparseLinear"}
             continue
@@ -251,11 +255,13 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     kept = {n: model.get_submodule(n) for n, k in layers.items()
             if k == MASKED and isinstance(model.get_submodule(n), sl)}
     unstructured = {n: mod.pattern or "masked" for n, mod in kept.items()}
-    info24 = to_sparse(model, layers)
-    sd = model.state_dict()
-    masked_w = {n: as_linear(model.get_submodule(n)).weight for n, k in layers.items() if k == MASKED}
-    for n, mod in kept.items():  # the model keeps its unstructured SparseLinear layers
-        _replace(model, n, mod)
+    try:
+        info24 = to_sparse(model, layers)
+        sd = model.state_dict()
+        masked_w = {n: as_linear(model.get_submodule(n)).weight for n, k in layers.items() if k == MASKED}
+    finally:  # the model keeps its unstructured SparseLinear layers, also when saving fails here
+        for n, mod in kept.items():
+            _replace(model, n, mod)
     tensors, aliases = _unique_tensors(sd)
     model_class, model_config = _hf_config(model)
     dense_bytes = sparse_bytes = sparse_dense_bytes = 0
@@ -430,6 +436,8 @@ def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) 
     """Rebuild each bitmask-compressed tensor in place of its two stored parts (validated first)."""
     from ..ops.linear import unpack_mask
 
+    if not isinstance(specs, dict):
+        raise CheckpointError(f"{tpath}: the manifest's 'bitmask' entry is not a mapping")
     for key, spec in specs.items():
         bm, nz = tensors.pop(key + ".bitmask", None), tensors.pop(key + ".nonzeros", None)
         where = f"{tpath}: bitmask-compressed {key!r}"
@@ -438,6 +446,9 @@ def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) 
             dtype, count = _DTYPES[spec["dtype"]], int(spec["nnz"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{where}: its manifest entry {spec!r} is malformed ({e})") from e
+        if rows < 0 or cols < 0 or count < 0 or key in tensors:
+            raise CheckpointError(f"{where}: its manifest entry {spec!r} is inconsistent (negative sizes, or the "
+                                  f"tensor is also stored uncompressed)")
         if bm is None or nz is None:
             raise CheckpointError(f"{where}: {key}.bitmask or {key}.nonzeros is missing")
         if bm.dtype != torch.uint8 or list(bm.shape) != [rows, (cols + 7) // 8]:
@@ -526,15 +537,25 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         del old
         _replace(m, name, sl(li["in_features"], li["out_features"], bias=li["bias"], pattern=PATTERN_24,
                              dtype=tensors[name + ".values"].dtype))  # filled by load_state_dict below
+    unstructured = {}  # SparseLinear unstructured layers: loaded as nn.Linear, then rebuilt as such
+    for name, li in cfg["masked"].items():
+        pat = li.get("sparse_linear_pattern") if isinstance(li, dict) else None
+        if pat is None:
+            continue
+        w = tensors.get(name + ".weight")
+        if pat not in ("masked", "bitmask") or w is None or w.dim() != 2:
+            raise CheckpointError(f"{path}: unstructured layer {name!r} ({pat!r}) has no 2-D {name}.weight stored")
+        try:  # the stored weight is [out, in] (Linear layout), whatever the skeleton holds there
+            _replace(m, name, nn.Linear(w.shape[1], w.shape[0], bias=name + ".bias" in tensors, dtype=w.dtype))
+        except AttributeError as e:
+            raise CheckpointError(f"unstructured layer {name!r} is not a module of {type(m).__name__}") from e
+        unstructured[name] = None if pat == "masked" else pat
     try:
         m.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: the stored tensors do not fit the model: {e}") from e
-    for name, li in cfg["masked"].items():  # SparseLinear unstructured layers come back as such
-        pat = li.get("sparse_linear_pattern") if isinstance(li, dict) else None
-        if pat in ("masked", "bitmask"):
-            _replace(m, name, sl.from_dense(as_linear(m.get_submodule(name)),
-                                            pattern=None if pat == "masked" else pat))
+    for name, pat in unstructured.items():
+        _replace(m, name, sl.from_dense(m.get_submodule(name), pattern=pat))
     m = m.to(device)
     if dtype is not None:
         m = _to_dtype(m, dtype)

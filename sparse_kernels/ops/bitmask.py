@@ -8,6 +8,8 @@ Autograd: grads for x, values (the pattern fixed: ``grad_y^T x`` at the stored p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..reference import bitmask as ref
@@ -73,10 +75,9 @@ def compress_bitmask(w: torch.Tensor, mask: torch.Tensor | None = None):
     return ref.compress_bitmask(w, mask)
 
 
-def decompress_bitmask(values, bitmask, row_ptr, cols: int) -> torch.Tensor:
-    """The dense ``[N, cols]`` weight of a bitmask-stored one (zeros where no bit is set).  Raises
-    ValueError when the bitmask's popcounts disagree with ``row_ptr`` or bits past ``cols`` are set."""
-    check_bitmask(values, bitmask, row_ptr, cols)
+def _check_rows(values, bitmask, row_ptr, cols: int) -> None:
+    """Every row's popcount equals its span in row_ptr (from 0 to values.numel()), and no bit is set
+    past ``cols``: what the cpp kernel checks before it reads a row's values."""
     from ..reference.linear import unpack_mask
 
     full = unpack_mask(bitmask, bitmask.shape[1] * 8)
@@ -87,6 +88,13 @@ def decompress_bitmask(values, bitmask, row_ptr, cols: int) -> torch.Tensor:
     if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0] or not torch.equal(counts, spans):
         raise ValueError("bitmask: its rows' popcounts do not match row_ptr (or row_ptr does not run from 0 to "
                          f"values.numel() = {values.shape[0]}); the three tensors do not describe one weight")
+
+
+def decompress_bitmask(values, bitmask, row_ptr, cols: int) -> torch.Tensor:
+    """The dense ``[N, cols]`` weight of a bitmask-stored one (zeros where no bit is set).  Raises
+    ValueError when the bitmask's popcounts disagree with ``row_ptr`` or bits past ``cols`` are set."""
+    check_bitmask(values, bitmask, row_ptr, cols)
+    _check_rows(values, bitmask, row_ptr, cols)
     return ref.decompress_bitmask(values, bitmask, row_ptr, cols)
 
 
@@ -114,15 +122,17 @@ def bitmask_linear(x, values, bitmask, row_ptr, bias=None, *, backend=None):
             raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the {n} output features; expected ({n},)")
         V.same_device(x=x, bias=bias)
     V.same_device(x=x, values=values)
-    x2 = x.reshape(-1, x.shape[-1])
-    # row_ptr's ends here; the rows' popcounts by the kernels (cpp: against row_ptr, before reading a
-    # row's values; the reference: their total, which is all its math depends on)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, 0) would be ambiguous for K == 0
+    # row_ptr's ends and the padding bits here; each row's popcount against row_ptr by the cpp kernel
+    # (before it reads the row's values) or by _check_rows for the other backends
     if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0]:
         raise ValueError(f"row_ptr: must run from 0 to values.numel() = {values.shape[0]}, got "
                          f"{int(row_ptr[0])} .. {int(row_ptr[-1])}")
     k = x.shape[-1]
     if k % 8 and bitmask.shape[0] and bool((bitmask[:, -1] >> (k % 8)).any()):
         raise ValueError(f"bitmask: bits are set past column {k} (the padding bits must be zero)")
-    y = R.call("bitmask_linear", backend, x2.device, x2, values, bitmask, row_ptr, bias,
-               auto_args=(x2.shape[0], x2.dtype))
+    b = R.select("bitmask_linear", backend, x2.device, x2.shape[0], x2.dtype)
+    if b != "cpp":  # the cpp kernel checks each row's popcount against row_ptr itself; same errors here
+        _check_rows(values, bitmask, row_ptr, k)
+    y = R.get_op("bitmask_linear", b)(x2, values, bitmask, row_ptr, bias)
     return y.reshape(*x.shape[:-1], n)

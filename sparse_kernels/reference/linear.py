@@ -59,7 +59,7 @@ def unpack_mask(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """uint8 ``[..., ceil(cols/8)]`` -> bool ``[..., cols]``."""
     bits = _BIT.to(packed.device)
     m = (packed.unsqueeze(-1) & bits) != 0  # [..., nbytes, 8]
-    return m.reshape(*packed.shape[:-1], -1)[..., :cols].contiguous()
+    return m.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :cols].contiguous()
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -69,7 +69,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(torch.uint8)
     if pad:
         m = F.pad(m, (0, pad))
-    m = m.reshape(*mask.shape[:-1], -1, 8)
+    m = m.reshape(*mask.shape[:-1], (cols + pad) // 8, 8)
     return (m << torch.arange(8, device=mask.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
 

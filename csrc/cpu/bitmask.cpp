@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -72,11 +71,12 @@ static void row_scalar(const float* x32, int64_t Kp, int64_t K, const T* v, cons
 }
 
 #if SK_X86
-// GCC 12 reports the _mm512_undefined_*() placeholders inside its own shift / extract intrinsics as
-// "may be used uninitialized" once they are inlined here: a false positive.
+// GCC 12 reports the _mm512_undefined_*() placeholders inside its own shift / extract / reduce
+// intrinsics as "(may be) used uninitialized" once they are inlined here: a false positive.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 // 16 columns a step: the next popcount(bits) values go to the lanes of the set bits.  vexpandps /
@@ -186,8 +186,8 @@ at::Tensor bitmask_linear_cpp(const at::Tensor& x, const at::Tensor& values, con
   TORCH_CHECK_VALUE(!bias.has_value() || bias->device().is_cpu(), "bias: must be a CPU tensor");
   at::Tensor rp = row_ptr.contiguous();
   const int64_t* r = rp.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(r[0] == 0 && r[N] == nnz, "row_ptr: must start at 0 and end at values.numel() = ", nnz,
-                    ", got ", r[0], " and ", r[N]);
+  TORCH_CHECK_VALUE(r[0] == 0 && r[N] == nnz, "row_ptr: must run from 0 to values.numel() = ", nnz, ", got ", r[0],
+                    " .. ", r[N]);
   for (int64_t n = 0; n < N; ++n)
     TORCH_CHECK_VALUE(r[n + 1] >= r[n], "row_ptr: must be non-decreasing, but row_ptr[", n + 1, "] = ", r[n + 1],
                       " < row_ptr[", n, "] = ", r[n]);
@@ -220,9 +220,7 @@ at::Tensor bitmask_linear_cpp(const at::Tensor& x, const at::Tensor& values, con
       for (int64_t n = n0; n < n1; ++n) {
         const uint8_t* row = bm + n * nbp;
         if (popcount_row(row, nbp) != r[n + 1] - r[n]) {  // checked before the row's values are read
-          int64_t cur = first_bad.load();
-          while (n < cur && !first_bad.compare_exchange_weak(cur, n)) {
-          }
+          atomic_min(first_bad, n);
           continue;
         }
         const T* v = v0 + r[n];

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -67,6 +68,13 @@ inline bool has_avx512bf16() {
 #else
   return false;
 #endif
+}
+
+// a = min(a, v), from any thread: the kernels record the first bad element found by parallel chunks.
+inline void atomic_min(std::atomic<int64_t>& a, int64_t v) {
+  int64_t cur = a.load(std::memory_order_relaxed);
+  while (v < cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
+  }
 }
 
 // f(tag) with a value of the C++ type of t: float, c10::BFloat16 or c10::Half; TypeError otherwise.

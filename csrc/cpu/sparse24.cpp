@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "simd.h"
 #include "sparse24_errors.h"
 
 #include <algorithm>
@@ -30,6 +31,7 @@
 
 namespace sparse_kernels {
 namespace {
+using sk_cpu::atomic_min;
 
 // ---------------------------------------------------------------- bit helpers
 // The kernels below are written as straight-line, branch-free loops over groups (0/all-ones
@@ -94,12 +96,6 @@ int64_t grain_for(int64_t cols) {
   // ~16K elements per task so 4096-row weights spread over all cores (a guess, not tuned:
   // the 2-core development box is too contended to measure it).
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(cols, 1));
-}
-
-void atomic_min(std::atomic<int64_t>& a, int64_t v) {
-  int64_t cur = a.load(std::memory_order_relaxed);
-  while (v < cur && !a.compare_exchange_weak(cur, v, std::memory_order_relaxed)) {
-  }
 }
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();

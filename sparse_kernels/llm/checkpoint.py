@@ -419,17 +419,16 @@ def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Te
 # ---------------------------------------------------------------- bitmask compression (masked layers)
 def _encode_bitmask(w: torch.Tensor):
     """``(bitmask, nonzeros)`` of a 2-D float tensor, or None when that would not be smaller."""
-    from ..ops.linear import pack_mask
+    from ..reference.bitmask import compress_bitmask
 
     if w.dim() != 2 or not w.is_floating_point():
         return None
-    w = w.detach().cpu().contiguous()
-    present = w != 0  # NaN is stored; -0.0 is not (it comes back +0.0, an equal value): pruning
-    # writes W * mask, so about half of a pruned weight's zeros are -0.0
-    nnz = int(present.sum())
-    if nnz * w.element_size() + w.shape[0] * ((w.shape[1] + 7) // 8) >= w.numel() * w.element_size():
+    # the bitmask format's own compressor: W != 0 is stored, so NaN is stored and -0.0 is not (it
+    # comes back +0.0, an equal value; pruning writes W * mask, so about half its zeros are -0.0)
+    nonzeros, bitmask, _ = compress_bitmask(w.detach().cpu().contiguous())
+    if nonzeros.numel() * w.element_size() + bitmask.numel() >= w.numel() * w.element_size():
         return None
-    return pack_mask(present), w[present]
+    return bitmask, nonzeros
 
 
 def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) -> None:

@@ -76,16 +76,19 @@ def compress_bitmask(w: torch.Tensor, mask: torch.Tensor | None = None):
 
 
 def _check_rows(values, bitmask, row_ptr, cols: int) -> None:
-    """Every row's popcount equals its span in row_ptr (from 0 to values.numel()), and no bit is set
-    past ``cols``: what the cpp kernel checks before it reads a row's values."""
+    """row_ptr runs from 0 to values.numel(), no bit is set past ``cols`` and every row's popcount
+    equals its span: what the cpp kernel checks (same messages) before it reads a row's values."""
     from ..reference.linear import unpack_mask
 
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0]:
+        raise ValueError(f"row_ptr: must run from 0 to values.numel() = {values.shape[0]}, got "
+                         f"{int(row_ptr[0])} .. {int(row_ptr[-1])}")
     full = unpack_mask(bitmask, bitmask.shape[1] * 8)
     if full[:, cols:].any():
         raise ValueError(f"bitmask: bits are set past column {cols} (the padding bits must be zero)")
     counts = full.sum(1)
     spans = row_ptr[1:] - row_ptr[:-1]
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0] or not torch.equal(counts, spans):
+    if not torch.equal(counts, spans):
         raise ValueError("bitmask: its rows' popcounts do not match row_ptr (or row_ptr does not run from 0 to "
                          f"values.numel() = {values.shape[0]}); the three tensors do not describe one weight")
 
@@ -123,16 +126,8 @@ def bitmask_linear(x, values, bitmask, row_ptr, bias=None, *, backend=None):
         V.same_device(x=x, bias=bias)
     V.same_device(x=x, values=values)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, 0) would be ambiguous for K == 0
-    # row_ptr's ends and the padding bits here; each row's popcount against row_ptr by the cpp kernel
-    # (before it reads the row's values) or by _check_rows for the other backends
-    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != values.shape[0]:
-        raise ValueError(f"row_ptr: must run from 0 to values.numel() = {values.shape[0]}, got "
-                         f"{int(row_ptr[0])} .. {int(row_ptr[-1])}")
-    k = x.shape[-1]
-    if k % 8 and bitmask.shape[0] and bool((bitmask[:, -1] >> (k % 8)).any()):
-        raise ValueError(f"bitmask: bits are set past column {k} (the padding bits must be zero)")
     b = R.select("bitmask_linear", backend, x2.device, x2.shape[0], x2.dtype)
-    if b != "cpp":  # the cpp kernel checks each row's popcount against row_ptr itself; same errors here
-        _check_rows(values, bitmask, row_ptr, k)
+    if b != "cpp":  # the cpp kernel makes the same checks itself, before it reads a row's values
+        _check_rows(values, bitmask, row_ptr, x.shape[-1])
     y = R.get_op("bitmask_linear", b)(x2, values, bitmask, row_ptr, bias)
     return y.reshape(*x.shape[:-1], n)

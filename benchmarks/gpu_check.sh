@@ -15,7 +15,7 @@
 #    tests_cuda       tests/test_cuda_kernels.py (csrc/cuda kernels vs references)  cap 100 s
 #    tests_gpu        every other test named cuda/triton/cusparselt (the Triton     cap 150 s
 #                     kernels compiled for the GPU, SparseLinear on CUDA, ...)
-#    bench_linear_quick   bench_linear: 4096x14336, fp16 + bf16, batch 1..8192        cap 150 s
+#    bench_linear_quick   bench_linear: 4096x14336, fp16 + bf16, batch 1..8192 (6)    cap 150 s
 #                     (eager timing, and kernel-level timing from CUDA-graph replays)
 #    bench_sparsegpt  bench_sparsegpt --quick (on CUDA: all four shapes, 3 reps)    cap  90 s
 #    bench_compress   bench_compress --quick --device cuda                          cap  60 s
@@ -230,7 +230,7 @@ else
     pytest_step tests_cuda 100 tests/test_cuda_kernels.py
     pytest_step tests_gpu 150 tests --ignore=tests/test_cuda_kernels.py -k "$GPU_K"
     step bench_linear_quick 150 "$PY" benchmarks/bench_linear.py --device cuda --shapes 4096x14336 \
-        --dtypes fp16 bf16 --batches 1 16 256 2048 8192 --out "$RES/bench_linear_quick"
+        --dtypes fp16 bf16 --batches 1 16 64 256 2048 8192 --out "$RES/bench_linear_quick"
     step bench_sparsegpt 90 "$PY" benchmarks/bench_sparsegpt.py --quick --device cuda --out "$RES/bench_sparsegpt"
     step bench_compress 60 "$PY" benchmarks/bench_compress.py --quick --device cuda --out "$RES/bench_compress"
     step bench_linear_full 240 "$PY" benchmarks/bench_linear.py --device cuda --plot --no-graph \

@@ -192,7 +192,7 @@ LINEAR_CASES = [  # (M, N, K): odd batches, N not a multiple of 128 (or 16), K t
 ]
 
 
-def check_sparse_linear(device, backend, dtype, M, N, K, with_bias, with_meta_dev):
+def check_sparse_linear(device, backend, dtype, M, N, K, with_bias, with_meta_dev, kernel=None):
     gen = torch.Generator().manual_seed(M * 7 + N + K)
     w = torch.randn(N, K, generator=gen)
     w = torch.where(s24.mask_2to4(w), w, torch.zeros(())).to(dtype)
@@ -207,10 +207,14 @@ def check_sparse_linear(device, backend, dtype, M, N, K, with_bias, with_meta_de
 
         md = ref.reorder_meta_mma(meta).to(device)
     _poison_allocator(device)
-    y = _op("sparse_linear", backend)(x.to(device), values.to(device), meta.to(device),
-                                      b.to(device) if with_bias else None, md)
+    args = (x.to(device), values.to(device), meta.to(device), b.to(device) if with_bias else None, md)
+    if kernel is None:
+        y = _op("sparse_linear", backend)(*args)
+    else:
+        y = OPS.sparse_linear_cuda_kernel(*args, kernel)
     assert y.dtype == dtype and tuple(y.shape) == (M, N)
-    assert_matmul_close(y, exact, lowp, what=f"sparse_linear {dtype} M={M} N={N} K={K}")
+    assert_matmul_close(y, exact, lowp, what=f"sparse_linear {dtype} M={M} N={N} K={K} kernel={kernel}")
+    return y
 
 
 def _need_linear_cuda():
@@ -228,6 +232,68 @@ def test_sparse_linear_cuda(dtype, M, N, K):
     check_sparse_linear("cuda", "cuda", dtype, M, N, K, with_bias=(M % 2 == 0), with_meta_dev=(N % 3 != 0))
 
 
+# Split-K cases (csrc/cuda/linear.h: split until ~3 CTAs per SM, >= 8 spans of 64 columns per
+# split, <= 16 splits): with N <= 300 there are at most 3 row tiles, so each of these splits K
+# (e.g. M=5, N=200, K=4096: 2 CTAs before splitting, 64 spans -> 8 splits), with K tails
+# inside the last span (K % 64 != 0) and batch tiles of 32, 64 and 128 rows.
+SPLITK_CASES = [(5, 200, 4096), (17, 136, 2064), (40, 300, 1040), (64, 48, 4096 + 16), (100, 130, 8192),
+                (300, 200, 2048)]
+
+
+@requires_sm80
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", LINEAR_CASES + SPLITK_CASES)
+def test_sparse_linear_cuda_kernels(kernel, dtype, M, N, K):
+    """Every kernel of the cuda backend, forced (sparse_linear_cuda_kernel), against fp64."""
+    _need_linear_cuda()
+    if kernel == "gemv" and M > 16:
+        with pytest.raises(ValueError, match="gemv takes at most 16 rows"):
+            check_sparse_linear("cuda", "cuda", dtype, M, N, K, False, False, kernel=kernel)
+        return
+    check_sparse_linear("cuda", "cuda", dtype, M, N, K, with_bias=(M % 2 == 1), with_meta_dev=(N % 3 == 0),
+                        kernel=kernel)
+    check_sparse_linear("cuda", "cuda", dtype, M, N, K, with_bias=(M % 2 == 0), with_meta_dev=(N % 3 != 0),
+                        kernel=kernel)
+
+
+@requires_sm80
+@pytest.mark.parametrize("kernel", ["splitk", "gemm"])
+def test_sparse_linear_cuda_kernel_deterministic_and_capturable(kernel):
+    """The split-K reduction runs in a fixed order (same bits every call) and allocates its
+    workspace from the caching allocator without a host sync (so a CUDA graph can hold it)."""
+    _need_linear_cuda()
+    y0 = check_sparse_linear("cuda", "cuda", torch.float16, 24, 200, 4096, True, True, kernel=kernel)
+    gen = torch.Generator().manual_seed(24 * 7 + 200 + 4096)  # check_sparse_linear's inputs again
+    w = torch.randn(200, 4096, generator=gen)
+    w = torch.where(s24.mask_2to4(w), w, torch.zeros(())).half()
+    x = torch.randn(24, 4096, generator=gen).half().cuda()
+    b = torch.randn(200, generator=gen).half().cuda()
+    values, meta = (t.cuda() for t in s24.compress_2to4(w, False))
+    from sparse_kernels.reference import mma_layout as ref
+
+    md = ref.reorder_meta_mma(meta.cpu()).cuda()
+    assert_bitexact(OPS.sparse_linear_cuda_kernel(x, values, meta, b, md, kernel), y0, f"{kernel} rerun")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y1 = OPS.sparse_linear_cuda_kernel(x, values, meta, b, md, kernel)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert_bitexact(y1, y0, f"{kernel} without a sync")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        OPS.sparse_linear_cuda_kernel(x, values, meta, b, md, kernel)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        yg = OPS.sparse_linear_cuda_kernel(x, values, meta, b, md, kernel)
+    yg.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bitexact(yg, y0, f"{kernel} replayed from a CUDA graph")
+
+
 @requires_sm80
 def test_sparse_linear_cuda_opcheck_and_errors():
     _need_linear_cuda()
@@ -241,6 +307,10 @@ def test_sparse_linear_cuda_opcheck_and_errors():
         OPS.sparse_linear_cuda(x[:, :32].contiguous(), values, meta, None, None)
     with pytest.raises(ValueError, match="meta_dev: shape"):
         OPS.sparse_linear_cuda(x, values, meta, None, torch.zeros(1, 1, 32, dtype=torch.int32, device="cuda"))
+    for kernel in ("gemv", "gemm", "splitk"):
+        torch.library.opcheck(OPS.sparse_linear_cuda_kernel.default, (x, values, meta, None, None, kernel))
+    with pytest.raises(ValueError, match="kernel: got 'wide'"):
+        OPS.sparse_linear_cuda_kernel(x, values, meta, None, None, "wide")
 
 
 # ------------------------------------------------------------------ sparsegpt_block_update_cuda

@@ -247,6 +247,27 @@ def test_errors_sparse_linear():
         sk.sparse_linear(x, values, meta, backend="cusparselt")
 
 
+def test_cuda_kernel_entry_checks_and_fake():
+    """sparse_linear_cuda_kernel (the cuda backend with its kernel named): argument errors come
+    before the device check, the CPU gets BackendUnavailableError, and its fake gives the shape
+    (its numbers are tested on a GPU: test_cuda_kernels.py)."""
+    from sparse_kernels.ops import linear as L
+
+    x, values, meta, bias = _problem((2, 3), 8, 32, torch.float16)
+    with pytest.raises(ValueError, match="kernel: got 'wide', expected one of auto, gemv, gemm, splitk"):
+        L.sparse_linear_cuda_kernel(x, values, meta, kernel="wide")
+    with pytest.raises(ValueError, match="x: last dim is 16"):
+        L.sparse_linear_cuda_kernel(x[..., :16], values, meta, kernel="splitk")
+    with pytest.raises(TypeError, match="values: dtype"):
+        L.sparse_linear_cuda_kernel(x.float(), values, meta)
+    if not torch.cuda.is_available():
+        with pytest.raises(sk.BackendUnavailableError, match="sparse_linear_cuda_kernel cannot run on cpu"):
+            L.sparse_linear_cuda_kernel(x, values, meta, bias, kernel="splitk")
+    y = torch.ops.sparse_kernels.sparse_linear_cuda_kernel(x.reshape(-1, 32).to("meta"), values.to("meta"),
+                                                           meta.to("meta"), None, None, "splitk")
+    assert y.shape == (6, 8) and y.dtype == torch.float16
+
+
 def test_errors_cpp_kernel_direct():
     """The C++ kernel validates its own inputs before touching pointers."""
     skip_unless_backend("sparse_linear", "cpp", "cpu")

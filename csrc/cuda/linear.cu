@@ -269,54 +269,60 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
 }
 
 // ------------------------------------------------------------------ GEMM kernel (M > 16)
-// CTA tile: 64 * kWM output features (kWM = 2, or 1 when 128-row tiles leave SMs idle) x kBN batch
-// rows; warps of 64 x 32, kWM x 4 of them.
-constexpr int kBN = 128;     // batch rows per CTA
-// K per stage: one 64-column span (the metadata layout's unit).
-constexpr int kStages = 3;   // cp.async pipeline depth (first guess, not tuned on a GPU)
+// CTA tile: 64 * kWM output features x 32 * kWN batch rows; warps of 64 x 32, kWM x kWN of them.
+// K per stage: one 64-column span (the metadata layout's unit); kS stages of cp.async.
+// Split-K (gridDim.z > 1): CTA z covers spans [z * spans_per, (z + 1) * spans_per) and writes
+// fp32 partials to ws [gridDim.z, M, N]; splitk_reduce_kernel sums them in z order
+// (deterministic) and adds the bias.
 constexpr int kApitch = 40;  // compressed values per smem row: 32 + 8 pad (80 B: ldmatrix conflict-free)
 constexpr int kXpitch = 72;  // x elements per smem row: 64 + 8 pad (144 B)
 
-template <typename T, int kWM>
+template <typename T, int kWM, int kWN, int kS>
 struct GemmSmem {
-  T a[kStages][64 * kWM][kApitch];
-  T x[kStages][kBN][kXpitch];
-  uint32_t e[kStages][4 * kWM][32];
+  T a[kS][64 * kWM][kApitch];
+  T x[kS][32 * kWN][kXpitch];
+  uint32_t e[kS][4 * kWM][32];
 };
 
-template <typename T, int kWM>
-__global__ void __launch_bounds__(128 * kWM)
+template <typename T, int kWM, int kWN, int kS>
+__global__ void __launch_bounds__(32 * kWM * kWN)
     gemm_kernel(const T* __restrict__ x, const T* __restrict__ values, const uint32_t* __restrict__ meta_dev,
-                const T* __restrict__ bias, T* __restrict__ y, int M, int N, int K) {
+                const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ ws, int M, int N, int K,
+                int spans_per) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  constexpr int kBM = 64 * kWM, kGemmThreads = 128 * kWM;
-  GemmSmem<T, kWM>& sm = *reinterpret_cast<GemmSmem<T, kWM>*>(smem_raw);
+  constexpr int kBM = 64 * kWM, kBN = 32 * kWN, kThreads = 32 * kWM * kWN;
+  static_assert((4 * kBM) % kThreads == 0 && (8 * kBN) % kThreads == 0, "load loops must divide evenly");
+  using Smem = GemmSmem<T, kWM, kWN, kS>;
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t = lane & 3;
-  const int wm = warp / 4, wn = warp % 4;  // warp tile: features wm*64.., batch wn*32..
+  const int wm = warp / kWN, wn = warp % kWN;  // warp tile: features wm*64.., batch wn*32..
   const int n0 = blockIdx.x * kBM, m0 = blockIdx.y * kBN;
   const int spans = (K + 63) / 64;
+  const int s_begin = blockIdx.z * spans_per;
+  const int s_end = min(spans, s_begin + spans_per);
+  const int nspans = s_end > s_begin ? s_end - s_begin : 0;
   const int nblocks = (N + 15) / 16;
   const int64_t pitch = K / 2;
 
   auto load_stage = [&](int stage, int s) {
     const int kbase = 64 * s;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {  // A: kBM rows x 4 chunks of 16 B
-      const int c = tid + i * kGemmThreads, row = c / 4, ck = c % 4;
+    for (int i = 0; i < (4 * kBM) / kThreads; ++i) {  // A: kBM rows x 4 chunks of 16 B
+      const int c = tid + i * kThreads, row = c / 4, ck = c % 4;
       const bool ok = (n0 + row < N) && (kbase + 16 * ck + 16 <= K);
       const T* src = ok ? values + static_cast<int64_t>(n0 + row) * pitch + 32 * s + 8 * ck : values;
       cp_async16(&sm.a[stage][row][8 * ck], src, ok);
     }
 #pragma unroll
-    for (int i = 0; i < 1024 / kGemmThreads; ++i) {  // x: 128 rows x 8 chunks of 16 B
-      const int c = tid + i * kGemmThreads, row = c / 8, ck = c % 8;
+    for (int i = 0; i < (8 * kBN) / kThreads; ++i) {  // x: kBN rows x 8 chunks of 16 B
+      const int c = tid + i * kThreads, row = c / 8, ck = c % 8;
       const bool ok = (m0 + row < M) && (kbase + 8 * ck + 8 <= K);
       const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + kbase + 8 * ck : x;
       cp_async16(&sm.x[stage][row][8 * ck], src, ok);
     }
-    if (tid < 8 * (kBM / 16)) {  // metadata: kBM/16 blocks x 32 words = 8 chunks of 16 B each
-      const int b = tid / 8, ck = tid % 8, gb = n0 / 16 + b;
+    for (int c = tid; c < 8 * (kBM / 16); c += kThreads) {  // metadata: kBM/16 blocks x 8 chunks of 16 B
+      const int b = c / 8, ck = c % 8, gb = n0 / 16 + b;
       if (gb < nblocks) {
         cp_async16(&sm.e[stage][b][4 * ck], meta_dev + (static_cast<int64_t>(gb) * spans + s) * 32 + 4 * ck, true);
       } else {  // a 16-row block past N: valid ordered nibbles (0x4), its outputs are discarded
@@ -324,6 +330,14 @@ __global__ void __launch_bounds__(128 * kWM)
       }
     }
   };
+
+  // With one warp along the batch (32-row tiles, M <= 32) n-tiles wholly past M are skipped
+  // (warp-uniform).  Not in the wider tiles: there the branches cost ~90 registers (ptxas -v:
+  // 218 instead of 125 at 128 x 128), i.e. half the CTAs per SM.
+  constexpr bool kSkipDead = kWN == 1;
+  bool live[4];
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt) live[nt] = m0 + wn * 32 + nt * 8 < M;
 
   float acc[4][4][4];
 #pragma unroll
@@ -334,20 +348,20 @@ __global__ void __launch_bounds__(128 * kWM)
       for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
 #pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < spans) load_stage(st, st);
+  for (int st = 0; st < kS - 1; ++st) {
+    if (st < nspans) load_stage(st, s_begin + st);
     cp_async_commit();
   }
 
-  for (int s = 0; s < spans; ++s) {
-    cp_async_wait<kStages - 2>();
+  for (int i = 0; i < nspans; ++i) {
+    cp_async_wait<kS - 2>();
     __syncthreads();
     {
-      const int nxt = s + kStages - 1;
-      if (nxt < spans) load_stage(nxt % kStages, nxt);
+      const int nxt = i + kS - 1;
+      if (nxt < nspans) load_stage(nxt % kS, s_begin + nxt);
       cp_async_commit();
     }
-    const int st = s % kStages;
+    const int st = i % kS;
     uint32_t e[4];
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) e[mt] = quad_transpose_nibbles(sm.e[st][wm * 4 + mt][lane], lane);
@@ -361,6 +375,7 @@ __global__ void __launch_bounds__(128 * kWM)
       }
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
+        if (kSkipDead && !live[nt]) continue;
         const int row = wn * 32 + nt * 8 + (lane & 7);
         ldmatrix_x4(bf[nt], &sm.x[st][row][32 * kstep + (lane >> 3) * 8]);
       }
@@ -368,6 +383,7 @@ __global__ void __launch_bounds__(128 * kWM)
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
         for (int nt = 0; nt < 4; ++nt) {
+          if (kSkipDead && !live[nt]) continue;
           if (kstep == 0)
             Mma<T>::template sp<0>(acc[mt][nt], af[mt], bf[nt], e[mt]);
           else
@@ -377,22 +393,41 @@ __global__ void __launch_bounds__(128 * kWM)
   }
   cp_async_wait<0>();
 
+  float* part = ws != nullptr ? ws + static_cast<int64_t>(blockIdx.z) * M * N : nullptr;
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int row = n0 + wm * 64 + mt * 16 + g + 8 * h;
       if (row >= N) continue;
-      const float bv = bias != nullptr ? Mma<T>::to_float(bias[row]) : 0.f;
+      const float bv = (part == nullptr && bias != nullptr) ? Mma<T>::to_float(bias[row]) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int n = m0 + wn * 32 + nt * 8 + 2 * t + c;
-          if (n < M) y[static_cast<int64_t>(n) * N + row] = Mma<T>::from_float(acc[mt][nt][2 * h + c] + bv);
+          if (n >= M) continue;
+          const int64_t o = static_cast<int64_t>(n) * N + row;
+          if (part != nullptr)
+            part[o] = acc[mt][nt][2 * h + c];
+          else
+            y[o] = Mma<T>::from_float(acc[mt][nt][2 * h + c] + bv);
         }
       }
     }
+  }
+}
+
+// y = sum over z of ws[z] (+ bias), z in order: the split-K GEMM's second pass.
+template <typename T>
+__global__ void splitk_reduce_kernel(const float* __restrict__ ws, int split, const T* __restrict__ bias,
+                                     T* __restrict__ y, int64_t total, int N) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float s = 0.f;
+    for (int z = 0; z < split; ++z) s += ws[z * total + i];
+    if (bias != nullptr) s += Mma<T>::to_float(bias[i % N]);
+    y[i] = Mma<T>::from_float(s);
   }
 }
 
@@ -413,41 +448,126 @@ int sm_count() {
   return cached[dev];
 }
 
-template <typename T, int kWM>
-cudaError_t launch_gemm(const T* x, const T* values, const uint32_t* meta_dev, const T* bias, T* y, int M, int N, int K,
-                        cudaStream_t stream) {
-  const int smem = static_cast<int>(sizeof(GemmSmem<T, kWM>));
-  cudaError_t err = cudaFuncSetAttribute(gemm_kernel<T, kWM>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+// Batch rows per CTA of a tile (the grid's y extent is ceil(M / this)).
+int64_t tile_rows(int tile) {
+  switch (tile) {
+    case kTile128x32:
+      return 32;
+    case kTile128x64:
+      return 64;
+    case kTile128x128:
+    case kTile64x128:
+      return 128;
+    default:
+      return 1 << 30;  // the GEMV: one CTA per 16 output features, any M <= 16
+  }
+}
+
+template <typename T, int kWM, int kWN, int kS>
+cudaError_t launch_gemm(const T* x, const T* values, const uint32_t* meta_dev, const T* bias, T* y, float* ws,
+                        int split, int M, int N, int K, cudaStream_t stream) {
+  const int smem = static_cast<int>(sizeof(GemmSmem<T, kWM, kWN, kS>));
+  cudaError_t err =
+      cudaFuncSetAttribute(gemm_kernel<T, kWM, kWN, kS>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((N + 64 * kWM - 1) / (64 * kWM)), static_cast<unsigned>((M + kBN - 1) / kBN));
-  gemm_kernel<T, kWM><<<grid, 128 * kWM, smem, stream>>>(x, values, meta_dev, bias, y, M, N, K);
+  const int spans = (K + 63) / 64;
+  const int spans_per = (spans + split - 1) / split;
+  const dim3 grid(static_cast<unsigned>((N + 64 * kWM - 1) / (64 * kWM)),
+                  static_cast<unsigned>((M + 32 * kWN - 1) / (32 * kWN)), static_cast<unsigned>(split));
+  gemm_kernel<T, kWM, kWN, kS><<<grid, 32 * kWM * kWN, smem, stream>>>(x, values, meta_dev, bias, y,
+                                                                         split > 1 ? ws : nullptr, M, N, K, spans_per);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || split == 1) return err;
+  const int64_t total = static_cast<int64_t>(M) * N;
+  splitk_reduce_kernel<T><<<grid1d(total, 256), 256, 0, stream>>>(ws, split, bias, y, total, N);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t linear_typed(const void* x, const void* values, const int32_t* meta_dev, const void* bias, void* y,
-                         int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+                         int64_t M, int64_t N, int64_t K, const LinearPlan& plan, float* ws, cudaStream_t stream) {
   const T* xp = static_cast<const T*>(x);
   const T* vp = static_cast<const T*>(values);
   const uint32_t* ep = reinterpret_cast<const uint32_t*>(meta_dev);
   const T* bp = static_cast<const T*>(bias);
   T* yp = static_cast<T*>(y);
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
-  if (M <= 8) {
-    gemv_kernel<T, 1><<<static_cast<unsigned>((N + 15) / 16), kGemvWarps * 32, 0, stream>>>(xp, vp, ep, bp, yp, m,
-                                                                                            n, k);
-  } else if (M <= 16) {
-    gemv_kernel<T, 2><<<static_cast<unsigned>((N + 15) / 16), kGemvWarps * 32, 0, stream>>>(xp, vp, ep, bp, yp, m,
-                                                                                            n, k);
-  } else {
-    const int64_t grid128 = ((N + 127) / 128) * ((M + kBN - 1) / kBN);
-    if (grid128 >= sm_count()) return launch_gemm<T, 2>(xp, vp, ep, bp, yp, m, n, k, stream);
-    return launch_gemm<T, 1>(xp, vp, ep, bp, yp, m, n, k, stream);
+  const unsigned gemv_grid = static_cast<unsigned>((N + 15) / 16);
+  switch (plan.tile) {
+    case kTileGemv8:
+      gemv_kernel<T, 1><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(xp, vp, ep, bp, yp, m, n, k);
+      return cudaGetLastError();
+    case kTileGemv16:
+      gemv_kernel<T, 2><<<gemv_grid, kGemvWarps * 32, 0, stream>>>(xp, vp, ep, bp, yp, m, n, k);
+      return cudaGetLastError();
+    case kTile128x128:
+      return launch_gemm<T, 2, 4, 3>(xp, vp, ep, bp, yp, ws, plan.split, m, n, k, stream);
+    case kTile64x128:
+      return launch_gemm<T, 1, 4, 3>(xp, vp, ep, bp, yp, ws, plan.split, m, n, k, stream);
+    case kTile128x64:
+      return launch_gemm<T, 2, 2, 4>(xp, vp, ep, bp, yp, ws, plan.split, m, n, k, stream);
+    case kTile128x32:
+      return launch_gemm<T, 2, 1, 4>(xp, vp, ep, bp, yp, ws, plan.split, m, n, k, stream);
+    default:
+      return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
 }
 
 }  // namespace
+
+cudaError_t sparse_linear_plan(int64_t M, int64_t N, int64_t K, int kernel, LinearPlan* plan) {
+  if (plan == nullptr || M < 0 || N < 0 || K < 0 || K % 16 != 0 || M > INT32_MAX || N > INT32_MAX ||
+      K > INT32_MAX)
+    return cudaErrorInvalidValue;
+  LinearPlan p;
+  p.kernel = kernel;
+  p.split = 1;
+  p.ws_elems = 0;
+  if (kernel == kLinAuto) kernel = M <= 16 ? kLinGemv : kLinGemm;
+  switch (kernel) {
+    case kLinGemv:
+      if (M > 16) return cudaErrorInvalidValue;
+      p.tile = M <= 8 ? kTileGemv8 : kTileGemv16;
+      break;
+    case kLinGemm: {  // 128 x 128 tiles, or 64 x 128 when 128-row tiles would leave SMs idle
+      const int64_t grid128 = ((N + 127) / 128) * ((M + 127) / 128);
+      p.tile = grid128 >= sm_count() ? kTile128x128 : kTile64x128;
+      break;
+    }
+    case kLinSplitK: {
+      // 128 features x (32, 64 or 128) batch rows, K split across CTAs until there are about
+      // kSplitKWaves CTAs per SM, each with at least kSplitKMinSpans spans of 64 columns.
+      int bn = 128;
+      if (M <= 32) {
+        p.tile = kTile128x32;
+        bn = 32;
+      } else if (M <= 64) {
+        p.tile = kTile128x64;
+        bn = 64;
+      } else {
+        p.tile = kTile128x128;
+      }
+      const int64_t base = ((N + 127) / 128) * ((M + bn - 1) / bn);
+      const int64_t spans = (K + 63) / 64;
+      const int64_t want = static_cast<int64_t>(kSplitKWaves) * sm_count();
+      int64_t split = base > 0 ? (want + base - 1) / base : 1;
+      const int64_t cap = spans / kSplitKMinSpans > 1 ? spans / kSplitKMinSpans : 1;
+      if (split > cap) split = cap;
+      if (split > kSplitKMax) split = kSplitKMax;
+      if (split < 1) split = 1;
+      const int64_t per = (spans + split - 1) / split;  // no empty split: every z gets >= 1 span
+      split = per > 0 ? (spans + per - 1) / per : 1;
+      p.split = static_cast<int>(split);
+      if (p.split > 1) p.ws_elems = static_cast<int64_t>(p.split) * M * N;
+      break;
+    }
+    default:
+      return cudaErrorInvalidValue;
+  }
+  if ((M + tile_rows(p.tile) - 1) / tile_rows(p.tile) > 65535) return cudaErrorInvalidValue;  // grid.y
+  *plan = p;
+  return cudaSuccess;
+}
 
 cudaError_t reorder_meta_mma_launch(const int16_t* meta, int64_t rows, int64_t cols16, int32_t* meta_dev,
                                     cudaStream_t stream) {
@@ -467,15 +587,19 @@ cudaError_t unreorder_meta_mma_launch(const int32_t* meta_dev, int64_t rows, int
 }
 
 cudaError_t sparse_linear_launch(const void* x, const void* values, const int32_t* meta_dev, const void* bias,
-                                 void* y, int64_t M, int64_t N, int64_t K, int dtype, cudaStream_t stream) {
+                                 void* y, int64_t M, int64_t N, int64_t K, int dtype, const LinearPlan& plan,
+                                 float* ws, int64_t ws_elems, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (K % 16 != 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || (M + kBN - 1) / kBN > 65535)
+  if (K % 16 != 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX ||
+      (M + tile_rows(plan.tile) - 1) / tile_rows(plan.tile) > 65535 || plan.split < 1 ||
+      (plan.ws_elems > 0 && (ws == nullptr || ws_elems < plan.ws_elems)) ||
+      (plan.split > 1 && plan.ws_elems < static_cast<int64_t>(plan.split) * M * N))
     return cudaErrorInvalidValue;
   switch (dtype) {
     case kF16:
-      return linear_typed<__half>(x, values, meta_dev, bias, y, M, N, K, stream);
+      return linear_typed<__half>(x, values, meta_dev, bias, y, M, N, K, plan, ws, stream);
     case kBF16:
-      return linear_typed<__nv_bfloat16>(x, values, meta_dev, bias, y, M, N, K, stream);
+      return linear_typed<__nv_bfloat16>(x, values, meta_dev, bias, y, M, N, K, plan, ws, stream);
     default:
       return cudaErrorInvalidValue;
   }

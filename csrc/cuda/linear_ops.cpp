@@ -3,6 +3,8 @@
 //   sparse_kernels::unreorder_meta_mma_cuda(Tensor meta_dev, int rows, int cols) -> Tensor meta
 //   sparse_kernels::sparse_linear_cuda(Tensor x, Tensor values, Tensor meta, Tensor? bias,
 //                                      Tensor? meta_dev) -> Tensor
+//   sparse_kernels::sparse_linear_cuda_kernel(..., str kernel) -> Tensor: the same with the kernel
+//     named (auto | gemv | gemm | splitk; csrc/cuda/linear.h), for benchmarks and tests.
 // Schemas live in Python (sparse_kernels/ops/mma_layout.py; the linear family's module).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +13,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 
 #include "cuda/linear.h"
 
@@ -78,8 +81,9 @@ at::Tensor aligned(const at::Tensor& t) {
   return c;
 }
 
-at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& meta_dev) {
+at::Tensor run_sparse_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& meta_dev,
+                             int kernel, const std::string& kernel_name) {
   TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got one on ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [M, K], got ", x.dim(), "-D with shape ", x.sizes());
   int dtype = -1;
@@ -108,7 +112,11 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
                      " does not match x's dtype ", x.scalar_type());
     check_same_device(*bias, "bias", x, "x");
   }
-  const c10::cuda::CUDAGuard guard(x.device());
+  const c10::cuda::CUDAGuard guard(x.device());  // before the plan: it reads this device's SM count
+  sk::LinearPlan plan;
+  TORCH_CHECK_VALUE(sk::sparse_linear_plan(M, N, K, kernel, &plan) == cudaSuccess, "kernel: '", kernel_name,
+                    "' cannot run x of shape ", x.sizes(), kernel == sk::kLinGemv ? " (gemv takes at most 16 rows)" : "",
+                    "; use kernel='auto', 'gemm' or 'splitk'");
   at::Tensor md;
   if (meta_dev.has_value()) {
     check_same_device(*meta_dev, "meta_dev", x, "x");
@@ -121,11 +129,32 @@ at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, con
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
+  // Split-K partials (fp32, from the caching allocator: no sync, capturable in a CUDA graph).
+  const at::Tensor ws = plan.ws_elems > 0 ? at::empty({plan.ws_elems}, x.options().dtype(at::kFloat)) : at::Tensor();
   check_launch(sk::sparse_linear_launch(xc.data_ptr(), vc.data_ptr(), md.data_ptr<int32_t>(),
-                                        bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), M, N, K, dtype,
+                                        bc.defined() ? bc.data_ptr() : nullptr, y.data_ptr(), M, N, K, dtype, plan,
+                                        ws.defined() ? ws.data_ptr<float>() : nullptr, plan.ws_elems,
                                         c10::cuda::getCurrentCUDAStream()),
                "sparse_linear_cuda");
   return y;
+}
+
+at::Tensor sparse_linear_cuda(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& meta_dev) {
+  return run_sparse_linear(x, values, meta, bias, meta_dev, sk::kLinAuto, "auto");
+}
+
+at::Tensor sparse_linear_cuda_kernel(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& meta_dev, c10::string_view kernel) {
+  const std::string name(kernel.data(), kernel.size());
+  int code = -1;
+  if (name == "auto") code = sk::kLinAuto;
+  if (name == "gemv") code = sk::kLinGemv;
+  if (name == "gemm") code = sk::kLinGemm;
+  if (name == "splitk") code = sk::kLinSplitK;
+  TORCH_CHECK_VALUE(code >= 0, "kernel: got '", name, "', expected one of auto, gemv, gemm, splitk");
+  return run_sparse_linear(x, values, meta, bias, meta_dev, code, name);
 }
 
 }  // namespace
@@ -134,4 +163,5 @@ TORCH_LIBRARY_IMPL(sparse_kernels, CUDA, m) {
   m.impl("reorder_meta_mma_cuda", &reorder_meta_mma_cuda);
   m.impl("unreorder_meta_mma_cuda", &unreorder_meta_mma_cuda);
   m.impl("sparse_linear_cuda", &sparse_linear_cuda);
+  m.impl("sparse_linear_cuda_kernel", &sparse_linear_cuda_kernel);
 }

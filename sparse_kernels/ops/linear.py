@@ -229,6 +229,17 @@ def _sparse_linear_decompress(x, values, meta, bias, meta_dev):
 R.impl_python("sparse_linear", "cusparselt", _sparse_linear_cusparselt, ["cuda"])
 R.impl_python("sparse_linear", "decompress", _sparse_linear_decompress, ["cpu", "cuda"])
 
+# The cuda backend with its kernel named (csrc/cuda/linear.h): what ``backend="cuda"`` runs is
+# "auto" there (the GEMV up to batch 16, the GEMM above: the kernels the first GPU run measured);
+# benchmarks and tests reach the others through this op.  CUDA only, no autograd.
+CUDA_KERNELS = ("auto", "gemv", "gemm", "splitk")
+CUDA_KERNEL_OP = "sparse_linear_cuda_kernel"
+R.LIB.define(CUDA_KERNEL_OP + "(Tensor x, Tensor values, Tensor meta, Tensor? bias, Tensor? meta_dev, str kernel)"
+             " -> Tensor")
+torch.library.register_fake(f"{R.NAMESPACE}::{CUDA_KERNEL_OP}",
+                            lambda x, values, meta, bias, meta_dev, kernel: _sparse_linear_fake(
+                                x, values, meta, bias, meta_dev), lib=R.LIB)
+
 
 # ---------------------------------------------------------------- autograd
 def _sl_setup(ctx, inputs, output):
@@ -357,6 +368,34 @@ def sparse_linear(x, values, meta, bias=None, *, backend=None, meta_dev=None):
         V.same_device(x=x, meta_dev=meta_dev)
     x2, lead = _flatten(x)
     y = _call("sparse_linear", backend, x2, values, meta, bias, meta_dev)
+    return y.reshape(*lead, values.shape[0])
+
+
+def sparse_linear_cuda_kernel(x, values, meta, bias=None, *, kernel="auto", meta_dev=None):
+    """:func:`sparse_linear` on the cuda backend with its kernel named (benchmarks, tests, tuning).
+
+    ``kernel``: ``auto`` (what ``backend="cuda"`` runs), ``gemv`` (the decode kernel, at most 16
+    rows of x after flattening), ``gemm`` (the cp.async mma.sp GEMM), ``splitk`` (the GEMM with
+    32/64/128-row batch tiles and K split across CTAs, for mid-size batches; compiled, not yet run
+    on a GPU).  Same arguments and result as :func:`sparse_linear` otherwise; no autograd.
+    Raises ValueError for an unknown kernel or one that cannot take this batch, and
+    ``BackendUnavailableError`` where the cuda backend is not built or x is not on a GPU.
+    """
+    if not isinstance(kernel, str) or kernel not in CUDA_KERNELS:
+        raise ValueError(f"kernel: got {kernel!r}, expected one of {', '.join(CUDA_KERNELS)}")
+    check_packed(values, meta)
+    _check_x(x, 2 * values.shape[1], "the 2:4 weight (2 * values.shape[1])")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
+    V.same_device(x=x, values=values, meta=meta)
+    _check_bias(bias, values.shape[0], x)
+    if meta_dev is not None:
+        V.same_device(x=x, meta_dev=meta_dev)
+    why = R.why_unavailable("sparse_linear", "cuda", x.device.type)
+    if why is not None:
+        raise R.BackendUnavailableError(f"sparse_linear_cuda_kernel cannot run on {x.device.type}: {why}")
+    x2, lead = _flatten(x)
+    y = getattr(torch.ops.sparse_kernels, CUDA_KERNEL_OP)(x2, values, meta, bias, meta_dev, kernel)
     return y.reshape(*lead, values.shape[0])
 
 

@@ -2,26 +2,47 @@
 
 Same math as :mod:`sparse_kernels.reference.linear` (layouts there):
 
-* ``sparse_linear``: each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``.  Per step of
-  ``BLOCK_K`` input columns it loads ``values [BLOCK_N, BLOCK_K/2]`` and the matching meta
-  nibbles, expands them in registers to the dense ``[BLOCK_N, BLOCK_K]`` weight tile (position
-  ``p`` of a group takes ``v0`` where ``i0 == p``, ``v1`` where ``i1 == p``, else 0) and
-  accumulates the transposed tile ``tl.dot(w_tile, x_tile^T)`` in fp32 (the register-built
-  tile is the A operand; see the kernel).  The dense weight never reaches memory.
+* ``sparse_linear``: per step of ``BLOCK_K`` input columns a program loads
+  ``values [BLOCK_N, BLOCK_K/2]`` and the matching meta nibbles, expands them in registers to the
+  dense ``[BLOCK_N, BLOCK_K]`` weight tile (position ``p`` of a group takes ``v0`` where
+  ``i0 == p``, ``v1`` where ``i1 == p``, else 0) and accumulates the transposed tile
+  ``tl.dot(w_tile, x_tile^T)`` in fp32 (the register-built tile is the A operand; see the
+  kernel).  The dense weight never reaches memory.  Two launch shapes:
+
+  - large M (``M > 16``): each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y`` and walks
+    all of K.
+  - decode (``M <= 16``), split-K: grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program ``(j, s)``
+    covers the contiguous K range ``[s * span, (s + 1) * span)``, ``span = cdiv(cdiv(K,
+    BLOCK_K), SPLIT_K) * BLOCK_K`` (whole steps, BLOCK_K a multiple of 64 so meta words never
+    straddle two splits), and writes its fp32 partial sums to a workspace ``[SPLIT_K, M, N]``
+    (``torch.empty``: every element is written, a split past K writes zeros).  A second kernel
+    sums the splits in order (deterministic: no atomics, same input -> same bits), adds the bias
+    in fp32 and casts to x's dtype.  M == 1 multiplies the expanded tile by the broadcast x row
+    and sums over K on the CUDA cores (no tensor-core layout conversion of the register-built
+    tile, no 15 wasted rows); 2 <= M <= 16 uses ``tl.dot`` with BLOCK_M=16 (one MMA row block;
+    the broadcast product ``[16, BLOCK_N, BLOCK_K]`` would not fit in registers).
+    SPLIT_K (:func:`decode_split_k`): enough splits for 4 programs per SM,
+    ``cdiv(4 * SMs, cdiv(N, 32))``, capped at ``K // 256`` and 16 (H200, 132 SMs: 4096x4096 and
+    4096x14336 -> 5 splits, 640 programs; 14336x4096 -> 2, 896 programs).  A first guess:
+    compiled for sm_80/sm_90 (triton 3.6 and 3.8), not yet run on a GPU.  The previous decode
+    launch (grid ``(1, N/BLOCK_N)``, all of K per program) ran at 0.09-0.27x of dense cuBLAS on
+    an H200 (benchmarks/results/gpu/h200_2026-11-28).
 * ``masked_linear`` (and its two gradient kernels): the weight tile is loaded with its mask
   (bool, or bit ``c % 8`` of byte ``c // 8`` when packed) and zeroed in registers; ``W * M``
   is never written to global memory.
 
 fp32 inputs use ``input_precision="ieee"`` (no TF32), matching ``F.linear``'s default.
 Autotuning (key: batch bucket, N, K and the dtypes), under ``TRITON_INTERPRET=1`` a single small
-config.  Compiled, not yet run on a GPU: the configs are the usual Triton GEMM starting points,
-not measured choices.  Few on purpose: every config of every key is compiled and timed on first
-use (about 1-3 s to compile, 0.15 s to time each), and the benchmark table alone has
+config (the split-K decode: BLOCK_N=16, BLOCK_K=64 and ``min(3, cdiv(K, 64))`` splits, so the
+tests run several splits).  The configs are the usual Triton GEMM starting points, not measured
+choices.  Few on purpose: every config of every key is compiled and timed on first use (about
+1-3 s to compile, 0.15 s to time each), and the benchmark table alone has
 4 shapes x 2 dtypes x 7 batch sizes = 56 keys per kernel.
 
-* decode (``M <= 16``): BLOCK_M=16 with (BLOCK_N, BLOCK_K) = (32, 128), (64, 128), (32, 256):
-  memory-bound, so narrow N tiles (N/32 = 128..448 programs for the benchmark's layers on
-  132 SMs) and long K steps;
+* sparse_linear decode (split-K): BLOCK_N=32 (fixed: the split rule counts N tiles of 32),
+  (BLOCK_K, warps) = (128, 4), (128, 8), (256, 8); register counts next to ``_SPLITK``;
+* masked_linear decode (``M <= 16``): BLOCK_M=16 with (BLOCK_N, BLOCK_K) = (32, 128), (64, 128),
+  (32, 256): memory-bound, so narrow N tiles and long K steps;
 * large M: (BLOCK_M, BLOCK_N) = (64, 64), (64, 128) for a batch bucket <= 256 (more programs
   when few rows of tiles exist) and (128, 128), (128, 256) above it, all BLOCK_K=64; each key
   times only the two configs of its range (``_prune_by_m``).
@@ -205,8 +226,11 @@ _SPLIT_BLOCK_N = 16 if _INTERPRET else 32
 if _INTERPRET:
     _SPLITK = [triton.Config({"BLOCK_N": _SPLIT_BLOCK_N, "BLOCK_K": 64}, num_warps=1, num_stages=1)]
 else:
+    # ptxas -v, sm_90a, fp16/bf16, BLOCK_M 1 / 16 (compiled, not run): (128, 4 warps) 114 / 153
+    # registers, (128, 8) 64-80 / 111, (256, 8) 148 / 164, no spills; (256, 4) was dropped: 224 / 246
+    # registers leave room for 2 programs per SM.
     _SPLITK = [triton.Config({"BLOCK_N": _SPLIT_BLOCK_N, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for bk, w, s in ((128, 4, 4), (256, 4, 3), (256, 8, 3))]
+               for bk, w, s in ((128, 4, 4), (128, 8, 3), (256, 8, 3))]
 _sl_splitk = triton.autotune(configs=_SPLITK, key=_KEY)(_sparse_linear_splitk_kernel)
 _SPLIT_WAVES = 4  # programs >= 4 x the SM count (first guess: compiled, not yet run on a GPU)
 _SPLIT_MIN_COLS = 256  # each split gets at least one 256-column step of the largest BLOCK_K

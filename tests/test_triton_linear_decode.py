@@ -184,3 +184,13 @@ def test_splitk_kernels_compile_for_gpu(triton_arch):
         sig = dict(ws_ptr="*fp32", bias_ptr=dt, y_ptr=dt, M=i32, N=i32, SPLIT_K=i32, sym=i32, syn=i32,
                    HAS_BIAS="constexpr", BLOCK="constexpr")
         _gpu_compile(T._splitk_reduce_kernel, sig, dict(HAS_BIAS=True, BLOCK=256), triton_arch)
+
+
+@interpreted
+def test_decode_empty_k():
+    """K = 0 (launcher level: the public wrapper cannot flatten a [..., 0] x): y = bias, or zeros."""
+    T = _T()
+    x, values, meta = torch.randn(3, 0), torch.zeros(5, 0), torch.zeros(5, 0, dtype=torch.int16)
+    b = torch.randn(5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(T.sparse_linear(x, values, meta, b, None), b.expand(3, 5))
+    assert torch.equal(T.sparse_linear(x, values, meta, None, None), torch.zeros(3, 5))

@@ -2,26 +2,47 @@
 
 Same math as :mod:`sparse_kernels.reference.linear` (layouts there):
 
-* ``sparse_linear``: each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y``.  Per step of
-  ``BLOCK_K`` input columns it loads ``values [BLOCK_N, BLOCK_K/2]`` and the matching meta
-  nibbles, expands them in registers to the dense ``[BLOCK_N, BLOCK_K]`` weight tile (position
-  ``p`` of a group takes ``v0`` where ``i0 == p``, ``v1`` where ``i1 == p``, else 0) and
-  accumulates the transposed tile ``tl.dot(w_tile, x_tile^T)`` in fp32 (the register-built
-  tile is the A operand; see the kernel).  The dense weight never reaches memory.
+* ``sparse_linear``: per step of ``BLOCK_K`` input columns a program loads
+  ``values [BLOCK_N, BLOCK_K/2]`` and the matching meta nibbles, expands them in registers to the
+  dense ``[BLOCK_N, BLOCK_K]`` weight tile (position ``p`` of a group takes ``v0`` where
+  ``i0 == p``, ``v1`` where ``i1 == p``, else 0) and accumulates the transposed tile
+  ``tl.dot(w_tile, x_tile^T)`` in fp32 (the register-built tile is the A operand; see the
+  kernel).  The dense weight never reaches memory.  Two launch shapes:
+
+  - large M (``M > 16``): each program owns a ``[BLOCK_M, BLOCK_N]`` tile of ``y`` and walks
+    all of K.
+  - decode (``M <= 16``), split-K: grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program ``(j, s)``
+    covers the contiguous K range ``[s * span, (s + 1) * span)``, ``span = cdiv(cdiv(K,
+    BLOCK_K), SPLIT_K) * BLOCK_K`` (whole steps, BLOCK_K a multiple of 64 so meta words never
+    straddle two splits), and writes its fp32 partial sums to a workspace ``[SPLIT_K, M, N]``
+    (``torch.empty``: every element is written, a split past K writes zeros).  A second kernel
+    sums the splits in order (deterministic: no atomics, same input -> same bits), adds the bias
+    in fp32 and casts to x's dtype.  M == 1 multiplies the expanded tile by the broadcast x row
+    and sums over K on the CUDA cores (no tensor-core layout conversion of the register-built
+    tile, no 15 wasted rows); 2 <= M <= 16 uses ``tl.dot`` with BLOCK_M=16 (one MMA row block;
+    the broadcast product ``[16, BLOCK_N, BLOCK_K]`` would not fit in registers).
+    SPLIT_K (:func:`decode_split_k`): enough splits for 4 programs per SM,
+    ``cdiv(4 * SMs, cdiv(N, 32))``, capped at ``K // 256`` and 16 (H200, 132 SMs: 4096x4096 and
+    4096x14336 -> 5 splits, 640 programs; 14336x4096 -> 2, 896 programs).  A first guess:
+    compiled for sm_80/sm_90 (triton 3.6 and 3.8), not yet run on a GPU.  The previous decode
+    launch (grid ``(1, N/BLOCK_N)``, all of K per program) ran at 0.09-0.27x of dense cuBLAS on
+    an H200 (benchmarks/results/gpu/h200_2026-11-28).
 * ``masked_linear`` (and its two gradient kernels): the weight tile is loaded with its mask
   (bool, or bit ``c % 8`` of byte ``c // 8`` when packed) and zeroed in registers; ``W * M``
   is never written to global memory.
 
 fp32 inputs use ``input_precision="ieee"`` (no TF32), matching ``F.linear``'s default.
 Autotuning (key: batch bucket, N, K and the dtypes), under ``TRITON_INTERPRET=1`` a single small
-config.  Compiled, not yet run on a GPU: the configs are the usual Triton GEMM starting points,
-not measured choices.  Few on purpose: every config of every key is compiled and timed on first
-use (about 1-3 s to compile, 0.15 s to time each), and the benchmark table alone has
+config (the split-K decode: BLOCK_N=16, BLOCK_K=64 and ``min(3, cdiv(K, 64))`` splits, so the
+tests run several splits).  The configs are the usual Triton GEMM starting points, not measured
+choices.  Few on purpose: every config of every key is compiled and timed on first use (about
+1-3 s to compile, 0.15 s to time each), and the benchmark table alone has
 4 shapes x 2 dtypes x 7 batch sizes = 56 keys per kernel.
 
-* decode (``M <= 16``): BLOCK_M=16 with (BLOCK_N, BLOCK_K) = (32, 128), (64, 128), (32, 256):
-  memory-bound, so narrow N tiles (N/32 = 128..448 programs for the benchmark's layers on
-  132 SMs) and long K steps;
+* sparse_linear decode (split-K): BLOCK_N=32 (fixed: the split rule counts N tiles of 32),
+  (BLOCK_K, warps) = (128, 4), (128, 8), (256, 8); register counts next to ``_SPLITK``;
+* masked_linear decode (``M <= 16``): BLOCK_M=16 with (BLOCK_N, BLOCK_K) = (32, 128), (64, 128),
+  (32, 256): memory-bound, so narrow N tiles and long K steps;
 * large M: (BLOCK_M, BLOCK_N) = (64, 64), (64, 128) for a batch bucket <= 256 (more programs
   when few rows of tiles exist) and (128, 128), (128, 256) above it, all BLOCK_K=64; each key
   times only the two configs of its range (``_prune_by_m``).
@@ -29,6 +50,7 @@ use (about 1-3 s to compile, 0.15 s to time each), and the benchmark table alone
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -138,8 +160,125 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-_sl_decode = triton.autotune(configs=_DECODE, key=_KEY)(_sparse_linear_kernel)
 _sl_large = triton.autotune(configs=_LARGE, key=_KEY, prune_configs_by=_PRUNE)(_sparse_linear_kernel)
+
+
+# ---------------------------------------------------------------- sparse_linear, decode (M <= 16): split-K
+@triton.jit
+def _sparse_linear_splitk_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, M, N, K, SPLIT_K, M_BUCKET,
+                                 sxm, sxk, svn, svk, smn, smk,
+                                 IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial sums ``ws[s, :M, n-tile]`` (fp32) over split ``s``'s K range; grid (N tiles, SPLIT_K).
+
+    Split ``s`` covers columns ``[s * steps * BLOCK_K, (s + 1) * steps * BLOCK_K) & [0, K)`` with
+    ``steps = cdiv(cdiv(K, BLOCK_K), SPLIT_K)``: whole BLOCK_K steps, so no step straddles two splits.
+    A split past K (possible when SPLIT_K does not divide the step count) writes zeros: every
+    element of ``ws[:SPLIT_K, :M, :N]`` is written by exactly one program.
+    BLOCK_M == 1: ``w * x`` broadcast and summed over K on the CUDA cores (no dot layout
+    conversion of the register-built tile); BLOCK_M == 16: ``tl.dot`` as in the large-M kernel.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_s * span
+    k_hi = tl.minimum(k_lo + span, K)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rh = tl.arange(0, BLOCK_K // 2)
+    rg = tl.arange(0, BLOCK_K // 4)
+    shifts = 4 * (rg % 4)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile, as in _sparse_linear_kernel
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + rk
+        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        hh = k0 // 2 + rh
+        gg = k0 // 4 + rg
+        v_ptrs = v_ptr + rn[:, None] * svn + hh[None, :] * svk
+        m_ptrs = meta_ptr + rn[:, None] * smn + (gg // 4)[None, :] * smk
+        w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
+                         (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
+        if BLOCK_M == 1:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1, keep_dims=True)
+        else:
+            acc = _dot(w, tl.trans(x), acc, IEEE, UPCAST)
+    acc = tl.trans(acc)
+    tl.store(ws_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, M, N, SPLIT_K, sym, syn,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """``y[m, n] = sum_s ws[s, m, n] (+ bias[n])`` in fp32, s in order (deterministic); grid (M, N tiles)."""
+    m = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = rn < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT_K):
+        acc += tl.load(ws_ptr + (s * M + m) * N + rn, mask=inb, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=inb, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * sym + rn * syn, acc.to(y_ptr.dtype.element_ty), mask=inb)
+
+
+_SPLIT_BLOCK_N = 16 if _INTERPRET else 32
+if _INTERPRET:
+    _SPLITK = [triton.Config({"BLOCK_N": _SPLIT_BLOCK_N, "BLOCK_K": 64}, num_warps=1, num_stages=1)]
+else:
+    # ptxas -v, sm_90a, fp16/bf16, BLOCK_M 1 / 16 (compiled, not run): (128, 4 warps) 114 / 153
+    # registers, (128, 8) 64-80 / 111, (256, 8) 148 / 164, no spills; (256, 4) was dropped: 224 / 246
+    # registers leave room for 2 programs per SM.
+    _SPLITK = [triton.Config({"BLOCK_N": _SPLIT_BLOCK_N, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for bk, w, s in ((128, 4, 4), (128, 8, 3), (256, 8, 3))]
+_sl_splitk = triton.autotune(configs=_SPLITK, key=_KEY)(_sparse_linear_splitk_kernel)
+_SPLIT_WAVES = 4  # programs >= 4 x the SM count (first guess: compiled, not yet run on a GPU)
+_SPLIT_MIN_COLS = 256  # each split gets at least one 256-column step of the largest BLOCK_K
+_SPLIT_MAX = 16
+_SPLIT_INTERPRET = 3  # under the interpreter: up to 3 splits of 64 columns, so tests exercise the split path
+_REDUCE_BLOCK = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def decode_split_k(N, K, device):
+    """SPLIT_K of the decode path for an ``[M <= 16, K] x [N, K]^T`` product on ``device``.
+
+    CUDA: ``cdiv(4 * SMs, cdiv(N, 32))`` (enough splits for 4 programs per SM), at most
+    ``K // 256`` and 16, at least 1; e.g. H200 (132 SMs) 4096x4096 -> 5 splits (640 programs),
+    14336x4096 -> 2 (896).  Under the interpreter (or on CPU): ``min(3, cdiv(K, 64))``.
+    """
+    if _INTERPRET or torch.device(device).type != "cuda":
+        return max(1, min(_SPLIT_INTERPRET, triton.cdiv(K, 64)))
+    dev = torch.device(device)
+    sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
+    want = triton.cdiv(_SPLIT_WAVES * sms, triton.cdiv(N, _SPLIT_BLOCK_N))
+    return max(1, min(want, K // _SPLIT_MIN_COLS, _SPLIT_MAX))
+
+
+def _sparse_linear_splitk(x, values, meta, bias, workspace=None):
+    """Decode path (``1 <= M <= 16``, ``N >= 1``).  ``workspace``: optional fp32
+    ``[SPLIT_K, M, N]`` (contiguous) for tests; by default ``torch.empty`` of that shape."""
+    M, K = x.shape
+    N = values.shape[0]
+    split = decode_split_k(N, K, x.device)
+    if workspace is None:
+        workspace = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    elif tuple(workspace.shape) != (split, M, N) or workspace.dtype != torch.float32 or not workspace.is_contiguous():
+        raise ValueError(f"workspace: got {tuple(workspace.shape)} {workspace.dtype}; "
+                         f"expected a contiguous float32 ({split}, {M}, {N})")
+    grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), split)  # noqa: E731
+    _sl_splitk[grid](x, values, meta, workspace, M, N, K, split, _bucket(M),
+                     x.stride(0), x.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
+                     IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype), BLOCK_M=1 if M == 1 else 16)
+    y = torch.empty(M, N, device=x.device, dtype=_out_dtype(x.dtype))
+    _splitk_reduce_kernel[(M, triton.cdiv(N, _REDUCE_BLOCK))](
+        workspace, bias if bias is not None else workspace, y, M, N, split, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK)
+    return y.to(x.dtype)
 
 
 def _bucket(m):
@@ -150,10 +289,12 @@ def sparse_linear(x, values, meta, bias, meta_dev):
     """``x [M, K]`` -> ``[M, N]``; see the module docstring.  ``meta_dev`` is ignored."""
     M, K = x.shape
     N = values.shape[0]
+    if 0 < M <= _DECODE_MAX_M and N > 0:
+        return _sparse_linear_splitk(x, values, meta, bias)
     y = torch.empty(M, N, device=x.device, dtype=_out_dtype(x.dtype))
     if M == 0 or N == 0:
         return y.to(x.dtype)
-    kern = _sl_decode if M <= _DECODE_MAX_M else _sl_large
+    kern = _sl_large
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     b = bias if bias is not None else y
     kern[grid](x, values, meta, b, y, M, N, K, _bucket(M),

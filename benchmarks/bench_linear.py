@@ -251,9 +251,12 @@ def contenders(device, ws, dtype):
         if fn is not None and R.why_unavailable("sparse_linear", "cuda", device) is None:
             for p in ws:
                 p["meta_dev"] = fn(p["meta"])
-            # the split-K mma.sp GEMM (csrc/cuda/linear.h), which backend="cuda" does not pick yet
+            # kernels backend="cuda" does not pick yet (csrc/cuda/linear.h): split-K mma.sp, wgmma.sp
             c["cuda:splitk"] = lambda x, p: L.sparse_linear_cuda_kernel(x, p["values"], p["meta"], kernel="splitk",
                                                                         meta_dev=p.get("meta_dev"))
+            if torch.cuda.get_device_capability(device) == (9, 0):  # Hopper's wgmma.sp kernel
+                c["cuda:wgmma"] = lambda x, p: L.sparse_linear_cuda_kernel(x, p["values"], p["meta"], kernel="wgmma",
+                                                                           meta_dev=p.get("meta_dev"))
     c["masked_linear"] = lambda x, p: sk.masked_linear(x, p["w"], p["packed"])
     c["masked_dense"] = lambda x, p: F.linear(x, p["w"] * p["mask"])
     return c

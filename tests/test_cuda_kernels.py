@@ -240,13 +240,27 @@ SPLITK_CASES = [(5, 200, 4096), (17, 136, 2064), (40, 300, 1040), (64, 48, 4096 
                 (300, 200, 2048)]
 
 
+def _need_wgmma():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("kernel='wgmma' runs on sm_90 GPUs only")
+    try:
+        x = torch.zeros(1, 64, dtype=torch.half, device="cuda")
+        w = torch.zeros(16, 32, dtype=torch.half, device="cuda")
+        OPS.sparse_linear_cuda_kernel(x, w, torch.full((16, 4), 0x4444, dtype=torch.int16, device="cuda"), None,
+                                      None, "wgmma")
+    except ValueError as e:  # a build without sm_90a code (TORCH_CUDA_ARCH_LIST without 9.0a)
+        pytest.skip(str(e))
+
+
 @requires_sm80
-@pytest.mark.parametrize("kernel", ["gemv", "gemm", "splitk"])
+@pytest.mark.parametrize("kernel", ["gemv", "gemm", "splitk", "wgmma"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", LINEAR_CASES + SPLITK_CASES)
 def test_sparse_linear_cuda_kernels(kernel, dtype, M, N, K):
     """Every kernel of the cuda backend, forced (sparse_linear_cuda_kernel), against fp64."""
     _need_linear_cuda()
+    if kernel == "wgmma":
+        _need_wgmma()
     if kernel == "gemv" and M > 16:
         with pytest.raises(ValueError, match="gemv takes at most 16 rows"):
             check_sparse_linear("cuda", "cuda", dtype, M, N, K, False, False, kernel=kernel)
@@ -258,11 +272,13 @@ def test_sparse_linear_cuda_kernels(kernel, dtype, M, N, K):
 
 
 @requires_sm80
-@pytest.mark.parametrize("kernel", ["splitk", "gemm"])
+@pytest.mark.parametrize("kernel", ["splitk", "gemm", "wgmma"])
 def test_sparse_linear_cuda_kernel_deterministic_and_capturable(kernel):
     """The split-K reduction runs in a fixed order (same bits every call) and allocates its
     workspace from the caching allocator without a host sync (so a CUDA graph can hold it)."""
     _need_linear_cuda()
+    if kernel == "wgmma":
+        _need_wgmma()
     y0 = check_sparse_linear("cuda", "cuda", torch.float16, 24, 200, 4096, True, True, kernel=kernel)
     gen = torch.Generator().manual_seed(24 * 7 + 200 + 4096)  # check_sparse_linear's inputs again
     w = torch.randn(200, 4096, generator=gen)
@@ -311,6 +327,9 @@ def test_sparse_linear_cuda_opcheck_and_errors():
         torch.library.opcheck(OPS.sparse_linear_cuda_kernel.default, (x, values, meta, None, None, kernel))
     with pytest.raises(ValueError, match="kernel: got 'wide'"):
         OPS.sparse_linear_cuda_kernel(x, values, meta, None, None, "wide")
+    if torch.cuda.get_device_capability() != (9, 0):
+        with pytest.raises(ValueError, match="kernel: 'wgmma' needs an sm_90 GPU"):
+            OPS.sparse_linear_cuda_kernel(x, values, meta, None, None, "wgmma")
 
 
 # ------------------------------------------------------------------ sparsegpt_block_update_cuda

@@ -254,7 +254,7 @@ def test_cuda_kernel_entry_checks_and_fake():
     from sparse_kernels.ops import linear as L
 
     x, values, meta, bias = _problem((2, 3), 8, 32, torch.float16)
-    with pytest.raises(ValueError, match="kernel: got 'wide', expected one of auto, gemv, gemm, splitk"):
+    with pytest.raises(ValueError, match="kernel: got 'wide', expected one of auto, gemv, gemm, splitk, wgmma"):
         L.sparse_linear_cuda_kernel(x, values, meta, kernel="wide")
     with pytest.raises(ValueError, match="x: last dim is 16"):
         L.sparse_linear_cuda_kernel(x[..., :16], values, meta, kernel="splitk")

@@ -5,7 +5,8 @@ Three kinds of checks, all on CPU:
 * an emulator of ``mma.sp.m16n8k32`` written from the PTX ISA's fragment description (not from
   our layout code) runs the exact data flow of both CUDA kernels of csrc/cuda/linear.cu (which
   lane loads which bytes, which word goes to which register, which selector) and must reproduce
-  ``x @ W.T`` exactly on integer data;
+  ``x @ W.T`` exactly on integer data; likewise ``wgmma.mma_async.sp`` (descriptors, core-matrix
+  shared-memory layout) for csrc/cuda/linear_wgmma.cu;
 * the same emulation with a deliberately wrong metadata form fails (the test can fail).
 CUDA-backend comparisons live in tests/test_cuda_kernels.py.
 """
@@ -227,6 +228,100 @@ def test_gemm_data_flow_matches_isa(N, K, M):
     w, x, values, meta = _problem(N, K, M, seed=2 * N + K + M)
     meta_dev = L.reorder_meta_mma(meta, backend="reference")
     y = emulate_gemm(x, values, meta_dev, N, K)
+    assert torch.equal(y, x @ w.T), (y - x @ w.T).abs().max()
+
+
+# ------------------------------------------------------------------ wgmma.sp kernel (linear_wgmma.cu)
+WG_BM, WG_BN, SBO = 256, 128, 128  # the kernel's kWgBM, kWgBN, kSbo
+A_LBO, X_LBO = WG_BM // 8 * 128, WG_BN // 8 * 128  # kALbo, kXLbo
+
+
+def desc_read(buf, start, lbo, sbo, rows, cols):
+    """A K-major, no-swizzle matrix [rows, cols] of 16-bit elements read through a wgmma
+    descriptor, as the PTX ISA describes it: core matrices of 8 rows x 16 bytes stored as 128
+    contiguous bytes, LBO between core matrices adjacent in K, SBO between those adjacent in
+    M/N; element (r, c) at byte start + (c // 8) * lbo + (r // 8) * sbo + (r % 8) * 16 + (c % 8) * 2."""
+    r = torch.arange(rows)[:, None]
+    c = torch.arange(cols)[None, :]
+    off = start + (c // 8) * lbo + (r // 8) * sbo + (r % 8) * 16 + (c % 8) * 2
+    assert int(off.max()) + 2 <= 2 * buf.numel(), "descriptor reads past its stage buffer"
+    return buf[off // 2]
+
+
+def wgmma_sp_m64n128k32(a_comp, b, e_words, sel):
+    """D [64, 128] = A @ B for one warpgroup, sparse A from the ISA: warp w gives rows
+    16w..16w+15 with the mma.m16n8k32 metadata layout (lanes t = 2*sel + h, groups 4h + j)."""
+    A = torch.zeros(64, 32, dtype=torch.float64)
+    for r in range(64):
+        w, rr = divmod(r, 16)
+        g, hi = rr % 8, int(rr >= 8)
+        for Lg in range(8):
+            word = int(e_words[w][4 * g + 2 * sel + Lg // 4]) & 0xFFFFFFFF
+            nib = (word >> (16 * hi + 4 * (Lg % 4))) & 0xF
+            i0, i1 = nib & 3, nib >> 2
+            assert i0 < i1, "ordered metadata needs i0 < i1"
+            A[r, 4 * Lg + i0] += a_comp[r, 2 * Lg]
+            A[r, 4 * Lg + i1] += a_comp[r, 2 * Lg + 1]
+    return A @ b
+
+
+def emulate_wgmma(x, values, meta_dev, N, K):
+    """The data flow of wgmma_kernel: cp.async chunk placement into the core-matrix layout
+    (shared memory poisoned with NaN first), the descriptors it builds, its metadata words,
+    its epilogue's accumulator indexing."""
+    M = x.shape[0]
+    nb, spans, _ = meta_dev.shape
+    nat = ref.natural_words(meta_dev)  # quad_transpose_nibbles
+    y = torch.full((M, N), float("nan"), dtype=torch.float64)
+    for n0 in range(0, N, WG_BM):
+        for m0 in range(0, M, WG_BN):
+            acc = torch.zeros(2, 2, 64, 128, dtype=torch.float64)
+            for s in range(spans):
+                kbase = 64 * s
+                abuf = torch.full((WG_BM * 64 // 2,), float("nan"), dtype=torch.float64)
+                xbuf = torch.full((WG_BN * 128 // 2,), float("nan"), dtype=torch.float64)
+                for c in range(4 * WG_BM):
+                    row, ck = c % WG_BM, c // WG_BM
+                    ok = n0 + row < N and kbase + 16 * ck + 16 <= K
+                    dst = (ck * A_LBO + (row >> 3) * SBO + (row & 7) * 16) // 2
+                    abuf[dst:dst + 8] = _get(values, n0 + row, 32 * s + 8 * ck, 8) if ok else 0
+                for c in range(8 * WG_BN):
+                    row, ck = c % WG_BN, c // WG_BN
+                    ok = m0 + row < M and kbase + 8 * ck + 8 <= K
+                    dst = (ck * X_LBO + (row >> 3) * SBO + (row & 7) * 16) // 2
+                    xbuf[dst:dst + 8] = _get(x, m0 + row, kbase + 8 * ck, 8) if ok else 0
+                ebuf = [[int(nat[n0 // 16 + b, s, ln]) if n0 // 16 + b < nb else 0x44444444 for ln in range(32)]
+                        for b in range(WG_BM // 16)]
+                for wgi in range(2):
+                    for b in range(2):
+                        words = [ebuf[wgi * 8 + b * 4 + wq] for wq in range(4)]
+                        for ks in range(2):
+                            a_comp = desc_read(abuf, wgi * 2048 + b * 1024 + 2 * ks * A_LBO, A_LBO, SBO, 64, 16)
+                            bmat = desc_read(xbuf, 4 * ks * X_LBO, X_LBO, SBO, 128, 32).T  # B = x^T: [K, N]
+                            acc[wgi, b] += wgmma_sp_m64n128k32(a_comp, bmat, words, ks)
+            for wgi in range(2):
+                for b in range(2):
+                    for wq in range(4):
+                        for lane in range(32):
+                            g, t = divmod(lane, 4)
+                            for h in range(2):
+                                row = n0 + wgi * 128 + b * 64 + wq * 16 + g + 8 * h
+                                for j in range(16):
+                                    for c in range(2):
+                                        n = m0 + 8 * j + 2 * t + c
+                                        # register d[4j + 2h + c] of this lane, from the ISA's D layout
+                                        d = acc[wgi, b, 16 * wq + g + 8 * h, 8 * j + 2 * t + c]
+                                        if row < N and n < M:
+                                            y[n, row] = d
+    return y
+
+
+@pytest.mark.parametrize("N,K,M", [(40, 80, 5), (300, 208, 130)])
+def test_wgmma_data_flow_matches_isa(N, K, M):
+    """Two CTAs along N and M where the shape allows, K tails inside a span, rows past N."""
+    w, x, values, meta = _problem(N, K, M, seed=3 * N + K + M)
+    meta_dev = L.reorder_meta_mma(meta, backend="reference")
+    y = emulate_wgmma(x, values, meta_dev, N, K)
     assert torch.equal(y, x @ w.T), (y - x @ w.T).abs().max()
 
 

@@ -44,9 +44,28 @@
 #include <type_traits>
 
 #include "linear.h"
+#include "ptx.cuh"
 
 namespace sk {
 namespace {
+
+using ptx::cp_async16;
+using ptx::cp_async_commit;
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::Mma;
+using ptx::quad_transpose_nibbles;
+
+template <typename T>
+struct Dtype;
+template <>
+struct Dtype<__half> {
+  static constexpr int code = kF16;
+};
+template <>
+struct Dtype<__nv_bfloat16> {
+  static constexpr int code = kBF16;
+};
 
 // ------------------------------------------------------------------ metadata layout kernels
 
@@ -89,77 +108,6 @@ __global__ void unreorder_meta_kernel(const int32_t* __restrict__ meta_dev, int6
     }
     meta[i] = static_cast<int16_t>(static_cast<uint16_t>(w));
   }
-}
-
-// ------------------------------------------------------------------ PTX helpers
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
-  template <int kSel>
-  __device__ static void sp(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(kSel));
-  }
-  __device__ static __half from_float(float v) { return __float2half_rn(v); }
-  __device__ static float to_float(__half v) { return __half2float(v); }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  template <int kSel>
-  __device__ static void sp(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[4], uint32_t e) {
-    asm volatile(
-        "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
-        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, %13;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "r"(b[2]), "r"(b[3]), "r"(e),
-          "n"(kSel));
-  }
-  __device__ static __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  __device__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-};
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes = 0 zero-fills the destination (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const int n = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kN>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kN) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-// Natural per-lane metadata word (lane t: canonical chunk t of rows g, g+8) from meta_dev's
-// transposed word (lane t: nibble t of chunks 0..3): a 4 x 4 nibble transpose inside each quad.
-__device__ __forceinline__ uint32_t quad_transpose_nibbles(uint32_t v, int lane) {
-  const int t = lane & 3;
-  uint32_t out = 0;
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t u = __shfl_sync(0xffffffffu, v, (lane & ~3) | j);
-    out |= ((u >> (4 * t)) & 0xFu) << (4 * j);
-    out |= ((u >> (16 + 4 * t)) & 0xFu) << (16 + 4 * j);
-  }
-  return out;
 }
 
 // ------------------------------------------------------------------ decode kernel (M <= 16)
@@ -457,6 +405,7 @@ int64_t tile_rows(int tile) {
       return 64;
     case kTile128x128:
     case kTile64x128:
+    case kTileWgmma:
       return 128;
     default:
       return 1 << 30;  // the GEMV: one CTA per 16 output features, any M <= 16
@@ -508,6 +457,8 @@ cudaError_t linear_typed(const void* x, const void* values, const int32_t* meta_
       return launch_gemm<T, 2, 2, 4>(xp, vp, ep, bp, yp, ws, plan.split, m, n, k, stream);
     case kTile128x32:
       return launch_gemm<T, 2, 1, 4>(xp, vp, ep, bp, yp, ws, plan.split, m, n, k, stream);
+    case kTileWgmma:
+      return sparse_linear_wgmma_launch(x, values, meta_dev, bias, y, M, N, K, Dtype<T>::code, stream);
     default:
       return cudaErrorInvalidValue;
   }
@@ -561,6 +512,9 @@ cudaError_t sparse_linear_plan(int64_t M, int64_t N, int64_t K, int kernel, Line
       if (p.split > 1) p.ws_elems = static_cast<int64_t>(p.split) * M * N;
       break;
     }
+    case kLinWgmma:
+      p.tile = kTileWgmma;
+      break;
     default:
       return cudaErrorInvalidValue;
   }

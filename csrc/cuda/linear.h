@@ -24,8 +24,11 @@ cudaError_t unreorder_meta_mma_launch(const int32_t* meta_dev, int64_t rows, int
 //   kLinSplitK the GEMM with 128 x 32/64/128 tiles (by M) and K split across CTAs (fp32 partials in
 //              a workspace, then a deterministic reduction): for mid-size batches, where the plain
 //              GEMM has too few CTAs to stream the weight.  Compiled, not yet run on a GPU.
-enum LinearKernel : int { kLinAuto = 0, kLinGemv = 1, kLinGemm = 2, kLinSplitK = 3 };
-enum LinearTile : int { kTileGemv8, kTileGemv16, kTile128x128, kTile64x128, kTile128x64, kTile128x32 };
+//   kLinWgmma  Hopper's warpgroup sparse MMA (linear_wgmma.cu, sm_90a builds on sm_90 devices
+//              only: sparse_linear_wgmma_supported()), 256 x 128 tiles, for large batches.
+//              Compiled, not yet run on a GPU.
+enum LinearKernel : int { kLinAuto = 0, kLinGemv = 1, kLinGemm = 2, kLinSplitK = 3, kLinWgmma = 4 };
+enum LinearTile : int { kTileGemv8, kTileGemv16, kTile128x128, kTile64x128, kTile128x64, kTile128x32, kTileWgmma };
 
 // Split-K rule (first guesses, compiled, not yet run on a GPU): split until the grid has about
 // kSplitKWaves CTAs per SM, each CTA keeping >= kSplitKMinSpans spans of 64 columns, <= kSplitKMax splits.
@@ -52,5 +55,11 @@ cudaError_t sparse_linear_plan(int64_t M, int64_t N, int64_t K, int kernel, Line
 cudaError_t sparse_linear_launch(const void* x, const void* values, const int32_t* meta_dev, const void* bias,
                                  void* y, int64_t M, int64_t N, int64_t K, int dtype, const LinearPlan& plan,
                                  float* ws, int64_t ws_elems, cudaStream_t stream);
+
+// linear_wgmma.cu: whether the current device can run kLinWgmma (an sm_90 GPU, and this build
+// has sm_90a code), and its launcher (same contract as sparse_linear_launch, no workspace).
+bool sparse_linear_wgmma_supported();
+cudaError_t sparse_linear_wgmma_launch(const void* x, const void* values, const int32_t* meta_dev, const void* bias,
+                                       void* y, int64_t M, int64_t N, int64_t K, int dtype, cudaStream_t stream);
 
 }  // namespace sk

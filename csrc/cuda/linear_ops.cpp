@@ -4,7 +4,7 @@
 //   sparse_kernels::sparse_linear_cuda(Tensor x, Tensor values, Tensor meta, Tensor? bias,
 //                                      Tensor? meta_dev) -> Tensor
 //   sparse_kernels::sparse_linear_cuda_kernel(..., str kernel) -> Tensor: the same with the kernel
-//     named (auto | gemv | gemm | splitk; csrc/cuda/linear.h), for benchmarks and tests.
+//     named (auto | gemv | gemm | splitk | wgmma; csrc/cuda/linear.h), for benchmarks and tests.
 // Schemas live in Python (sparse_kernels/ops/mma_layout.py; the linear family's module).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -116,7 +116,7 @@ at::Tensor run_sparse_linear(const at::Tensor& x, const at::Tensor& values, cons
   sk::LinearPlan plan;
   TORCH_CHECK_VALUE(sk::sparse_linear_plan(M, N, K, kernel, &plan) == cudaSuccess, "kernel: '", kernel_name,
                     "' cannot run x of shape ", x.sizes(), kernel == sk::kLinGemv ? " (gemv takes at most 16 rows)" : "",
-                    "; use kernel='auto', 'gemm' or 'splitk'");
+                    "; use kernel='auto', 'gemm', 'splitk' or 'wgmma'");
   at::Tensor md;
   if (meta_dev.has_value()) {
     check_same_device(*meta_dev, "meta_dev", x, "x");
@@ -153,7 +153,13 @@ at::Tensor sparse_linear_cuda_kernel(const at::Tensor& x, const at::Tensor& valu
   if (name == "gemv") code = sk::kLinGemv;
   if (name == "gemm") code = sk::kLinGemm;
   if (name == "splitk") code = sk::kLinSplitK;
-  TORCH_CHECK_VALUE(code >= 0, "kernel: got '", name, "', expected one of auto, gemv, gemm, splitk");
+  if (name == "wgmma") code = sk::kLinWgmma;
+  TORCH_CHECK_VALUE(code >= 0, "kernel: got '", name, "', expected one of auto, gemv, gemm, splitk, wgmma");
+  if (code == sk::kLinWgmma) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    TORCH_CHECK_VALUE(sk::sparse_linear_wgmma_supported(), "kernel: 'wgmma' needs an sm_90 GPU (H100/H200) and a build ",
+                      "with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a); ", x.device(), " cannot run it here");
+  }
   return run_sparse_linear(x, values, meta, bias, meta_dev, code, name);
 }
 

@@ -24,6 +24,7 @@ grad ops of the backend that ran the forward where that backend has them, else t
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 
@@ -232,7 +233,7 @@ R.impl_python("sparse_linear", "decompress", _sparse_linear_decompress, ["cpu", 
 # The cuda backend with its kernel named (csrc/cuda/linear.h): what ``backend="cuda"`` runs is
 # "auto" there (the GEMV up to batch 16, the GEMM above: the kernels the first GPU run measured);
 # benchmarks and tests reach the others through this op.  CUDA only, no autograd.
-CUDA_KERNELS = ("auto", "gemv", "gemm", "splitk")
+CUDA_KERNELS = ("auto", "gemv", "gemm", "splitk", "wgmma")
 CUDA_KERNEL_OP = "sparse_linear_cuda_kernel"
 R.LIB.define(CUDA_KERNEL_OP + "(Tensor x, Tensor values, Tensor meta, Tensor? bias, Tensor? meta_dev, str kernel)"
              " -> Tensor")
@@ -326,7 +327,8 @@ def _call(name, backend, x2, *args):
 
 
 def _flatten(x):
-    return x.reshape(-1, x.shape[-1]), x.shape[:-1]
+    # not reshape(-1, K): that cannot infer -1 when K == 0
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), x.shape[:-1]
 
 
 def _check_bias(bias, n, x):
@@ -377,7 +379,9 @@ def sparse_linear_cuda_kernel(x, values, meta, bias=None, *, kernel="auto", meta
     ``kernel``: ``auto`` (what ``backend="cuda"`` runs), ``gemv`` (the decode kernel, at most 16
     rows of x after flattening), ``gemm`` (the cp.async mma.sp GEMM), ``splitk`` (the GEMM with
     32/64/128-row batch tiles and K split across CTAs, for mid-size batches; compiled, not yet run
-    on a GPU).  Same arguments and result as :func:`sparse_linear` otherwise; no autograd.
+    on a GPU), ``wgmma`` (Hopper's warpgroup sparse MMA, 256 x 128 tiles, for large batches;
+    sm_90 GPUs with an sm_90a build only; compiled, not yet run on a GPU).  Same arguments and
+    result as :func:`sparse_linear` otherwise; no autograd.
     Raises ValueError for an unknown kernel or one that cannot take this batch, and
     ``BackendUnavailableError`` where the cuda backend is not built or x is not on a GPU.
     """

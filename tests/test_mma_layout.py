@@ -281,12 +281,12 @@ def emulate_wgmma(x, values, meta_dev, N, K):
                 abuf = torch.full((WG_BM * 64 // 2,), float("nan"), dtype=torch.float64)
                 xbuf = torch.full((WG_BN * 128 // 2,), float("nan"), dtype=torch.float64)
                 for c in range(4 * WG_BM):
-                    row, ck = c % WG_BM, c // WG_BM
+                    row, ck = (c >> 1) % WG_BM, 2 * (c // (2 * WG_BM)) + (c & 1)
                     ok = n0 + row < N and kbase + 16 * ck + 16 <= K
                     dst = (ck * A_LBO + (row >> 3) * SBO + (row & 7) * 16) // 2
                     abuf[dst:dst + 8] = _get(values, n0 + row, 32 * s + 8 * ck, 8) if ok else 0
                 for c in range(8 * WG_BN):
-                    row, ck = c % WG_BN, c // WG_BN
+                    row, ck = (c >> 1) % WG_BN, 2 * (c // (2 * WG_BN)) + (c & 1)
                     ok = m0 + row < M and kbase + 8 * ck + 8 <= K
                     dst = (ck * X_LBO + (row >> 3) * SBO + (row & 7) * 16) // 2
                     xbuf[dst:dst + 8] = _get(x, m0 + row, kbase + 8 * ck, 8) if ok else 0

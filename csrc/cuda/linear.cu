@@ -467,7 +467,8 @@ cudaError_t linear_typed(const void* x, const void* values, const int32_t* meta_
 }  // namespace
 
 cudaError_t sparse_linear_plan(int64_t M, int64_t N, int64_t K, int kernel, LinearPlan* plan) {
-  if (plan == nullptr || M < 0 || N < 0 || K < 0 || K % 16 != 0 || M > INT32_MAX || N > INT32_MAX ||
+  // M, N stay 256 below INT32_MAX so tile offsets (n0 + row, m0 + row) never overflow an int
+  if (plan == nullptr || M < 0 || N < 0 || K < 0 || K % 16 != 0 || M > INT32_MAX - 256 || N > INT32_MAX - 256 ||
       K > INT32_MAX)
     return cudaErrorInvalidValue;
   LinearPlan p;
@@ -544,7 +545,7 @@ cudaError_t sparse_linear_launch(const void* x, const void* values, const int32_
                                  void* y, int64_t M, int64_t N, int64_t K, int dtype, const LinearPlan& plan,
                                  float* ws, int64_t ws_elems, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (K % 16 != 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX ||
+  if (K % 16 != 0 || M > INT32_MAX - 256 || N > INT32_MAX - 256 || K > INT32_MAX ||
       (M + tile_rows(plan.tile) - 1) / tile_rows(plan.tile) > 65535 || plan.split < 1 ||
       (plan.ws_elems > 0 && (ws == nullptr || ws_elems < plan.ws_elems)) ||
       (plan.split > 1 && plan.ws_elems < static_cast<int64_t>(plan.split) * M * N))

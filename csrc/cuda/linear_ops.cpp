@@ -113,6 +113,10 @@ at::Tensor run_sparse_linear(const at::Tensor& x, const at::Tensor& values, cons
     check_same_device(*bias, "bias", x, "x");
   }
   const c10::cuda::CUDAGuard guard(x.device());  // before the plan: it reads this device's SM count
+  if (kernel == sk::kLinWgmma) {
+    TORCH_CHECK_VALUE(sk::sparse_linear_wgmma_supported(), "kernel: 'wgmma' needs an sm_90 GPU (H100/H200) and a build ",
+                      "with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a); ", x.device(), " cannot run it here");
+  }
   sk::LinearPlan plan;
   TORCH_CHECK_VALUE(sk::sparse_linear_plan(M, N, K, kernel, &plan) == cudaSuccess, "kernel: '", kernel_name,
                     "' cannot run x of shape ", x.sizes(), kernel == sk::kLinGemv ? " (gemv takes at most 16 rows)" : "",
@@ -155,11 +159,6 @@ at::Tensor sparse_linear_cuda_kernel(const at::Tensor& x, const at::Tensor& valu
   if (name == "splitk") code = sk::kLinSplitK;
   if (name == "wgmma") code = sk::kLinWgmma;
   TORCH_CHECK_VALUE(code >= 0, "kernel: got '", name, "', expected one of auto, gemv, gemm, splitk, wgmma");
-  if (code == sk::kLinWgmma) {
-    const c10::cuda::CUDAGuard guard(x.device());
-    TORCH_CHECK_VALUE(sk::sparse_linear_wgmma_supported(), "kernel: 'wgmma' needs an sm_90 GPU (H100/H200) and a build ",
-                      "with sm_90a code (TORCH_CUDA_ARCH_LIST containing 9.0a); ", x.device(), " cannot run it here");
-  }
   return run_sparse_linear(x, values, meta, bias, meta_dev, code, name);
 }
 

@@ -71,6 +71,12 @@ struct WgSmem {
 #define SK_HAS_WGMMA 0
 #endif
 
+// 1 in the sm_90a cubin, 0 in every other one (sm_80, plain sm_90, a PTX JIT): read back from
+// the image the device actually loaded, so a build whose kernel body is the empty stub is never
+// launched (binaryVersion alone cannot tell: a plain-sm_90 cubin or a JIT of compute_80 PTX on an
+// H100 also reports 90).
+__device__ int sk_wgmma_body = SK_HAS_WGMMA;
+
 #if SK_HAS_WGMMA
 __device__ __forceinline__ uint64_t gmma_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
@@ -170,14 +176,16 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const int kbase = 64 * s;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // A: 256 rows x 4 chunks of 16 B (8 compressed values)
-      const int c = tid + i * kWgThreads, row = c % kWgBM, ck = c / kWgBM;
+      // lane pairs take adjacent chunks of one row (full 32-byte sectors from L2); the shared
+      // memory slot depends only on row & 7, so the warp's 32 writes still take 4 wavefronts
+      const int c = tid + i * kWgThreads, row = (c >> 1) % kWgBM, ck = 2 * (c / (2 * kWgBM)) + (c & 1);
       const bool ok = (n0 + row < N) && (kbase + 16 * ck + 16 <= K);
       const T* src = ok ? values + static_cast<int64_t>(n0 + row) * pitch + 32 * s + 8 * ck : values;
       cp_async16(sm.a[stage] + ck * kALbo + (row >> 3) * kSbo + (row & 7) * 16, src, ok);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {  // x: 128 rows x 8 chunks of 16 B (8 inputs)
-      const int c = tid + i * kWgThreads, row = c % kWgBN, ck = c / kWgBN;
+      const int c = tid + i * kWgThreads, row = (c >> 1) % kWgBN, ck = 2 * (c / (2 * kWgBN)) + (c & 1);
       const bool ok = (m0 + row < M) && (kbase + 8 * ck + 8 <= K);
       const T* src = ok ? x + static_cast<int64_t>(m0 + row) * K + kbase + 8 * ck : x;
       cp_async16(sm.x[stage] + ck * kXLbo + (row >> 3) * kSbo + (row & 7) * 16, src, ok);
@@ -256,26 +264,36 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       }
     }
   }
+#else
+  __trap();  // never launched (supported_here() reads sk_wgmma_body); fail loudly if it ever is
 #endif  // SK_HAS_WGMMA
 }
 
-// Only an sm_90a binary has the kernel's body, and only an sm_90 device runs it: anything else
-// would launch the empty stub.
-template <typename T>
-bool supported() {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess)
+// Whether the current device runs the real kernel: an sm_90 GPU whose loaded image is the sm_90a
+// one (sk_wgmma_body == 1).  Queried once per device (the symbol read is a synchronous copy, so
+// the first call must not be inside a CUDA-graph capture) and cached; a failed query leaves no
+// sticky "last error" behind.
+bool supported_here() {
+  static int cached[64] = {0};  // 0 unknown, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+    cudaGetLastError();
     return false;
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, wgmma_kernel<T>) != cudaSuccess) return false;
-  return major == 9 && attr.binaryVersion == 90;
+  }
+  if (cached[dev] == 0) {
+    int major = 0, body = 0;
+    bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+    ok = ok && cudaMemcpyFromSymbol(&body, sk_wgmma_body, sizeof(int)) == cudaSuccess && body == 1;
+    if (!ok) cudaGetLastError();
+    cached[dev] = ok ? 1 : -1;
+  }
+  return cached[dev] == 1;
 }
 
 template <typename T>
 cudaError_t launch(const void* x, const void* values, const int32_t* meta_dev, const void* bias, void* y, int M, int N,
                    int K, cudaStream_t stream) {
-  if (!supported<T>()) return cudaErrorNotSupported;
+  if (!supported_here()) return cudaErrorNotSupported;
   const int smem = static_cast<int>(sizeof(WgSmem));
   cudaError_t err = cudaFuncSetAttribute(wgmma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -288,14 +306,13 @@ cudaError_t launch(const void* x, const void* values, const int32_t* meta_dev, c
 
 }  // namespace
 
-bool sparse_linear_wgmma_supported() {
-  return supported<__half>() && supported<__nv_bfloat16>();
-}
+bool sparse_linear_wgmma_supported() { return supported_here(); }
 
 cudaError_t sparse_linear_wgmma_launch(const void* x, const void* values, const int32_t* meta_dev, const void* bias,
                                        void* y, int64_t M, int64_t N, int64_t K, int dtype, cudaStream_t stream) {
   if (M == 0 || N == 0) return cudaSuccess;
-  if (K % 16 != 0 || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX || (M + kWgBN - 1) / kWgBN > 65535)
+  if (K % 16 != 0 || M > INT32_MAX - 256 || N > INT32_MAX - 256 || K > INT32_MAX ||
+      (M + kWgBN - 1) / kWgBN > 65535)
     return cudaErrorInvalidValue;
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   switch (dtype) {

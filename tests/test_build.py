@@ -219,3 +219,45 @@ def test_statically_linked_libstdcxx_stays_private(tmp_path, private):
         pytest.skip("an exported static libstdc++ formats correctly on this machine")
     else:  # reproduced: a garbled message or a crash (a negative return code is the signal)
         assert run.returncode < 0 or "MESSAGE: probe: got" in run.stdout, (run.returncode, run.stderr[-2000:])
+
+
+def test_package_works_without_triton():
+    """triton is optional on CPU: with its import blocked the package imports, the cpp and
+    reference backends run, and backend="triton" raises BackendUnavailableError saying why."""
+    script = r'''
+import sys
+
+
+class _NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ImportError("triton is blocked for this test")
+
+
+sys.meta_path.insert(0, _NoTriton())
+import torch
+import sparse_kernels as sk
+from sparse_kernels.ops import _registry as R
+
+assert "triton" not in sys.modules
+w = torch.randn(8, 32)
+values, meta = sk.compress_2to4(w, prune=True)
+x = torch.randn(2, 32)
+want = x.double() @ sk.decompress_2to4(values, meta).double().T
+for b in ("reference",) + (("cpp",) if "cpp" in R.available("sparse_linear", "cpu") else ()):
+    y = sk.sparse_linear(x, values, meta, backend=b)
+    assert torch.allclose(y.double(), want, atol=1e-5), b
+assert "triton" not in R.available("sparse_linear", "cpu")
+try:
+    sk.sparse_linear(x, values, meta, backend="triton")
+except sk.BackendUnavailableError as e:
+    assert "triton is not installed" in str(e), e
+else:
+    raise AssertionError("backend='triton' ran without triton")
+print("OK")
+'''
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr

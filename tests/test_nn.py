@@ -191,6 +191,21 @@ def test_compile_fullgraph(pattern):
     assert_close(got, want, "compiled")
 
 
+@pytest.mark.parametrize("pattern", ["2:4", None])
+def test_compile_fullgraph_inductor(pattern):
+    """The default torch.compile backend (inductor) over a model holding SparseLinear layers: our
+    ops stay opaque custom ops in its graph, the code around them is generated, the result
+    matches eager."""
+    torch._dynamo.reset()
+    model = nn.Sequential(SparseLinear.from_dense(_linear(48, 32), pattern=pattern), nn.GELU(),
+                          SparseLinear.from_dense(_linear(32, 16), pattern=pattern))
+    x = _x(5, 48)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    assert_close(got, want, "inductor")
+
+
 def test_compile_fullgraph_training():
     sl = SparseLinear.from_dense(_linear(32, 8))
     x = _x(4, 32)

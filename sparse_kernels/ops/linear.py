@@ -415,7 +415,12 @@ def _check_mask(mask, weight):
 
 
 def masked_linear(x, weight, mask, bias=None, *, backend=None):
-    """``y = x @ (weight * mask).T + bias`` for any sparsity pattern, fused (W*M is never stored).
+    """``y = x @ (weight * mask).T + bias`` for any sparsity pattern.
+
+    The cpp and triton backends are fused (W*M is never stored).  On CUDA ``auto`` takes the
+    reference, which forms W*M for one call and runs cuBLAS: it was faster than the fused Triton
+    kernel at every measured shape (H200, see the comment above ``_masked_linear_auto``); pass
+    ``backend="triton"`` when memory, not time, is short.
 
     Args:
         x: ``[..., K]`` float16/bfloat16/float32; weight: ``[N, K]``, x's dtype.

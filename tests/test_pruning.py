@@ -293,10 +293,19 @@ def test_hf_model_end_to_end(arch, method, spec):
     assert len(blocks) == 2
     probe = blocks[1].self_attn.q_proj if arch == "llama" else blocks[1].attn.c_attn
     seen = []
+    w_of = (lambda m: m.weight.detach()) if arch == "llama" else (lambda m: m.weight.detach().t())  # [out, in]
+    w0 = w_of(probe).double().clone()
     h = probe.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     rep = prune(model, method, spec, calibration=ids, batch_size=4, progress=False)
     h.remove()
     assert len(rep.layers) == (14 if arch == "llama" else 8)
+    assert all(r.output_error is not None and 0 < r.output_error < 1 for r in rep.layers)
+    # the probe's (Linear / GPT-2 Conv1D) output error, by hand from its input in the pruned pass
+    x = seen[-1].double().reshape(-1, w0.shape[1])
+    want = ((x @ (w0 - w_of(probe).double()).T).norm() / (x @ w0.T).norm()).item()
+    probe_name = "self_attn.q_proj" if arch == "llama" else "attn.c_attn"
+    got = next(r.output_error for r in rep.layers if r.block == 1 and r.name == probe_name)
+    assert abs(got - want) <= 1e-5 * want, (got, want)
     assert all(r.sparsity == 0.5 for r in rep.layers)
     if spec == "2:4":
         w = probe.weight if arch == "llama" else probe.weight.t()

@@ -429,6 +429,22 @@ def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
             h.remove()
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _block_error(pruned_out: list, dense_out: list) -> float:
+    """``||pruned - dense|| / ||dense||`` over all batches; sums on the device, one host read."""
+    dev = dense_out[0].device
+    sums = torch.zeros(2, dtype=_sum_dtype(dev), device=dev)
+    for p, d in zip(pruned_out, dense_out):
+        d = d.float()
+        sums[0] += (p.float() - d).pow(2).sum(dtype=sums.dtype)
+        sums[1] += d.pow(2).sum(dtype=sums.dtype)
+    num, den = sums.tolist()
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
 class _OutputError:
     """Forward hook summing ``||x (W0 - W)^T||^2`` and ``||x W0^T||^2`` over every call of one
     layer: ``W0`` its original weight ``[out, in]``, ``W`` the current (pruned) one, ``x`` the
@@ -437,8 +453,7 @@ class _OutputError:
 
     def __init__(self, w0: torch.Tensor):
         self.w0 = w0
-        acc = torch.float32 if w0.device.type == "mps" else torch.float64
-        self.sums = torch.zeros(2, dtype=acc, device=w0.device)
+        self.sums = torch.zeros(2, dtype=_sum_dtype(w0.device), device=w0.device)
         self.calls = 0
         self.applicable = True
 
@@ -600,9 +615,7 @@ def prune(
                 finally:
                     for h in handles:
                         h.remove()
-                num = sum(float((p.float() - d.float()).pow(2).sum()) for p, d in zip(pruned_out, dense_out))
-                den = sum(float(d.float().pow(2).sum()) for d in dense_out)
-                err = (num / den) ** 0.5 if den > 0 else 0.0
+                err = _block_error(pruned_out, dense_out)
                 inputs = [(o, args, kw) for o, (_, args, kw) in zip(pruned_out, inputs)]
                 del dense_out, pruned_out
                 for r in layer_reports:

@@ -293,10 +293,19 @@ def test_hf_model_end_to_end(arch, method, spec):
     assert len(blocks) == 2
     probe = blocks[1].self_attn.q_proj if arch == "llama" else blocks[1].attn.c_attn
     seen = []
+    w_of = (lambda m: m.weight.detach()) if arch == "llama" else (lambda m: m.weight.detach().t())  # [out, in]
+    w0 = w_of(probe).double().clone()
     h = probe.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach().clone()))
     rep = prune(model, method, spec, calibration=ids, batch_size=4, progress=False)
     h.remove()
     assert len(rep.layers) == (14 if arch == "llama" else 8)
+    assert all(r.output_error is not None and 0 < r.output_error < 1 for r in rep.layers)
+    # the probe's (Linear / GPT-2 Conv1D) output error, by hand from its input in the pruned pass
+    x = seen[-1].double().reshape(-1, w0.shape[1])
+    want = ((x @ (w0 - w_of(probe).double()).T).norm() / (x @ w0.T).norm()).item()
+    probe_name = "self_attn.q_proj" if arch == "llama" else "attn.c_attn"
+    got = next(r.output_error for r in rep.layers if r.block == 1 and r.name == probe_name)
+    assert abs(got - want) <= 1e-5 * want, (got, want)
     assert all(r.sparsity == 0.5 for r in rep.layers)
     if spec == "2:4":
         w = probe.weight if arch == "llama" else probe.weight.t()
@@ -360,3 +369,162 @@ def test_training_mode_restored():
     model = ToyModel(n=1).train()
     prune(model, "wanda", 0.5, calibration=torch.randn(2, 8), blocks=model.blocks, progress=False)
     assert model.training
+
+
+# ---------------------------------------------------------------- per-layer output error
+class OneLinear(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class Residual(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+@pytest.mark.parametrize("method,spec", [("sparsegpt", 0.5), ("sparsegpt", "2:4"), ("wanda", 0.6), ("magnitude", "4:8")])
+def test_output_error_of_a_single_linear_block_is_the_hand_computed_one(method, spec):
+    torch.manual_seed(3)
+    model = Stack([OneLinear(48, 40)])
+    fc = model.blocks[0].fc
+    fc.bias.data.normal_()  # the measure is bias-free: X W^T, not the layer's output
+    W0 = fc.weight.detach().clone().double()
+    X = correlated_inputs(70, 48, seed=4)
+    batches = [X[:30].view(3, 10, 48), X[30:33], X[33:]]  # several batches, any leading shape
+    rep = prune(model, method, spec, calibration=batches, blocks=model.blocks, progress=False)
+    W1 = fc.weight.detach().double()
+    Xd = X.double()
+    want = ((Xd @ W0.T - Xd @ W1.T).norm() / (Xd @ W0.T).norm()).item()
+    (r,) = rep.layers
+    assert r.name == "fc" and r.output_error is not None and want > 0.01
+    assert abs(r.output_error - want) <= 1e-5 * want, (r.output_error, want)
+    assert (r.loss is not None) == (method == "sparsegpt")  # SparseGPT's own objective, unchanged
+
+
+def test_output_error_same_with_convert_and_device():
+    torch.manual_seed(5)
+    base = Stack([Residual(32) for _ in range(2)])
+    calib = correlated_inputs(96, 32, seed=6).view(6, 16, 32)
+    errs = []
+    for kw in ({}, {"convert": True}, {"device": "cpu"}):
+        model = copy.deepcopy(base)
+        rep = prune(model, "sparsegpt", "2:4", calibration=calib, blocks=model.blocks, progress=False, **kw)
+        errs.append([r.output_error for r in rep.layers])
+    assert len(errs[0]) == 4 and all(e is not None and 0 < e < 1 for e in errs[0])
+    assert errs[1] == errs[0] and errs[2] == errs[0]
+
+
+@pytest.mark.parametrize("spec", [0.5, "2:4"])
+def test_sparsegpt_output_error_below_magnitude_layer_by_layer(spec):
+    torch.manual_seed(7)
+    base = Stack([Residual(64) for _ in range(2)])
+    calib = correlated_inputs(1024, 64, rank=8, seed=8).view(8, 128, 64)
+    reports = {}
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        model = copy.deepcopy(base)
+        reports[method] = prune(model, method, spec, calibration=calib, blocks=model.blocks, progress=False)
+    sg, wa, mg = (reports[k].layers for k in ("sparsegpt", "wanda", "magnitude"))
+    assert [(r.block, r.name) for r in sg] == [(r.block, r.name) for r in mg] == [(r.block, r.name) for r in wa]
+    assert len(sg) == 4
+    for a, c in zip(sg, mg):
+        assert a.output_error < c.output_error, (a.block, a.name, a.output_error, c.output_error)
+
+
+def test_report_prints_and_exports_the_output_error():
+    torch.manual_seed(9)
+    model = Stack([Residual(16) for _ in range(2)])
+    calib = correlated_inputs(32, 16).view(2, 16, 16)
+    rep = prune(model, "wanda", 0.5, calibration=calib, blocks=model.blocks, progress=False)
+    text = str(rep)
+    header = text.splitlines()[1]
+    assert header.split()[:7] == ["block", "layer", "shape", "sparsity", "loss", "out", "err"], header
+    for r in rep.layers:
+        row = next(line for line in text.splitlines() if f" {r.name} " in line and line.split()[0] == str(r.block))
+        assert row.split()[5] == f"{r.output_error:.4f}"
+        assert row.split()[4] == "-"  # wanda: no SparseGPT loss
+    d = rep.to_dict()
+    assert [r["output_error"] for r in d["layers"]] == [r.output_error for r in rep.layers]
+    # without calibration: None, printed as "-"
+    rep = prune(Stack([Residual(16)]), "magnitude", 0.5, blocks=None, progress=False)
+    assert all(r.output_error is None for r in rep.layers)
+    assert all(line.split()[5] == "-" for line in str(rep).splitlines()[2:2 + len(rep.layers)])
+
+
+def test_output_error_none_when_the_method_replaces_the_layer():
+    class Replace(PruningMethod):
+        """A method that swaps each layer for a new module: its error does not apply."""
+
+        def prune_block(self, block_index, block, layers, stats, spec, options):
+            from sparse_kernels.pruning.model import LayerReport
+
+            reports = []
+            for name, layer in layers.items():
+                parent_name, _, child = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, child, copy.deepcopy(layer))
+                reports.append(LayerReport(block_index, name, tuple(layer.weight.shape), 0.0, None, 0.0))
+            return reports
+
+    register_method("replace", Replace())
+    try:
+        model = Stack([Residual(8)])
+        rep = prune(model, "replace", 0.5, calibration=torch.randn(2, 4, 8), blocks=model.blocks, progress=False)
+        assert [r.output_error for r in rep.layers] == [None, None]
+        assert rep.block_output_error == [0.0]
+    finally:
+        METHODS.pop("replace")
+
+
+# ---------------------------------------------------------------- one block's statistics at a time
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_only_one_blocks_statistics_are_alive(method, monkeypatch):
+    """Issue 4 section 4: when block i's statistics objects are constructed, none of block
+    i-1's are still alive (tracked through a patched constructor and a WeakSet)."""
+    import gc
+    import weakref
+
+    cls = {"sparsegpt": HessianAccumulator, "wanda": ActivationNormAccumulator}[method]
+    per_block = 2  # Residual: up, down
+    live = weakref.WeakSet()
+    block_of = weakref.WeakKeyDictionary()
+    seen = []  # (block, how many stats of earlier blocks were alive when its first one was made)
+    real_init = cls.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        idx = tracked_init.count
+        tracked_init.count += 1
+        blk = idx // per_block
+        if idx % per_block == 0:
+            gc.collect()
+            seen.append((blk, sum(1 for s in list(live) if block_of[s] < blk)))
+        live.add(self)
+        block_of[self] = blk
+
+    tracked_init.count = 0
+    monkeypatch.setattr(cls, "__init__", tracked_init)
+    torch.manual_seed(11)
+    model = Stack([Residual(16) for _ in range(4)])
+    prune(model, method, 0.5, calibration=torch.randn(3, 8, 16), blocks=model.blocks, progress=False)
+    assert [b for b, _ in seen] == [0, 1, 2, 3]
+    assert all(n == 0 for _, n in seen), f"stats of earlier blocks alive when each block started: {seen}"

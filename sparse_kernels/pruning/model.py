@@ -8,9 +8,12 @@ The procedure of the SparseGPT and Wanda papers:
    nothing past the first block runs.
 2. For each block: hook its prunable layers, run the stored inputs through it to collect
    statistics (Hessians for SparseGPT, input norms for Wanda), prune every layer, then run
-   the inputs through the *pruned* block; those outputs are the next block's inputs.
+   the inputs through the *pruned* block; those outputs are the next block's inputs.  During
+   that pass, forward hooks measure each layer's relative output error against a copy of its
+   original weight (:attr:`LayerReport.output_error`).
 
-Only one block's activations (inputs and outputs) and statistics are alive at a time.
+Only one block's activations (inputs and outputs), statistics and original weights are alive
+at a time.
 
 Methods live in :data:`METHODS`; :func:`register_method` adds one (e.g. structured pruning)
 as a :class:`PruningMethod` subclass.  Prunable layers are ``nn.Linear`` and Hugging Face's
@@ -19,12 +22,14 @@ GPT-2 ``Conv1D`` (weight stored transposed, ``[in, out]``).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, wanda_prune
@@ -206,20 +211,35 @@ for _m in (SparseGPTMethod(), WandaMethod(), MagnitudeMethod(), StructuredMethod
 # ------------------------------------------------------------------ report
 @dataclass
 class LayerReport:
+    """One pruned layer.
+
+    ``shape``: the weight as ``[out_features, in_features]``.  ``sparsity``: fraction of zeros
+    in its mask.  ``loss``: SparseGPT's own objective, ``sum (w - q)^2 / U_ii^2 / 2`` over the
+    layer (None for other methods; not comparable across methods).  ``output_error``: the
+    relative output error ``||X W_orig^T - X W_pruned^T||_F / ||X W_orig^T||_F`` (no bias),
+    ``X`` being every input the layer received while the calibration ran through the
+    *pruned* block (so upstream layers of the same block are already pruned); the same
+    measure for every method, None without calibration or where it does not apply (the
+    layer was not called in that pass, or the method replaced it or changed its shape).
+    ``seconds``: time to prune it.
+    """
+
     block: int
     name: str
     shape: tuple
     sparsity: float
     loss: float | None
     seconds: float
+    output_error: float | None = None
     mask: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
 class PruneReport:
-    """What :func:`prune` did: one :class:`LayerReport` per layer, per-block relative output
-    error ``||block_pruned(x) - block_dense(x)|| / ||block_dense(x)||`` on the calibration
-    inputs (None without calibration), total seconds."""
+    """What :func:`prune` did: one :class:`LayerReport` per layer (sparsity, SparseGPT loss,
+    relative output error, time), per-block relative output error
+    ``||block_pruned(x) - block_dense(x)|| / ||block_dense(x)||`` on the calibration inputs
+    (None without calibration), total seconds."""
 
     method: str
     sparsity: str
@@ -242,11 +262,15 @@ class PruneReport:
     def __str__(self) -> str:
         lines = [f"prune: method={self.method} sparsity={self.sparsity} layers={len(self.layers)} "
                  f"overall sparsity={self.overall_sparsity:.4f} time={self.seconds:.2f}s"]
-        lines.append(f"{'block':>5}  {'layer':<32} {'shape':>14} {'sparsity':>8} {'loss':>12} {'time s':>8}")
+        lines.append(f"{'block':>5}  {'layer':<32} {'shape':>14} {'sparsity':>8} {'loss':>12} {'out err':>9} "
+                     f"{'time s':>8}")
         for r in self.layers:
             loss = "-" if r.loss is None else f"{r.loss:.4g}"
+            out_err = "-" if r.output_error is None else f"{r.output_error:.4f}"
             shape = "x".join(map(str, r.shape))
-            lines.append(f"{r.block:>5}  {r.name:<32} {shape:>14} {r.sparsity:>8.4f} {loss:>12} {r.seconds:>8.3f}")
+            lines.append(f"{r.block:>5}  {r.name:<32} {shape:>14} {r.sparsity:>8.4f} {loss:>12} {out_err:>9} "
+                         f"{r.seconds:>8.3f}")
+        lines.append("loss: SparseGPT's objective sum (w-q)^2/d^2/2; out err: ||x W^T - x W_pruned^T|| / ||x W^T||")
         errs = [f"{e:.4f}" if e is not None else "-" for e in self.block_output_error]
         lines.append("block output rel. error: " + ", ".join(errs))
         return "\n".join(lines)
@@ -388,6 +412,74 @@ def _run_block(block, inputs):
     return [_block_out(block(h, *args, **kw)).detach() for h, args, kw in inputs]
 
 
+def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
+    """Run ``inputs`` through ``block`` with each layer's statistics hooked; returns
+    ``(stats, dense_out)``.  A function of its own so that no loop variable keeps a
+    statistics object of this block alive into the next one."""
+    stats, handles = {}, []
+    try:
+        for name, layer in layers.items():
+            st = meth.make_stats(name, layer)
+            if st is not None:
+                stats[name] = st
+                handles.append(st.attach(layer))
+        return stats, _run_block(block, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _block_error(pruned_out: list, dense_out: list) -> float:
+    """``||pruned - dense|| / ||dense||`` over all batches; sums on the device, one host read."""
+    dev = dense_out[0].device
+    sums = torch.zeros(2, dtype=_sum_dtype(dev), device=dev)
+    for p, d in zip(pruned_out, dense_out):
+        d = d.float()
+        sums[0] += (p.float() - d).pow(2).sum(dtype=sums.dtype)
+        sums[1] += d.pow(2).sum(dtype=sums.dtype)
+    num, den = sums.tolist()
+    return math.sqrt(num / den) if den > 0 else 0.0
+
+
+class _OutputError:
+    """Forward hook summing ``||x (W0 - W)^T||^2`` and ``||x W0^T||^2`` over every call of one
+    layer: ``W0`` its original weight ``[out, in]``, ``W`` the current (pruned) one, ``x`` the
+    layer's input.  Products in float32, sums in float64 (float32 on MPS) on the layer's
+    device: no host sync until :meth:`value` (one per layer)."""
+
+    def __init__(self, w0: torch.Tensor):
+        self.w0 = w0
+        self.sums = torch.zeros(2, dtype=_sum_dtype(w0.device), device=w0.device)
+        self.calls = 0
+        self.applicable = True
+
+    def hook(self, module, inputs, output) -> None:
+        w = _get_weight(module)
+        x = inputs[0] if inputs else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or w.shape != self.w0.shape:
+            self.applicable = False
+            return
+        x = x.detach().to(torch.float32)
+        w0 = self.w0.to(torch.float32)
+        y0 = F.linear(x, w0)
+        e = F.linear(x, w0 - w.to(torch.float32))
+        self.sums[0] += e.pow(2).sum(dtype=self.sums.dtype)
+        self.sums[1] += y0.pow(2).sum(dtype=self.sums.dtype)
+        self.calls += 1
+
+    def value(self) -> float | None:
+        if not self.applicable or self.calls == 0:
+            return None
+        num, den = self.sums.tolist()
+        if den > 0:
+            return math.sqrt(num / den)
+        return 0.0 if num == 0 else math.inf
+
+
 # ------------------------------------------------------------------ convert
 def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity) -> None:
     """Swap each pruned layer for a SparseLinear: packed 2:4 when the pattern fits 2:4
@@ -454,6 +546,12 @@ def prune(
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
             fraction of each FFN's channels to remove and the model shrinks in place).
 
+    Returns a :class:`PruneReport`: per layer the sparsity, SparseGPT's loss (its own
+    objective; None for other methods), the relative output error
+    ``||X W^T - X W_pruned^T|| / ||X W^T||`` on the layer's calibration inputs (every method;
+    None without calibration) and the time; per block the relative output error.  With
+    ``device=``, those sums stay on the device and are read once per layer.
+
     Raises ValueError/TypeError for an unknown method, a bad sparsity, missing or malformed
     calibration, no blocks found.
     """
@@ -503,27 +601,27 @@ def prune(
             stats = {}
             dense_out = None
             if inputs is not None:
-                handles = []
-                for name, layer in layers.items():
-                    st = meth.make_stats(name, layer)
-                    if st is not None:
-                        stats[name] = st
-                        handles.append(st.attach(layer))
-                try:
-                    dense_out = _run_block(block, inputs)
-                finally:
-                    for h in handles:
-                        h.remove()
+                stats, dense_out = _collect_stats(meth, block, layers, inputs)
+            # this block's original weights, for the per-layer output error (freed below)
+            meters = {name: _OutputError(_get_weight(layer).detach().clone())
+                      for name, layer in layers.items()} if inputs is not None else {}
             layer_reports = meth.prune_block(bi, block, layers, stats, spec, options)
             del stats
             err = None
             if inputs is not None:
-                pruned_out = _run_block(block, inputs)
-                num = sum(float((p.float() - d.float()).pow(2).sum()) for p, d in zip(pruned_out, dense_out))
-                den = sum(float(d.float().pow(2).sum()) for d in dense_out)
-                err = (num / den) ** 0.5 if den > 0 else 0.0
+                handles = [layers[name].register_forward_hook(mt.hook) for name, mt in meters.items()]
+                try:
+                    pruned_out = _run_block(block, inputs)
+                finally:
+                    for h in handles:
+                        h.remove()
+                err = _block_error(pruned_out, dense_out)
                 inputs = [(o, args, kw) for o, (_, args, kw) in zip(pruned_out, inputs)]
                 del dense_out, pruned_out
+                for r in layer_reports:
+                    if isinstance(r, LayerReport) and r.name in meters:
+                        r.output_error = meters[r.name].value()
+            del meters
             if convert:
                 _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, spec)
                 for r in layer_reports:

@@ -213,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
     _add_calib(p)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
+    o = p.add_argument_group("outlier-weighted layerwise sparsity (OWL; with --sparsity)")
+    o.add_argument("--owl", action="store_true",
+                   help="blocks with more activation outliers get a lower sparsity, the mean stays --sparsity")
+    o.add_argument("--owl-m", type=_positive(float), default=5.0, help="outlier: score > M x mean (default 5)")
+    o.add_argument("--owl-lambda", type=float, default=0.08, help="sparsity spread is 2 x lambda (default 0.08)")
     s = p.add_argument_group("structured pruning (--method structured)")
     s.add_argument("--criterion", choices=("magnitude", "activation", "taylor"), default="activation",
                    help="unit importance (default activation norm on the calibration data)")
@@ -275,12 +280,22 @@ def cmd_prune(args) -> int:
         raise SystemExit(f"prune: --finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.method == "structured" and args.pattern:
         raise SystemExit("prune: --method structured takes --sparsity (fraction of FFN channels), not --pattern")
+    owl = None
+    if args.owl:
+        if args.method == "structured" or args.sparsity is None:
+            raise SystemExit("prune: --owl needs --sparsity (unstructured) and a method other than structured")
+        from .pruning.owl import parse_owl
+
+        try:
+            owl = parse_owl({"m": args.owl_m, "lmbda": args.owl_lambda})
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"prune: {e}") from None
     pattern = args.pattern or (f"{args.sparsity * 100:g}%" if args.sparsity is not None else "2:4")
     m, tok, src = _load(args)
     if src.kind == "checkpoint":
         raise SystemExit("prune: --model is already a pruned checkpoint; start from a dense model")
     calib = None
-    if args.method != "magnitude":
+    if args.method != "magnitude" or owl:
         calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
                                          source=args.calibration_source)
     names = demo.block_layer_names(m)
@@ -291,7 +306,10 @@ def cmd_prune(args) -> int:
         dense_ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval dense").ppl
     if args.method == "structured":
         return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
-    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress)
+    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl)
+    if rep.owl is not None:
+        print(f"OWL (m={rep.owl['m']:g}, lambda={rep.owl['lmbda']:g}) block sparsity: "
+              + ", ".join(f"{v:.3f}" for v in rep.owl["block_sparsity"]))
     ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval pruned").ppl if args.eval_tokens else None
     if args.finetune_steps:
         ft = _finetune(args, m, tok)
@@ -304,7 +322,7 @@ def cmd_prune(args) -> int:
     cfg = checkpoint.save(m, args.output, layers={n: kind for n in names}, base_model=src.as_dict(), tokenizer=tok,
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
                                    "seqlen": args.seqlen, "seed": args.seed,
-                                   "calibration_source": args.calibration_source})
+                                   "calibration_source": args.calibration_source, "owl": rep.owl})
     s = cfg["sizes"]
     print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned",
                  "disk MiB", "dense MiB", "pruned layers vs dense"],

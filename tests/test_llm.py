@@ -442,6 +442,24 @@ def test_cli_prune_eval_bench_on_a_local_model(tiny_model_dir, tmp_path, capsys)
     assert "tok/s" in capsys.readouterr().out
 
 
+def test_cli_prune_wanda_with_owl(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "owl"
+    assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--sparsity", "0.5", "--owl",
+                     "--owl-lambda", "0.1", "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text),
+                     "-o", str(out), "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "OWL (m=5, lambda=0.1) block sparsity:" in o and "pruned and saved to" in o
+    owl = json.loads((out / checkpoint.CONFIG_NAME).read_text())["pruning"]["owl"]
+    assert owl["lmbda"] == 0.1 and len(owl["block_sparsity"]) == len(owl["outlier_ratio"]) >= 2
+    assert sum(owl["block_sparsity"]) / len(owl["block_sparsity"]) == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match="--owl needs --sparsity"):
+        cli.main(["prune", "--model", str(d), "--pattern", "2:4", "--owl", "-o", str(out), "--no-progress"])
+    with pytest.raises(SystemExit, match="owl: lmbda must be in"):
+        cli.main(["prune", "--model", str(d), "--sparsity", "0.5", "--owl", "--owl-lambda", "0.6", "-o", str(out),
+                  "--no-progress"])
+
+
 def test_cli_prune_with_finetune_keeps_the_pattern(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "ft"

@@ -42,12 +42,13 @@ def sparsity_of(pattern):
     return pattern
 
 
-def prune_model(model, method: str, pattern: str, calibration, *, progress: bool = True):
-    """Prune ``model`` in place with the real pruning API; returns its report."""
+def prune_model(model, method: str, pattern: str, calibration, *, progress: bool = True, owl=None):
+    """Prune ``model`` in place with the real pruning API; returns its report.  ``owl``: see
+    :func:`sparse_kernels.prune` (magnitude then uses the calibration too: OWL needs it)."""
     from ..pruning import prune
 
-    calib = None if method == "magnitude" else calibration
-    return prune(model, method=method, sparsity=sparsity_of(pattern), calibration=calib, progress=progress)
+    calib = None if method == "magnitude" and not owl else calibration
+    return prune(model, method=method, sparsity=sparsity_of(pattern), calibration=calib, progress=progress, owl=owl)
 
 
 def block_layer_names(model) -> list[str]:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, wanda_prune
+from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -246,6 +247,8 @@ class PruneReport:
     layers: list = field(default_factory=list)
     block_output_error: list = field(default_factory=list)
     seconds: float = 0.0
+    #: with ``owl=``: ``{"m", "lmbda", "outlier_ratio": [per block], "block_sparsity": [per block]}``
+    owl: dict | None = None
 
     @property
     def overall_sparsity(self) -> float:
@@ -273,6 +276,9 @@ class PruneReport:
         lines.append("loss: SparseGPT's objective sum (w-q)^2/d^2/2; out err: ||x W^T - x W_pruned^T|| / ||x W^T||")
         errs = [f"{e:.4f}" if e is not None else "-" for e in self.block_output_error]
         lines.append("block output rel. error: " + ", ".join(errs))
+        if self.owl is not None:
+            lines.append(f"OWL (m={self.owl['m']:g}, lmbda={self.owl['lmbda']:g}) block sparsity: "
+                         + ", ".join(f"{v:.4f}" for v in self.owl["block_sparsity"]))
         return "\n".join(lines)
 
 
@@ -412,6 +418,31 @@ def _run_block(block, inputs):
     return [_block_out(block(h, *args, **kw)).detach() for h, args, kw in inputs]
 
 
+def _owl_ratios(blocks, inputs, layer_filter, device, m: float) -> list[float]:
+    """OWL's pre-pass: the calibration through the *dense* blocks, one at a time, each block's
+    Wanda scores ``|W| * ||X_j||`` over all its prunable layers reduced to its outlier ratio
+    (:func:`sparse_kernels.pruning.owl.outlier_ratio`).  ``inputs`` is left as it was."""
+    ratios = []
+    for block in blocks:
+        home = next(block.parameters()).device if any(True for _ in block.parameters()) else None
+        if device is not None:
+            block.to(device)
+        layers = prunable_layers(block, layer_filter)
+        stats, out = _collect_stats(WandaMethod(), block, layers, inputs)
+
+        def scores(layers=layers, stats=stats):  # one layer's scores alive at a time
+            for name, layer in layers.items():
+                w = _get_weight(layer)
+                yield w.float().abs() * stats[name].norm_sq.to(w.device).float().sqrt()
+
+        ratios.append(outlier_ratio(scores, m))
+        del stats
+        inputs = [(o, args, kw) for o, (_, args, kw) in zip(out, inputs)]
+        if device is not None and home is not None:
+            block.to(home)
+    return ratios
+
+
 def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
     """Run ``inputs`` through ``block`` with each layer's statistics hooked; returns
     ``(stats, dense_out)``.  A function of its own so that no loop variable keeps a
@@ -519,6 +550,7 @@ def prune(
     convert: bool = False,
     progress: bool = True,
     backend: str | None = None,
+    owl=None,
     **method_options,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
@@ -542,6 +574,11 @@ def prune(
         device: where to process each block (moved there and back); None: leave it in place.
         convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``.
         progress: show a progress bar (tqdm if installed, else a line per block on stderr).
+        owl: outlier-weighted layerwise sparsity (:mod:`sparse_kernels.pruning.owl`): ``True``
+            for the paper's ``m=5, lmbda=0.08`` or a dict overriding them.  Blocks with more
+            activation outliers get a lower sparsity, the mean stays ``sparsity``.  Needs
+            calibration and an unstructured sparsity; costs one extra pass of the calibration
+            through the dense blocks.
         method_options: extra options of whole-model methods, e.g. for ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
             fraction of each FFN's channels to remove and the model shrinks in place).
@@ -570,13 +607,21 @@ def prune(
     blocks = find_blocks(model) if blocks is None else list(blocks)
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise TypeError("blocks: expected a non-empty list of nn.Module")
+    owl_opts = parse_owl(owl)
+    if owl_opts is not None:
+        if spec.is_nm:
+            raise ValueError(f"owl: needs an unstructured sparsity (a fraction); '{spec}' fixes every group's sparsity")
+        if calibration is None:
+            raise ValueError("owl: needs calibration data (the outlier ratios come from activations)")
+        if method == "magnitude" and scope == "global":
+            raise ValueError("owl: cannot be combined with scope='global' (one threshold across all blocks)")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=convert)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
 
     t_start = time.perf_counter()
-    report = PruneReport(method=method, sparsity=str(spec))
+    report = PruneReport(method=method, sparsity=str(spec) + (" (OWL)" if owl_opts is not None else ""))
     was_training = model.training
     model.eval()
     hf_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -591,6 +636,12 @@ def prune(
         inputs = None
         if calibration is not None:
             inputs = _capture_inputs(model, blocks[0], calibration, batch_size, device)
+        block_specs = [spec] * len(blocks)
+        if owl_opts is not None:
+            ratios = _owl_ratios(blocks, inputs, layer_filter, device, owl_opts["m"])
+            targets = owl_sparsities(ratios, spec.ratio, owl_opts["lmbda"])
+            block_specs = [parse_sparsity(t) for t in targets]
+            report.owl = dict(owl_opts, outlier_ratio=ratios, block_sparsity=targets)
 
         bar = _progress(len(blocks), f"prune ({method}, {spec})", progress)
         for bi, block in enumerate(blocks):
@@ -605,7 +656,7 @@ def prune(
             # this block's original weights, for the per-layer output error (freed below)
             meters = {name: _OutputError(_get_weight(layer).detach().clone())
                       for name, layer in layers.items()} if inputs is not None else {}
-            layer_reports = meth.prune_block(bi, block, layers, stats, spec, options)
+            layer_reports = meth.prune_block(bi, block, layers, stats, block_specs[bi], options)
             del stats
             err = None
             if inputs is not None:
@@ -623,7 +674,7 @@ def prune(
                         r.output_error = meters[r.name].value()
             del meters
             if convert:
-                _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, spec)
+                _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, block_specs[bi])
                 for r in layer_reports:
                     r.mask = None
             if device is not None and home is not None:

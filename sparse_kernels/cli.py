@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
     _add_calib(p)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
+    p.add_argument("--skip", action="append", default=[], metavar="REGEX",
+                   help="leave dense every layer whose name inside its block matches REGEX, e.g. self_attn "
+                        "(repeatable)")
     o = p.add_argument_group("outlier-weighted layerwise sparsity (OWL; with --sparsity)")
     o.add_argument("--owl", action="store_true",
                    help="blocks with more activation outliers get a lower sparsity, the mean stays --sparsity")
@@ -280,6 +283,12 @@ def cmd_prune(args) -> int:
         raise SystemExit(f"prune: --finetune-steps must be >= 0, got {args.finetune_steps}")
     if args.method == "structured" and args.pattern:
         raise SystemExit("prune: --method structured takes --sparsity (fraction of FFN channels), not --pattern")
+    if args.skip and args.method == "structured":
+        raise SystemExit("prune: --skip applies to --method sparsegpt/wanda/magnitude, not structured")
+    try:
+        demo.skip_filter(args.skip)
+    except ValueError as e:
+        raise SystemExit(f"prune: {e}") from None
     owl = None
     if args.owl:
         if args.method == "structured" or args.sparsity is None:
@@ -298,7 +307,9 @@ def cmd_prune(args) -> int:
     if args.method != "magnitude" or owl:
         calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
                                          source=args.calibration_source)
-    names = demo.block_layer_names(m)
+    names = demo.block_layer_names(m, skip=args.skip)
+    if not names and args.method != "structured":
+        raise SystemExit(f"prune: --skip {' '.join(args.skip)} leaves no layer to prune")
     dense_ppl = None
     progress = not args.no_progress
     if args.eval_tokens:
@@ -306,7 +317,7 @@ def cmd_prune(args) -> int:
         dense_ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval dense").ppl
     if args.method == "structured":
         return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
-    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl)
+    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl, skip=args.skip)
     if rep.owl is not None:
         print(f"OWL (m={rep.owl['m']:g}, lambda={rep.owl['lmbda']:g}) block sparsity: "
               + ", ".join(f"{v:.3f}" for v in rep.owl["block_sparsity"]))
@@ -322,7 +333,8 @@ def cmd_prune(args) -> int:
     cfg = checkpoint.save(m, args.output, layers={n: kind for n in names}, base_model=src.as_dict(), tokenizer=tok,
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
                                    "seqlen": args.seqlen, "seed": args.seed,
-                                   "calibration_source": args.calibration_source, "owl": rep.owl})
+                                   "calibration_source": args.calibration_source, "owl": rep.owl,
+                                   "skip": args.skip})
     s = cfg["sizes"]
     print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned",
                  "disk MiB", "dense MiB", "pruned layers vs dense"],

@@ -460,6 +460,27 @@ def test_cli_prune_wanda_with_owl(tiny_model_dir, tmp_path, capsys):
                   "--no-progress"])
 
 
+def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "mlp_only"
+    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--skip", "self_attn",
+                     "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text), "-o", str(out),
+                     "--no-progress"]) == 0
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert cfg["pruning"]["skip"] == ["self_attn"]
+    assert cfg["layers"] and not any("self_attn" in n for n in cfg["layers"])
+    assert all("mlp" in n for n in cfg["layers"]) and len(cfg["layers"]) == 6  # gate/up/down x 2 blocks
+    m, _, _ = __import__("sparse_kernels.llm.models", fromlist=["x"]).load_model(str(out))
+    q = m.model.layers[0].self_attn.q_proj.weight
+    assert (q != 0).float().mean() > 0.99  # left dense
+    capsys.readouterr()
+    for argv, msg in ((["--skip", "("], r"skip: '\(' is not a valid regular expression"),
+                      (["--skip", "."], "leaves no layer to prune")):
+        with pytest.raises(SystemExit, match=msg):
+            cli.main(["prune", "--model", str(d), "--pattern", "2:4", *argv, "--nsamples", "4", "--seqlen", "32",
+                      "--calibration-source", str(text), "-o", str(out), "--no-progress"])
+
+
 def test_cli_prune_with_finetune_keeps_the_pattern(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "ft"

@@ -42,24 +42,42 @@ def sparsity_of(pattern):
     return pattern
 
 
-def prune_model(model, method: str, pattern: str, calibration, *, progress: bool = True, owl=None):
+def skip_filter(patterns):
+    """A ``layer_filter`` for :func:`sparse_kernels.prune` that leaves out every layer whose name
+    inside its block matches one of the regular expressions ``patterns`` (``re.search``); None
+    when there are none.  Raises ValueError for an invalid expression."""
+    import re
+
+    if not patterns:
+        return None
+    try:
+        regs = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise ValueError(f"skip: {e.pattern!r} is not a valid regular expression: {e}") from None
+    return lambda name, module: not any(r.search(name) for r in regs)
+
+
+def prune_model(model, method: str, pattern: str, calibration, *, progress: bool = True, owl=None, skip=None):
     """Prune ``model`` in place with the real pruning API; returns its report.  ``owl``: see
-    :func:`sparse_kernels.prune` (magnitude then uses the calibration too: OWL needs it)."""
+    :func:`sparse_kernels.prune` (magnitude then uses the calibration too: OWL needs it);
+    ``skip``: regular expressions of layer names (inside a block) left dense."""
     from ..pruning import prune
 
     calib = None if method == "magnitude" and not owl else calibration
-    return prune(model, method=method, sparsity=sparsity_of(pattern), calibration=calib, progress=progress, owl=owl)
+    return prune(model, method=method, sparsity=sparsity_of(pattern), calibration=calib, progress=progress, owl=owl,
+                 layer_filter=skip_filter(skip))
 
 
-def block_layer_names(model) -> list[str]:
-    """Qualified names of the prunable layers inside the decoder blocks (what ``prune`` prunes)."""
+def block_layer_names(model, skip=None) -> list[str]:
+    """Qualified names of the prunable layers inside the decoder blocks (what ``prune`` prunes,
+    less those ``skip`` matches)."""
     from ..pruning import find_blocks, prunable_layers
 
     blocks = {id(b) for b in find_blocks(model)}
     names = []
     for bname, mod in model.named_modules():
         if id(mod) in blocks:
-            names += [f"{bname}.{n}" for n in prunable_layers(mod)]
+            names += [f"{bname}.{n}" for n in prunable_layers(mod, skip_filter(skip))]
     return names
 
 

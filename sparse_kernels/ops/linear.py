@@ -46,6 +46,10 @@ _TRITON_DEVICES = ["cuda"] + (["cpu"] if R.triton_interpreted() else [])
 # The reference decompresses all of W on every call, then runs F.linear (506 ms vs 16 ms for cpp at
 # 4096x4096 fp32 batch 16 in a --quick run); cpp's GEMM path is a dense GEMM plus an in-cache expand
 # of 256 rows at a time, never the full decompress, so auto = cpp on CPU whenever it is built.
+# The "decompress" backend (decompress all of W, then F.linear) is no better on CPU:
+# benchmarks/results/cpu/bench_linear_cpu_decompress.csv (4096x4096, quiet box, 2026-11-29), ms
+# dense | cpp | decompress: bf16 M=16 2.73|2.31|18.8, M=64 5.81|7.84|21.6, M=256 18.7|20.9|35.4;
+# fp32 M=16 9.45|4.51|39.8, M=64 24.4|14.1|55.8, M=256 85.0|58.2|116.9.
 # CUDA: benchmarks/results/gpu/h200_2026-11-28/bench_linear_cuda.csv (H200, torch 2.11, eager
 # timing: each call's Python/dispatch overhead included), medians, fp16 and bf16:
 # * batch 1-16: the mma.sp kernel (cuda) runs 0.012-0.065 ms against dense F.linear's 0.019-0.043 ms:

@@ -16,25 +16,24 @@ Only one block's activations (inputs and outputs), statistics and original weigh
 at a time.
 
 Methods live in :data:`METHODS`; :func:`register_method` adds one (e.g. structured pruning)
-as a :class:`PruningMethod` subclass.  Prunable layers are ``nn.Linear`` and Hugging Face's
-GPT-2 ``Conv1D`` (weight stored transposed, ``[in, out]``).
+as a :class:`PruningMethod` subclass.  Prunable layers: :mod:`.layers`; the calibration
+plumbing: :mod:`.calibration`; the report and its error meters: :mod:`.report`.
 """
 
 from __future__ import annotations
 
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .calibration import _capture_inputs, _run_block
 from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, wanda_prune
+from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
+from .report import LayerReport, PruneReport, _block_error, _OutputError, _progress
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
 __all__ = [
@@ -50,30 +49,7 @@ BLOCK_PATHS = (
 )
 
 
-# ------------------------------------------------------------------ layers and blocks
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
-
-
-def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:
-    """``{name: module}`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` layers inside ``block``."""
-    out = {}
-    for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
-            if layer_filter is None or layer_filter(name, mod):
-                out[name] = mod
-    return out
-
-
-def _get_weight(layer) -> torch.Tensor:
-    """The weight as ``[out_features, in_features]`` (a view for Linear, a transpose for Conv1D)."""
-    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
-
-
-def _set_weight(layer, w: torch.Tensor) -> None:
-    _get_weight(layer).copy_(w)
-
-
+# ------------------------------------------------------------------ blocks
 def _get_attr(obj, path: str):
     for part in path.split("."):
         obj = getattr(obj, part, None)
@@ -209,215 +185,6 @@ for _m in (SparseGPTMethod(), WandaMethod(), MagnitudeMethod(), StructuredMethod
     register_method(_m.name, _m)
 
 
-# ------------------------------------------------------------------ report
-@dataclass
-class LayerReport:
-    """One pruned layer.
-
-    ``shape``: the weight as ``[out_features, in_features]``.  ``sparsity``: fraction of zeros
-    in its mask.  ``loss``: SparseGPT's own objective, ``sum (w - q)^2 / U_ii^2 / 2`` over the
-    layer (None for other methods; not comparable across methods).  ``output_error``: the
-    relative output error ``||X W_orig^T - X W_pruned^T||_F / ||X W_orig^T||_F`` (no bias),
-    ``X`` being every input the layer received while the calibration ran through the
-    *pruned* block (so upstream layers of the same block are already pruned); the same
-    measure for every method, None without calibration or where it does not apply (the
-    layer was not called in that pass, or the method replaced it or changed its shape).
-    ``seconds``: time to prune it.
-    """
-
-    block: int
-    name: str
-    shape: tuple
-    sparsity: float
-    loss: float | None
-    seconds: float
-    output_error: float | None = None
-    mask: torch.Tensor | None = field(default=None, repr=False)
-
-
-@dataclass
-class PruneReport:
-    """What :func:`prune` did: one :class:`LayerReport` per layer (sparsity, SparseGPT loss,
-    relative output error, time), per-block relative output error
-    ``||block_pruned(x) - block_dense(x)|| / ||block_dense(x)||`` on the calibration inputs
-    (None without calibration), total seconds."""
-
-    method: str
-    sparsity: str
-    layers: list = field(default_factory=list)
-    block_output_error: list = field(default_factory=list)
-    seconds: float = 0.0
-    #: with ``owl=``: ``{"m", "lmbda", "outlier_ratio": [per block], "block_sparsity": [per block]}``
-    owl: dict | None = None
-
-    @property
-    def overall_sparsity(self) -> float:
-        total = sum(_numel(r.shape) for r in self.layers)
-        return sum(r.sparsity * _numel(r.shape) for r in self.layers) / max(total, 1)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for r in d["layers"]:
-            r.pop("mask", None)
-        d["overall_sparsity"] = self.overall_sparsity
-        return d
-
-    def __str__(self) -> str:
-        lines = [f"prune: method={self.method} sparsity={self.sparsity} layers={len(self.layers)} "
-                 f"overall sparsity={self.overall_sparsity:.4f} time={self.seconds:.2f}s"]
-        lines.append(f"{'block':>5}  {'layer':<32} {'shape':>14} {'sparsity':>8} {'loss':>12} {'out err':>9} "
-                     f"{'time s':>8}")
-        for r in self.layers:
-            loss = "-" if r.loss is None else f"{r.loss:.4g}"
-            out_err = "-" if r.output_error is None else f"{r.output_error:.4f}"
-            shape = "x".join(map(str, r.shape))
-            lines.append(f"{r.block:>5}  {r.name:<32} {shape:>14} {r.sparsity:>8.4f} {loss:>12} {out_err:>9} "
-                         f"{r.seconds:>8.3f}")
-        lines.append("loss: SparseGPT's objective sum (w-q)^2/d^2/2; out err: ||x W^T - x W_pruned^T|| / ||x W^T||")
-        errs = [f"{e:.4f}" if e is not None else "-" for e in self.block_output_error]
-        lines.append("block output rel. error: " + ", ".join(errs))
-        if self.owl is not None:
-            lines.append(f"OWL (m={self.owl['m']:g}, lmbda={self.owl['lmbda']:g}) block sparsity: "
-                         + ", ".join(f"{v:.4f}" for v in self.owl["block_sparsity"]))
-        return "\n".join(lines)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-# ------------------------------------------------------------------ progress
-class _SimpleProgress:
-    def __init__(self, total, desc, file=None):
-        self.total, self.desc, self.n, self.t0, self.file = total, desc, 0, time.perf_counter(), file
-
-    def update(self, k=1):
-        self.n += k
-        print(f"{self.desc}: {self.n}/{self.total} blocks ({time.perf_counter() - self.t0:.1f} s)",
-              file=self.file or sys.stderr, flush=True)
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NullProgress()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _SimpleProgress(total, desc)
-    return tqdm(total=total, desc=desc, unit="block")
-
-
-class _NullProgress:
-    def update(self, k=1):
-        pass
-
-    def close(self):
-        pass
-
-
-# ------------------------------------------------------------------ calibration
-class _Captured(Exception):
-    """Raised by the first block's pre-hook: its inputs are stored, the rest of the model is skipped."""
-
-
-def _is_hf(model) -> bool:
-    return getattr(getattr(model, "config", None), "vocab_size", None) is not None
-
-
-def _batches(model, calibration, batch_size: int):
-    """Yield model inputs: a tensor, a tuple (positional args) or a dict (keyword args)."""
-    hf = _is_hf(model)
-    if isinstance(calibration, torch.Tensor):
-        if hf:
-            if calibration.dtype not in (torch.int64, torch.int32):
-                raise TypeError(
-                    f"calibration: dtype {str(calibration.dtype).replace('torch.', '')} is not supported for a "
-                    f"language model; expected token ids as a LongTensor [n, seqlen]"
-                )
-            if calibration.dim() != 2:
-                raise ValueError(f"calibration: expected token ids of shape [n, seqlen], got shape {tuple(calibration.shape)}")
-        if calibration.dim() == 0 or calibration.shape[0] == 0:
-            raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
-        for i in range(0, calibration.shape[0], batch_size):
-            yield calibration[i:i + batch_size]
-        return
-    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
-        raise TypeError(f"calibration: expected a tensor or an iterable of batches, got {type(calibration).__name__}")
-    for i, b in enumerate(calibration):
-        if hf and isinstance(b, torch.Tensor) and (b.dtype not in (torch.int64, torch.int32) or b.dim() != 2):
-            raise ValueError(
-                f"calibration[{i}]: expected token ids, a LongTensor [batch, seqlen], got "
-                f"{str(b.dtype).replace('torch.', '')} of shape {tuple(b.shape)}"
-            )
-        yield b
-
-
-def _call(model, batch, extra: dict):
-    if isinstance(batch, dict):
-        return model(**batch, **extra)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch, **extra)
-    return model(batch, **extra)
-
-
-def _capture_inputs(model, first_block, calibration, batch_size, device):
-    """Run the calibration through ``model`` up to ``first_block``; return its inputs as
-    ``[(hidden, args, kwargs), ...]`` (one entry per batch)."""
-    store = []
-
-    def hook(module, args, kwargs):
-        if not args:
-            raise ValueError(
-                "prune: the first block was called without a positional hidden-states argument; "
-                "pass blocks=[...] whose first block takes the activations as its first argument"
-            )
-        hidden, rest = args[0], tuple(args[1:])
-        store.append((hidden.detach(), rest, dict(kwargs)))
-        raise _Captured
-
-    extra = {"use_cache": False} if _is_hf(model) else {}
-    p0 = next(model.parameters(), None)
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in _batches(model, calibration, batch_size):
-            if p0 is not None:
-                batch = _to(batch, p0.device)
-            try:
-                _call(model, batch, extra)
-            except _Captured:
-                continue
-            raise ValueError("calibration: a batch ran through the model without reaching the first block")
-    finally:
-        handle.remove()
-    if not store:
-        raise ValueError("calibration: is empty; give at least one batch")
-    return store if device is None else [_to(s, device) for s in store]
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
-
-
-def _block_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def _run_block(block, inputs):
-    return [_block_out(block(h, *args, **kw)).detach() for h, args, kw in inputs]
-
-
 def _owl_ratios(blocks, inputs, layer_filter, device, m: float) -> list[float]:
     """OWL's pre-pass: the calibration through the *dense* blocks, one at a time, each block's
     Wanda scores ``|W| * ||X_j||`` over all its prunable layers reduced to its outlier ratio
@@ -460,58 +227,8 @@ def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
             h.remove()
 
 
-def _sum_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
 
-
-def _block_error(pruned_out: list, dense_out: list) -> float:
-    """``||pruned - dense|| / ||dense||`` over all batches; sums on the device, one host read."""
-    dev = dense_out[0].device
-    sums = torch.zeros(2, dtype=_sum_dtype(dev), device=dev)
-    for p, d in zip(pruned_out, dense_out):
-        d = d.float()
-        sums[0] += (p.float() - d).pow(2).sum(dtype=sums.dtype)
-        sums[1] += d.pow(2).sum(dtype=sums.dtype)
-    num, den = sums.tolist()
-    return math.sqrt(num / den) if den > 0 else 0.0
-
-
-class _OutputError:
-    """Forward hook summing ``||x (W0 - W)^T||^2`` and ``||x W0^T||^2`` over every call of one
-    layer: ``W0`` its original weight ``[out, in]``, ``W`` the current (pruned) one, ``x`` the
-    layer's input.  Products in float32, sums in float64 (float32 on MPS) on the layer's
-    device: no host sync until :meth:`value` (one per layer)."""
-
-    def __init__(self, w0: torch.Tensor):
-        self.w0 = w0
-        self.sums = torch.zeros(2, dtype=_sum_dtype(w0.device), device=w0.device)
-        self.calls = 0
-        self.applicable = True
-
-    def hook(self, module, inputs, output) -> None:
-        w = _get_weight(module)
-        x = inputs[0] if inputs else None
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or w.shape != self.w0.shape:
-            self.applicable = False
-            return
-        x = x.detach().to(torch.float32)
-        w0 = self.w0.to(torch.float32)
-        y0 = F.linear(x, w0)
-        e = F.linear(x, w0 - w.to(torch.float32))
-        self.sums[0] += e.pow(2).sum(dtype=self.sums.dtype)
-        self.sums[1] += y0.pow(2).sum(dtype=self.sums.dtype)
-        self.calls += 1
-
-    def value(self) -> float | None:
-        if not self.applicable or self.calls == 0:
-            return None
-        num, den = self.sums.tolist()
-        if den > 0:
-            return math.sqrt(num / den)
-        return 0.0 if num == 0 else math.inf
-
-
-# ------------------------------------------------------------------ convert
+# ------------------------------------------------------------------ prune helpers
 def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity) -> None:
     """Swap each pruned layer for a SparseLinear: packed 2:4 when the pattern fits 2:4
     (n <= 2 of every 4), otherwise a masked layer (weight + bit-packed mask)."""

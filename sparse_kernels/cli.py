@@ -205,9 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model and save it compressed",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p)
-    p.add_argument("--method", choices=demo.METHODS + ("structured",), default="sparsegpt",
-                   help="structured: remove whole FFN channels (--sparsity of them), heads, layers; "
-                        "saves a smaller dense model")
+    p.add_argument("--method", choices=demo.METHODS + ("ria", "structured"), default="sparsegpt",
+                   help="ria: relative importance and activations (Zhang et al., 2024); structured: remove "
+                        "whole FFN channels (--sparsity of them), heads, layers; saves a smaller dense model")
+    p.add_argument("--ria-alpha", type=float, default=0.5,
+                   help="ria: exponent of the activation norm in the score (default 0.5)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=_sparsity, help="unstructured: fraction of weights zeroed, e.g. 0.5")
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
@@ -289,6 +291,8 @@ def cmd_prune(args) -> int:
         demo.skip_filter(args.skip)
     except ValueError as e:
         raise SystemExit(f"prune: {e}") from None
+    if args.method == "ria" and not (0 <= args.ria_alpha < float("inf")):
+        raise SystemExit(f"prune: --ria-alpha must be a finite number >= 0, got {args.ria_alpha}")
     owl = None
     if args.owl:
         if args.method == "structured" or args.sparsity is None:
@@ -317,7 +321,8 @@ def cmd_prune(args) -> int:
         dense_ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval dense").ppl
     if args.method == "structured":
         return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
-    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl, skip=args.skip)
+    extra = {"alpha": args.ria_alpha} if args.method == "ria" else {}
+    rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl, skip=args.skip, **extra)
     if rep.owl is not None:
         print(f"OWL (m={rep.owl['m']:g}, lambda={rep.owl['lmbda']:g}) block sparsity: "
               + ", ".join(f"{v:.3f}" for v in rep.owl["block_sparsity"]))
@@ -334,7 +339,7 @@ def cmd_prune(args) -> int:
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
                                    "seqlen": args.seqlen, "seed": args.seed,
                                    "calibration_source": args.calibration_source, "owl": rep.owl,
-                                   "skip": args.skip})
+                                   "skip": args.skip, **extra})
     s = cfg["sizes"]
     print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned",
                  "disk MiB", "dense MiB", "pruned layers vs dense"],

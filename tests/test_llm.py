@@ -460,6 +460,19 @@ def test_cli_prune_wanda_with_owl(tiny_model_dir, tmp_path, capsys):
                   "--no-progress"])
 
 
+def test_cli_prune_ria(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "ria"
+    assert cli.main(["prune", "--model", str(d), "--method", "ria", "--ria-alpha", "0.25", "--pattern", "2:4",
+                     "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text), "-o", str(out),
+                     "--no-progress"]) == 0
+    assert "ria" in capsys.readouterr().out
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert cfg["pruning"]["method"] == "ria" and cfg["pruning"]["alpha"] == 0.25 and len(cfg["layers"]) == 14
+    with pytest.raises(SystemExit, match="--ria-alpha must be a finite number >= 0"):
+        cli.main(["prune", "--model", str(d), "--method", "ria", "--ria-alpha", "-1", "-o", str(out), "--no-progress"])
+
+
 def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "mlp_only"

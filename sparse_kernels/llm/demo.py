@@ -57,7 +57,8 @@ def skip_filter(patterns):
     return lambda name, module: not any(r.search(name) for r in regs)
 
 
-def prune_model(model, method: str, pattern: str, calibration, *, progress: bool = True, owl=None, skip=None):
+def prune_model(model, method: str, pattern: str, calibration, *, progress: bool = True, owl=None, skip=None,
+                **method_options):
     """Prune ``model`` in place with the real pruning API; returns its report.  ``owl``: see
     :func:`sparse_kernels.prune` (magnitude then uses the calibration too: OWL needs it);
     ``skip``: regular expressions of layer names (inside a block) left dense."""
@@ -65,7 +66,7 @@ def prune_model(model, method: str, pattern: str, calibration, *, progress: bool
 
     calib = None if method == "magnitude" and not owl else calibration
     return prune(model, method=method, sparsity=sparsity_of(pattern), calibration=calib, progress=progress, owl=owl,
-                 layer_filter=skip_filter(skip))
+                 layer_filter=skip_filter(skip), **method_options)
 
 
 def block_layer_names(model, skip=None) -> list[str]:

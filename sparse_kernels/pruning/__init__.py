@@ -1,7 +1,7 @@
 """Pruning algorithms: SparseGPT, Wanda, magnitude, per layer and for whole models.
 
 * Per layer: :func:`sparsegpt_prune` (uses the fused ``sparsegpt_block_update`` op),
-  :func:`wanda_prune`, :func:`magnitude_prune`, :func:`magnitude_prune_global`; statistics
+  :func:`wanda_prune`, :func:`ria_prune`, :func:`magnitude_prune`, :func:`magnitude_prune_global`; statistics
   from :class:`HessianAccumulator` and :class:`ActivationNormAccumulator`.
 * Per model: :func:`prune` (sequential, block by block) returning a :class:`PruneReport`;
   new methods plug in through :func:`register_method`.
@@ -9,7 +9,7 @@
   :func:`parse_sparsity`.  Masks are bool, True = kept.
 """
 
-from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, wanda_prune
+from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, ria_prune, wanda_prune
 from .model import METHODS, LayerReport, PruneReport, PruningMethod, find_blocks, prunable_layers, prune, register_method
 from .patterns import Sparsity, parse_sparsity
 from .sparsegpt import HessianAccumulator, HessianWarning, sparsegpt_prune
@@ -17,5 +17,5 @@ from .sparsegpt import HessianAccumulator, HessianWarning, sparsegpt_prune
 __all__ = [
     "ActivationNormAccumulator", "HessianAccumulator", "HessianWarning", "LayerReport", "METHODS",
     "PruneReport", "PruningMethod", "Sparsity", "find_blocks", "magnitude_prune", "magnitude_prune_global",
-    "parse_sparsity", "prunable_layers", "prune", "register_method", "sparsegpt_prune", "wanda_prune",
+    "parse_sparsity", "prunable_layers", "prune", "register_method", "ria_prune", "sparsegpt_prune", "wanda_prune",
 ]

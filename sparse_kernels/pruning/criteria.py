@@ -1,4 +1,5 @@
-"""One-shot criteria without weight updates: magnitude and Wanda (Sun et al., 2023).
+"""One-shot criteria without weight updates: magnitude, Wanda (Sun et al., 2023) and RIA
+(Zhang et al., 2024, "Plug-and-Play: An Efficient Post-training Pruning Method for LLMs").
 
 Both return ``(W_pruned, mask)``: ``W_pruned`` in ``W``'s dtype with zeros where ``mask``
 (bool, True = kept) is False.  Sparsity specs: :mod:`sparse_kernels.pruning.patterns`.
@@ -13,7 +14,7 @@ import torch
 from ..ops import _validate as V
 from .patterns import keep_largest, keep_largest_nm, parse_sparsity
 
-__all__ = ["wanda_prune", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
+__all__ = ["wanda_prune", "ria_prune", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
 
 _SCOPES = ("layer", "row", "global")
 
@@ -43,6 +44,43 @@ def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
     score = W.detach().float().abs() * act_norm_sq.float().sqrt().view(1, cols)
+    if spec.is_nm:
+        keep = keep_largest_nm(score, spec.n, spec.m)
+    else:
+        keep = keep_largest(score, spec.n_pruned(cols), dim=-1)
+    return _apply(W, keep)
+
+
+def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: float = 0.5):
+    """RIA: relative importance times activations, pruned per output row (or per N:M group).
+
+    ``score_ij = (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** alpha``: a
+    weight counts by its share of its row *and* of its column (so no input channel is wiped out
+    just because its weights are small everywhere), scaled by the input's norm as in Wanda but
+    softened by ``alpha`` (0.5 in the paper; 0 drops the activations).  A row or column whose
+    weights are all zero contributes 0 for that term.
+
+    Args: as :func:`wanda_prune`, plus ``alpha`` (a finite number >= 0).
+    Raises TypeError/ValueError for bad dtypes/shapes/specs, negative or NaN norms, a bad alpha.
+    """
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.tensor("act_norm_sq", act_norm_sq, ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    rows, cols = W.shape
+    if act_norm_sq.shape[0] != cols:
+        raise ValueError(f"act_norm_sq: has {act_norm_sq.shape[0]} entries, expected one per column of W ({cols})")
+    V.same_device(W=W, act_norm_sq=act_norm_sq)
+    if torch.isnan(act_norm_sq).any() or (act_norm_sq < 0).any():
+        raise ValueError("act_norm_sq: must be >= 0 and not NaN (it is a sum of squares)")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
+        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+    spec = parse_sparsity(sparsity)
+    spec.check_columns("W", cols)
+    a = W.detach().float().abs()
+    row_sum = a.sum(dim=1, keepdim=True)
+    col_sum = a.sum(dim=0, keepdim=True)
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+    rel = torch.where(row_sum > 0, a / row_sum, zero) + torch.where(col_sum > 0, a / col_sum, zero)
+    score = rel * act_norm_sq.float().sqrt().pow(float(alpha)).view(1, cols)
     if spec.is_nm:
         keep = keep_largest_nm(score, spec.n, spec.m)
     else:

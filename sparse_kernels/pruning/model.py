@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .calibration import _capture_inputs, _run_block
-from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, wanda_prune
+from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, ria_prune, wanda_prune
 from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
@@ -91,6 +91,8 @@ class PruningMethod:
 
     name = "?"
     needs_calibration = True
+    #: extra keyword options :func:`prune` accepts for this method (passed on in ``options``)
+    option_names: tuple = ()
     #: Whole-model methods (structured pruning) set this to a callable
     #: ``(model, sparsity, calibration, batch_size, **options) -> report``; :func:`prune` then
     #: calls it instead of walking the blocks and returns its report.
@@ -98,6 +100,9 @@ class PruningMethod:
 
     def make_stats(self, name: str, layer: nn.Module):
         return None
+
+    def check_options(self, options: dict) -> None:
+        """Raise ValueError/TypeError for bad values of :attr:`option_names` (before any pruning)."""
 
     def prune_layer(self, name, layer, weight, stats, spec: Sparsity, options: dict):
         raise NotImplementedError
@@ -141,6 +146,25 @@ class WandaMethod(PruningMethod):
         return w, mask, None
 
 
+class RIAMethod(PruningMethod):
+    """RIA (:func:`ria_prune`): Wanda's statistics, relative-importance scores; option ``alpha``."""
+
+    name = "ria"
+    option_names = ("alpha",)
+
+    def check_options(self, options):
+        alpha = options.get("alpha", 0.5)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
+            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+
+    def make_stats(self, name, layer):
+        return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
+
+    def prune_layer(self, name, layer, weight, stats, spec, options):
+        w, mask = ria_prune(weight, stats.norm_sq.to(weight.device), spec, alpha=options.get("alpha", 0.5))
+        return w, mask, None
+
+
 class MagnitudeMethod(PruningMethod):
     name = "magnitude"
     needs_calibration = False
@@ -181,7 +205,7 @@ def register_method(name: str, method: PruningMethod) -> None:
     METHODS[name] = method
 
 
-for _m in (SparseGPTMethod(), WandaMethod(), MagnitudeMethod(), StructuredMethod()):
+for _m in (SparseGPTMethod(), WandaMethod(), RIAMethod(), MagnitudeMethod(), StructuredMethod()):
     register_method(_m.name, _m)
 
 
@@ -275,7 +299,7 @@ def prune(
     Args:
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2, Gemma, GPT-2, OPT, ...) or any
             ``nn.Module`` (then give ``blocks``).
-        method: a key of :data:`METHODS`: ``"sparsegpt"``, ``"wanda"``, ``"magnitude"``.
+        method: a key of :data:`METHODS`: ``"sparsegpt"``, ``"wanda"``, ``"ria"``, ``"magnitude"``.
         sparsity: float in (0, 1) or ``"N:M"`` (N kept of every M along in_features).
         calibration: token ids ``LongTensor [n, seqlen]`` (split into ``batch_size`` rows), or
             an iterable of batches (tensor: ``model(batch)``; tuple: ``model(*batch)``; dict:
@@ -296,7 +320,8 @@ def prune(
             activation outliers get a lower sparsity, the mean stays ``sparsity``.  Needs
             calibration and an unstructured sparsity; costs one extra pass of the calibration
             through the dense blocks.
-        method_options: extra options of whole-model methods, e.g. for ``"structured"``:
+        method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
+            methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
             fraction of each FFN's channels to remove and the model shrinks in place).
 
@@ -314,8 +339,11 @@ def prune(
     meth = METHODS[method]
     if meth.prune_model is not None:
         return meth.prune_model(model, sparsity, calibration, batch_size=batch_size, **method_options)
-    if method_options:
-        raise TypeError(f"prune: method {method!r} takes no options {sorted(method_options)}")
+    unknown = sorted(set(method_options) - set(meth.option_names))
+    if unknown:
+        raise TypeError(f"prune: method {method!r} takes no options {unknown}"
+                        + (f" (it takes {', '.join(meth.option_names)})" if meth.option_names else ""))
+    meth.check_options(method_options)
     spec = parse_sparsity(sparsity)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: got {batch_size!r}, expected a positive int")
@@ -332,7 +360,8 @@ def prune(
             raise ValueError("owl: needs calibration data (the outlier ratios come from activations)")
         if method == "magnitude" and scope == "global":
             raise ValueError("owl: cannot be combined with scope='global' (one threshold across all blocks)")
-    options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=convert)
+    options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=convert,
+                   **method_options)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])

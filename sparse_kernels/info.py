@@ -49,6 +49,24 @@ def devices() -> list[str]:
     return out
 
 
+def cuda_linear_kernels() -> list[str] | None:
+    """The kernels of sparse_linear's cuda backend usable here (``sparse_linear_cuda_kernel``):
+    gemv, gemm, splitk wherever the backend runs, wgmma where a tiny probe call is accepted (an
+    sm_90 GPU and an sm_90a build); None without the cuda backend."""
+    if "sparse_linear" not in R.OPS or R.why_unavailable("sparse_linear", "cuda", "cuda") is not None:
+        return None
+    out = ["gemv", "gemm", "splitk"]
+    x = torch.zeros(1, 64, dtype=torch.float16, device="cuda")
+    values = torch.zeros(16, 32, dtype=torch.float16, device="cuda")
+    meta = torch.full((16, 4), 0x4444, dtype=torch.int16, device="cuda")
+    try:
+        torch.ops.sparse_kernels.sparse_linear_cuda_kernel(x, values, meta, None, None, "wgmma")
+        out.append("wgmma")
+    except ValueError:
+        pass
+    return out
+
+
 def report() -> dict:
     st = _extension.load()
     ops = {}
@@ -72,6 +90,7 @@ def report() -> dict:
         "extension_with_openmp": st["with_openmp"],
         "cpu_threads": torch.get_num_threads(),
         "build": st["build"],
+        "cuda_linear_kernels": cuda_linear_kernels(),
         "ops": ops,
     }
 
@@ -91,6 +110,8 @@ def format_report(rep: dict | None = None) -> str:
     ]
     if rep["extension_reason"]:
         lines.append(f"_C note     {rep['extension_reason']}")
+    if rep.get("cuda_linear_kernels"):
+        lines.append(f"cuda sparse_linear kernels: {', '.join(rep['cuda_linear_kernels'])}")
     lines.append("")
     lines.append("backends per op and device ('yes', or why not):")
     for name, per_dev in rep["ops"].items():

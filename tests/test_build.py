@@ -261,3 +261,14 @@ print("OK")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.strip().endswith("OK"), run.stdout + run.stderr
+
+
+def test_info_lists_the_cuda_linear_kernels():
+    from sparse_kernels import info
+
+    rep = info.report()
+    if not torch.cuda.is_available():
+        assert rep["cuda_linear_kernels"] is None
+        assert "cuda sparse_linear kernels" not in info.format_report(rep)
+    rep["cuda_linear_kernels"] = ["gemv", "gemm", "splitk", "wgmma"]
+    assert "cuda sparse_linear kernels: gemv, gemm, splitk, wgmma" in info.format_report(rep)

@@ -264,6 +264,8 @@ print("OK")
 
 
 def test_info_lists_the_cuda_linear_kernels():
+    import torch
+
     from sparse_kernels import info
 
     rep = info.report()

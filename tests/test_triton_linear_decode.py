@@ -154,14 +154,18 @@ def test_split_rule_cuda(monkeypatch):
     monkeypatch.setattr(T, "_SPLIT_BLOCK_N", 32)
     monkeypatch.setattr(T, "_sm_count", lambda index: 132)
     dev = torch.device("cuda", 0)
-    assert T.decode_split_k(4096, 4096, dev) == 5  # 128 tiles x 5 = 640 programs
-    assert T.decode_split_k(4096, 14336, dev) == 5
+    assert T.decode_split_k(4096, 4096, dev) == 4  # 5 wanted; 16 steps of 256 -> 4 x 4 (5 would leave one empty)
+    assert T.decode_split_k(4096, 14336, dev) == 5  # 56 steps -> 12, 12, 12, 12, 8
     assert T.decode_split_k(14336, 4096, dev) == 2  # 448 tiles x 2 = 896
     assert T.decode_split_k(11008, 4096, dev) == 2  # 344 x 2 = 688
     assert T.decode_split_k(4096, 512, dev) == 2  # capped at K // 256
     assert T.decode_split_k(4096, 128, dev) == 1
     assert T.decode_split_k(16, 1 << 16, dev) == 16  # capped at 16
     assert T.decode_split_k(65536, 4096, dev) == 1
+    for n in (16, 40, 4096, 11008):  # never an empty split of 256-column steps
+        for k in (256, 272, 1040, 4096, 14336):
+            split, steps = T.decode_split_k(n, k, dev), -(-k // 256)
+            assert split >= 1 and (split - 1) * -(-steps // split) < steps, (n, k, split)
 
 
 @pytest.mark.slow
@@ -215,3 +219,47 @@ def test_decode_on_the_gpu_cuda(dtype, m):
     assert torch.equal(sk.sparse_linear(x, values, meta, b, backend="triton"), y)
     assert_matmul_close(y, _exact(x, values, meta, b), ref.sparse_linear(x, values, meta, b),
                         f"triton decode on the GPU {dtype} M={m}")
+
+
+@pytest.mark.skipif(TRITON_INTERPRET, reason="compiled Triton on a GPU (not the interpreter)")
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_every_decode_config_on_the_gpu_cuda(dtype):
+    """Each autotune config of the split-K kernel, launched directly (the autotuner checks only
+    the winner's result), on shapes with N and K tails and an empty split, NaN workspace."""
+    skip_unless_backend("sparse_linear", "triton", "cuda")
+    T = _T()
+    import triton
+
+    for cfg in T._SPLITK:
+        bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        for n, k, split in ((40, 400, 3), (4104, 4112, 4), (33, 272, 2)):
+            for m in (1, 5, 16):
+                x, values, meta, _ = (t.cuda() for t in _problem((m,), n, k, dtype, seed=n + k + m))
+                ws = torch.full((split, m, n), float("nan"), device="cuda")
+                T._sparse_linear_splitk_kernel[(triton.cdiv(n, bn), split)](
+                    x, values, meta, ws, m, n, k, split, T._bucket(m), x.stride(0), x.stride(1),
+                    values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
+                    IEEE=dtype == torch.float32, UPCAST=False, BLOCK_M=1 if m == 1 else 16, BLOCK_N=bn, BLOCK_K=bk,
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                assert not torch.isnan(ws).any(), (cfg, n, k, m)
+                y = ws.sum(0)
+                assert_matmul_close(y, _exact(x, values, meta, None), ref.sparse_linear(x, values, meta, None).float(),
+                                    f"config {cfg} {dtype} N={n} K={k} M={m}")
+
+
+@interpreted
+def test_strided_bias():
+    """The kernels read the bias with unit stride: a strided bias is made contiguous first."""
+    skip_unless_backend("sparse_linear", "triton", "cpu")
+    for lead in ((1,), (3,), (20,)):  # decode (M 1, 3) and the large-M kernel (20)
+        x, values, meta, b = _problem(lead, 24, 128, torch.float32)
+        bb = torch.randn(48)
+        y = sk.sparse_linear(x, values, meta, bb[::2], backend="triton")
+        assert_matmul_close(y, _exact(x, values, meta, bb[::2]), ref.sparse_linear(x, values, meta, bb[::2]),
+                            f"strided bias M={lead[0]}")
+        w = sk.decompress_2to4(values, meta)
+        mask = w != 0
+        ym = sk.masked_linear(x, w, mask, bb[::2], backend="triton")
+        assert_matmul_close(ym, _exact(x, values, meta, bb[::2]), ref.sparse_linear(x, values, meta, bb[::2]),
+                            f"masked_linear strided bias M={lead[0]}")

@@ -16,7 +16,8 @@ Same math as :mod:`sparse_kernels.reference.linear` (layouts there):
     BLOCK_K), SPLIT_K) * BLOCK_K`` (whole steps, BLOCK_K a multiple of 64 so meta words never
     straddle two splits), and writes its fp32 partial sums to a workspace ``[SPLIT_K, M, N]``
     (``torch.empty``: every element is written, a split past K writes zeros).  A second kernel
-    sums the splits in order (deterministic: no atomics, same input -> same bits), adds the bias
+    sums the splits in order (deterministic: no atomics, same input -> same bits within a process;
+    another process may autotune a different BLOCK_K, hence another summation order), adds the bias
     in fp32 and casts to x's dtype.  M == 1 multiplies the expanded tile by the broadcast x row
     and sums over K on the CUDA cores (no tensor-core layout conversion of the register-built
     tile, no 15 wasted rows); 2 <= M <= 16 uses ``tl.dot`` with BLOCK_M=16 (one MMA row block;
@@ -139,14 +140,18 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
     rh = tl.arange(0, BLOCK_K // 2)
     rg = tl.arange(0, BLOCK_K // 4)
     shifts = 4 * (rg % 4)
+    # row offsets in int64: rows x stride pass 2^31 for large batches or large weights
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm
+    v_rows = v_ptr + rn[:, None].to(tl.int64) * svn
+    m_rows = meta_ptr + rn[:, None].to(tl.int64) * smn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: see below
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_rows + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         hh = k0 // 2 + rh
         gg = k0 // 4 + rg
-        v_ptrs = v_ptr + rn[:, None] * svn + hh[None, :] * svk
-        m_ptrs = meta_ptr + rn[:, None] * smn + (gg // 4)[None, :] * smk
+        v_ptrs = v_rows + hh[None, :] * svk
+        m_ptrs = m_rows + (gg // 4)[None, :] * smk
         w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
                          (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
         # y^T += W x^T: the register-built W tile is the dot's A operand.  As the B operand
@@ -156,7 +161,7 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
     acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * sym + rn[None, :] * syn, acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -189,14 +194,17 @@ def _sparse_linear_splitk_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, M, N, K, SPLIT_
     rh = tl.arange(0, BLOCK_K // 2)
     rg = tl.arange(0, BLOCK_K // 4)
     shifts = 4 * (rg % 4)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm  # int64: a strided x can have a huge row stride
+    v_rows = v_ptr + rn[:, None].to(tl.int64) * svn
+    m_rows = meta_ptr + rn[:, None].to(tl.int64) * smn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile, as in _sparse_linear_kernel
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(x_ptr + rm[:, None] * sxm + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        x = tl.load(x_rows + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         hh = k0 // 2 + rh
         gg = k0 // 4 + rg
-        v_ptrs = v_ptr + rn[:, None] * svn + hh[None, :] * svk
-        m_ptrs = meta_ptr + rn[:, None] * smn + (gg // 4)[None, :] * smk
+        v_ptrs = v_rows + hh[None, :] * svk
+        m_ptrs = m_rows + (gg // 4)[None, :] * smk
         w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
                          (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
@@ -204,7 +212,8 @@ def _sparse_linear_splitk_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, M, N, K, SPLIT_
         else:
             acc = _dot(w, tl.trans(x), acc, IEEE, UPCAST)
     acc = tl.trans(acc)
-    tl.store(ws_ptr + (pid_s * M + rm[:, None]) * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    tl.store(ws_ptr + (pid_s * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc,
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -216,19 +225,20 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, y_ptr, M, N, SPLIT_K, sym, syn,
     inb = rn < N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, SPLIT_K):
-        acc += tl.load(ws_ptr + (s * M + m) * N + rn, mask=inb, other=0.0)
+        acc += tl.load(ws_ptr + (s * M + m).to(tl.int64) * N + rn, mask=inb, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=inb, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * sym + rn * syn, acc.to(y_ptr.dtype.element_ty), mask=inb)
+    tl.store(y_ptr + m.to(tl.int64) * sym + rn * syn, acc.to(y_ptr.dtype.element_ty), mask=inb)
 
 
 _SPLIT_BLOCK_N = 16 if _INTERPRET else 32
 if _INTERPRET:
     _SPLITK = [triton.Config({"BLOCK_N": _SPLIT_BLOCK_N, "BLOCK_K": 64}, num_warps=1, num_stages=1)]
 else:
-    # ptxas -v, sm_90a, fp16/bf16, BLOCK_M 1 / 16 (compiled, not run): (128, 4 warps) 114 / 153
-    # registers, (128, 8) 64-80 / 111, (256, 8) 148 / 164, no spills; (256, 4) was dropped: 224 / 246
-    # registers leave room for 2 programs per SM.
+    # ptxas -v, sm_90a, fp16/bf16, BLOCK_M 1 / 16 (compiled, not run), triton 3.8 without the
+    # launch's stride/divisibility specialization: (128, 4 warps) 114 / 153 registers, (128, 8)
+    # 64-80 / 111, (256, 8) 148 / 164, no spills; (256, 4) was dropped: 224 / 246 registers leave
+    # room for 2 programs per SM.  Triton 3.6 with the specialization: 48-128, no spills.
     _SPLITK = [triton.Config({"BLOCK_N": _SPLIT_BLOCK_N, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for bk, w, s in ((128, 4, 4), (128, 8, 3), (256, 8, 3))]
 _sl_splitk = triton.autotune(configs=_SPLITK, key=_KEY)(_sparse_linear_splitk_kernel)
@@ -248,15 +258,18 @@ def decode_split_k(N, K, device):
     """SPLIT_K of the decode path for an ``[M <= 16, K] x [N, K]^T`` product on ``device``.
 
     CUDA: ``cdiv(4 * SMs, cdiv(N, 32))`` (enough splits for 4 programs per SM), at most
-    ``K // 256`` and 16, at least 1; e.g. H200 (132 SMs) 4096x4096 -> 5 splits (640 programs),
-    14336x4096 -> 2 (896).  Under the interpreter (or on CPU): ``min(3, cdiv(K, 64))``.
+    ``K // 256`` and 16, at least 1, then lowered so that no split of 256-column steps is empty;
+    e.g. H200 (132 SMs) 4096x4096 -> 4 splits of 4 steps (512 programs), 14336x4096 -> 2 (896).
+    Under the interpreter (or on CPU): ``min(3, cdiv(K, 64))``.
     """
     if _INTERPRET or torch.device(device).type != "cuda":
         return max(1, min(_SPLIT_INTERPRET, triton.cdiv(K, 64)))
     dev = torch.device(device)
     sms = _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
     want = triton.cdiv(_SPLIT_WAVES * sms, triton.cdiv(N, _SPLIT_BLOCK_N))
-    return max(1, min(want, K // _SPLIT_MIN_COLS, _SPLIT_MAX))
+    split = max(1, min(want, K // _SPLIT_MIN_COLS, _SPLIT_MAX))
+    steps = max(1, triton.cdiv(K, _SPLIT_MIN_COLS))  # 256-column steps (the largest BLOCK_K)
+    return triton.cdiv(steps, triton.cdiv(steps, split))  # as many splits as that leaves non-empty
 
 
 def _sparse_linear_splitk(x, values, meta, bias, workspace=None):
@@ -264,6 +277,7 @@ def _sparse_linear_splitk(x, values, meta, bias, workspace=None):
     ``[SPLIT_K, M, N]`` (contiguous) for tests; by default ``torch.empty`` of that shape."""
     M, K = x.shape
     N = values.shape[0]
+    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     split = decode_split_k(N, K, x.device)
     if workspace is None:
         workspace = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
@@ -296,7 +310,7 @@ def sparse_linear(x, values, meta, bias, meta_dev):
         return y.to(x.dtype)
     kern = _sl_large
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
-    b = bias if bias is not None else y
+    b = bias.contiguous() if bias is not None else y  # read with unit stride
     kern[grid](x, values, meta, b, y, M, N, K, _bucket(M),
                x.stride(0), x.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
                y.stride(0), y.stride(1), HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
@@ -400,6 +414,7 @@ def masked_linear(x, weight, mask, bias):
     if M == 0 or N == 0:
         return y.to(x.dtype)
     mk = _mask_arg(mask.contiguous())
+    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     kern = _ml_decode if M <= _DECODE_MAX_M else _ml_large
     grid = lambda meta_: (triton.cdiv(M, meta_["BLOCK_M"]), triton.cdiv(N, meta_["BLOCK_N"]))  # noqa: E731
     kern[grid](x, weight, mk, bias if bias is not None else y, y, M, N, K, _bucket(M),

@@ -68,6 +68,31 @@ def test_cpp_matches_reference(m, n, k, dtype, isa, monkeypatch):
         assert_matmul_close(ref, exact, lowp, "reference")
 
 
+@pytest.mark.parametrize("path", ["direct", "gemm"])
+@pytest.mark.parametrize("m,n,k", [(1, 37, 100), (9, 300, 129), (33, 260, 64), (12, 1, 7)])
+def test_cpp_bf16_both_paths(path, m, n, k, monkeypatch):
+    """bf16 takes a GEMM path from 9 rows of x (rows expanded to a bf16 tile, oneDNN GEMM): both
+    paths, forced with SPARSE_KERNELS_CPU_GEMM_MIN_M, against float64 and the reference; more rows
+    than one 256-row tile, K not a multiple of 16, with and without bias."""
+    skip_unless_backend("bitmask_linear", "cpp", "cpu")
+    monkeypatch.setenv("SPARSE_KERNELS_CPU_GEMM_MIN_M", "1" if path == "gemm" else "1000000000")
+    w = _weight(n, k, 0.6, torch.bfloat16, seed=m + n + k)
+    g = torch.Generator().manual_seed(k + 1)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    values, bitmask, row_ptr = sk.compress_bitmask(w)
+    for bias in (b, None):
+        y = sk.bitmask_linear(x, values, bitmask, row_ptr, bias, backend="cpp")
+        exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+        assert_matmul_close(y, exact, torch.nn.functional.linear(x, w, bias), f"cpp {path} bf16 {m}x{n}x{k}")
+    moved = row_ptr.clone()
+    if n > 4:
+        moved[4] += 1  # rows 3 and 4 disagree with the bitmask: rejected before any value is read
+        with pytest.raises(ValueError, match="bitmask: row 3 has .* bits set but row_ptr gives it"):
+            sk.bitmask_linear(x, values, bitmask, moved, backend="cpp")
+
+
 def test_leading_dims_batch_one_and_empty():
     w = _weight(24, 48, 0.5, torch.float32, seed=3)
     values, bitmask, row_ptr = sk.compress_bitmask(w)

@@ -8,7 +8,8 @@
 //   x86-64 with AVX-512: 16 columns per step, the row's next popcount(bits) values placed in the
 //   lanes of the set bits by a permutation from a per-byte table (see expand16); otherwise a scalar
 //   loop.  SPARSE_KERNELS_CPU_ISA=avx2|scalar forces
-//   the scalar loop (tests cover both paths on one machine).
+//   the scalar loop (tests cover both paths on one machine).  bf16 with 9 or more rows of x takes a
+//   GEMM path instead (bitmask_gemm_bf16: rows expanded to a dense tile, then oneDNN).
 //   Validation before any pointer arithmetic: shapes and dtypes, row_ptr[0] == 0, row_ptr[N] == nnz,
 //   row_ptr non-decreasing, and per row popcount(bitmask row) == row span (checked in the same pass as
 //   the row is read; the first bad row is reported); bits past K must be zero (a set padding bit
@@ -17,7 +18,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -28,6 +31,12 @@ namespace sk_bitmask {
 using namespace sk_cpu;
 
 constexpr int kRows = 4;  // rows of x per pass over a weight row
+// Batch size from which bf16 takes the GEMM path (bitmask_gemm_bf16).  4096x4096 at 50%, bf16,
+// 2-core Zen 5, quiet box, one weight reused (warm), ms direct | GEMM path | dense F.linear:
+//   M=1 1.06|2.38|1.13  M=4 1.38|2.26|0.96  M=8 2.33|2.28|1.51  M=10 3.19|2.27  M=12 3.43|2.34
+//   M=16 4.51|2.46|1.47  M=32 9.10|3.33|2.17  M=64 20.7|4.56|3.51  M=256 106|11.2|10.1
+// -> GEMM from M=9 (the direct kernel re-expands each weight row once per 4 rows of x).
+constexpr int64_t kBitmaskGemmMinM = 9;
 
 // Bits set in one bitmask row (the validation pass before a row's values are read).  The build has
 // no -march flags, so __builtin_popcountll is a bit-twiddling sequence unless the function is
@@ -152,9 +161,68 @@ static void row_vec(const float* x32, int64_t Kp, const T* v, const T* vend, con
     default: row_avx512<4>(x32, Kp, v, vend, bm, acc); break;
   }
 }
+
+// One bf16 weight row written out dense (Kp columns, zeros where the bits are clear) for the GEMM
+// path: the same expand16 permutation, then the fp32 lanes (bf16 bit patterns shifted up 16, so
+// exact) shifted back down to bf16.
+SK_AVX512 static void expand_row_bf16(const c10::BFloat16* v, const c10::BFloat16* vend, const uint8_t* bm,
+                                      int64_t Kp, c10::BFloat16* dst) {
+  const ExpandTable& tb = expand_table();
+  for (int64_t c = 0; c < Kp; c += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, bm + c / 8, 2);
+    const int cnt = __builtin_popcount(static_cast<unsigned>(bits));
+    const __m512 w = expand16(v, vend, bits, cnt, tb);
+    v += cnt;
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(w), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + c), h);
+  }
+}
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+#endif
+
+// bf16 from kBitmaskGemmMinM rows of x on (x86-64 with AVX-512): weight rows expanded 256 at a
+// time into a dense bf16 tile in cache, then the BLAS (oneDNN's bf16 GEMM) multiplies; below it the
+// direct kernel, which re-expands each row once per 4 rows of x and accumulates in fp32 FMAs.  Only
+// a tile of the dense weight ever exists.  fp32 and fp16 stay direct (no faster GEMM for them here).
+// SPARSE_KERNELS_CPU_GEMM_MIN_M overrides (tests use it to cover both paths).
+constexpr int64_t kBitmaskTileRows = 256;
+static int64_t bitmask_gemm_min_m() {
+  const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
+  if (env != nullptr) return std::atoll(env);
+  return kBitmaskGemmMinM;
+}
+
+#if SK_X86
+static at::Tensor bitmask_gemm_bf16(const at::Tensor& x, const at::Tensor& vc, const uint8_t* bm, int64_t nbp,
+                                    const int64_t* r, int64_t N, int64_t Kp, const c10::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), K = x.size(1), nnz = vc.size(0);
+  at::Tensor xp = x.contiguous();
+  if (Kp != K) {  // zero columns against the tile's zero padding
+    xp = at::zeros({M, Kp}, x.options());
+    xp.narrow(1, 0, K).copy_(x);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor tile = at::empty({std::min(N, kBitmaskTileRows), Kp}, x.options());
+  const c10::BFloat16* v0 = vc.data_ptr<c10::BFloat16>();
+  for (int64_t n0 = 0; n0 < N; n0 += kBitmaskTileRows) {
+    const int64_t nb = std::min(kBitmaskTileRows, N - n0);
+    c10::BFloat16* tp = tile.data_ptr<c10::BFloat16>();
+    at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i)
+        expand_row_bf16(v0 + r[n0 + i], v0 + nnz, bm + (n0 + i) * nbp, Kp, tp + i * Kp);
+    });
+    at::Tensor t = tile.narrow(0, 0, nb);
+    at::Tensor ys = y.narrow(1, n0, nb);
+    if (bias.has_value())
+      at::addmm_out(ys, bias->narrow(0, n0, nb), xp, t.t());  // bias inside the GEMM: one rounding
+    else
+      at::mm_out(ys, xp, t.t());
+  }
+  return y;
+}
 #endif
 
 at::Tensor bitmask_linear_cpp(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
@@ -199,6 +267,25 @@ at::Tensor bitmask_linear_cpp(const at::Tensor& x, const at::Tensor& values, con
     const int64_t bad = bitmask.select(1, nb - 1).__rshift__(K % 8).nonzero().numel();
     TORCH_CHECK_VALUE(bad == 0, "bitmask: bits are set past column ", K, " (the padding bits must be zero)");
   }
+#if SK_X86
+  if (x.scalar_type() == at::kBFloat16 && N > 0 && M > 0 && M >= bitmask_gemm_min_m() &&
+      best_isa() == Isa::Avx512) {
+    // every row's popcount first: the tile expansion reads each row's values unchecked
+    std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};
+    const uint8_t* bmc = bmp.data_ptr<uint8_t>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        if (popcount_row(bmc + n * nbp, nbp) != r[n + 1] - r[n]) atomic_min(bad_row, n);
+    });
+    const int64_t b = bad_row.load();
+    TORCH_CHECK_VALUE(b == std::numeric_limits<int64_t>::max(), "bitmask: row ", b, " has ",
+                      b == std::numeric_limits<int64_t>::max() ? 0 : popcount_row(bmc + b * nbp, nbp),
+                      " bits set but row_ptr gives it ",
+                      b == std::numeric_limits<int64_t>::max() ? 0 : r[b + 1] - r[b],
+                      " values; the bitmask and row_ptr do not describe the same weight");
+    return bitmask_gemm_bf16(x, values.contiguous(), bmc, nbp, r, N, Kp, bias);
+  }
+#endif
   at::Tensor y32 = at::zeros({M, N}, x.options().dtype(at::kFloat));
   if (N == 0) return y32.to(x.scalar_type());  // M == 0 still runs the row checks below
   at::Tensor x32 = at::zeros({M, Kp}, x.options().dtype(at::kFloat));

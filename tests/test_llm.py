@@ -460,6 +460,26 @@ def test_cli_prune_wanda_with_owl(tiny_model_dir, tmp_path, capsys):
                   "--no-progress"])
 
 
+def test_cli_demo_end_to_end_on_a_local_model(tiny_model_dir, tmp_path, capsys):
+    """The main job's path (prune 2 ways x 2 patterns, evaluate, save the SparseGPT 2:4 model,
+    reload, generate) on the tiny local model instead of SmolLM2."""
+    d, text = tiny_model_dir
+    out = tmp_path / "demo"
+    rc = cli.main(["demo", "--model", str(d), "--methods", "magnitude,sparsegpt", "--patterns", "50%,2:4",
+                   "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text), "--eval-source", str(text),
+                   "--tokens", "200", "--window", "64", "--new-tokens", "4", "--repeats", "1",
+                   "--prompt", "and the lord", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    o = capsys.readouterr().out
+    assert "sparsegpt  2:4" in o and "magnitude  50%" in o
+    assert "reloaded logits == pruned model's (SparseLinear, bit for bit): True" in o
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "sparsegpt-2of4" / checkpoint.CONFIG_NAME).is_file()
+    if __import__("importlib").util.find_spec("matplotlib") is not None:
+        assert (out / "perplexity.png").is_file()
+    assert res and "sparsegpt" in json.dumps(res)
+
+
 def test_cli_prune_ria(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "ria"

@@ -267,6 +267,35 @@ def test_convert_swaps_in_sparselinear_with_the_same_function(sparsity, pattern)
         torch.testing.assert_close(model(x), kept(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("sparsity,pattern", [(0.5, "bitmask"), ("2:4", "2:4"), ("4:8", "bitmask")])
+def test_convert_bitmask_stores_unstructured_layers_compressed(sparsity, pattern):
+    """convert="bitmask": patterns that do not fit 2:4 become compressed bitmask layers (the
+    same function as the pruned model, fewer bytes than dense); 2:4 stays packed 2:4."""
+    from sparse_kernels.nn import SparseLinear
+
+    torch.manual_seed(0)
+    model = ToyModel(d=32, n=2)
+    calib = correlated_inputs(64, 8).view(8, 8, 8)
+    kept = copy.deepcopy(model)
+    prune(kept, "wanda", sparsity, calibration=calib, blocks=list(kept.blocks), progress=False)
+    prune(model, "wanda", sparsity, calibration=calib, blocks=list(model.blocks), progress=False, convert="bitmask")
+    swapped = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert len(swapped) == 4 and all(m.pattern == pattern for m in swapped)
+    dense_bytes = sum(m.in_features * m.out_features * 4 for m in swapped)
+    assert sum(m.nbytes() for m in swapped) < dense_bytes
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), kept(x), rtol=1e-5, atol=1e-5)
+
+
+def test_convert_rejects_other_values():
+    model = ToyModel(d=32, n=2)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="convert: got 'masked', expected True, False or 'bitmask'"):
+        prune(model, "magnitude", 0.5, blocks=list(model.blocks), progress=False, convert="masked")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # ---------------------------------------------------------------- prune(model): Hugging Face
 def _llama():
     cfg = transformers.LlamaConfig(

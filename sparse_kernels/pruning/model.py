@@ -253,12 +253,13 @@ def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
 
 
 # ------------------------------------------------------------------ prune helpers
-def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity) -> None:
+def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, unstructured=None) -> None:
     """Swap each pruned layer for a SparseLinear: packed 2:4 when the pattern fits 2:4
-    (n <= 2 of every 4), otherwise a masked layer (weight + bit-packed mask)."""
+    (n <= 2 of every 4), otherwise ``unstructured``: None for a masked layer (weight + bit-packed
+    mask, trainable), ``"bitmask"`` for the compressed one (nonzeros + bitmask)."""
     from ..nn import SparseLinear
 
-    pattern = "2:4" if spec.m == 4 and spec.n <= 2 else None
+    pattern = "2:4" if spec.m == 4 and spec.n <= 2 else unstructured
     for name, layer in layers.items():
         if _is_conv1d(layer):
             lin = nn.Linear(layer.weight.shape[0], layer.weight.shape[1], bias=layer.bias is not None,
@@ -288,7 +289,7 @@ def prune(
     scope: str = "layer",
     layer_filter: Callable[[str, nn.Module], bool] | None = None,
     device=None,
-    convert: bool = False,
+    convert: bool | str = False,
     progress: bool = True,
     backend: str | None = None,
     owl=None,
@@ -313,7 +314,11 @@ def prune(
             prunable layers of all blocks).
         layer_filter: ``f(name, module) -> bool`` selecting layers inside a block (default: all).
         device: where to process each block (moved there and back); None: leave it in place.
-        convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``.
+        convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``: ``True`` gives
+            packed 2:4 layers for 2:4-compatible patterns and masked ones (dense weight + a
+            bit-packed mask: trainable, but more bytes than dense) otherwise; ``"bitmask"``
+            stores the other patterns compressed instead (nonzeros + 1 bit per weight, for
+            inference: :func:`sparse_kernels.bitmask_linear`).
         progress: show a progress bar (tqdm if installed, else a line per block on stderr).
         owl: outlier-weighted layerwise sparsity (:mod:`sparse_kernels.pruning.owl`): ``True``
             for the paper's ``m=5, lmbda=0.08`` or a dict overriding them.  Blocks with more
@@ -360,7 +365,9 @@ def prune(
             raise ValueError("owl: needs calibration data (the outlier ratios come from activations)")
         if method == "magnitude" and scope == "global":
             raise ValueError("owl: cannot be combined with scope='global' (one threshold across all blocks)")
-    options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=convert,
+    if not (isinstance(convert, bool) or convert == "bitmask"):
+        raise ValueError(f"convert: got {convert!r}, expected True, False or 'bitmask'")
+    options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=bool(convert),
                    **method_options)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
@@ -420,7 +427,8 @@ def prune(
                         r.output_error = meters[r.name].value()
             del meters
             if convert:
-                _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, block_specs[bi])
+                _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, block_specs[bi],
+                               "bitmask" if convert == "bitmask" else None)
                 for r in layer_reports:
                     r.mask = None
             if device is not None and home is not None:

@@ -350,6 +350,19 @@ def _check_x(x, k, what):
         raise ValueError(f"x: last dim is {x.shape[-1]} but {what} has {k} input features (columns); they must match")
 
 
+def _check_sparse_linear_args(x, values, meta, bias, meta_dev):
+    """What :func:`sparse_linear` and :func:`sparse_linear_cuda_kernel` accept (ValueError /
+    TypeError naming the argument)."""
+    check_packed(values, meta)
+    _check_x(x, 2 * values.shape[1], "the 2:4 weight (2 * values.shape[1])")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
+    V.same_device(x=x, values=values, meta=meta)
+    _check_bias(bias, values.shape[0], x)
+    if meta_dev is not None:
+        V.same_device(x=x, meta_dev=meta_dev)
+
+
 def sparse_linear(x, values, meta, bias=None, *, backend=None, meta_dev=None):
     """``y = x @ decompress_2to4(values, meta).T + bias`` without forming the dense weight.
 
@@ -364,14 +377,7 @@ def sparse_linear(x, values, meta, bias=None, *, backend=None, meta_dev=None):
     Returns ``[..., N]`` in x's dtype, accumulated in fp32.  Raises ValueError/TypeError for
     mismatched shapes, dtypes or devices (naming the argument).
     """
-    check_packed(values, meta)
-    _check_x(x, 2 * values.shape[1], "the 2:4 weight (2 * values.shape[1])")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
-    V.same_device(x=x, values=values, meta=meta)
-    _check_bias(bias, values.shape[0], x)
-    if meta_dev is not None:
-        V.same_device(x=x, meta_dev=meta_dev)
+    _check_sparse_linear_args(x, values, meta, bias, meta_dev)
     x2, lead = _flatten(x)
     y = _call("sparse_linear", backend, x2, values, meta, bias, meta_dev)
     return y.reshape(*lead, values.shape[0])
@@ -391,14 +397,7 @@ def sparse_linear_cuda_kernel(x, values, meta, bias=None, *, kernel="auto", meta
     """
     if not isinstance(kernel, str) or kernel not in CUDA_KERNELS:
         raise ValueError(f"kernel: got {kernel!r}, expected one of {', '.join(CUDA_KERNELS)}")
-    check_packed(values, meta)
-    _check_x(x, 2 * values.shape[1], "the 2:4 weight (2 * values.shape[1])")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
-    V.same_device(x=x, values=values, meta=meta)
-    _check_bias(bias, values.shape[0], x)
-    if meta_dev is not None:
-        V.same_device(x=x, meta_dev=meta_dev)
+    _check_sparse_linear_args(x, values, meta, bias, meta_dev)
     why = R.why_unavailable("sparse_linear", "cuda", x.device.type)
     if why is not None:
         raise R.BackendUnavailableError(f"sparse_linear_cuda_kernel cannot run on {x.device.type}: {why}")

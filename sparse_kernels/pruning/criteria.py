@@ -23,6 +23,33 @@ def _apply(W, keep):
     return W * keep.to(W.dtype), keep
 
 
+def _check_weight_and_norms(W, act_norm_sq) -> int:
+    """Wanda's and RIA's inputs: ``W [rows, cols]`` and one ``act_norm_sq`` entry per column,
+    finite and >= 0, on W's device; returns ``cols``."""
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.tensor("act_norm_sq", act_norm_sq, ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    cols = W.shape[1]
+    if act_norm_sq.shape[0] != cols:
+        raise ValueError(f"act_norm_sq: has {act_norm_sq.shape[0]} entries, expected one per column of W ({cols})")
+    V.same_device(W=W, act_norm_sq=act_norm_sq)
+    if torch.isnan(act_norm_sq).any() or (act_norm_sq < 0).any():
+        raise ValueError("act_norm_sq: must be >= 0 and not NaN (it is a sum of squares)")
+    return cols
+
+
+def _keep_per_row(score, spec):
+    """Keep mask: the largest scores of every row (unstructured) or of every N:M group."""
+    if spec.is_nm:
+        return keep_largest_nm(score, spec.n, spec.m)
+    return keep_largest(score, spec.n_pruned(score.shape[1]), dim=-1)
+
+
+def check_alpha(alpha) -> None:
+    """RIA's ``alpha``: a finite number >= 0 (ValueError otherwise)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
+        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+
+
 def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
     """Wanda: score ``|W_ij| * ||X_j||_2``, pruned per output row (or per N:M group).
 
@@ -33,22 +60,11 @@ def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
         sparsity: float in (0, 1) (``round(cols * s)`` zeroed in every row) or ``"N:M"``.
     Raises TypeError/ValueError for bad dtypes/shapes/specs, negative or NaN norms.
     """
-    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.tensor("act_norm_sq", act_norm_sq, ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,))
-    rows, cols = W.shape
-    if act_norm_sq.shape[0] != cols:
-        raise ValueError(f"act_norm_sq: has {act_norm_sq.shape[0]} entries, expected one per column of W ({cols})")
-    V.same_device(W=W, act_norm_sq=act_norm_sq)
-    if torch.isnan(act_norm_sq).any() or (act_norm_sq < 0).any():
-        raise ValueError("act_norm_sq: must be >= 0 and not NaN (it is a sum of squares)")
+    cols = _check_weight_and_norms(W, act_norm_sq)
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
     score = W.detach().float().abs() * act_norm_sq.float().sqrt().view(1, cols)
-    if spec.is_nm:
-        keep = keep_largest_nm(score, spec.n, spec.m)
-    else:
-        keep = keep_largest(score, spec.n_pruned(cols), dim=-1)
-    return _apply(W, keep)
+    return _apply(W, _keep_per_row(score, spec))
 
 
 def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: float = 0.5):
@@ -63,16 +79,8 @@ def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: f
     Args: as :func:`wanda_prune`, plus ``alpha`` (a finite number >= 0).
     Raises TypeError/ValueError for bad dtypes/shapes/specs, negative or NaN norms, a bad alpha.
     """
-    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.tensor("act_norm_sq", act_norm_sq, ndim=1, dtypes=V.FLOAT_DTYPES + (torch.float64,))
-    rows, cols = W.shape
-    if act_norm_sq.shape[0] != cols:
-        raise ValueError(f"act_norm_sq: has {act_norm_sq.shape[0]} entries, expected one per column of W ({cols})")
-    V.same_device(W=W, act_norm_sq=act_norm_sq)
-    if torch.isnan(act_norm_sq).any() or (act_norm_sq < 0).any():
-        raise ValueError("act_norm_sq: must be >= 0 and not NaN (it is a sum of squares)")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0 or alpha == float("inf"):
-        raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+    cols = _check_weight_and_norms(W, act_norm_sq)
+    check_alpha(alpha)
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
     a = W.detach().float().abs()
@@ -81,11 +89,7 @@ def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: f
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
     rel = torch.where(row_sum > 0, a / row_sum, zero) + torch.where(col_sum > 0, a / col_sum, zero)
     score = rel * act_norm_sq.float().sqrt().pow(float(alpha)).view(1, cols)
-    if spec.is_nm:
-        keep = keep_largest_nm(score, spec.n, spec.m)
-    else:
-        keep = keep_largest(score, spec.n_pruned(cols), dim=-1)
-    return _apply(W, keep)
+    return _apply(W, _keep_per_row(score, spec))
 
 
 def magnitude_prune(W, sparsity=0.5, scope: str = "layer"):

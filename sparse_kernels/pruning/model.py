@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from .calibration import _capture_inputs, _run_block
-from .criteria import ActivationNormAccumulator, magnitude_prune, magnitude_prune_global, ria_prune, wanda_prune
+from .criteria import (ActivationNormAccumulator, check_alpha, magnitude_prune, magnitude_prune_global, ria_prune,
+                       wanda_prune)
 from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
@@ -153,9 +154,7 @@ class RIAMethod(PruningMethod):
     option_names = ("alpha",)
 
     def check_options(self, options):
-        alpha = options.get("alpha", 0.5)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
-            raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
+        check_alpha(options.get("alpha", 0.5))
 
     def make_stats(self, name, layer):
         return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)

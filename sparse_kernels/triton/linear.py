@@ -128,6 +128,23 @@ def _expand_2to4(v_ptrs, meta_ptrs, shifts, vmask, gmask, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def _load_step(x_rows, v_rows, m_rows, k0, rm, rn, M, N, K, sxk, svk, smk,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One BLOCK_K step of both sparse_linear kernels: the x tile ``[len(rm), BLOCK_K]`` and the
+    expanded W tile ``[BLOCK_N, BLOCK_K]`` at columns ``k0..``; ``*_rows`` are the tiles' row
+    pointers (int64 offsets), k0 a multiple of BLOCK_K (itself a multiple of 64)."""
+    kk = k0 + tl.arange(0, BLOCK_K)
+    hh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    rg = tl.arange(0, BLOCK_K // 4)
+    gg = k0 // 4 + rg
+    x = tl.load(x_rows + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+    w = _expand_2to4(v_rows + hh[None, :] * svk, m_rows + (gg // 4)[None, :] * smk, (4 * (rg % 4))[None, :],
+                     (rn[:, None] < N) & (hh[None, :] < K // 2), (rn[:, None] < N) & (gg[None, :] < K // 4),
+                     BLOCK_N, BLOCK_K)
+    return x, w
+
+
+@triton.jit
 def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BUCKET,
                           sxm, sxk, svn, svk, smn, smk, sym, syn,
                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -136,24 +153,13 @@ def _sparse_linear_kernel(x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr, M, N, K, M_BU
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rh = tl.arange(0, BLOCK_K // 2)
-    rg = tl.arange(0, BLOCK_K // 4)
-    shifts = 4 * (rg % 4)
     # row offsets in int64: rows x stride pass 2^31 for large batches or large weights
     x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm
     v_rows = v_ptr + rn[:, None].to(tl.int64) * svn
     m_rows = meta_ptr + rn[:, None].to(tl.int64) * smn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile: see below
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_rows + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        hh = k0 // 2 + rh
-        gg = k0 // 4 + rg
-        v_ptrs = v_rows + hh[None, :] * svk
-        m_ptrs = m_rows + (gg // 4)[None, :] * smk
-        w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
-                         (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
+        x, w = _load_step(x_rows, v_rows, m_rows, k0, rm, rn, M, N, K, sxk, svk, smk, BLOCK_N, BLOCK_K)
         # y^T += W x^T: the register-built W tile is the dot's A operand.  As the B operand
         # (x @ W^T) triton 3.6 fails to compile it for sm_90 ("Illegal shared layout" in
         # TritonGPUOptimizeDotOperands, BLOCK_M >= 64, 16-bit dtypes); 3.8 accepts both.
@@ -190,23 +196,12 @@ def _sparse_linear_splitk_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, M, N, K, SPLIT_
     k_hi = tl.minimum(k_lo + span, K)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    rh = tl.arange(0, BLOCK_K // 2)
-    rg = tl.arange(0, BLOCK_K // 4)
-    shifts = 4 * (rg % 4)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm  # int64: a strided x can have a huge row stride
     v_rows = v_ptr + rn[:, None].to(tl.int64) * svn
     m_rows = meta_ptr + rn[:, None].to(tl.int64) * smn
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # y^T tile, as in _sparse_linear_kernel
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(x_rows + kk[None, :] * sxk, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
-        hh = k0 // 2 + rh
-        gg = k0 // 4 + rg
-        v_ptrs = v_rows + hh[None, :] * svk
-        m_ptrs = m_rows + (gg // 4)[None, :] * smk
-        w = _expand_2to4(v_ptrs, m_ptrs, shifts[None, :], (rn[:, None] < N) & (hh[None, :] < K // 2),
-                         (rn[:, None] < N) & (gg[None, :] < K // 4), BLOCK_N, BLOCK_K)
+        x, w = _load_step(x_rows, v_rows, m_rows, k0, rm, rn, M, N, K, sxk, svk, smk, BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=1, keep_dims=True)
         else:

@@ -20,11 +20,11 @@
 
 #include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
 
+#include "blocked_gemm.h"
 #include "simd.h"
 
 namespace sk_bitmask {
@@ -183,18 +183,10 @@ SK_AVX512 static void expand_row_bf16(const c10::BFloat16* v, const c10::BFloat1
 #endif
 #endif
 
-// bf16 from kBitmaskGemmMinM rows of x on (x86-64 with AVX-512): weight rows expanded 256 at a
-// time into a dense bf16 tile in cache, then the BLAS (oneDNN's bf16 GEMM) multiplies; below it the
-// direct kernel, which re-expands each row once per 4 rows of x and accumulates in fp32 FMAs.  Only
-// a tile of the dense weight ever exists.  fp32 and fp16 stay direct (no faster GEMM for them here).
-// SPARSE_KERNELS_CPU_GEMM_MIN_M overrides (tests use it to cover both paths).
-constexpr int64_t kBitmaskTileRows = 256;
-static int64_t bitmask_gemm_min_m() {
-  const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
-  if (env != nullptr) return std::atoll(env);
-  return kBitmaskGemmMinM;
-}
-
+// bf16 from kBitmaskGemmMinM rows of x on (x86-64 with AVX-512): blocked_gemm (blocked_gemm.h)
+// with weight rows expanded into the bf16 tile by expand_row_bf16, i.e. oneDNN's bf16 GEMM; below
+// it the direct kernel, which re-expands each row once per 4 rows of x and accumulates in fp32
+// FMAs.  fp32 and fp16 stay direct (no faster GEMM for them here).
 #if SK_X86
 static at::Tensor bitmask_gemm_bf16(const at::Tensor& x, const at::Tensor& vc, const uint8_t* bm, int64_t nbp,
                                     const int64_t* r, int64_t N, int64_t Kp, const c10::optional<at::Tensor>& bias) {
@@ -204,24 +196,11 @@ static at::Tensor bitmask_gemm_bf16(const at::Tensor& x, const at::Tensor& vc, c
     xp = at::zeros({M, Kp}, x.options());
     xp.narrow(1, 0, K).copy_(x);
   }
-  at::Tensor y = at::empty({M, N}, x.options());
-  at::Tensor tile = at::empty({std::min(N, kBitmaskTileRows), Kp}, x.options());
   const c10::BFloat16* v0 = vc.data_ptr<c10::BFloat16>();
-  for (int64_t n0 = 0; n0 < N; n0 += kBitmaskTileRows) {
-    const int64_t nb = std::min(kBitmaskTileRows, N - n0);
-    c10::BFloat16* tp = tile.data_ptr<c10::BFloat16>();
-    at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i)
-        expand_row_bf16(v0 + r[n0 + i], v0 + nnz, bm + (n0 + i) * nbp, Kp, tp + i * Kp);
-    });
-    at::Tensor t = tile.narrow(0, 0, nb);
-    at::Tensor ys = y.narrow(1, n0, nb);
-    if (bias.has_value())
-      at::addmm_out(ys, bias->narrow(0, n0, nb), xp, t.t());  // bias inside the GEMM: one rounding
-    else
-      at::mm_out(ys, xp, t.t());
-  }
-  return y;
+  return blocked_gemm(xp, bias, N, Kp, [&](at::Tensor& t, int64_t n0, int64_t n1, int64_t off) {
+    c10::BFloat16* tp = t.data_ptr<c10::BFloat16>() + off * Kp;
+    for (int64_t n = n0; n < n1; ++n) expand_row_bf16(v0 + r[n], v0 + nnz, bm + n * nbp, Kp, tp + (n - n0) * Kp);
+  });
 }
 #endif
 
@@ -268,7 +247,7 @@ at::Tensor bitmask_linear_cpp(const at::Tensor& x, const at::Tensor& values, con
     TORCH_CHECK_VALUE(bad == 0, "bitmask: bits are set past column ", K, " (the padding bits must be zero)");
   }
 #if SK_X86
-  if (x.scalar_type() == at::kBFloat16 && N > 0 && M > 0 && M >= bitmask_gemm_min_m() &&
+  if (x.scalar_type() == at::kBFloat16 && N > 0 && M > 0 && M >= gemm_min_m_or(kBitmaskGemmMinM) &&
       best_isa() == Isa::Avx512) {
     // every row's popcount first: the tile expansion reads each row's values unchecked
     std::atomic<int64_t> bad_row{std::numeric_limits<int64_t>::max()};

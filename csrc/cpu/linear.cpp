@@ -25,6 +25,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "blocked_gemm.h"
 #include "simd.h"
 
 namespace sk_linear {
@@ -485,31 +486,7 @@ static void expand_masked_rows(Isa isa, const T* w, const uint8_t* mask, bool pa
       dst[(n - n0) * K + c] = mask_bit(mask + n * mstride, packed, c) ? w[n * K + c] : T(0);
 }
 
-// y [M, N] (x's dtype) = x @ W^T + bias, W expanded BLOCK_ROWS rows at a time into an L2-sized scratch
-// tile and multiplied by the BLAS (at::mm_out into a column slice of y).  Only a tile of the dense
-// weight ever exists.  Used when M exceeds the direct kernel's break-even batch size.
-// 256 rows: bf16 4096x4096 on the dev box (load ~12), speedup over dense at M=16 / M=64 was
-// 32 rows 0.37/0.54x, 64 rows 0.43/0.84x, 128 rows 0.52/0.70x, 256 rows 0.54/0.84x,
-// 512 rows 0.80/0.63x: small tiles lose, 128..512 are within the noise.
-constexpr int64_t kGemmBlockRows = 256;
-
-template <typename Expand>
-static at::Tensor blocked_gemm(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
-                               const Expand& expand) {
-  at::Tensor y = at::empty({x.size(0), N}, x.options());
-  at::Tensor tile = at::empty({std::min(N, kGemmBlockRows), K}, x.options());
-  for (int64_t n0 = 0; n0 < N; n0 += kGemmBlockRows) {
-    const int64_t nb = std::min(kGemmBlockRows, N - n0);
-    at::Tensor t = tile.narrow(0, 0, nb);
-    at::parallel_for(0, nb, 16, [&](int64_t a, int64_t b) { expand(t, n0 + a, n0 + b, a); });
-    at::Tensor ys = y.narrow(1, n0, nb);
-    if (bias.has_value())
-      at::addmm_out(ys, bias->narrow(0, n0, nb), x, t.t());  // bias inside the GEMM: one rounding
-    else
-      at::mm_out(ys, x, t.t());
-  }
-  return y;
-}
+// The GEMM path: blocked_gemm (blocked_gemm.h) with the 2:4 or masked row expansion above.
 
 // Break-even batch sizes: direct kernel below, blocked GEMM from this M on.  Measured at 4096x4096
 // on the 2-core AMD EPYC (Zen 5) dev box, torch 2.13, ms per call (dense F.linear | direct | GEMM
@@ -531,14 +508,15 @@ static at::Tensor blocked_gemm(const at::Tensor& x, const c10::optional<at::Tens
 //         M=16 2.6|5.9|6.0  M=32 3.7|10.5|7.0 -> GEMM from M=16.
 //   fp16 stays direct.
 // SPARSE_KERNELS_CPU_GEMM_MIN_M overrides (tests use it to cover both paths).
-static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) {
-  const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
-  if (env != nullptr) return std::atoll(env);
+static int64_t measured_gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot) {
   constexpr int64_t kNever = INT64_MAX;
   if (t == at::kHalf) return kNever;
   if (masked) return t == at::kBFloat16 ? (bf16_dot ? 16 : 8) : 64;
   if (t == at::kBFloat16) return bf16_dot ? 64 : 9;
   return kNever;
+}
+static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) {
+  return gemm_min_m_or(measured_gemm_min_m(t, masked, bf16_dot));
 }
 
 // ------------------------------------------------------------------ ATen wrappers

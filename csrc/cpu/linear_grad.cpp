@@ -33,6 +33,7 @@
 #include <cstring>
 #include <vector>
 
+#include "blocked_gemm.h"
 #include "simd.h"
 
 #define SKG_INLINE inline __attribute__((always_inline))
@@ -413,10 +414,8 @@ static void gather_rows(const T* p, const uint16_t* meta, T* gv, int64_t K, int6
 //   bf16 38.6|13.9 -> GEMM always.  fp16 stays direct (no fast fp16 GEMM on this CPU; the forward
 //   measured 34 vs 7 ms at M=8).
 static int64_t gemm_min_m(at::ScalarType t, bool grad_x) {
-  const char* env = std::getenv("SPARSE_KERNELS_CPU_GEMM_MIN_M");
-  if (env != nullptr) return std::atoll(env);
-  if (t == at::kHalf) return INT64_MAX;
-  return grad_x ? 16 : 1;
+  if (t == at::kHalf) return gemm_min_m_or(INT64_MAX);
+  return gemm_min_m_or(grad_x ? 16 : 1);
 }
 
 // ------------------------------------------------------------------ ATen wrappers

@@ -442,12 +442,16 @@ def test_cli_prune_eval_bench_on_a_local_model(tiny_model_dir, tmp_path, capsys)
     assert "tok/s" in capsys.readouterr().out
 
 
+def _prune_small(d, text, out, *args):
+    """`sparse-kernels prune` on the tiny model with a small calibration (4 x 32 tokens of `text`)."""
+    return cli.main(["prune", "--model", str(d), *args, "--nsamples", "4", "--seqlen", "32",
+                     "--calibration-source", str(text), "-o", str(out), "--no-progress"])
+
+
 def test_cli_prune_wanda_with_owl(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "owl"
-    assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--sparsity", "0.5", "--owl",
-                     "--owl-lambda", "0.1", "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text),
-                     "-o", str(out), "--no-progress"]) == 0
+    assert _prune_small(d, text, out, "--method", "wanda", "--sparsity", "0.5", "--owl", "--owl-lambda", "0.1") == 0
     o = capsys.readouterr().out
     assert "OWL (m=5, lambda=0.1) block sparsity:" in o and "pruned and saved to" in o
     owl = json.loads((out / checkpoint.CONFIG_NAME).read_text())["pruning"]["owl"]
@@ -483,9 +487,7 @@ def test_cli_demo_end_to_end_on_a_local_model(tiny_model_dir, tmp_path, capsys):
 def test_cli_prune_ria(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "ria"
-    assert cli.main(["prune", "--model", str(d), "--method", "ria", "--ria-alpha", "0.25", "--pattern", "2:4",
-                     "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text), "-o", str(out),
-                     "--no-progress"]) == 0
+    assert _prune_small(d, text, out, "--method", "ria", "--ria-alpha", "0.25", "--pattern", "2:4") == 0
     assert "ria" in capsys.readouterr().out
     cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
     assert cfg["pruning"]["method"] == "ria" and cfg["pruning"]["alpha"] == 0.25 and len(cfg["layers"]) == 14
@@ -496,9 +498,7 @@ def test_cli_prune_ria(tiny_model_dir, tmp_path, capsys):
 def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "mlp_only"
-    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--skip", "self_attn",
-                     "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text), "-o", str(out),
-                     "--no-progress"]) == 0
+    assert _prune_small(d, text, out, "--method", "sparsegpt", "--pattern", "2:4", "--skip", "self_attn") == 0
     cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
     assert cfg["pruning"]["skip"] == ["self_attn"]
     assert cfg["layers"] and not any("self_attn" in n for n in cfg["layers"])
@@ -510,8 +510,7 @@ def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_pat
     for argv, msg in ((["--skip", "("], r"skip: '\(' is not a valid regular expression"),
                       (["--skip", "."], "leaves no layer to prune")):
         with pytest.raises(SystemExit, match=msg):
-            cli.main(["prune", "--model", str(d), "--pattern", "2:4", *argv, "--nsamples", "4", "--seqlen", "32",
-                      "--calibration-source", str(text), "-o", str(out), "--no-progress"])
+            _prune_small(d, text, out, "--pattern", "2:4", *argv)
 
 
 def test_cli_prune_with_finetune_keeps_the_pattern(tiny_model_dir, tmp_path, capsys):

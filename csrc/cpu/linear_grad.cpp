@@ -326,7 +326,7 @@ static void grad_w_direct(const GradWArgs& a, O* out) {
 
 // ------------------------------------------------------------------ GEMM paths
 // KB_GEMM = 256 columns of W*M expanded per BLAS call (N x 256 tile: 4 MiB fp32 at N = 4096); the
-// forward's blocked GEMM uses the same tile size (csrc/cpu/linear.cpp, kGemmBlockRows).
+// forward's blocked GEMM uses the same tile size (csrc/cpu/blocked_gemm.h, kGemmBlockRows).
 constexpr int64_t kGemmCols = 256;
 constexpr int64_t kGemmRows = 256;
 

@@ -14,7 +14,7 @@ import torch
 from ..ops import _validate as V
 from .patterns import keep_largest, keep_largest_nm, parse_sparsity
 
-__all__ = ["wanda_prune", "ria_prune", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
+__all__ = ["wanda_prune", "ria_prune", "wanda_scores", "ria_scores", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
 
 _SCOPES = ("layer", "row", "global")
 
@@ -63,8 +63,7 @@ def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
     cols = _check_weight_and_norms(W, act_norm_sq)
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
-    score = W.detach().float().abs() * act_norm_sq.float().sqrt().view(1, cols)
-    return _apply(W, _keep_per_row(score, spec))
+    return _apply(W, _keep_per_row(wanda_scores(W, act_norm_sq), spec))
 
 
 def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: float = 0.5):
@@ -83,13 +82,22 @@ def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: f
     check_alpha(alpha)
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
+    return _apply(W, _keep_per_row(ria_scores(W, act_norm_sq, alpha), spec))
+
+
+def wanda_scores(W: torch.Tensor, act_norm_sq: torch.Tensor) -> torch.Tensor:
+    """Wanda's score ``|W_ij| * ||X_j||_2`` (float32 ``[rows, cols]``); inputs unchecked."""
+    return W.detach().float().abs() * act_norm_sq.float().sqrt().view(1, -1)
+
+
+def ria_scores(W: torch.Tensor, act_norm_sq: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """RIA's score (float32 ``[rows, cols]``, see :func:`ria_prune`); inputs unchecked."""
     a = W.detach().float().abs()
     row_sum = a.sum(dim=1, keepdim=True)
     col_sum = a.sum(dim=0, keepdim=True)
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
     rel = torch.where(row_sum > 0, a / row_sum, zero) + torch.where(col_sum > 0, a / col_sum, zero)
-    score = rel * act_norm_sq.float().sqrt().pow(float(alpha)).view(1, cols)
-    return _apply(W, _keep_per_row(score, spec))
+    return rel * act_norm_sq.float().sqrt().pow(float(alpha)).view(1, -1)
 
 
 def magnitude_prune(W, sparsity=0.5, scope: str = "layer"):
@@ -159,6 +167,12 @@ class ActivationNormAccumulator:
         x = x.detach().reshape(-1, self.columns).to(self.norm_sq.device, torch.float64)
         self.nsamples += x.shape[0]
         self.norm_sq += (x * x).sum(0)
+
+    def permuted(self, perm: torch.Tensor) -> "ActivationNormAccumulator":
+        """A copy whose columns are in ``perm`` order (``norm_sq[perm]``)."""
+        out = ActivationNormAccumulator(self.columns, device=self.norm_sq.device)
+        out.norm_sq, out.nsamples = self.norm_sq[perm.to(self.norm_sq.device)], self.nsamples
+        return out
 
     def hook(self, module, inputs, output) -> None:
         self.add(inputs[0])

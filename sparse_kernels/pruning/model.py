@@ -30,10 +30,11 @@ from torch import nn
 
 from .calibration import _capture_inputs, _run_block
 from .criteria import (ActivationNormAccumulator, check_alpha, magnitude_prune, magnitude_prune_global, ria_prune,
-                       wanda_prune)
+                       ria_scores, wanda_prune, wanda_scores)
 from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
+from .permutation import find_permutation, invert_permutation, nm_kept_score, parse_permute
 from .report import LayerReport, PruneReport, _block_error, _OutputError, _progress
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -88,6 +89,9 @@ class PruningMethod:
     ``make_stats(name, layer)``: an object with ``attach(module) -> handle`` fed during the
     statistics pass, or None.  ``prune_layer`` returns ``(W_pruned [out, in], mask, loss|None)``.
     ``prune_block`` may be overridden by methods that couple layers (structured pruning).
+    ``importance(weight, stats, options)``: the scores ``[out, in]`` the N:M channel-permutation
+    search maximizes (``prune(permute=True)``; default ``|W|``); the stats objects then need a
+    ``permuted(perm)`` method (both accumulators have one).
     """
 
     name = "?"
@@ -108,17 +112,40 @@ class PruningMethod:
     def prune_layer(self, name, layer, weight, stats, spec: Sparsity, options: dict):
         raise NotImplementedError
 
+    def importance(self, weight, stats, options: dict) -> torch.Tensor:
+        return weight.detach().float().abs()
+
+    def _prune_permuted(self, name, layer, w, st, spec: Sparsity, options: dict):
+        """N:M-prune ``w`` with its input channels permuted first: search ``perm`` on
+        :meth:`importance`, prune ``w[:, perm]`` (stats permuted alike), map the result back to
+        the original column order.  Returns ``(w_new, mask, loss, perm, gain)``, ``gain`` the
+        relative rise of the N:M-kept importance over the identity order."""
+        score = self.importance(w, st, options)
+        perm = find_permutation(score, spec.n, spec.m, **options["_permute"])
+        base = nm_kept_score(score, spec.n, spec.m)
+        gain = nm_kept_score(score, spec.n, spec.m, perm) / base - 1.0 if base > 0 else 0.0
+        w_p, mask_p, loss = self.prune_layer(name, layer, w[:, perm], None if st is None else st.permuted(perm),
+                                             spec, options)
+        inv = invert_permutation(perm)
+        return w_p[:, inv], mask_p[:, inv], loss, perm, gain
+
     def prune_block(self, block_index, block, layers: dict, stats: dict, spec: Sparsity, options: dict):
         reports = []
+        keep = bool(options.get("_keep_masks"))
         for name, layer in layers.items():
             t0 = time.perf_counter()
             w = _get_weight(layer)
-            w_new, mask, loss = self.prune_layer(name, layer, w, stats.get(name), spec, options)
+            perm = gain = None
+            if options.get("_permute") is not None:
+                w_new, mask, loss, perm, gain = self._prune_permuted(name, layer, w, stats.get(name), spec, options)
+            else:
+                w_new, mask, loss = self.prune_layer(name, layer, w, stats.get(name), spec, options)
             _set_weight(layer, w_new)
             reports.append(LayerReport(
                 block=block_index, name=name, shape=tuple(w.shape),
                 sparsity=1.0 - mask.float().mean().item(), loss=loss,
-                seconds=time.perf_counter() - t0, mask=mask if options.get("_keep_masks") else None,
+                seconds=time.perf_counter() - t0, mask=mask if keep else None,
+                perm=perm if keep else None, permutation_gain=gain,
             ))
         return reports
 
@@ -128,6 +155,10 @@ class SparseGPTMethod(PruningMethod):
 
     def make_stats(self, name, layer):
         return HessianAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
+
+    def importance(self, weight, stats, options):
+        # diag(H) = 2/n sum x_j^2: Wanda's score up to a constant factor
+        return wanda_scores(weight, torch.diagonal(stats.H).clamp_min(0).to(weight.device))
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
         return sparsegpt_prune(
@@ -141,6 +172,9 @@ class WandaMethod(PruningMethod):
 
     def make_stats(self, name, layer):
         return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
+
+    def importance(self, weight, stats, options):
+        return wanda_scores(weight, stats.norm_sq.to(weight.device))
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
         w, mask = wanda_prune(weight, stats.norm_sq.to(weight.device), spec)
@@ -158,6 +192,9 @@ class RIAMethod(PruningMethod):
 
     def make_stats(self, name, layer):
         return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
+
+    def importance(self, weight, stats, options):
+        return ria_scores(weight, stats.norm_sq.to(weight.device), options.get("alpha", 0.5))
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
         w, mask = ria_prune(weight, stats.norm_sq.to(weight.device), spec, alpha=options.get("alpha", 0.5))
@@ -252,10 +289,12 @@ def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
 
 
 # ------------------------------------------------------------------ prune helpers
-def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, unstructured=None) -> None:
+def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, unstructured=None,
+                   perms: dict | None = None) -> None:
     """Swap each pruned layer for a SparseLinear: packed 2:4 when the pattern fits 2:4
-    (n <= 2 of every 4), otherwise ``unstructured``: None for a masked layer (weight + bit-packed
-    mask, trainable), ``"bitmask"`` for the compressed one (nonzeros + bitmask)."""
+    (n <= 2 of every 4; with its input permutation from ``perms``, if any), otherwise
+    ``unstructured``: None for a masked layer (weight + bit-packed mask, trainable),
+    ``"bitmask"`` for the compressed one (nonzeros + bitmask)."""
     from ..nn import SparseLinear
 
     pattern = "2:4" if spec.m == 4 and spec.n <= 2 else unstructured
@@ -267,7 +306,11 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, 
             if layer.bias is not None:
                 lin.bias.data.copy_(layer.bias.data)
             layer = lin
-        new = SparseLinear.from_dense(layer, pattern=pattern, mask=masks[name])
+        perm = (perms or {}).get(name) if pattern == "2:4" else None
+        if perm is not None:
+            new = SparseLinear.from_dense(layer, pattern=pattern, mask=masks[name], in_perm=perm)
+        else:
+            new = SparseLinear.from_dense(layer, pattern=pattern, mask=masks[name])
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, new)
@@ -292,6 +335,7 @@ def prune(
     progress: bool = True,
     backend: str | None = None,
     owl=None,
+    permute=False,
     **method_options,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
@@ -324,6 +368,17 @@ def prune(
             activation outliers get a lower sparsity, the mean stays ``sparsity``.  Needs
             calibration and an unstructured sparsity; costs one extra pass of the calibration
             through the dense blocks.
+        permute: N:M channel permutation (:mod:`sparse_kernels.pruning.permutation`): ``True``, or a
+            dict of :func:`~sparse_kernels.pruning.permutation.find_permutation` options
+            (``rounds``, ``patience``, ``seed``, ``max_seconds``).  Before each layer is pruned,
+            its input channels are permuted to keep more of the method's importance (|W| for
+            magnitude, |W| * ||X_j|| for Wanda and SparseGPT, RIA's score for RIA) under the
+            N:M pattern; the layer is pruned in that order and its weight mapped back, so the
+            pruned model computes the same function in the original order (its weights are N:M
+            only after the permutation).  With ``convert``, 2:4 layers become SparseLinear layers
+            holding the permutation (``in_perm``: the input is gathered before the sparse
+            kernel).  Each layer's ``permutation_gain`` reports the relative rise of kept
+            importance.  Needs an ``"N:M"`` sparsity.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
@@ -364,16 +419,24 @@ def prune(
             raise ValueError("owl: needs calibration data (the outlier ratios come from activations)")
         if method == "magnitude" and scope == "global":
             raise ValueError("owl: cannot be combined with scope='global' (one threshold across all blocks)")
+    perm_opts = parse_permute(permute)
+    if perm_opts is not None:
+        if not spec.is_nm:
+            raise ValueError(f"permute: needs an 'N:M' sparsity (channel permutation rearranges the groups of M), "
+                             f"got {spec}")
+        if method == "magnitude" and scope == "global":
+            raise ValueError("permute: cannot be combined with scope='global' (one threshold across all layers)")
     if not (isinstance(convert, bool) or convert == "bitmask"):
         raise ValueError(f"convert: got {convert!r}, expected True, False or 'bitmask'")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=bool(convert),
-                   **method_options)
+                   _permute=perm_opts, **method_options)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
 
     t_start = time.perf_counter()
-    report = PruneReport(method=method, sparsity=str(spec) + (" (OWL)" if owl_opts is not None else ""))
+    report = PruneReport(method=method, sparsity=str(spec) + (" (OWL)" if owl_opts is not None else "")
+                         + (" (permuted)" if perm_opts is not None else ""))
     was_training = model.training
     model.eval()
     hf_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -427,9 +490,12 @@ def prune(
             del meters
             if convert:
                 _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, block_specs[bi],
-                               "bitmask" if convert == "bitmask" else None)
+                               "bitmask" if convert == "bitmask" else None,
+                               {r.name: r.perm for r in layer_reports if getattr(r, "perm", None) is not None})
                 for r in layer_reports:
                     r.mask = None
+                    if hasattr(r, "perm"):
+                        r.perm = None
             if device is not None and home is not None:
                 block.to(home)
             report.layers.extend(layer_reports)

@@ -28,7 +28,10 @@ class LayerReport:
     *pruned* block (so upstream layers of the same block are already pruned); the same
     measure for every method, None without calibration or where it does not apply (the
     layer was not called in that pass, or the method replaced it or changed its shape).
-    ``seconds``: time to prune it.
+    ``seconds``: time to prune it.  ``permutation_gain`` (``prune(permute=...)`` only): the
+    relative rise of the N:M-kept importance that the input-channel permutation bought.
+    ``mask`` and ``perm`` (the permutation, ``W_pruned[:, perm]`` is N:M) are kept only while
+    :func:`prune` converts the layers.
     """
 
     block: int
@@ -39,6 +42,8 @@ class LayerReport:
     seconds: float
     output_error: float | None = None
     mask: torch.Tensor | None = field(default=None, repr=False)
+    permutation_gain: float | None = None
+    perm: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -65,6 +70,7 @@ class PruneReport:
         d = asdict(self)
         for r in d["layers"]:
             r.pop("mask", None)
+            r.pop("perm", None)
         d["overall_sparsity"] = self.overall_sparsity
         return d
 
@@ -82,6 +88,10 @@ class PruneReport:
         lines.append("loss: SparseGPT's objective sum (w-q)^2/d^2/2; out err: ||x W^T - x W_pruned^T|| / ||x W^T||")
         errs = [f"{e:.4f}" if e is not None else "-" for e in self.block_output_error]
         lines.append("block output rel. error: " + ", ".join(errs))
+        gains = [r.permutation_gain for r in self.layers if r.permutation_gain is not None]
+        if gains:
+            lines.append(f"channel permutation: kept importance +{100 * sum(gains) / len(gains):.2f}% on average "
+                         f"(min +{100 * min(gains):.2f}%, max +{100 * max(gains):.2f}%)")
         if self.owl is not None:
             lines.append(f"OWL (m={self.owl['m']:g}, lmbda={self.owl['lmbda']:g}) block sparsity: "
                          + ", ".join(f"{v:.4f}" for v in self.owl["block_sparsity"]))

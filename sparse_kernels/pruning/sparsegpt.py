@@ -202,6 +202,14 @@ class HessianAccumulator:
         x = x * math.sqrt(2.0 / self.nsamples)
         self.H.addmm_(x.t(), x)
 
+    def permuted(self, perm: torch.Tensor) -> "HessianAccumulator":
+        """A copy for the columns in ``perm`` order (``H[perm][:, perm]``): SparseGPT on a
+        column-permuted weight is the same problem with the Hessian permuted alike."""
+        out = HessianAccumulator(self.columns, device=self.H.device)
+        p = perm.to(self.H.device)
+        out.H, out.nsamples = self.H.index_select(0, p).index_select(1, p), self.nsamples
+        return out
+
     def hook(self, module, inputs, output) -> None:
         self.add(inputs[0])
 

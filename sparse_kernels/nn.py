@@ -259,6 +259,10 @@ class SparseLinear(nn.Module):
             with torch.no_grad():
                 self._cslt = L.cslt_pack(self.values.detach(), self.meta, self.values.dtype)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._buffers.setdefault("in_perm", None)  # a module pickled before permuted layers existed
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.refresh_cache()
@@ -348,9 +352,9 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         pat = {"2:4": "2:4", "bitmask": "bitmask"}.get(self.pattern, "unstructured")
+        perm = ", permuted=True" if self.in_perm is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={pat}, backend={self.backend or 'auto'}" + (", permuted=True" if self.in_perm is not None
-                                                                       else ""))
+                f"pattern={pat}, backend={self.backend or 'auto'}{perm}")
 
 
 # ---------------------------------------------------------------- sparsify

@@ -253,6 +253,17 @@ def test_to_dtype_keeps_in_perm_int64_and_pickles():
     again = torch.load(buf, weights_only=False)
     with torch.no_grad():
         assert_bitexact(again(x), y, "pickled")
+    old = SparseLinear.from_dense(_linear(32, 8))
+    with torch.no_grad():
+        y_old = old(x.float())
+    del old._buffers["in_perm"]  # as a layer pickled before permuted layers existed
+    buf = io.BytesIO()
+    torch.save(old, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    assert again.in_perm is None and "in_perm" not in again.state_dict()
+    with torch.no_grad():
+        assert_bitexact(again(x.float()), y_old, "old pickle")
 
 
 # ---------------------------------------------------------------- compile

@@ -382,6 +382,18 @@ def test_checkpoint_round_trip(permuted_ck):
         assert_bitexact(loaded(x), m(x), "checkpoint round trip")
 
 
+def test_as_linear_un_permutes():
+    from sparse_kernels.llm import checkpoint
+
+    sl = SparseLinear.from_dense(_linear(40, 12), in_perm=_perm(40))
+    lin = checkpoint.as_linear(sl)
+    assert type(lin) is nn.Linear
+    assert_bitexact(lin.weight.detach(), sl.dense_weight(), "as_linear weight")
+    x = _x(3, 40)
+    with torch.no_grad():
+        assert_close(lin(x), sl(x), "as_linear forward")
+
+
 def test_checkpoint_of_a_hugging_face_model_with_a_permuted_layer(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("safetensors")

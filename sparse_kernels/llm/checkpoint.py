@@ -83,13 +83,18 @@ def _conv1d_cls():
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` computing the same function as ``module`` (nn.Linear or HF GPT-2 ``Conv1D``).
+    """An ``nn.Linear`` computing the same function as ``module`` (nn.Linear, HF GPT-2 ``Conv1D``
+    or :class:`sparse_kernels.nn.SparseLinear`).
 
-    The weight is shared for nn.Linear and transposed (a copy) for Conv1D, whose weight is
-    ``[in, out]``.  Raises TypeError for anything else.
+    The weight is shared for nn.Linear, transposed (a copy) for Conv1D, whose weight is
+    ``[in, out]``, and the dense weight in the original column order (a copy, un-permuted for a
+    permuted 2:4 layer: ``SparseLinear.to_dense``) for SparseLinear.  Raises TypeError for
+    anything else.
     """
     if isinstance(module, nn.Linear):
         return module
+    if isinstance(module, _sparse_linear_cls()):
+        return module.to_dense()
     conv = _conv1d_cls()
     if conv is not None and isinstance(module, conv):
         w = module.weight.detach()

@@ -382,6 +382,15 @@ def test_checkpoint_round_trip(permuted_ck):
         assert_bitexact(loaded(x), m(x), "checkpoint round trip")
 
 
+def test_a_2to4_layer_listed_as_masked_is_refused(tmp_path):
+    from sparse_kernels.llm import checkpoint
+
+    m = _tiny_permuted()
+    with pytest.raises(ValueError, match=r"save: layers \['up'\] are 2:4 SparseLinear layers listed as 'masked'"):
+        checkpoint.save(m, str(tmp_path / "ck"), layers={"up": "masked", "down": "2:4"})
+    assert isinstance(m.up, SparseLinear) and not os.path.exists(tmp_path / "ck" / checkpoint.CONFIG_NAME)
+
+
 def test_as_linear_un_permutes():
     from sparse_kernels.llm import checkpoint
 

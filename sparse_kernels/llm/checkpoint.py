@@ -267,6 +267,9 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     sl = _sparse_linear_cls()
     kept = {n: model.get_submodule(n) for n, k in layers.items()
             if k == MASKED and isinstance(model.get_submodule(n), sl)}
+    wrong = sorted(n for n, mod in kept.items() if mod.pattern == PATTERN_24)
+    if wrong:  # stored masked, it would come back as a pattern load cannot rebuild
+        raise ValueError(f"save: layers {wrong} are 2:4 SparseLinear layers listed as 'masked'; list them as '2:4'")
     unstructured = {n: mod.pattern or "masked" for n, mod in kept.items()}
     try:
         info24 = to_sparse(model, layers)

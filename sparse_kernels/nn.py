@@ -16,6 +16,16 @@ Three storage modes:
   weight.  Forward is :func:`sparse_kernels.bitmask_linear`; ``values`` is trainable, the pattern
   fixed; ``load_state_dict`` sizes ``values`` from the stored nonzeros.
 
+Permuted 2:4 (``SparseLinear(..., permuted=True)`` or ``from_dense(..., in_perm=p)``; channel
+permutation as in NVIDIA ASP and RIA): an int64 buffer ``in_perm [in_features]``, a permutation of
+``range(in_features)``.  ``values``/``meta`` hold the 2:4 weight ``S`` in permuted column order and
+the layer computes ``y = x[..., in_perm] @ S.T + bias``; the dense weight in the original column
+order is ``W = S[:, argsort(in_perm)]`` (``W[:, in_perm] = S``), which ``dense_weight()`` and
+``to_dense()`` return.  The gather runs on x's device before padding and every backend (no host
+sync: CUDA graphs and ``torch.compile(fullgraph=True)`` work).  ``in_perm`` is in the state_dict
+only for permuted layers, and ``load_state_dict`` checks that it is a permutation (ValueError
+naming the layer otherwise).
+
 Checkpoints (:mod:`sparse_kernels.llm.checkpoint`) store unstructured layers of both kinds
 bitmask-compressed and rebuild them as the same kind of layer, with ``weight != 0`` as the pattern
 (a kept weight that is exactly zero comes back pruned).
@@ -48,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import _registry as R
+from .ops import _validate as V
 from .ops import bitmask as B
 from .ops import linear as L
 from .ops.sparse24 import compress_2to4, decompress_2to4
@@ -65,6 +76,38 @@ def _refresh_after_load(module, incompatible_keys):
     module.refresh_cache()  # a module-level function, so whole models still pickle
 
 
+def check_in_perm(in_perm, in_features: int, name: str = "in_perm") -> None:
+    """Raise unless ``in_perm`` is a 1-D integer tensor holding each of ``0..in_features-1`` once.
+
+    TypeError for a non-tensor or a non-integer dtype; ValueError for a wrong shape, an index out
+    of range or a repeated index (the message names ``name``, what it got and what it needs).
+    Tensors on the meta device are checked for dtype and shape only.
+    """
+    if not isinstance(in_perm, torch.Tensor):
+        raise TypeError(f"{name}: expected a 1-D integer tensor (a permutation of range({in_features})), "
+                        f"got {type(in_perm).__name__}")
+    if in_perm.dtype.is_floating_point or in_perm.dtype.is_complex or in_perm.dtype == torch.bool:
+        raise TypeError(f"{name}: dtype {in_perm.dtype} is not an integer dtype; expected int64 indices "
+                        f"(a permutation of range({in_features}))")
+    if tuple(in_perm.shape) != (in_features,):
+        raise ValueError(f"{name}: shape {tuple(in_perm.shape)} must be ({in_features},), one index per input "
+                         f"channel (in_features={in_features})")
+    if in_perm.device.type == "meta" or in_features == 0:
+        return
+    p = in_perm.detach().long()
+    bad = ((p < 0) | (p >= in_features)).nonzero()
+    if bad.numel():
+        i = int(bad[0, 0])
+        raise ValueError(f"{name}: holds {int(p[i])} at position {i}, outside 0..{in_features - 1}; "
+                         f"expected a permutation of range({in_features})")
+    counts = torch.bincount(p, minlength=in_features)
+    dup = (counts > 1).nonzero()
+    if dup.numel():
+        d = int(dup[0, 0])
+        raise ValueError(f"{name}: index {d} appears {int(counts[d])} times; a permutation of "
+                         f"range({in_features}) holds each index exactly once")
+
+
 class SparseLinear(nn.Module):
     """A Linear layer stored sparse.  Build it with :meth:`from_dense`.
 
@@ -74,11 +117,18 @@ class SparseLinear(nn.Module):
         backend: forwarded to the op (``auto | reference | cpp | cuda | triton | cusparselt |
             decompress``);
             None means ``SPARSE_KERNELS_BACKEND`` or ``auto``.
+        permuted: 2:4 only: the layer has an input-channel permutation, buffer ``in_perm``
+            (identity until :meth:`from_dense` or ``load_state_dict`` fills it; see the module
+            docstring).  Raises ValueError with another pattern.
     """
 
-    def __init__(self, in_features, out_features, bias=True, pattern="2:4", backend=None, device=None, dtype=None):
+    def __init__(self, in_features, out_features, bias=True, pattern="2:4", backend=None, device=None, dtype=None,
+                 permuted: bool = False):
         super().__init__()
         _check_pattern(pattern)
+        if permuted and pattern != "2:4":
+            raise ValueError(f"permuted: an input-channel permutation is only supported with pattern='2:4' (it "
+                             f"moves weights between groups of 4), got pattern={pattern!r}")
         if backend is not None:
             R.requested_backend(backend)
         self.in_features, self.out_features = int(in_features), int(out_features)
@@ -101,6 +151,7 @@ class SparseLinear(nn.Module):
             self.register_buffer("mask", torch.zeros(out_features, (in_features + 7) // 8, dtype=torch.uint8,
                                                      device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, **fk)) if bias else None
+        self.register_buffer("in_perm", torch.arange(self.in_features, device=device) if permuted else None)
         self._meta_dev = None
         self._cslt = None
         self._ops = {}  # backend name per (device, dtype, batch bucket, backend, env): _forward_resolved
@@ -108,15 +159,27 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------ construction
     @classmethod
-    def from_dense(cls, linear: nn.Linear, pattern="2:4", mask=None, backend=None) -> "SparseLinear":
+    def from_dense(cls, linear: nn.Linear, pattern="2:4", mask=None, backend=None, in_perm=None) -> "SparseLinear":
         """Build from ``linear``.  2:4: ``mask`` (bool ``[out, in]``, must be 2:4) or, if None, the
         2 largest |w| of every group of 4 along ``in``.  None: ``mask`` (bool, any pattern) or, if
-        None, ``weight != 0``.  Raises ValueError for a mask of the wrong shape or not 2:4."""
+        None, ``weight != 0``.  Raises ValueError for a mask of the wrong shape or not 2:4.
+
+        ``in_perm`` (2:4 only): a permutation of ``range(in_features)`` (1-D integer tensor); the
+        layer stores ``(W * mask)[:, in_perm]``, which must then be 2:4 (``mask`` is in the original
+        column order, like the weight), or with ``mask=None`` the 2 largest |w| of every group of 4
+        of ``W[:, in_perm]``.  Stored as int64 on the weight's device.  Raises TypeError/ValueError
+        for an ``in_perm`` that is not such a permutation (:func:`check_in_perm`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
         _check_pattern(pattern)
         w = linear.weight.detach()
         out_f, in_f = w.shape
+        if in_perm is not None:
+            if pattern != "2:4":
+                raise ValueError(f"in_perm: an input-channel permutation is only supported with pattern='2:4' (it "
+                                 f"moves weights between groups of 4), got pattern={pattern!r}")
+            check_in_perm(in_perm, in_f)
+            in_perm = in_perm.to(device=w.device, dtype=torch.int64)
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 raise TypeError(f"mask: expected a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
@@ -125,14 +188,18 @@ class SparseLinear(nn.Module):
             mask = mask.to(w.device)
             w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
         mod = cls(in_f, out_f, bias=linear.bias is not None, pattern=pattern, backend=backend,
-                  device=w.device, dtype=w.dtype)
+                  device=w.device, dtype=w.dtype, permuted=in_perm is not None)
         with torch.no_grad():
             if pattern == "2:4":
+                if in_perm is not None:
+                    w = w.index_select(1, in_perm)
+                    mod.in_perm.copy_(in_perm)
                 wp = F.pad(w, (0, mod.in_padded - in_f))
                 try:
                     values, meta = compress_2to4(wp, prune=mask is None)
                 except ValueError as e:
-                    raise ValueError(f"mask: is not 2:4 sparse along in_features ({e})") from None
+                    after = " after the permutation in_perm (mask[:, in_perm])" if in_perm is not None else ""
+                    raise ValueError(f"mask: is not 2:4 sparse along in_features{after} ({e})") from None
                 mod.values.copy_(values)
                 mod.meta.copy_(meta)
             elif pattern == "bitmask":
@@ -150,9 +217,13 @@ class SparseLinear(nn.Module):
         return mod
 
     def dense_weight(self) -> torch.Tensor:
-        """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned)."""
+        """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned), in the
+        original column order (a permuted layer's stored columns are put back: ``W[:, in_perm] = S``)."""
         if self.pattern == "2:4":
-            return decompress_2to4(self.values.detach(), self.meta)[:, : self.in_features]
+            s = decompress_2to4(self.values.detach(), self.meta)[:, : self.in_features]
+            if self.in_perm is not None:
+                s = s.index_select(1, torch.argsort(self.in_perm))
+            return s
         if self.pattern == "bitmask":
             return B.decompress_bitmask(self.values.detach(), self.bitmask, self.row_ptr, self.in_features)
         m = L.unpack_mask(self.mask, self.in_features)
@@ -168,7 +239,7 @@ class SparseLinear(nn.Module):
         return lin
 
     def nbytes(self) -> int:
-        """Bytes of the stored tensors (values+meta or weight+mask, plus bias)."""
+        """Bytes of the stored tensors (values+meta or weight+mask, plus bias and in_perm)."""
         ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
         return sum(t.numel() * t.element_size() for t in ts)
 
@@ -188,6 +259,10 @@ class SparseLinear(nn.Module):
             with torch.no_grad():
                 self._cslt = L.cslt_pack(self.values.detach(), self.meta, self.values.dtype)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._buffers.setdefault("in_perm", None)  # a module pickled before permuted layers existed
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self.refresh_cache()
@@ -206,7 +281,29 @@ class SparseLinear(nn.Module):
         v = state_dict.get(prefix + "values")
         if self.pattern == "bitmask" and isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape != self.values.shape:
             self.values.data = torch.empty(v.shape, dtype=self.values.dtype, device=self.values.device)
+        if self.pattern == "2:4":
+            self._check_loaded_perm(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_loaded_perm(self, state_dict, prefix):
+        """A 2:4 state dict's values are in permuted order exactly when it holds ``in_perm``: loading
+        one kind into the other kind of layer would compute a wrong answer, so it raises (even with
+        strict=False), as does an ``in_perm`` that is not a permutation."""
+        p = state_dict.get(prefix + "in_perm")
+        layer = prefix[:-1] or type(self).__name__
+        if self.in_perm is None:
+            if p is not None:
+                raise ValueError(f"{prefix}in_perm: layer {layer!r} was built without a channel permutation but the "
+                                 f"state dict holds one (its values are in permuted column order); build it with "
+                                 f"SparseLinear(..., permuted=True)")
+            return
+        if p is None:
+            if prefix + "values" in state_dict:
+                raise ValueError(f"{prefix}in_perm: layer {layer!r} is permuted (permuted=True) but the state dict "
+                                 f"has values and no in_perm (a layer without a permutation); build it with "
+                                 f"permuted=False")
+            return
+        check_in_perm(p, self.in_features, f"{prefix}in_perm (layer {layer!r})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pattern is None:
@@ -215,6 +312,10 @@ class SparseLinear(nn.Module):
             return B.bitmask_linear(x, self.values, self.bitmask, self.row_ptr, self.bias, backend=self.backend)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: last dim is {x.shape[-1]} but this layer has in_features={self.in_features}")
+        if self.in_perm is not None:
+            if x.device != self.in_perm.device:
+                V.same_device(x=x, in_perm=self.in_perm)
+            x = x.index_select(-1, self.in_perm)
         if self.in_padded != self.in_features:
             x = F.pad(x, (0, self.in_padded - self.in_features))
         if self._cslt is not None and not self.training and x.device.type == "cuda" and x.dtype == self.values.dtype:
@@ -251,8 +352,9 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         pat = {"2:4": "2:4", "bitmask": "bitmask"}.get(self.pattern, "unstructured")
+        perm = ", permuted=True" if self.in_perm is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"pattern={pat}, backend={self.backend or 'auto'}")
+                f"pattern={pat}, backend={self.backend or 'auto'}{perm}")
 
 
 # ---------------------------------------------------------------- sparsify

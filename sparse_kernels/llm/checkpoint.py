@@ -7,11 +7,14 @@ A checkpoint is a directory:
   ``[out, in/2]`` in the weight dtype and ``meta`` ``[out, in/16]`` int16, see
   :mod:`sparse_kernels.reference.sparse24`), every other tensor unchanged.  Tensors that share
   storage (tied embeddings) are stored once.  The safetensors metadata repeats the format name
-  and version.
+  and version.  A permuted 2:4 layer (channel permutation) also stores ``in_perm``
+  ``[in_features]`` int64, and ``values``/``meta`` hold its weight in permuted column order
+  (see :mod:`sparse_kernels.nn`).
 * ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version``
   (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
   config (when there is one), which layers are ``2:4`` (with their dense shape, original module
-  type and bias) and which are ``masked`` (unstructured), the shape and dtype of every stored
+  type, bias and, for a permuted layer, ``"in_perm": true``) and which are ``masked``
+  (unstructured), the shape and dtype of every stored
   tensor, the aliases of tied tensors, the size and SHA-256 of the tensors file and the bytes on
   disk against the dense model.
 * a ``masked`` layer's weight ``W`` is stored bitmask-compressed (format version 2) when that
@@ -31,9 +34,12 @@ error rather than one that loads the wrong weights.
 :func:`load` checks, before building anything: the format name and version, the file size
 (truncation), the SHA-256 (corruption), the stored tensors against the manifest (names, shapes,
 dtypes), every bitmask-compressed tensor (bitmask shape, padding bits, popcount against the stored
-values), and every 2:4 layer's meta nibbles (the six valid ones, 4 8 9 12 13 14); any failure
-raises :class:`CheckpointError` (a ValueError) naming the file and what is wrong.  Then it
-rebuilds the model with its 2:4 layers as SparseLinear and loads every tensor strictly.
+values), every 2:4 layer's meta nibbles (the six valid ones, 4 8 9 12 13 14) and every permuted
+layer's ``in_perm`` (int64, each input channel exactly once); any failure raises
+:class:`CheckpointError` (a ValueError) naming the file or layer and what is wrong.  Then it
+rebuilds the model with its 2:4 layers as SparseLinear (``permuted=True`` where recorded) and
+loads every tensor strictly.  Checkpoints without permuted layers are unchanged (an older reader
+rejects one with an ``in_perm``: an unexpected tensor).
 """
 
 from __future__ import annotations
@@ -77,13 +83,18 @@ def _conv1d_cls():
 
 
 def as_linear(module: nn.Module) -> nn.Linear:
-    """An ``nn.Linear`` computing the same function as ``module`` (nn.Linear or HF GPT-2 ``Conv1D``).
+    """An ``nn.Linear`` computing the same function as ``module`` (nn.Linear, HF GPT-2 ``Conv1D``
+    or :class:`sparse_kernels.nn.SparseLinear`).
 
-    The weight is shared for nn.Linear and transposed (a copy) for Conv1D, whose weight is
-    ``[in, out]``.  Raises TypeError for anything else.
+    The weight is shared for nn.Linear, transposed (a copy) for Conv1D, whose weight is
+    ``[in, out]``, and the dense weight in the original column order (a copy, un-permuted for a
+    permuted 2:4 layer: ``SparseLinear.to_dense``) for SparseLinear.  Raises TypeError for
+    anything else.
     """
     if isinstance(module, nn.Linear):
         return module
+    if isinstance(module, _sparse_linear_cls()):
+        return module.to_dense()
     conv = _conv1d_cls()
     if conv is not None and isinstance(module, conv):
         w = module.weight.detach()
@@ -159,6 +170,8 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
                                  f"{mod.pattern!r}; list it as 'masked'")
             info[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
                           "bias": mod.bias is not None, "module": "SparseLinear"}
+            if getattr(mod, "in_perm", None) is not None:
+                info[name]["in_perm"] = True
             continue
         orig = "Conv1D" if conv is not None and isinstance(mod, conv) else type(mod).__name__
         lin = as_linear(mod)
@@ -254,6 +267,9 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     sl = _sparse_linear_cls()
     kept = {n: model.get_submodule(n) for n, k in layers.items()
             if k == MASKED and isinstance(model.get_submodule(n), sl)}
+    wrong = sorted(n for n, mod in kept.items() if mod.pattern == PATTERN_24)
+    if wrong:  # stored masked, it would come back as a pattern load cannot rebuild
+        raise ValueError(f"save: layers {wrong} are 2:4 SparseLinear layers listed as 'masked'; list them as '2:4'")
     unstructured = {n: mod.pattern or "masked" for n, mod in kept.items()}
     try:
         info24 = to_sparse(model, layers)
@@ -468,7 +484,9 @@ def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) 
 
 
 def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Validate one 2:4 layer's values/meta: shapes against the layer, dtypes, meta nibbles."""
+    """Validate one 2:4 layer's values/meta: shapes against the layer, dtypes, meta nibbles; and a
+    permuted layer's ``in_perm`` (int64, a permutation of its input channels)."""
+    from ..nn import check_in_perm
     from ..reference.sparse24 import check_meta
 
     values, meta = tensors.get(name + ".values"), tensors.get(name + ".meta")
@@ -487,6 +505,22 @@ def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> None:
     try:
         check_meta(meta)
     except ValueError as e:
+        raise CheckpointError(f"2:4 layer {name!r}: {e}") from e
+    permuted, perm = li.get("in_perm", False), tensors.get(name + ".in_perm")
+    if not isinstance(permuted, bool):
+        raise CheckpointError(f"2:4 layer {name!r}: its 'in_perm' entry must be true or false, got {permuted!r}")
+    if not permuted:
+        if perm is not None:
+            raise CheckpointError(f"2:4 layer {name!r}: {name}.in_perm is stored but the layer is not recorded as "
+                                  f"permuted (\"in_perm\": true)")
+        return
+    if perm is None:
+        raise CheckpointError(f"2:4 layer {name!r}: recorded as permuted but {name}.in_perm is missing")
+    if perm.dtype != torch.int64:
+        raise CheckpointError(f"2:4 layer {name!r}: {name}.in_perm must be int64, got {_dtype_name(perm.dtype)}")
+    try:
+        check_in_perm(perm, in_f, f"{name}.in_perm")
+    except (TypeError, ValueError) as e:
         raise CheckpointError(f"2:4 layer {name!r}: {e}") from e
 
 
@@ -535,7 +569,8 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
             raise CheckpointError(f"2:4 layer {name!r} is not a module of {type(m).__name__}") from e
         del old
         _replace(m, name, sl(li["in_features"], li["out_features"], bias=li["bias"], pattern=PATTERN_24,
-                             dtype=tensors[name + ".values"].dtype))  # filled by load_state_dict below
+                             dtype=tensors[name + ".values"].dtype,
+                             permuted=li.get("in_perm", False)))  # filled by load_state_dict below
     unstructured = {}  # SparseLinear unstructured layers: loaded as nn.Linear, then rebuilt as such
     for name, li in cfg["masked"].items():
         pat = li.get("sparse_linear_pattern") if isinstance(li, dict) else None

@@ -381,7 +381,8 @@ def _matches(rule, name, mod) -> bool:
     return any(fnmatch.fnmatchcase(name, r) for r in rules)
 
 
-def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backend=None) -> SparsifyReport:
+def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backend=None,
+             permute=False) -> SparsifyReport:
     """Replace every eligible ``nn.Linear`` of ``model`` by :class:`SparseLinear`, in place.
 
     Eligible: exactly ``nn.Linear`` (subclasses such as MultiheadAttention's out_proj are read
@@ -389,9 +390,17 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
     qualified name matches ``include`` (None = all) and not ``exclude``.  ``include``/``exclude``
     are a glob (``"layers.*.mlp.*"``), a list of globs, or a callable ``(name, module) -> bool``.
     2:4 keeps the 2 largest |w| of each group of 4; ``pattern=None`` and ``"bitmask"`` keep
-    ``weight != 0``.
+    ``weight != 0``.  ``permute`` (2:4 only: ``True`` or a dict of
+    :func:`sparse_kernels.pruning.permutation.find_permutation` options): first search each
+    layer's input-channel permutation that keeps the most ``|w|`` under 2:4, and store the layer
+    permuted (``in_perm``); layers whose ``in_features`` is not a multiple of 4 stay unpermuted.
     """
     _check_pattern(pattern)
+    from .pruning.permutation import find_permutation, parse_permute
+
+    perm_opts = parse_permute(permute)
+    if perm_opts is not None and pattern != "2:4":
+        raise ValueError(f"permute: only a 2:4 pattern has groups to rearrange, got pattern={pattern!r}")
     report = SparsifyReport()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
@@ -409,7 +418,11 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
         if mod.weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             report.skipped.append((name, f"weight dtype {mod.weight.dtype}"))
             continue
-        new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend)
+        if perm_opts is not None and mod.in_features % 4 == 0:
+            perm = find_permutation(mod.weight.detach().float().abs(), 2, 4, **perm_opts)
+            new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend, in_perm=perm)
+        else:
+            new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend)
         new.train(mod.training)
         report.bytes_before += sum(t.numel() * t.element_size() for t in mod.parameters(recurse=False))
         report.bytes_after += new.nbytes()

@@ -513,6 +513,29 @@ def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_pat
             _prune_small(d, text, out, "--pattern", "2:4", *argv)
 
 
+def test_cli_prune_with_permutation_saves_permuted_2to4_layers(tiny_model_dir, tmp_path, capsys):
+    from sparse_kernels.llm import models
+    from sparse_kernels.nn import SparseLinear
+
+    d, text = tiny_model_dir
+    out = tmp_path / "perm"
+    assert _prune_small(d, text, out, "--method", "wanda", "--pattern", "2:4", "--permute",
+                        "--permute-rounds", "5", "--eval-tokens", "0") == 0
+    o = capsys.readouterr().out
+    assert "channel permutation: kept importance +" in o and "pruned and saved to" in o
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert cfg["pruning"]["permute"] == {"rounds": 5} and len(cfg["layers"]) == 14
+    assert all(li.get("in_perm") for li in cfg["layers"].values())
+    m, _, _ = models.load_model(str(out))
+    layers = [mod for mod in m.modules() if isinstance(mod, SparseLinear)]
+    assert len(layers) == 14 and all(mod.in_perm is not None for mod in layers)
+    assert any(not torch.equal(mod.in_perm.cpu(), torch.arange(mod.in_features)) for mod in layers)
+    for argv, msg in ((["--sparsity", "0.5", "--permute"], "--permute needs an N:M --pattern"),
+                      (["--pattern", "2:4", "--permute", "--permute-rounds", "-1"], "--permute-rounds must be >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            _prune_small(d, text, out, *argv)
+
+
 def test_cli_prune_with_finetune_keeps_the_pattern(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "ft"

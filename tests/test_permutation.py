@@ -294,3 +294,49 @@ def test_prune_permute_errors(kw, err, msg):
     with pytest.raises(err, match=msg):
         sk.prune(model, **args)
     assert all((p != 0).all() for p in model.parameters() if p.dim() == 2)  # nothing pruned
+
+
+def test_prune_with_permutation_and_convert_stores_the_permutation():
+    from sparse_kernels.nn import SparseLinear
+
+    calib = _calib()
+    plain = _model()
+    sk.prune(plain, method="wanda", sparsity="2:4", calibration=calib, blocks=list(plain), progress=False,
+             permute={"rounds": 10})
+    conv = _model()
+    rep = sk.prune(conv, method="wanda", sparsity="2:4", calibration=calib, blocks=list(conv), progress=False,
+                   permute={"rounds": 10}, convert=True)
+    assert all(r.perm is None and r.mask is None for r in rep.layers)  # not kept past the conversion
+    for blk_p, blk_c in zip(plain, conv):
+        for i in (0, 2):
+            lin, sl = blk_p[i], blk_c[i]
+            assert isinstance(sl, SparseLinear) and sl.in_perm is not None
+            w = lin.weight.detach()
+            # the same pruned weight in the original order (pruned entries: -0.0 in W * mask, 0.0 here)
+            assert torch.equal(sl.dense_weight(), w)
+            s = w[:, sl.in_perm]
+            assert ((s != 0).view(s.shape[0], -1, 4).sum(-1) <= 2).all()  # 2:4 after the permutation
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(conv(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparsify_with_permutation():
+    from sparse_kernels.nn import SparseLinear, sparsify
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 6))
+    ref = nn.Sequential(*[m for m in __import__("copy").deepcopy(model)])
+    rep = sparsify(model, pattern="2:4", permute={"rounds": 10})
+    assert rep.layers == ["0", "2", "4"]
+    for i in (0, 2, 4):
+        sl, w0 = model[i], ref[i].weight.detach()
+        assert isinstance(sl, SparseLinear) and sl.in_perm is not None
+        w = sl.dense_weight()
+        # more |w| kept than the plain 2:4 selection, which keeps the top 2 of each original group
+        plain = SparseLinear.from_dense(ref[i], pattern="2:4").dense_weight()
+        assert float(w.abs().sum()) >= float(plain.abs().sum())
+        assert ((w != 0) <= (w0 != 0)).all() and torch.equal(w[w != 0], w0[w != 0])
+    assert float(model[0].dense_weight().abs().sum()) > float(
+        SparseLinear.from_dense(ref[0], pattern="2:4").dense_weight().abs().sum())
+    with pytest.raises(ValueError, match="permute: only a 2:4 pattern"):
+        sparsify(ref, pattern=None, permute=True)

@@ -340,3 +340,20 @@ def test_sparsify_with_permutation():
         SparseLinear.from_dense(ref[0], pattern="2:4").dense_weight().abs().sum())
     with pytest.raises(ValueError, match="permute: only a 2:4 pattern"):
         sparsify(ref, pattern=None, permute=True)
+
+
+def test_bench_permuted_linear_runs_and_checks(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_permuted_linear.py")
+    spec = importlib.util.spec_from_file_location("bench_permuted_linear", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    assert mod.main(["--device", "cpu", "--shapes", "32x64", "--batches", "1,3", "--min-run-time", "0.01",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["layer"] for r in rows} == {"dense", "2:4", "2:4 permuted"} and len(rows) == 6
+    assert all(r["median_ms"] > 0 and r["time_vs_plain_2to4"] > 0 for r in rows)

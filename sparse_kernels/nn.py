@@ -22,7 +22,8 @@ permutation as in NVIDIA ASP and RIA): an int64 buffer ``in_perm [in_features]``
 the layer computes ``y = x[..., in_perm] @ S.T + bias``; the dense weight in the original column
 order is ``W = S[:, argsort(in_perm)]`` (``W[:, in_perm] = S``), which ``dense_weight()`` and
 ``to_dense()`` return.  The gather runs on x's device before padding and every backend (no host
-sync: CUDA graphs and ``torch.compile(fullgraph=True)`` work).  ``in_perm`` is in the state_dict
+sync; ``torch.compile(fullgraph=True)`` tested on CPU; CUDA-graph capture: tested in
+tests/test_sparse_linear_perm.py, not yet run on a GPU).  ``in_perm`` is in the state_dict
 only for permuted layers, and ``load_state_dict`` checks that it is a permutation (ValueError
 naming the layer otherwise).
 

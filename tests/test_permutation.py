@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparse_kernels as sk
-from conftest import assert_bitexact, skip_unless_backend
+from conftest import assert_bitexact, requires_cuda, skip_unless_backend
 from sparse_kernels.ops.permutation import nm_split_scores
 from sparse_kernels.pruning import sparsegpt_prune, wanda_prune
 from sparse_kernels.pruning.permutation import (_splits, find_permutation, invert_permutation, nm_kept_score,
@@ -357,3 +357,17 @@ def test_bench_permuted_linear_runs_and_checks(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["layer"] for r in rows} == {"dense", "2:4", "2:4 permuted"} and len(rows) == 6
     assert all(r["median_ms"] > 0 and r["time_vs_plain_2to4"] > 0 for r in rows)
+
+
+@requires_cuda
+def test_permutation_search_on_cuda_matches_the_cpu():
+    # integer scores: every sum is exact, so the GPU (reference op) and the CPU take the same moves
+    g = torch.Generator().manual_seed(11)
+    s = torch.randint(0, 30, (40, 64), generator=g).float()
+    cpu = find_permutation(s, rounds=15)
+    gpu = find_permutation(s.cuda(), rounds=15)
+    assert gpu.device.type == "cuda"
+    assert_bitexact(gpu.cpu(), cpu, "GPU vs CPU search")
+    st, cols, sp = torch.rand(64, 33, generator=g), _pairs(64, 4, 5, g), _splits(4)
+    torch.testing.assert_close(nm_split_scores(st.cuda(), cols.cuda(), sp.cuda(), 2).cpu(),
+                               ref_split_scores(st, cols, sp, 2), rtol=2e-6, atol=1e-6)

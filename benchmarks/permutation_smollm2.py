@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the runs without permutation")
     ap.add_argument("--out", default="benchmarks/results/cpu/permutation_smollm2.json")
     args = ap.parse_args(argv)
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     print(f"dense perplexity {dense:.3f}", flush=True)
     rows = []
     for method in args.methods.split(","):
-        for permute in (False, {"rounds": args.rounds}):
+        for permute in ((False,) if not args.no_baseline else ()) + ({"rounds": args.rounds},):
             models.restore(model, snap)
             t0 = time.perf_counter()
             rep = demo.prune_model(model, method, args.pattern, calib, progress=False, permute=permute)

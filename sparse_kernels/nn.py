@@ -62,6 +62,7 @@ from .ops import _registry as R
 from .ops import _validate as V
 from .ops import bitmask as B
 from .ops import linear as L
+from .ops import permutation as P
 from .ops.sparse24 import compress_2to4, decompress_2to4
 
 PATTERNS = ("2:4", None, "bitmask")
@@ -316,7 +317,7 @@ class SparseLinear(nn.Module):
         if self.in_perm is not None:
             if x.device != self.in_perm.device:
                 V.same_device(x=x, in_perm=self.in_perm)
-            x = x.index_select(-1, self.in_perm)
+            x = P.gather_validated(x, self.in_perm)
         if self.in_padded != self.in_features:
             x = F.pad(x, (0, self.in_padded - self.in_features))
         if self._cslt is not None and not self.training and x.device.type == "cuda" and x.dtype == self.values.dtype:

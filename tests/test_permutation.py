@@ -371,3 +371,51 @@ def test_permutation_search_on_cuda_matches_the_cpu():
     st, cols, sp = torch.rand(64, 33, generator=g), _pairs(64, 4, 5, g), _splits(4)
     torch.testing.assert_close(nm_split_scores(st.cuda(), cols.cuda(), sp.cuda(), 2).cpu(),
                                ref_split_scores(st, cols, sp, 2), rtol=2e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------ gather_columns (a permuted layer's input)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(1, 37), (3, 64), (2, 5, 48), (9, 16), (0, 8)])
+def test_gather_columns_cpp_is_bitexact(dtype, shape):
+    from sparse_kernels.ops.permutation import gather_columns
+
+    skip_unless_backend("gather_columns", "cpp", "cpu")
+    g = torch.Generator().manual_seed(shape[-1])
+    x = torch.randn(*shape, generator=g).to(dtype)
+    k = shape[-1]
+    for index in (torch.randperm(k, generator=g), torch.randint(0, k, (k + 5,), generator=g)):
+        want = x.index_select(-1, index)
+        assert_bitexact(gather_columns(x, index, backend="cpp"), want, f"{dtype} {shape}")
+    xt = torch.randn(k, 6, generator=g).to(dtype).t()  # non-contiguous
+    p = torch.randperm(k, generator=g)
+    assert_bitexact(gather_columns(xt, p, backend="cpp"), xt.index_select(-1, p), "non-contiguous")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gather_columns_grad_and_opcheck(backend):
+    from sparse_kernels.ops import _registry as R
+    from sparse_kernels.ops.permutation import gather_columns
+
+    skip_unless_backend("gather_columns", backend, "cpu")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([3, 0, 11, 3, 7])  # repeats: the backward must add
+    torch.autograd.gradcheck(lambda t: gather_columns(t, index, backend=backend), (x,))
+    torch.library.opcheck(R.get_op("gather_columns", backend), (x.detach().float(), torch.randperm(12)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_gather_columns_bad_inputs(backend):
+    from sparse_kernels.ops.permutation import gather_columns
+
+    skip_unless_backend("gather_columns", backend, "cpu")
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"index: entries must lie in \[0, 8\)"):
+        gather_columns(x, torch.tensor([0, 8]), backend=backend)
+    with pytest.raises(TypeError, match="index"):
+        gather_columns(x, torch.tensor([0, 1], dtype=torch.int32), backend=backend)
+    with pytest.raises(ValueError, match="index"):
+        gather_columns(x, torch.zeros(2, 2, dtype=torch.long), backend=backend)
+    if backend == "cpp":  # the kernel checks too, before reading
+        with pytest.raises(ValueError, match="entry -1 at position 1"):
+            torch.ops.sparse_kernels.gather_columns_cpp(x, torch.tensor([0, -1]))

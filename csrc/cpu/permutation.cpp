@@ -1,4 +1,6 @@
-// The N:M channel-permutation search step on the CPU: sparse_kernels::nm_split_scores_cpp.
+// The permutation family on the CPU: sparse_kernels::nm_split_scores_cpp (the N:M
+// channel-permutation search step) and sparse_kernels::gather_columns_cpp (a permuted layer's
+// input gather).
 //
 // Math: sparse_kernels/reference/permutation.py.  Pairs of groups run in parallel; a pair's
 // 2m score columns are contiguous rows of scores_t, so each candidate split streams them once
@@ -139,9 +141,66 @@ at::Tensor nm_split_scores_cpp(const at::Tensor& scores_t, const at::Tensor& col
   return out;
 }
 
+
+// ---------------------------------------------------------------- gather_columns
+// out[r, j] = x[r, index[j]] for x [M, K] (any element size); rows in parallel (columns in
+// chunks when there are few rows).  A row of x (<= 64 KiB for K = 16384 at 4 bytes) stays in
+// L1/L2 while its gather runs.
+template <typename U>
+static void gather_rows(const U* x, const int64_t* idx, U* out, int64_t K, int64_t N, int64_t r0, int64_t r1,
+                        int64_t c0, int64_t c1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const U* xr = x + r * K;
+    U* orow = out + r * N;
+    for (int64_t j = c0; j < c1; ++j) orow[j] = xr[idx[j]];
+  }
+}
+
+template <typename U>
+static void gather_all(const void* xv, const int64_t* idx, void* ov, int64_t M, int64_t K, int64_t N) {
+  const U* x = static_cast<const U*>(xv);
+  U* out = static_cast<U*>(ov);
+  if (M >= 4) {
+    at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) { gather_rows(x, idx, out, K, N, r0, r1, 0, N); });
+  } else {
+    at::parallel_for(0, N, 2048, [&](int64_t c0, int64_t c1) { gather_rows(x, idx, out, K, N, 0, M, c0, c1); });
+  }
+}
+
+at::Tensor gather_columns_cpp(const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "x: expected at least 1 dim, got a 0-dim tensor");
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong, "index: expected int64, got ", index.scalar_type());
+  TORCH_CHECK_VALUE(index.dim() == 1, "index: expected a 1-D tensor, got ", index.dim(), "-D");
+  TORCH_CHECK_VALUE(x.device().is_cpu() && index.device().is_cpu(), "x, index: the cpp backend needs CPU tensors");
+  const int64_t esize = static_cast<int64_t>(x.element_size());
+  TORCH_CHECK_TYPE(esize == 1 || esize == 2 || esize == 4 || esize == 8, "x: unsupported dtype ", x.scalar_type());
+  const int64_t K = x.size(-1), N = index.size(0);
+  auto idx = index.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < N; ++j)
+    TORCH_CHECK_VALUE(ip[j] >= 0 && ip[j] < K, "index: entry ", ip[j], " at position ", j, " outside [0, ", K,
+                      ") (x's last dim)");
+  auto x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  auto out = at::empty({M, N}, x.options());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  if (M == 0 || N == 0) return out.view(shape);
+  const void* xp = x2.data_ptr();
+  void* op = out.data_ptr();
+  switch (esize) {
+    case 1: gather_all<uint8_t>(xp, ip, op, M, K, N); break;
+    case 2: gather_all<uint16_t>(xp, ip, op, M, K, N); break;
+    case 4: gather_all<uint32_t>(xp, ip, op, M, K, N); break;
+    default: gather_all<uint64_t>(xp, ip, op, M, K, N); break;
+  }
+  return out.view(shape);
+}
+
 }  // namespace cpu
 }  // namespace sparse_kernels
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
   m.impl("nm_split_scores_cpp", &sparse_kernels::cpu::nm_split_scores_cpp);
+  m.impl("gather_columns_cpp", &sparse_kernels::cpu::gather_columns_cpp);
 }

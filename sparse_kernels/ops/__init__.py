@@ -5,4 +5,4 @@ from .mma_layout import reorder_meta_mma, unreorder_meta_mma  # noqa: F401
 from .linear import masked_linear, pack_mask, sparse_linear, unpack_mask  # noqa: F401
 from .sparsegpt import sparsegpt_block_update  # noqa: F401
 from .bitmask import bitmask_linear, compress_bitmask, decompress_bitmask  # noqa: F401
-from .permutation import nm_split_scores  # noqa: F401
+from .permutation import gather_columns, nm_split_scores  # noqa: F401

@@ -1,9 +1,15 @@
-"""The ``nm_split_scores`` op: the inner step of the N:M channel-permutation search.
+"""The permutation family's ops (math: :mod:`sparse_kernels.reference.permutation`).
 
-Math and layouts: :mod:`sparse_kernels.reference.permutation`.  Backends: reference (a chunked
-gather + ``topk``; runs on any device) and cpp (csrc/cpu/permutation.cpp: streams each pair's
-``2m`` contiguous score columns once per candidate split, no gather).  ``auto``: cpp on CPU.
-Not differentiable (a search step).
+* ``nm_split_scores``: the inner step of the N:M channel-permutation search.  Backends: reference
+  (a chunked gather + ``topk``; runs on any device) and cpp (csrc/cpu/permutation.cpp: streams
+  each pair's ``2m`` contiguous score columns once per candidate split, no gather).  Not
+  differentiable (a search step).
+* ``gather_columns``: ``x[..., index]``, the input gather of a permuted 2:4 layer.  Backends:
+  reference (``index_select``) and cpp (a row-parallel gather by element size; torch's CPU
+  ``index_select`` along the last dim is slow for 16-bit types, see ``_GATHER_NOTE``).
+  Autograd: ``grad_x = zeros.index_add(-1, index, grad_out)``.
+
+``auto``: cpp on CPU, the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -46,3 +52,57 @@ def nm_split_scores(scores_t: torch.Tensor, cols: torch.Tensor, splits: torch.Te
         raise ValueError(f"splits: every row must be a permutation of 0..{two_m - 1}")
     return R.call("nm_split_scores", backend, scores_t.device, scores_t.contiguous(), cols.contiguous(),
                   splits.contiguous(), n)
+
+
+# The cpp gather exists because torch's CPU index_select along the last dim is slow for 16-bit
+# types: [64, 14336] bf16 took 1.38 ms with index_select and 0.52 ms with torch.gather (fp32:
+# 0.26 ms), 2-core EPYC, torch 2.13, 2026-11-29; enough to cost a permuted 2:4 layer ~10% at
+# batch 64 (benchmarks/bench_permuted_linear.py).
+_GATHER_NOTE = None
+
+
+def _gather_fake(x, index):
+    return x.new_empty(*x.shape[:-1], index.shape[0])
+
+
+R.define("gather_columns", "(Tensor x, Tensor index) -> Tensor", fake=_gather_fake, reference=ref.gather_columns,
+         backends=("reference", "cpp"), auto=R.cpp_on_cpu)
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index = inputs
+    ctx.save_for_backward(index)
+    ctx.x_shape = x.shape
+
+
+def _gather_backward(ctx, grad_out):
+    (index,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    gx = grad_out.new_zeros(ctx.x_shape)
+    return gx.index_add(-1, index, grad_out), None
+
+
+R.register_autograd("gather_columns", _gather_backward, _gather_setup)
+
+
+def gather_columns(x: torch.Tensor, index: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``out[..., j] = x[..., index[j]]`` for ``x [..., K]`` (any dtype) and ``index [N]`` int64 in
+    ``[0, K)`` on x's device.  Raises ValueError/TypeError for other shapes, dtypes, devices or
+    indices out of range (this wrapper reads the index's range: a host sync on CUDA;
+    SparseLinear calls the op directly with its validated ``in_perm``)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x: expected a tensor with at least 1 dim, got {type(x).__name__}")
+    V.tensor("index", index, ndim=1, dtypes=(torch.int64,))
+    V.same_device(x=x, index=index)
+    k = x.shape[-1]
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
+        raise ValueError(f"index: entries must lie in [0, {k}) (x's last dim), got [{int(index.min())}, "
+                         f"{int(index.max())}]")
+    return R.call("gather_columns", backend, x.device, x, index)
+
+
+def gather_validated(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """:func:`gather_columns` without the wrapper's checks, for an ``index`` already validated
+    (a SparseLinear's ``in_perm``): no host sync on CUDA."""
+    return R.call("gather_columns", None, x.device, x, index)

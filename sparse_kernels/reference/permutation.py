@@ -1,5 +1,6 @@
-"""Reference for the inner step of the N:M channel-permutation search
-(:mod:`sparse_kernels.pruning.permutation`): scoring every candidate re-split of pairs of groups.
+"""References of the permutation family: the inner step of the N:M channel-permutation search
+(:mod:`sparse_kernels.pruning.permutation`), scoring every candidate re-split of pairs of groups,
+and the input gather of a permuted layer (:func:`gather_columns`).
 
 ``nm_split_scores(scores_t, cols, splits, n) -> [P, S] float64``
 
@@ -33,3 +34,9 @@ def nm_split_scores(scores_t: torch.Tensor, cols: torch.Tensor, splits: torch.Te
         v = scores_t[:, r0:r0 + step].index_select(0, cand).view(P, S, 2, m, -1)
         out += v.topk(n, dim=3).values.sum(3).sum(2).sum(-1, dtype=torch.float64)
     return out
+
+
+def gather_columns(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[..., j] = x[..., index[j]]``: the input gather of a permuted 2:4 layer
+    (:class:`sparse_kernels.nn.SparseLinear` with ``in_perm``)."""
+    return x.index_select(-1, index)

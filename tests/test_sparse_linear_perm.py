@@ -371,6 +371,7 @@ def test_checkpoint_round_trip(permuted_ck):
     m, cfg, ck = permuted_ck
     assert cfg["layers"]["up"]["in_perm"] is True and "in_perm" not in cfg["layers"]["down"]
     assert cfg["tensors"]["up.in_perm"] == {"shape": [40], "dtype": "int64"}
+    assert cfg["format_version"] == 3  # permuted layers: version 3 (earlier readers refuse it by version)
     up_bytes = 64 * 24 * 4 + 64 * 3 * 2 + 64 * 4 + 40 * 8  # values + meta + bias + in_perm
     down_bytes = 24 * 32 * 4 + 24 * 4 * 2
     assert cfg["sizes"]["sparse_layers_bytes"] == up_bytes + down_bytes
@@ -484,3 +485,25 @@ def test_checkpoint_with_a_corrupted_permutation_is_rejected(permuted_ck, edit, 
     _rewrite(ck, edit, edit_cfg)
     with pytest.raises(CheckpointError, match=msg):
         checkpoint.load(str(ck), model=_Tiny())
+
+
+def test_checkpoint_version_follows_the_permutation(permuted_ck, tmp_path):
+    import shutil
+
+    from sparse_kernels.llm import checkpoint
+
+    _, _, ck = permuted_ck
+    # without permuted layers a checkpoint stays version 2, which earlier readers load
+    plain = nn.Sequential(nn.Linear(32, 16))
+    with torch.no_grad():
+        plain[0].weight.mul_(torch.tensor([1.0, 1.0, 0.0, 0.0]).repeat(8))
+    assert checkpoint.save(plain, str(tmp_path / "plain"))["format_version"] == 2
+    # a permuted layer in a checkpoint that claims version 2 is refused
+    bad = tmp_path / "v2"
+    shutil.copytree(ck, bad)
+    cfg = json.loads((bad / checkpoint.CONFIG_NAME).read_text())
+    cfg["format_version"] = 2
+    (bad / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    _rewrite(bad, lambda t: None)  # the tensors file's metadata says version 2 as well
+    with pytest.raises(checkpoint.CheckpointError, match="recorded as permuted, which needs format_version 3"):
+        checkpoint.load(str(bad), model=_Tiny(), verify_hash=False)

@@ -10,7 +10,8 @@ A checkpoint is a directory:
   and version.  A permuted 2:4 layer (channel permutation) also stores ``in_perm``
   ``[in_features]`` int64, and ``values``/``meta`` hold its weight in permuted column order
   (see :mod:`sparse_kernels.nn`).
-* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version``
+* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (3 when a
+  layer is permuted, else 2)
   (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
   config (when there is one), which layers are ``2:4`` (with their dense shape, original module
   type, bias and, for a permuted layer, ``"in_perm": true``) and which are ``masked``
@@ -54,8 +55,11 @@ import torch
 import torch.nn as nn
 
 FORMAT_NAME = "sparse_kernels.pruned_lm"
-FORMAT_VERSION = 2  # 2: masked layers bitmask-compressed
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm)
+READ_VERSIONS = (1, 2, 3)
+# A checkpoint without permuted layers is written as version 2, so earlier readers still load it;
+# one with them is version 3, which earlier readers refuse by its version (not by a stray tensor).
+_VERSION_WITHOUT_PERM = 2
 CONFIG_NAME = "sparse_kernels.json"
 TENSORS_NAME = "model.safetensors"
 PATTERN_24 = "2:4"
@@ -314,7 +318,8 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         tensors[key + ".bitmask"], tensors[key + ".nonzeros"] = enc
         bitmask[key] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "nnz": int(enc[1].numel())}
         masked_bytes += enc[0].numel() + enc[1].numel() * enc[1].element_size()
-    meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+    version = FORMAT_VERSION if any(li.get("in_perm") for li in info24.values()) else _VERSION_WITHOUT_PERM
+    meta = {"format": FORMAT_NAME, "format_version": str(version)}
     tpath = os.path.join(path, TENSORS_NAME)
 
     def write_tensors(tmp):
@@ -328,7 +333,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     file_bytes = os.path.getsize(tpath)
     cfg = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "torch_version": torch.__version__,
         "base_model": base_model or {},
@@ -553,6 +558,9 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     tensors = _read_tensors(path, cfg, verify_hash)
     for name, li in cfg["layers"].items():
         _check_layer(name, li, tensors)
+        if li.get("in_perm") and cfg["format_version"] < FORMAT_VERSION:
+            raise CheckpointError(f"2:4 layer {name!r} is recorded as permuted, which needs format_version "
+                                  f"{FORMAT_VERSION}; the checkpoint says {cfg['format_version']}")
     for k, target in cfg["aliases"].items():
         if target not in tensors:
             raise CheckpointError(f"alias {k!r} points at {target!r}, which is not stored")

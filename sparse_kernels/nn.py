@@ -218,6 +218,15 @@ class SparseLinear(nn.Module):
         mod.refresh_cache()
         return mod
 
+    def drop_permutation(self) -> None:
+        """Forget ``in_perm`` without touching the stored weight: from now on the layer expects
+        its input already permuted (``x[..., in_perm]``), e.g. because the layers producing it
+        were permuted instead (:func:`sparse_kernels.pruning.fold.fold_permutations`)."""
+        if self.in_perm is None:
+            raise ValueError("drop_permutation: this layer has no input permutation (in_perm is None)")
+        self._buffers["in_perm"] = None
+        self.refresh_cache()
+
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned), in the
         original column order (a permuted layer's stored columns are put back: ``W[:, in_perm] = S``)."""

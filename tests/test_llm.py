@@ -525,10 +525,13 @@ def test_cli_prune_with_permutation_saves_permuted_2to4_layers(tiny_model_dir, t
     assert "channel permutation: kept importance +" in o and "pruned and saved to" in o
     cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
     assert cfg["pruning"]["permute"] == {"rounds": 5} and len(cfg["layers"]) == 14
-    assert all(li.get("in_perm") for li in cfg["layers"].values())
+    # every layer permuted; the MLP's down projection folded into gate/up (no gather, no in_perm)
+    assert all(bool(li.get("in_perm")) == ("down_proj" not in n) for n, li in cfg["layers"].items())
+    assert cfg["format_version"] == 3
     m, _, _ = models.load_model(str(out))
-    layers = [mod for mod in m.modules() if isinstance(mod, SparseLinear)]
-    assert len(layers) == 14 and all(mod.in_perm is not None for mod in layers)
+    layers = {n: mod for n, mod in m.named_modules() if isinstance(mod, SparseLinear)}
+    assert len(layers) == 14 and all((mod.in_perm is None) == ("down_proj" in n) for n, mod in layers.items())
+    layers = [mod for mod in layers.values() if mod.in_perm is not None]
     assert any(not torch.equal(mod.in_perm.cpu(), torch.arange(mod.in_features)) for mod in layers)
     for argv, msg in ((["--sparsity", "0.5", "--permute"], "--permute needs an N:M --pattern"),
                       (["--pattern", "2:4", "--permute", "--permute-rounds", "-1"], "--permute-rounds must be >= 0")):

@@ -34,7 +34,8 @@ from .criteria import (ActivationNormAccumulator, check_alpha, magnitude_prune, 
 from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
-from .permutation import find_permutation, invert_permutation, nm_kept_score, parse_permute
+from .fold import fold_permutations
+from .permutation import find_permutation, invert_permutation, nm_kept_score, parse_permute, search_options
 from .report import LayerReport, PruneReport, _block_error, _OutputError, _progress
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -121,7 +122,7 @@ class PruningMethod:
         the original column order.  Returns ``(w_new, mask, loss, perm, gain)``, ``gain`` the
         relative rise of the N:M-kept importance over the identity order."""
         score = self.importance(w, st, options)
-        perm = find_permutation(score, spec.n, spec.m, **options["_permute"])
+        perm = find_permutation(score, spec.n, spec.m, **search_options(options["_permute"]))
         base = nm_kept_score(score, spec.n, spec.m)
         gain = nm_kept_score(score, spec.n, spec.m, perm) / base - 1.0 if base > 0 else 0.0
         w_p, mask_p, loss = self.prune_layer(name, layer, w[:, perm], None if st is None else st.permuted(perm),
@@ -370,14 +371,16 @@ def prune(
             through the dense blocks.
         permute: N:M channel permutation (:mod:`sparse_kernels.pruning.permutation`): ``True``, or a
             dict of :func:`~sparse_kernels.pruning.permutation.find_permutation` options
-            (``rounds``, ``patience``, ``seed``, ``max_seconds``).  Before each layer is pruned,
+            (``rounds``, ``patience``, ``seed``, ``max_seconds``) and ``fold`` (default True).  Before each layer is pruned,
             its input channels are permuted to keep more of the method's importance (|W| for
             magnitude, |W| * ||X_j|| for Wanda and SparseGPT, RIA's score for RIA) under the
             N:M pattern; the layer is pruned in that order and its weight mapped back, so the
             pruned model computes the same function in the original order (its weights are N:M
             only after the permutation).  With ``convert``, 2:4 layers become SparseLinear layers
             holding the permutation (``in_perm``: the input is gathered before the sparse
-            kernel).  Each layer's ``permutation_gain`` reports the relative rise of kept
+            kernel); with ``fold`` the MLP's down projection instead gets its input already
+            permuted from the layers before it (:func:`sparse_kernels.pruning.fold.fold_permutations`:
+            no gather; listed in the report's ``folded_permutations``).  Each layer's ``permutation_gain`` reports the relative rise of kept
             importance.  Needs an ``"N:M"`` sparsity.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
@@ -496,6 +499,8 @@ def prune(
                     r.mask = None
                     if hasattr(r, "perm"):
                         r.perm = None
+                if perm_opts is not None and perm_opts.get("fold", True):
+                    report.folded_permutations += [f"{bi}.{n.split('.', 1)[1]}" for n in fold_permutations([block])]
             if device is not None and home is not None:
                 block.to(home)
             report.layers.extend(layer_reports)

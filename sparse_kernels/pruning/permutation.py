@@ -42,7 +42,7 @@ import torch
 from ..ops import _validate as V
 from ..ops.permutation import nm_split_scores
 
-__all__ = ["find_permutation", "nm_kept_score", "invert_permutation", "parse_permute"]
+__all__ = ["find_permutation", "nm_kept_score", "invert_permutation", "parse_permute", "search_options"]
 
 def _check_nm(n, m) -> None:
     for name, v in (("n", n), ("m", m)):
@@ -189,21 +189,30 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
 
 
 _SEARCH_OPTIONS = ("rounds", "patience", "seed", "max_seconds", "backend")
+_OPTIONS = _SEARCH_OPTIONS + ("fold",)
+
+
+def search_options(opts: dict) -> dict:
+    """The :func:`find_permutation` keywords of a parsed ``permute`` dict."""
+    return {k: v for k, v in opts.items() if k in _SEARCH_OPTIONS}
 
 
 def parse_permute(permute) -> dict | None:
     """``prune(permute=...)``: False/None -> None, True -> ``{}`` (the defaults), a dict of
-    :func:`find_permutation` options -> that dict (checked).  ValueError/TypeError otherwise."""
+    :func:`find_permutation` options plus ``fold`` (bool) -> that dict (checked).
+    ValueError/TypeError otherwise."""
     if permute is None or permute is False:
         return None
     if permute is True:
         return {}
     if not isinstance(permute, dict):
-        raise TypeError(f"permute: expected a bool or a dict of {', '.join(_SEARCH_OPTIONS)}, got "
+        raise TypeError(f"permute: expected a bool or a dict of {', '.join(_OPTIONS)}, got "
                         f"{type(permute).__name__}")
-    unknown = sorted(set(permute) - set(_SEARCH_OPTIONS))
+    unknown = sorted(set(permute) - set(_OPTIONS))
     if unknown:
-        raise ValueError(f"permute: unknown options {unknown}; expected some of {', '.join(_SEARCH_OPTIONS)}")
+        raise ValueError(f"permute: unknown options {unknown}; expected some of {', '.join(_OPTIONS)}")
+    if not isinstance(permute.get("fold", True), bool):
+        raise ValueError(f"permute: fold must be True or False, got {permute['fold']!r}")
     for k in ("rounds", "patience", "seed"):
         v = permute.get(k, 0)
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -60,6 +60,9 @@ class PruneReport:
     seconds: float = 0.0
     #: with ``owl=``: ``{"m", "lmbda", "outlier_ratio": [per block], "block_sparsity": [per block]}``
     owl: dict | None = None
+    #: with ``permute=`` and ``convert=``: the consumers whose permutation was folded into the
+    #: layers before them (``"<block>.<path>"``, :func:`sparse_kernels.pruning.fold.fold_permutations`)
+    folded_permutations: list = field(default_factory=list)
 
     @property
     def overall_sparsity(self) -> float:

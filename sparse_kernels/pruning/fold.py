@@ -1,0 +1,108 @@
+"""Fold input permutations into the layers that produce those inputs (zero run-time cost).
+
+A permuted 2:4 :class:`~sparse_kernels.nn.SparseLinear` gathers ``x[..., in_perm]`` on every
+call.  Where ``x`` is an elementwise function of other layers' outputs -- the MLP of a
+transformer block: ``down(act(gate(h)) * up(h))`` (Llama, Mistral, Qwen2, Gemma),
+``c_proj(act(c_fc(h)))`` (GPT-2), ``fc2(act(fc1(h)))`` (OPT), ``dense_4h_to_h(act(dense_h_to_4h(h)))``
+(GPT-NeoX) -- permuting those producers' *output rows* by ``in_perm`` yields ``x[..., in_perm]``
+directly, and the consumer drops its gather (NVIDIA ASP applies its permutations the same way).
+The function is unchanged: the consumer sees the same values in the same order.
+
+Producers that can be permuted: ``nn.Linear`` (weight rows, bias, and a same-shaped
+``weight_mask`` buffer if present), Hugging Face ``Conv1D`` (weight columns, bias), and
+SparseLinear with the 2:4 or masked pattern (rows of values/meta or weight/mask, bias).  A pair
+is left as it is when a producer is of another kind (e.g. a bitmask SparseLinear) or the
+attribute names do not match one of :data:`MLP_PAIRS`.  Attention projections (q/k/v read the
+normalized residual stream, o_proj reads per-head outputs) keep their gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["MLP_PAIRS", "fold_permutations"]
+
+#: (producers, consumer): attribute paths inside a decoder block
+MLP_PAIRS = (
+    (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    (("mlp.c_fc",), "mlp.c_proj"),
+    (("fc1",), "fc2"),
+    (("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h"),
+)
+
+
+def _get(block: nn.Module, path: str):
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _can_permute_rows(mod) -> bool:
+    from ..nn import SparseLinear
+
+    if isinstance(mod, SparseLinear):
+        return mod.pattern in ("2:4", None)
+    if isinstance(mod, nn.Linear):
+        return True
+    return type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), torch.Tensor)
+
+
+def _out_features(mod) -> int:
+    if type(mod).__name__ == "Conv1D":
+        return mod.weight.shape[1]
+    return mod.out_features
+
+
+@torch.no_grad()
+def _permute_rows(mod, perm: torch.Tensor) -> None:
+    """Output ``j`` of ``mod`` becomes its old output ``perm[j]``."""
+    from ..nn import SparseLinear
+
+    def take(t, dim=0):
+        t.data = t.data.index_select(dim, perm.to(t.device))
+
+    if isinstance(mod, SparseLinear):
+        for t in ((mod.values, mod.meta) if mod.pattern == "2:4" else (mod.weight, mod.mask)):
+            take(t)
+        if mod.bias is not None:
+            take(mod.bias)
+        mod.refresh_cache()
+        return
+    if isinstance(mod, nn.Linear):
+        take(mod.weight)
+        m = getattr(mod, "weight_mask", None)
+        if isinstance(m, torch.Tensor) and m.shape == mod.weight.shape:
+            take(m)
+    else:  # Conv1D: weight [in, out]
+        take(mod.weight, 1)
+    if getattr(mod, "bias", None) is not None:
+        take(mod.bias)
+
+
+def fold_permutations(blocks) -> list[str]:
+    """Fold every foldable input permutation of ``blocks`` (an iterable of decoder blocks, or a
+    model: its blocks are found with :func:`sparse_kernels.pruning.find_blocks`) into the
+    producing layers, in place.  Returns the names (``"<block index>.<path>"``) of the
+    consumers that no longer gather."""
+    from ..nn import SparseLinear
+    from .model import find_blocks
+
+    if isinstance(blocks, nn.Module):
+        blocks = find_blocks(blocks)
+    folded = []
+    for bi, block in enumerate(blocks):
+        for producers, consumer in MLP_PAIRS:
+            cons = _get(block, consumer)
+            prods = [_get(block, p) for p in producers]
+            if not isinstance(cons, SparseLinear) or cons.in_perm is None:
+                continue
+            if any(p is None or not _can_permute_rows(p) or _out_features(p) != cons.in_features for p in prods):
+                continue
+            perm = cons.in_perm
+            for p in prods:
+                _permute_rows(p, perm)
+            cons.drop_permutation()
+            folded.append(f"{bi}.{consumer}")
+    return folded

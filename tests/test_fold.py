@@ -1,0 +1,143 @@
+"""Folding a permuted 2:4 layer's input permutation into the layers that produce its input:
+the model computes the same thing (bit for bit on CPU), the consumer no longer gathers, every
+producer kind is handled, and what cannot be folded is left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import assert_bitexact
+from sparse_kernels.nn import SparseLinear
+from sparse_kernels.pruning.fold import fold_permutations
+
+transformers = pytest.importorskip("transformers")
+
+import sparse_kernels as sk  # noqa: E402
+from sparse_kernels.llm.checkpoint import as_linear  # noqa: E402
+
+
+def _llama():
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _ids(seed=0):
+    return torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(m):
+    with torch.no_grad():
+        return m(input_ids=_ids(), use_cache=False).logits
+
+
+def test_prune_with_permute_and_convert_folds_the_mlp():
+    calib = [_ids(s) for s in range(3)]
+    folded, gathered = _llama(), _llama()
+    rep = sk.prune(folded, method="wanda", sparsity="2:4", calibration=calib, progress=False, permute={"rounds": 5},
+                   convert=True)
+    sk.prune(gathered, method="wanda", sparsity="2:4", calibration=calib, progress=False,
+             permute={"rounds": 5, "fold": False}, convert=True)
+    assert rep.folded_permutations == ["0.mlp.down_proj", "1.mlp.down_proj"]
+    for layer in folded.model.layers:
+        assert layer.mlp.down_proj.in_perm is None  # no gather left
+        assert layer.mlp.gate_proj.in_perm is not None and layer.self_attn.q_proj.in_perm is not None
+    for layer in gathered.model.layers:
+        assert layer.mlp.down_proj.in_perm is not None
+    assert_bitexact(_logits(folded), _logits(gathered), "folded vs gathered logits")
+
+
+def _permute_consumer(parent, name, seed):
+    lin = as_linear(getattr(parent, name))
+    perm = torch.randperm(lin.in_features, generator=torch.Generator().manual_seed(seed))
+    setattr(parent, name, SparseLinear.from_dense(lin, pattern="2:4", in_perm=perm))
+
+
+def test_fold_with_dense_and_conv1d_producers():
+    m = _gpt2()
+    for i, blk in enumerate(m.transformer.h):
+        with torch.no_grad():
+            blk.mlp.c_fc.bias.normal_()  # Hugging Face initializes biases to zero
+        _permute_consumer(blk.mlp, "c_proj", i)  # c_fc stays a Hugging Face Conv1D
+    before = _logits(m)
+    assert fold_permutations(m) == ["0.mlp.c_proj", "1.mlp.c_proj"]
+    assert all(blk.mlp.c_proj.in_perm is None for blk in m.transformer.h)
+    torch.testing.assert_close(_logits(m), before, rtol=1e-5, atol=1e-5)
+    assert fold_permutations(m) == []  # nothing left to fold
+
+    ll = _llama()
+    mlp = ll.model.layers[0].mlp
+    mlp.up_proj.register_buffer("weight_mask", (torch.rand_like(mlp.up_proj.weight) > 0.5).float())
+    mask_rows = mlp.up_proj.weight_mask.clone()
+    _permute_consumer(mlp, "down_proj", 7)
+    perm = mlp.down_proj.in_perm.clone()
+    before = _logits(ll)
+    assert fold_permutations(ll) == ["0.mlp.down_proj"]
+    torch.testing.assert_close(_logits(ll), before, rtol=1e-5, atol=1e-5)
+    assert_bitexact(mlp.up_proj.weight_mask, mask_rows[perm], "the mask moved with its rows")
+
+
+@pytest.mark.parametrize("kind", ["2:4", None, "bitmask"])
+def test_fold_with_sparse_producers(kind):
+    ll = _llama()
+    mlp = ll.model.layers[1].mlp
+    for name in ("gate_proj", "up_proj"):
+        w = getattr(mlp, name)
+        mask = None if kind == "2:4" else torch.rand_like(w.weight) > 0.3
+        setattr(mlp, name, SparseLinear.from_dense(w, pattern=kind, mask=mask))
+    _permute_consumer(mlp, "down_proj", 3)
+    before = _logits(ll)
+    got = fold_permutations(ll)
+    if kind == "bitmask":  # its rows are not a fixed stride: left alone, still gathering
+        assert got == [] and mlp.down_proj.in_perm is not None
+    else:
+        assert got == ["1.mlp.down_proj"] and mlp.down_proj.in_perm is None
+    torch.testing.assert_close(_logits(ll), before, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_permutation_needs_one():
+    lin = nn.Linear(16, 8)
+    sl = SparseLinear.from_dense(lin, pattern="2:4")
+    with pytest.raises(ValueError, match="drop_permutation: this layer has no input permutation"):
+        sl.drop_permutation()
+    p = torch.randperm(16)
+    sl = SparseLinear.from_dense(lin, pattern="2:4", in_perm=p)
+    x = torch.randn(3, 16)
+    y = sl(x)
+    sl.drop_permutation()
+    assert sl.in_perm is None and "in_perm" not in sl.state_dict()
+    assert_bitexact(sl(x[:, p]), y, "same output once the input comes permuted")
+
+
+def test_fold_option_errors():
+    with pytest.raises(ValueError, match="fold must be True or False"):
+        sk.prune(_llama(), method="magnitude", sparsity="2:4", progress=False, permute={"fold": 1})
+
+
+class _OptBlock(nn.Module):  # OPT's layout: fc1 -> activation -> fc2 on the block itself
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(32, 48), nn.Linear(48, 32)
+
+    def forward(self, h):
+        return h + self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_fold_with_biased_linear_producers_on_given_blocks():
+    torch.manual_seed(2)
+    blocks = [_OptBlock(), _OptBlock()]
+    for i, b in enumerate(blocks):
+        _permute_consumer(b, "fc2", i)
+    x = torch.randn(5, 32)
+    before = blocks[1](blocks[0](x))
+    assert fold_permutations(blocks) == ["0.fc2", "1.fc2"]
+    torch.testing.assert_close(blocks[1](blocks[0](x)), before, rtol=1e-5, atol=1e-5)

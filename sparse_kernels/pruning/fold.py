@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import _is_conv1d
+
 __all__ = ["MLP_PAIRS", "fold_permutations"]
 
 #: (producers, consumer): attribute paths inside a decoder block
@@ -46,11 +48,11 @@ def _can_permute_rows(mod) -> bool:
         return mod.pattern in ("2:4", None)
     if isinstance(mod, nn.Linear):
         return True
-    return type(mod).__name__ == "Conv1D" and isinstance(getattr(mod, "weight", None), torch.Tensor)
+    return _is_conv1d(mod)
 
 
 def _out_features(mod) -> int:
-    if type(mod).__name__ == "Conv1D":
+    if _is_conv1d(mod):
         return mod.weight.shape[1]
     return mod.out_features
 

@@ -12,7 +12,10 @@ __all__ = ["prunable_layers"]
 
 
 def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None
+    """Hugging Face's GPT-2 ``Conv1D``: a Linear with its weight stored ``[in, out]`` (matched by
+    name, ``nf`` and a 2-D weight, so a real 1-D convolution of that name is not taken)."""
+    w = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
 def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:

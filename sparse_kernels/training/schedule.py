@@ -40,6 +40,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from ..pruning.layers import _is_conv1d
 from .masks import MaskedTraining, get_mask, set_mask
 
 
@@ -163,11 +164,6 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     kinds = (nn.Linear,) + ((cls,) if cls is not None else ())
     return [(n, m) for n, m in model.named_modules()
             if (isinstance(m, kinds) or _is_conv1d(m)) and not _is_24_sparse_linear(m)]
-
-
-def _is_conv1d(m: nn.Module) -> bool:
-    """Hugging Face's GPT-2 ``Conv1D`` (weight ``[in, out]``); magnitude scores ignore orientation."""
-    return type(m).__name__ == "Conv1D" and isinstance(getattr(m, "weight", None), torch.Tensor)
 
 
 class MagnitudePruner:

@@ -40,6 +40,7 @@ import time
 import torch
 
 from ..ops import _validate as V
+from ..ops import _registry as R
 from ..ops.permutation import nm_split_scores
 
 __all__ = ["find_permutation", "nm_kept_score", "invert_permutation", "parse_permute", "search_options"]
@@ -112,8 +113,9 @@ def _pair_gains(st: torch.Tensor, groups: torch.Tensor, a: torch.Tensor, b: torc
                 n: int, backend) -> tuple[torch.Tensor, torch.Tensor]:
     """For each pair (a[k], b[k]) of groups: the best split's index into ``splits`` and its gain
     over the current split (float64).  ``st`` is the transposed scores ``[cols, rows]``."""
-    cols = torch.cat([groups[a], groups[b]], dim=1)  # [pairs, 2m]
-    total = nm_split_scores(st, cols, splits, n, backend=backend)
+    cols = torch.cat([groups[a], groups[b]], dim=1)  # [pairs, 2m]: valid ids by construction
+    # the op itself, past the wrapper's checks (they read the tensors back: host syncs on a GPU)
+    total = R.call("nm_split_scores", backend, st.device, st, cols, splits, n)
     gain = total - total[:, :1]
     best = gain.argmax(dim=1)
     return best, gain.gather(1, best[:, None])[:, 0]
@@ -161,6 +163,7 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
     groups = perm.view(-1, m).clone()
     G = groups.shape[0]
     splits = _splits(m).to(dev)
+    nm_split_scores(st, groups[:2].reshape(1, -1), splits, n, backend=backend)  # checks the inputs once
     gen = torch.Generator(device="cpu").manual_seed(seed)
     current = nm_kept_score(s, n, m, perm)
     t0 = time.perf_counter()

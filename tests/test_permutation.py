@@ -419,3 +419,31 @@ def test_gather_columns_bad_inputs(backend):
     if backend == "cpp":  # the kernel checks too, before reading
         with pytest.raises(ValueError, match="entry -1 at position 1"):
             torch.ops.sparse_kernels.gather_columns_cpp(x, torch.tensor([0, -1]))
+
+
+def test_gather_auto_rule_and_the_cached_path(monkeypatch):
+    from sparse_kernels.ops import _registry as R
+    from sparse_kernels.ops import permutation as P
+
+    skip_unless_backend("gather_columns", "cpp", "cpu")
+    dev = torch.device("cpu")
+    small, big = torch.randn(1, 64).bfloat16(), torch.randn(2, 4096).bfloat16()
+    assert R.select("gather_columns", None, dev, P._big_16bit(big)) == "cpp"
+    assert R.select("gather_columns", None, dev, P._big_16bit(small)) == "reference"
+    assert R.select("gather_columns", None, dev, P._big_16bit(big.float())) == "reference"  # 32-bit: index_select
+    calls = []
+    real = R.get_op
+
+    def spy(name, b):
+        calls.append((name, b))
+        return real(name, b)
+
+    monkeypatch.setattr(R, "get_op", spy)
+    for x in (small, big, big.float()):
+        p = torch.randperm(x.shape[-1])
+        assert_bitexact(P.gather_validated(x, p), x.index_select(-1, p), f"{x.dtype} {tuple(x.shape)}")
+    assert calls == [("gather_columns", "cpp")]  # only the big 16-bit input went to the kernel
+    monkeypatch.setenv("SPARSE_KERNELS_BACKEND", "cpp")  # forcing it applies to every size
+    p = torch.randperm(64)
+    assert_bitexact(P.gather_validated(small, p), small.index_select(-1, p), "forced cpp")
+    assert calls[-1] == ("gather_columns", "cpp")

@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..reference import permutation as ref
@@ -55,10 +57,16 @@ def nm_split_scores(scores_t: torch.Tensor, cols: torch.Tensor, splits: torch.Te
 
 
 # The cpp gather exists because torch's CPU index_select along the last dim is slow for 16-bit
-# types: [64, 14336] bf16 took 1.38 ms with index_select and 0.52 ms with torch.gather (fp32:
-# 0.26 ms), 2-core EPYC, torch 2.13, 2026-11-29; enough to cost a permuted 2:4 layer ~10% at
-# batch 64 (benchmarks/bench_permuted_linear.py).
-_GATHER_NOTE = None
+# types; for 32-bit ones and small inputs index_select wins (the custom op's dispatch costs
+# ~4 us).  index_select / cpp on the 2-core EPYC, torch 2.13, 2026-11-29:
+#   bf16 [1, 576] 2.1 / 5.2 us, [1, 4096] 8.2 / 7.3 us, [16, 4096] 100 / 24 us, [64, 4096] 396 / 80 us;
+#   fp32 [1, 4096] 3.2 / 7.2 us, [64, 4096] 77 / 88 us, [256, 1536] 116 / 127 us.
+# So auto takes cpp for 16-bit x of at least 4096 elements on CPU, the reference otherwise.
+_CPP_MIN_NUMEL = 4096
+
+
+def _gather_auto(device_type, avail, big_16bit=False):
+    return "cpp" if device_type == "cpu" and "cpp" in avail and big_16bit else "reference"
 
 
 def _gather_fake(x, index):
@@ -66,7 +74,11 @@ def _gather_fake(x, index):
 
 
 R.define("gather_columns", "(Tensor x, Tensor index) -> Tensor", fake=_gather_fake, reference=ref.gather_columns,
-         backends=("reference", "cpp"), auto=R.cpp_on_cpu)
+         backends=("reference", "cpp"), auto=_gather_auto)
+
+
+def _big_16bit(x: torch.Tensor) -> bool:
+    return x.element_size() == 2 and x.numel() >= _CPP_MIN_NUMEL
 
 
 def _gather_setup(ctx, inputs, output):
@@ -99,10 +111,24 @@ def gather_columns(x: torch.Tensor, index: torch.Tensor, *, backend: str | None 
     if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
         raise ValueError(f"index: entries must lie in [0, {k}) (x's last dim), got [{int(index.min())}, "
                          f"{int(index.max())}]")
-    return R.call("gather_columns", backend, x.device, x, index)
+    return R.call("gather_columns", backend, x.device, x, index, auto_args=(_big_16bit(x),))
+
+
+_chosen: dict = {}  # (device type, 16-bit and big, SPARSE_KERNELS_BACKEND) -> backend
 
 
 def gather_validated(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """:func:`gather_columns` without the wrapper's checks, for an ``index`` already validated
-    (a SparseLinear's ``in_perm``): no host sync on CUDA."""
-    return R.call("gather_columns", None, x.device, x, index)
+    (a SparseLinear's ``in_perm``): no host sync on CUDA.  The backend choice is cached, and the
+    reference is ``index_select`` called directly (the op's dispatch would cost more than the
+    gather of a decode step's x)."""
+    big = _big_16bit(x)
+    if torch.compiler.is_compiling():
+        return R.call("gather_columns", None, x.device, x, index, auto_args=(big,))
+    key = (x.device.type, big, os.environ.get(R.ENV_VAR))
+    b = _chosen.get(key)
+    if b is None:
+        b = _chosen[key] = R.select("gather_columns", None, x.device, big)
+    if b == "reference":
+        return x.index_select(-1, index)
+    return R.get_op("gather_columns", b)(x, index)

@@ -323,10 +323,13 @@ class SparseLinear(nn.Module):
             return B.bitmask_linear(x, self.values, self.bitmask, self.row_ptr, self.bias, backend=self.backend)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x: last dim is {x.shape[-1]} but this layer has in_features={self.in_features}")
-        if self.in_perm is not None:
-            if x.device != self.in_perm.device:
-                V.same_device(x=x, in_perm=self.in_perm)
-            x = P.gather_validated(x, self.in_perm)
+        perm = self._buffers.get("in_perm")
+        if perm is not None:
+            try:
+                x = P.gather_validated(x, perm)
+            except (RuntimeError, ValueError):
+                V.same_device(x=x, in_perm=perm)  # the clear error for the common cause
+                raise
         if self.in_padded != self.in_features:
             x = F.pad(x, (0, self.in_padded - self.in_features))
         if self._cslt is not None and not self.training and x.device.type == "cuda" and x.dtype == self.values.dtype:

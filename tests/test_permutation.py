@@ -447,3 +447,18 @@ def test_gather_auto_rule_and_the_cached_path(monkeypatch):
     p = torch.randperm(64)
     assert_bitexact(P.gather_validated(small, p), small.index_select(-1, p), "forced cpp")
     assert calls[-1] == ("gather_columns", "cpp")
+
+
+def test_bench_permutation_search_runs(tmp_path):
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_permutation_search.py")
+    spec = importlib.util.spec_from_file_location("bench_permutation_search", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "s.json"
+    assert mod.main(["--device", "cpu", "--shapes", "16x64,8x32", "--rounds", "3", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["shape"] for r in rows] == ["16x64", "8x32"] and all(r["kept_importance_gain"] > 0 for r in rows)

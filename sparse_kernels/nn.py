@@ -260,6 +260,9 @@ class SparseLinear(nn.Module):
         self._meta_dev = None
         self._cslt = None
         self._ops = {}
+        perm = self._buffers.get("in_perm")
+        if perm is not None and perm.dtype != torch.int64:  # e.g. load_state_dict(..., assign=True)
+            self._buffers["in_perm"] = perm.long()
         if self.pattern != "2:4" or self.meta.device.type != "cuda":
             return
         fn = L.reorder_meta_mma_fn()
@@ -410,11 +413,14 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
     permuted (``in_perm``); layers whose ``in_features`` is not a multiple of 4 stay unpermuted.
     """
     _check_pattern(pattern)
-    from .pruning.permutation import find_permutation, parse_permute
+    from .pruning.permutation import find_permutation, parse_permute, search_options
 
     perm_opts = parse_permute(permute)
     if perm_opts is not None and pattern != "2:4":
         raise ValueError(f"permute: only a 2:4 pattern has groups to rearrange, got pattern={pattern!r}")
+    if perm_opts is not None and "fold" in perm_opts:
+        raise ValueError("permute: 'fold' is an option of prune(); after sparsify call "
+                         "sparse_kernels.pruning.fold_permutations(model)")
     report = SparsifyReport()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
@@ -433,7 +439,7 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
             report.skipped.append((name, f"weight dtype {mod.weight.dtype}"))
             continue
         if perm_opts is not None and mod.in_features % 4 == 0:
-            perm = find_permutation(mod.weight.detach().float().abs(), 2, 4, **perm_opts)
+            perm = find_permutation(mod.weight.detach().float().abs(), 2, 4, **search_options(perm_opts))
             new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend, in_perm=perm)
         else:
             new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend)

@@ -141,3 +141,52 @@ def test_fold_with_biased_linear_producers_on_given_blocks():
     before = blocks[1](blocks[0](x))
     assert fold_permutations(blocks) == ["0.fc2", "1.fc2"]
     torch.testing.assert_close(blocks[1](blocks[0](x)), before, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_leaves_layers_it_cannot_permute_safely():
+    import torch.nn.utils.parametrize as P
+    import torch.nn.utils.prune as tprune
+
+    class _Scale(nn.Module):
+        def forward(self, w):
+            return w * 1.5
+
+    class _MyLinear(nn.Linear):
+        pass
+
+    def setups():
+        yield "parametrized", lambda mlp: P.register_parametrization(mlp.up_proj, "weight", _Scale())
+        yield "torch prune", lambda mlp: tprune.l1_unstructured(mlp.up_proj, "weight", amount=0.3)
+        yield "hook", lambda mlp: mlp.up_proj.register_forward_hook(lambda m, i, o: o * 2)
+
+        def subclass(mlp):
+            old = mlp.up_proj
+            new = _MyLinear(old.in_features, old.out_features, bias=False)
+            new.load_state_dict(old.state_dict())
+            mlp.up_proj = new
+        yield "subclass", subclass
+
+        def extra(mlp):  # a second up-projection under another name (Jais-like)
+            mlp.up2_proj = nn.Linear(64, 128, bias=False)
+        yield "extra producer", extra
+
+    for what, setup in setups():
+        ll = _llama()
+        mlp = ll.model.layers[0].mlp
+        setup(mlp)
+        _permute_consumer(mlp, "down_proj", 4)
+        before = _logits(ll)
+        assert fold_permutations(ll) == [], what
+        assert mlp.down_proj.in_perm is not None, what
+        assert_bitexact(_logits(ll), before, what)
+
+
+def test_loading_an_int32_permutation_keeps_int64():
+    lin = nn.Linear(32, 8)
+    sl = SparseLinear.from_dense(lin, pattern="2:4", in_perm=torch.randperm(32))
+    sd = {k: (v.int() if k == "in_perm" else v) for k, v in sl.state_dict().items()}
+    other = SparseLinear(32, 8, permuted=True)
+    other.load_state_dict(sd, assign=True)
+    assert other.in_perm.dtype == torch.int64
+    x = torch.randn(2, 32)
+    assert_bitexact(other(x), sl(x), "same layer")

@@ -306,11 +306,13 @@ def test_prune_with_permutation_and_convert_stores_the_permutation():
     conv = _model()
     rep = sk.prune(conv, method="wanda", sparsity="2:4", calibration=calib, blocks=list(conv), progress=False,
                    permute={"rounds": 10}, convert=True)
-    assert all(r.perm is None and r.mask is None for r in rep.layers)  # not kept past the conversion
+    assert all(r.mask is None for r in rep.layers)  # the masks are dropped after the conversion
     for blk_p, blk_c in zip(plain, conv):
         for i in (0, 2):
             lin, sl = blk_p[i], blk_c[i]
             assert isinstance(sl, SparseLinear) and sl.in_perm is not None
+            r = next(r for r in rep.layers if r.block == list(conv).index(blk_c) and r.name == f"{i}")
+            assert torch.equal(r.perm, sl.in_perm)  # the report keeps the permutation
             w = lin.weight.detach()
             # the same pruned weight in the original order (pruned entries: -0.0 in W * mask, 0.0 here)
             assert torch.equal(sl.dense_weight(), w)
@@ -462,3 +464,60 @@ def test_bench_permutation_search_runs(tmp_path):
     assert mod.main(["--device", "cpu", "--shapes", "16x64,8x32", "--rounds", "3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["shape"] for r in rows] == ["16x64", "8x32"] and all(r["kept_importance_gain"] > 0 for r in rows)
+
+
+# ------------------------------------------------------------------ review fixes: edges and misuse
+def test_prune_without_convert_keeps_the_permutation_to_build_the_layers_later():
+    from sparse_kernels.nn import SparseLinear
+
+    model = _model()
+    rep = sk.prune(model, method="wanda", sparsity="2:4", calibration=_calib(), blocks=list(model), progress=False,
+                   permute={"rounds": 5})
+    assert all(r.perm is not None and r.perm.dtype == torch.int64 for r in rep.layers)
+    assert "perm" not in rep.to_dict()["layers"][0]
+    for r in rep.layers:
+        lin = model[r.block].get_submodule(r.name)
+        sl = SparseLinear.from_dense(lin, pattern="2:4", mask=lin.weight != 0, in_perm=r.perm)
+        assert torch.equal(sl.dense_weight(), lin.weight.detach())
+
+
+def test_sparsify_rejects_fold_and_search_edges():
+    from sparse_kernels.nn import sparsify
+
+    with pytest.raises(ValueError, match="'fold' is an option of prune"):
+        sparsify(nn.Sequential(nn.Linear(32, 16)), permute={"fold": False})
+    rep = sparsify(nn.Sequential(nn.Linear(32, 16)), permute={"rounds": 3, "seed": 1})
+    assert rep.layers == ["0"]
+    with pytest.raises(ValueError, match="M <= 16"):
+        find_permutation(torch.rand(4, 64), 8, 32)
+    model = _model()
+    with pytest.raises(ValueError, match="permute: the permutation search handles groups of M <= 16"):
+        sk.prune(model, method="wanda", sparsity="8:32", calibration=_calib(), blocks=list(model), progress=False,
+                 permute=True)
+    assert all((p != 0).all() for p in model.parameters() if p.dim() == 2)
+    with pytest.raises(ValueError, match="max_seconds"):
+        find_permutation(torch.rand(4, 8), max_seconds="1")
+    with pytest.raises(ValueError, match="meta device"):
+        find_permutation(torch.rand(4, 8, device="meta"))
+    assert_bitexact(find_permutation(torch.rand(0, 8)), torch.arange(8), "no rows: identity")
+    assert find_permutation(torch.rand(3, 0)).numel() == 0
+
+
+def test_gather_columns_edges():
+    from sparse_kernels.ops.permutation import gather_columns
+
+    skip_unless_backend("gather_columns", "cpp", "cpu")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5000, generator=g).bfloat16()  # few rows, many columns: the column-chunked path
+    p = torch.randperm(5000, generator=g)
+    assert_bitexact(gather_columns(x, p, backend="cpp"), x.index_select(-1, p), "column chunks")
+    xi = torch.randint(0, 255, (3, 40), generator=g, dtype=torch.uint8)  # 1-byte elements
+    pi = torch.randperm(40, generator=g)
+    assert_bitexact(gather_columns(xi, pi, backend="cpp"), xi.index_select(-1, pi), "uint8")
+    for shape in ((3, 0), (0, 7)):
+        e = torch.empty(shape)
+        idx = torch.arange(shape[1])
+        out = gather_columns(e, idx, backend="cpp")
+        assert out.shape == e.index_select(-1, idx).shape
+    m = gather_columns(torch.empty(3, 8, device="meta"), torch.arange(8, device="meta"))
+    assert m.shape == (3, 8) and m.device.type == "meta"

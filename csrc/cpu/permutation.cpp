@@ -180,12 +180,13 @@ at::Tensor gather_columns_cpp(const at::Tensor& x, const at::Tensor& index) {
   for (int64_t j = 0; j < N; ++j)
     TORCH_CHECK_VALUE(ip[j] >= 0 && ip[j] < K, "index: entry ", ip[j], " at position ", j, " outside [0, ", K,
                       ") (x's last dim)");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  if (x.numel() == 0) return at::empty(shape, x.options());  // also K == 0 (then N == 0: checked above)
   auto x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   auto out = at::empty({M, N}, x.options());
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  if (M == 0 || N == 0) return out.view(shape);
+  if (N == 0) return out.view(shape);
   const void* xp = x2.data_ptr();
   void* op = out.data_ptr();
   switch (esize) {

@@ -23,6 +23,11 @@ from . import _registry as R
 from . import _validate as V
 
 
+def _values_readable(t: torch.Tensor) -> bool:
+    """Whether a wrapper may read ``t``'s values for its checks (not on meta, not while tracing)."""
+    return t.device.type != "meta" and not torch.compiler.is_compiling()
+
+
 def _fake(scores_t, cols, splits, n):
     return scores_t.new_empty(cols.shape[0], splits.shape[0], dtype=torch.float64)
 
@@ -47,11 +52,12 @@ def nm_split_scores(scores_t: torch.Tensor, cols: torch.Tensor, splits: torch.Te
         raise ValueError(f"splits: shape {tuple(splits.shape)}; expected [S >= 1, {two_m}] (2m = cols' width)")
     if isinstance(n, bool) or not isinstance(n, int) or not 0 < n < two_m // 2:
         raise ValueError(f"n: got {n!r}, expected an int with 0 < n < m = {two_m // 2}")
-    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= scores_t.shape[0]):
-        raise ValueError(f"cols: column ids must lie in [0, {scores_t.shape[0]}) (the rows of scores_t)")
-    ident = torch.arange(two_m, device=splits.device)
-    if not bool((splits.sort(dim=1).values == ident).all()):
-        raise ValueError(f"splits: every row must be a permutation of 0..{two_m - 1}")
+    if _values_readable(cols):
+        if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= scores_t.shape[0]):
+            raise ValueError(f"cols: column ids must lie in [0, {scores_t.shape[0]}) (the rows of scores_t)")
+        ident = torch.arange(two_m, device=splits.device)
+        if not bool((splits.sort(dim=1).values == ident).all()):
+            raise ValueError(f"splits: every row must be a permutation of 0..{two_m - 1}")
     return R.call("nm_split_scores", backend, scores_t.device, scores_t.contiguous(), cols.contiguous(),
                   splits.contiguous(), n)
 
@@ -108,7 +114,7 @@ def gather_columns(x: torch.Tensor, index: torch.Tensor, *, backend: str | None 
     V.tensor("index", index, ndim=1, dtypes=(torch.int64,))
     V.same_device(x=x, index=index)
     k = x.shape[-1]
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
+    if _values_readable(index) and index.numel() and (int(index.min()) < 0 or int(index.max()) >= k):
         raise ValueError(f"index: entries must lie in [0, {k}) (x's last dim), got [{int(index.min())}, "
                          f"{int(index.max())}]")
     return R.call("gather_columns", backend, x.device, x, index, auto_args=(_big_16bit(x),))

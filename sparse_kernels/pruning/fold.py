@@ -10,9 +10,12 @@ The function is unchanged: the consumer sees the same values in the same order.
 
 Producers that can be permuted: ``nn.Linear`` (weight rows, bias, and a same-shaped
 ``weight_mask`` buffer if present), Hugging Face ``Conv1D`` (weight columns, bias), and
-SparseLinear with the 2:4 or masked pattern (rows of values/meta or weight/mask, bias).  A pair
-is left as it is when a producer is of another kind (e.g. a bitmask SparseLinear) or the
-attribute names do not match one of :data:`MLP_PAIRS`.  Attention projections (q/k/v read the
+SparseLinear with the 2:4 or masked pattern (rows of values/meta or weight/mask, bias) -- the
+exact types, without parametrizations, ``torch.nn.utils.prune`` reparametrization or forward
+hooks.  A pair is left as it is when a producer is of another kind (e.g. a bitmask
+SparseLinear, a subclass), the attribute names do not match one of :data:`MLP_PAIRS`, or the
+module holding the consumer has other linear layers besides the pair's (e.g. a second
+up-projection under another name).  Attention projections (q/k/v read the
 normalized residual stream, o_proj reads per-head outputs) keep their gather.
 """
 
@@ -41,14 +44,36 @@ def _get(block: nn.Module, path: str):
         return None
 
 
-def _can_permute_rows(mod) -> bool:
+def _is_linear_like(mod) -> bool:
     from ..nn import SparseLinear
 
-    if isinstance(mod, SparseLinear):
+    return isinstance(mod, (nn.Linear, SparseLinear)) or _is_conv1d(mod)
+
+
+def _can_permute_rows(mod) -> bool:
+    """Plain layers only: a weight recomputed on every call (``torch.nn.utils.parametrize``,
+    ``torch.nn.utils.prune``'s ``weight_orig`` and pre-hook) or a subclass with state of its own
+    would not keep the permuted rows."""
+    from ..nn import SparseLinear
+
+    if getattr(mod, "parametrizations", None) is not None or hasattr(mod, "weight_orig"):
+        return False
+    if mod._forward_pre_hooks or mod._forward_hooks:
+        return False
+    if type(mod) is SparseLinear:
         return mod.pattern in ("2:4", None)
-    if isinstance(mod, nn.Linear):
-        return True
-    return _is_conv1d(mod)
+    return type(mod) is nn.Linear or _is_conv1d(mod)
+
+
+def _only_these_layers(block: nn.Module, producers, consumer) -> bool:
+    """The module holding ``consumer`` has exactly ``producers`` and ``consumer`` as its direct
+    linear-like children: an MLP with another projection feeding the consumer (a second
+    up-projection under another name) is not the pattern :data:`MLP_PAIRS` describes."""
+    parent_path = consumer.rpartition(".")[0]
+    parent = block.get_submodule(parent_path) if parent_path else block
+    names = {n for n, c in parent.named_children() if _is_linear_like(c)}
+    want = {p.rpartition(".")[2] for p in producers} | {consumer.rpartition(".")[2]}
+    return names == want
 
 
 def _out_features(mod) -> int:
@@ -101,6 +126,8 @@ def fold_permutations(blocks) -> list[str]:
             if not isinstance(cons, SparseLinear) or cons.in_perm is None:
                 continue
             if any(p is None or not _can_permute_rows(p) or _out_features(p) != cons.in_features for p in prods):
+                continue
+            if not _only_these_layers(block, producers, consumer):
                 continue
             perm = cons.in_perm
             for p in prods:

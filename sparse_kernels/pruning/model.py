@@ -35,7 +35,8 @@ from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
 from .fold import fold_permutations
-from .permutation import find_permutation, invert_permutation, nm_kept_score, parse_permute, search_options
+from .permutation import (check_search_m, find_permutation, invert_permutation, nm_kept_score, parse_permute,
+                          search_options)
 from .report import LayerReport, PruneReport, _block_error, _OutputError, _progress
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
 
@@ -146,7 +147,7 @@ class PruningMethod:
                 block=block_index, name=name, shape=tuple(w.shape),
                 sparsity=1.0 - mask.float().mean().item(), loss=loss,
                 seconds=time.perf_counter() - t0, mask=mask if keep else None,
-                perm=perm if keep else None, permutation_gain=gain,
+                perm=perm, permutation_gain=gain,
             ))
         return reports
 
@@ -381,7 +382,9 @@ def prune(
             kernel); with ``fold`` the MLP's down projection instead gets its input already
             permuted from the layers before it (:func:`sparse_kernels.pruning.fold.fold_permutations`:
             no gather; listed in the report's ``folded_permutations``).  Each layer's ``permutation_gain`` reports the relative rise of kept
-            importance.  Needs an ``"N:M"`` sparsity.
+            importance and ``perm`` the permutation (``W_pruned[:, perm]`` is N:M; without
+            ``convert``, ``SparseLinear.from_dense(layer, "2:4", in_perm=perm)`` builds the
+            layer later).  Needs an ``"N:M"`` sparsity with ``M <= 16``.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
@@ -427,6 +430,7 @@ def prune(
         if not spec.is_nm:
             raise ValueError(f"permute: needs an 'N:M' sparsity (channel permutation rearranges the groups of M), "
                              f"got {spec}")
+        check_search_m(spec.m, "permute")
         if method == "magnitude" and scope == "global":
             raise ValueError("permute: cannot be combined with scope='global' (one threshold across all layers)")
     if not (isinstance(convert, bool) or convert == "bitmask"):
@@ -497,8 +501,6 @@ def prune(
                                {r.name: r.perm for r in layer_reports if getattr(r, "perm", None) is not None})
                 for r in layer_reports:
                     r.mask = None
-                    if hasattr(r, "perm"):
-                        r.perm = None
                 if perm_opts is not None and perm_opts.get("fold", True):
                     report.folded_permutations += [f"{bi}.{n.split('.', 1)[1]}" for n in fold_permutations([block])]
             if device is not None and home is not None:

@@ -53,6 +53,15 @@ def _check_nm(n, m) -> None:
         raise ValueError(f"n, m: N:M keeps n of every m columns and needs 0 < n < m, got {n}:{m}")
 
 
+_MAX_M = 16  # nm_split_scores handles groups of up to 16 columns
+
+
+def check_search_m(m: int, name: str = "m") -> None:
+    """The search handles groups of ``M <= 16`` (ValueError otherwise)."""
+    if m > _MAX_M:
+        raise ValueError(f"{name}: the permutation search handles groups of M <= {_MAX_M} columns, got M={m}")
+
+
 def _check_scores(scores, m) -> None:
     V.tensor("scores", scores, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))
     cols = scores.shape[1]
@@ -144,15 +153,24 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
     to ``scores[:, perm]`` keeps that much importance.
 
     Raises TypeError/ValueError for a non-2-D or non-float ``scores``, NaN/inf, ``cols % m != 0``,
-    bad ``n``/``m`` or a negative ``rounds``/``patience``.
+    bad ``n``/``m`` (``m <= 16``), a negative ``rounds``/``patience``, a bad ``max_seconds``,
+    scores on the meta device.
     """
     _check_nm(n, m)
+    check_search_m(m)
+    if isinstance(scores, torch.Tensor) and scores.device.type == "meta":
+        raise ValueError("scores: on the meta device there are no values to search; load the weights first")
     _check_scores(scores, m)
     for name, v in (("rounds", rounds), ("patience", patience)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if max_seconds is not None and (isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float))
+                                    or not max_seconds > 0):
+        raise ValueError(f"max_seconds: expected a number > 0 or None, got {max_seconds!r}")
     dev = scores.device
     cols = scores.shape[1]
+    if scores.shape[0] == 0 or cols == 0:
+        return torch.arange(cols, device=dev)  # nothing to rearrange
     s = scores.float().contiguous()
     st = s.t().contiguous()
     ident = torch.arange(cols, device=dev)
@@ -173,7 +191,7 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
         half = G // 2
         a, b = order[:half], order[half:2 * half]
         best, gain = _pair_gains(st, groups, a, b, splits, n, backend)
-        move = gain > 1e-9 * max(abs(current), 1.0) / max(half, 1)
+        move = gain > 1e-9 * max(abs(current), 1e-30) / max(half, 1)
         if bool(move.any()):
             a, b, best = a[move], b[move], best[move]
             cols8 = torch.cat([groups[a], groups[b]], dim=1)

@@ -30,8 +30,8 @@ class LayerReport:
     layer was not called in that pass, or the method replaced it or changed its shape).
     ``seconds``: time to prune it.  ``permutation_gain`` (``prune(permute=...)`` only): the
     relative rise of the N:M-kept importance that the input-channel permutation bought.
-    ``mask`` and ``perm`` (the permutation, ``W_pruned[:, perm]`` is N:M) are kept only while
-    :func:`prune` converts the layers.
+    ``perm`` (int64 ``[in_features]``, with ``permute=``): the permutation, ``W_pruned[:, perm]``
+    is N:M.  ``mask`` is kept only while :func:`prune` converts the layers.
     """
 
     block: int

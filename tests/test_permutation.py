@@ -26,9 +26,13 @@ def _pairs(C, m, P, g):
 
 
 # ------------------------------------------------------------------ the op
-@pytest.mark.parametrize("n,m,R", [(2, 4, 37), (2, 4, 700), (1, 4, 19), (3, 4, 5), (4, 8, 23), (2, 8, 3)])
-def test_split_scores_cpp_matches_reference(n, m, R):
+@pytest.mark.parametrize("isa", ["best", "scalar"])
+@pytest.mark.parametrize("n,m,R", [(2, 4, 37), (2, 4, 700), (1, 4, 19), (3, 4, 5), (4, 8, 23), (4, 8, 300), (2, 8, 3),
+                                   (5, 16, 41)])
+def test_split_scores_cpp_matches_reference(n, m, R, isa, monkeypatch):
     skip_unless_backend("nm_split_scores", "cpp", "cpu")
+    if isa != "best":
+        monkeypatch.setenv("SPARSE_KERNELS_CPU_ISA", isa)  # the portable build of the same kernels
     g = torch.Generator().manual_seed(n * 100 + m * 10 + R)
     C, P = 16 * m, 6
     st = torch.rand(C, R, generator=g) * 3

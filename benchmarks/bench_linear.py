@@ -373,6 +373,15 @@ def write(rows, out, device, quiet=False):
     return write_table(rows, os.path.join(out, f"bench_linear_{device}"), quiet)
 
 
+def write_json(doc, path):
+    """``doc`` as indented JSON at ``path``, write-then-rename (a kill mid-write keeps the
+    previous file); creates the directory."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def write_table(rows, base, quiet=False):
     """``base``.json and .csv from ``rows`` (dicts; the CSV's columns are every key seen)."""
     os.makedirs(os.path.dirname(base) or ".", exist_ok=True)

@@ -15,16 +15,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from sparse_kernels.info import cpu_name  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_linear import device_name, versions, write_json  # noqa: E402
 from sparse_kernels.pruning.permutation import find_permutation, nm_kept_score  # noqa: E402
 
 SHAPES = ("4096x4096", "11008x4096", "4096x11008")
@@ -61,16 +59,12 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     out = {
         "what": "2:4 channel-permutation search time and kept-importance gain on synthetic Wanda-style scores",
-        "device": torch.cuda.get_device_name() if dev == "cuda" else cpu_name(),
-        "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "device": device_name(dev), "cores": os.cpu_count(), **versions(),
         "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/bench_permutation_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(out, args.out)
     return 0
 
 

@@ -17,32 +17,16 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from sparse_kernels.info import cpu_name  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_linear import device_name, time_cpu, time_gpu, versions, write_json  # noqa: E402
 from sparse_kernels.nn import SparseLinear  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336))
-
-
-def _time(fn, device, min_run_time):
-    if device == "cuda":
-        import triton.testing
-
-        q = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], return_mode="median")
-        return tuple(q)
-    import torch.utils.benchmark as tb
-
-    m = tb.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    ts = sorted(m.times)
-    pick = lambda q: ts[min(len(ts) - 1, int(q * len(ts)))] * 1e3  # noqa: E731
-    return m.median * 1e3, pick(0.2), pick(0.8)
 
 
 def main(argv=None) -> int:
@@ -84,7 +68,7 @@ def main(argv=None) -> int:
                         i = state["i"] = state["i"] ^ 1
                         return copies[i][name](xs[i])
 
-                    med, p20, p80 = _time(fn, dev, args.min_run_time)
+                    med, p20, p80 = time_gpu(fn) if dev == "cuda" else time_cpu(fn, args.min_run_time)
                     rows.append({"shape": f"{n}x{k}", "batch": b, "layer": name, "median_ms": round(med, 4),
                                  "p20_ms": round(p20, 4), "p80_ms": round(p80, 4)})
                     print(json.dumps(rows[-1]), flush=True)
@@ -96,16 +80,12 @@ def main(argv=None) -> int:
     out = {
         "what": "run-time cost of a permuted 2:4 SparseLinear (x gathered by in_perm) vs the plain 2:4 layer "
                 "and dense nn.Linear",
-        "device": torch.cuda.get_device_name() if dev == "cuda" else cpu_name(),
-        "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        "device": device_name(dev), "cores": os.cpu_count(), **versions(),
         "dtype": args.dtype, "date": datetime.date.today().isoformat(),
         "command": "python benchmarks/bench_permuted_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(out, args.out)
     return 0
 
 

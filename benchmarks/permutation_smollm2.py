@@ -18,15 +18,11 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import time
 
-import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from sparse_kernels.info import cpu_name  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_linear import device_name, versions, write_json  # noqa: E402
 from sparse_kernels.llm import data, demo, evaluate, models  # noqa: E402
 
 
@@ -66,7 +62,7 @@ def main(argv=None) -> int:
     out = {
         "what": f"{args.pattern} pruning of {src.name} with and without input-channel permutation "
                 f"(fp32, CPU), same calibration and evaluation",
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}",
+        "machine": f"{device_name('cpu')}, {os.cpu_count()} cores", **versions(),
         "date": datetime.date.today().isoformat(),
         "calibration": "32 windows x 512 tokens of kjv-ot, seed 0 (CLI defaults)",
         "eval": f"perplexity on {args.eval_tokens} tokens of kjv-nt, windows of 512 (CLI defaults)",
@@ -74,10 +70,7 @@ def main(argv=None) -> int:
         "ppl_dense": round(dense, 3),
         "rows": rows,
     }
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    write_json(out, args.out)
     return 0
 
 

@@ -109,6 +109,32 @@ def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, -1)
 
 
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py``, loaded by path (benchmarks/ is not a package)."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "benchmarks", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sgd_losses(module, x, target, steps: int, lr: float = 0.1) -> list:
+    """Train ``module`` for ``steps`` SGD steps on an MSE loss; the loss before each step."""
+    import torch.nn.functional as F
+
+    opt = torch.optim.SGD(module.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(module(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def pytest_collection_modifyitems(config, items):
     """A test parametrized with backend "triton" counts as a Triton test (``-m triton``), so
     CI's TRITON_INTERPRET=1 pass runs it wherever it lives."""

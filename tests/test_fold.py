@@ -16,19 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 import sparse_kernels as sk  # noqa: E402
 from sparse_kernels.llm.checkpoint import as_linear  # noqa: E402
+from test_llm import _tiny_gpt2, _tiny_llama  # noqa: E402
 
 
-def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _gpt2():
-    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+_llama, _gpt2 = _tiny_llama, _tiny_gpt2  # test_llm's tiny local models (vocab 96, hidden 64, 2 blocks)
 
 
 def _ids(seed=0):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import sparse_kernels as sk
-from conftest import assert_matmul_close, requires_cuda, skip_unless_backend
+from conftest import assert_matmul_close, load_benchmark, requires_cuda, skip_unless_backend
 from sparse_kernels.ops.mma_layout import reorder_meta_mma
 from sparse_kernels.reference import sparse24 as s24
 
@@ -139,12 +139,7 @@ def test_sparse_linear_cuda_misaligned_meta_dev(m):
 
 # ---------------------------------------------------------------- bench_linear: graph timing, contenders
 def _bench_linear():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_linear", os.path.join(ROOT, "benchmarks", "bench_linear.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_linear")
 
 
 class _FakeCuda:
@@ -372,13 +367,8 @@ def test_gpu_check_dry_run_error_probe_and_step_selection(tmp_path):
 def test_sparsegpt_gpu_timer_times_long_runs_directly(monkeypatch, first_ms):
     """A whole-layer run of >= LONG_RUN_MS is timed run by run (reps runs in all, the first
     included); a shorter one goes to do_bench, sized by the first run."""
-    import importlib.util
-
     triton_testing = pytest.importorskip("triton.testing")
-    spec = importlib.util.spec_from_file_location("bench_sparsegpt",
-                                                  os.path.join(ROOT, "benchmarks", "bench_sparsegpt.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_sparsegpt")
     durations = iter([first_ms, 100.0, 110.0])
 
     class Event:

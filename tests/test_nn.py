@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparse_kernels as sk
-from conftest import assert_bitexact, assert_close, assert_matmul_close, requires_cuda, skip_unless_backend
+from conftest import assert_bitexact, assert_close, assert_matmul_close, requires_cuda, sgd_losses, skip_unless_backend
 from sparse_kernels.nn import SparseLinear, sparsify
 
 
@@ -149,15 +149,7 @@ def test_training_grads_flow_pattern_fixed(pattern):
     rep = sparsify(model, pattern=pattern)
     assert rep.layers == ["0", "2"]
     before = [m.dense_weight() != 0 for m in model if isinstance(m, SparseLinear)]
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, tgt = _x(8, 32), _x(8, 4, seed=2)
-    losses = []
-    for _ in range(5):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), tgt)
-        loss.backward()
-        losses.append(loss.item())
-        opt.step()
+    losses = sgd_losses(model, _x(8, 32), _x(8, 4, seed=2), steps=5)
     assert losses[-1] < losses[0]
     for m, nz in zip([m for m in model if isinstance(m, SparseLinear)], before):
         assert ((m.dense_weight() != 0) <= nz).all(), "pattern changed during training"

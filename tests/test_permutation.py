@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import sparse_kernels as sk
-from conftest import assert_bitexact, requires_cuda, skip_unless_backend
+from conftest import assert_bitexact, load_benchmark, requires_cuda, skip_unless_backend
 from sparse_kernels.ops.permutation import nm_split_scores
 from sparse_kernels.pruning import sparsegpt_prune, wanda_prune
 from sparse_kernels.pruning.permutation import (_splits, find_permutation, invert_permutation, nm_kept_score,
@@ -349,14 +349,9 @@ def test_sparsify_with_permutation():
 
 
 def test_bench_permuted_linear_runs_and_checks(tmp_path):
-    import importlib.util
     import json
-    import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_permuted_linear.py")
-    spec = importlib.util.spec_from_file_location("bench_permuted_linear", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_permuted_linear")
     out = tmp_path / "b.json"
     assert mod.main(["--device", "cpu", "--shapes", "32x64", "--batches", "1,3", "--min-run-time", "0.01",
                      "--out", str(out)]) == 0
@@ -456,14 +451,9 @@ def test_gather_auto_rule_and_the_cached_path(monkeypatch):
 
 
 def test_bench_permutation_search_runs(tmp_path):
-    import importlib.util
     import json
-    import os
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_permutation_search.py")
-    spec = importlib.util.spec_from_file_location("bench_permutation_search", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_permutation_search")
     out = tmp_path / "s.json"
     assert mod.main(["--device", "cpu", "--shapes", "16x64,8x32", "--rounds", "3", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import sparse_kernels as sk
 from conftest import (TRITON_INTERPRET, assert_bitexact, assert_close, assert_matmul_close, requires_cuda,
-                      skip_unless_backend)
+                      sgd_losses, skip_unless_backend)
 from sparse_kernels.nn import SparseLinear, check_in_perm
 
 
@@ -153,15 +153,7 @@ def test_training_keeps_the_permutation_and_the_pattern():
     torch.manual_seed(0)
     sl = SparseLinear.from_dense(_linear(32, 8), in_perm=_perm(32))
     before = sl.dense_weight() != 0
-    opt = torch.optim.SGD(sl.parameters(), lr=0.1)
-    x, tgt = _x(16, 32), _x(16, 8, seed=2)
-    losses = []
-    for _ in range(4):
-        opt.zero_grad()
-        loss = F.mse_loss(sl(x), tgt)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(sl, _x(16, 32), _x(16, 8, seed=2), steps=4)
     assert losses[-1] < losses[0]
     assert ((sl.dense_weight() != 0) <= before).all()
     assert list(dict(sl.named_parameters())) == ["values", "bias"]  # in_perm is a buffer, never trained

@@ -35,7 +35,7 @@ from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
 from .fold import fold_permutations
-from .permutation import (check_search_m, find_permutation, invert_permutation, nm_kept_score, parse_permute,
+from .permutation import (check_search_m, find_permutation_with_gain, invert_permutation, parse_permute,
                           search_options)
 from .report import LayerReport, PruneReport, _block_error, _OutputError, _progress
 from .sparsegpt import HessianAccumulator, sparsegpt_prune
@@ -123,9 +123,7 @@ class PruningMethod:
         the original column order.  Returns ``(w_new, mask, loss, perm, gain)``, ``gain`` the
         relative rise of the N:M-kept importance over the identity order."""
         score = self.importance(w, st, options)
-        perm = find_permutation(score, spec.n, spec.m, **search_options(options["_permute"]))
-        base = nm_kept_score(score, spec.n, spec.m)
-        gain = nm_kept_score(score, spec.n, spec.m, perm) / base - 1.0 if base > 0 else 0.0
+        perm, gain = find_permutation_with_gain(score, spec.n, spec.m, **search_options(options["_permute"]))
         w_p, mask_p, loss = self.prune_layer(name, layer, w[:, perm], None if st is None else st.permuted(perm),
                                              spec, options)
         inv = invert_permutation(perm)

@@ -43,7 +43,8 @@ from ..ops import _validate as V
 from ..ops import _registry as R
 from ..ops.permutation import nm_split_scores
 
-__all__ = ["find_permutation", "nm_kept_score", "invert_permutation", "parse_permute", "search_options"]
+__all__ = ["find_permutation", "find_permutation_with_gain", "nm_kept_score", "invert_permutation", "parse_permute",
+           "search_options"]
 
 def _check_nm(n, m) -> None:
     for name, v in (("n", n), ("m", m)):
@@ -76,6 +77,11 @@ def nm_kept_score(scores: torch.Tensor, n: int = 2, m: int = 4, perm: torch.Tens
     given) of the ``n`` largest scores, accumulated in float64."""
     _check_nm(n, m)
     _check_scores(scores, m)
+    return _kept(scores, n, m, perm)
+
+
+def _kept(scores, n, m, perm=None) -> float:
+    """:func:`nm_kept_score` without the input checks (for inputs already checked)."""
     s = scores if perm is None else scores.index_select(1, perm.to(scores.device))
     g = s.reshape(s.shape[0], -1, m).double()
     return float(g.topk(n, dim=-1).values.sum())
@@ -156,6 +162,16 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
     bad ``n``/``m`` (``m <= 16``), a negative ``rounds``/``patience``, a bad ``max_seconds``,
     scores on the meta device.
     """
+    return find_permutation_with_gain(scores, n, m, rounds=rounds, patience=patience, seed=seed,
+                                      max_seconds=max_seconds, backend=backend)[0]
+
+
+def find_permutation_with_gain(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: int = 100,
+                               patience: int = 5, seed: int = 0, max_seconds: float | None = None,
+                               backend: str | None = None) -> tuple[torch.Tensor, float]:
+    """:func:`find_permutation` and the relative rise of N:M-kept importance it buys,
+    ``nm_kept_score(scores, n, m, perm) / nm_kept_score(scores, n, m) - 1`` (0.0 when nothing is
+    kept), from the float64 scores the search computes anyway."""
     _check_nm(n, m)
     check_search_m(m)
     if isinstance(scores, torch.Tensor) and scores.device.type == "meta":
@@ -169,21 +185,21 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
         raise ValueError(f"max_seconds: expected a number > 0 or None, got {max_seconds!r}")
     dev = scores.device
     cols = scores.shape[1]
-    if scores.shape[0] == 0 or cols == 0:
-        return torch.arange(cols, device=dev)  # nothing to rearrange
+    ident = torch.arange(cols, device=dev)
+    if scores.shape[0] == 0 or cols == m or cols == 0:
+        return ident, 0.0  # nothing to rearrange
     s = scores.float().contiguous()
     st = s.t().contiguous()
-    ident = torch.arange(cols, device=dev)
-    if cols == m:
-        return ident
     alloc = _balanced_allocation(s, m)
-    perm = alloc if nm_kept_score(s, n, m, alloc) > nm_kept_score(s, n, m) else ident
+    base, current = _kept(s, n, m), _kept(s, n, m, alloc)
+    perm = alloc
+    if current <= base:
+        perm, current = ident, base
     groups = perm.view(-1, m).clone()
     G = groups.shape[0]
     splits = _splits(m).to(dev)
     nm_split_scores(st, groups[:2].reshape(1, -1), splits, n, backend=backend)  # checks the inputs once
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    current = nm_kept_score(s, n, m, perm)
     t0 = time.perf_counter()
     quiet = 0
     for _ in range(rounds):
@@ -203,10 +219,11 @@ def find_permutation(scores: torch.Tensor, n: int = 2, m: int = 4, *, rounds: in
         if quiet >= patience or (max_seconds is not None and time.perf_counter() - t0 > max_seconds):
             break
     perm = groups.reshape(-1)
+    kept = _kept(s, n, m, perm)
     # float32 sums could in principle accept a move that loses in float64: keep the better one
-    if nm_kept_score(s, n, m, perm) < nm_kept_score(s, n, m):
-        return ident
-    return perm
+    if kept < base:
+        return ident, 0.0
+    return perm, (kept / base - 1.0 if base > 0 else 0.0)
 
 
 _SEARCH_OPTIONS = ("rounds", "patience", "seed", "max_seconds", "backend")

@@ -15,7 +15,8 @@ from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
 from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
 from .ops.bitmask import bitmask_linear, compress_bitmask, decompress_bitmask
 from .nn import SparseLinear, sparsify
-from .interop import from_torch_cutlass, to_semi_structured, to_torch_cutlass
+from .interop import (from_compressed_tensors_24, from_torch_cutlass, to_compressed_tensors_24, to_semi_structured,
+                      to_torch_cutlass)
 from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
 from . import lottery, structured, training  # noqa: F401  (training-time and structured pruning)
 
@@ -27,9 +28,11 @@ __all__ = [
     "BackendUnavailableError",
     "compress_2to4",
     "decompress_2to4",
+    "from_compressed_tensors_24",
     "from_torch_cutlass",
     "mask_2to4",
     "to_semi_structured",
+    "to_compressed_tensors_24",
     "to_torch_cutlass",
     "masked_linear",
     "pack_mask",

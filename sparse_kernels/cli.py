@@ -21,6 +21,8 @@ examples:
   sparse-kernels prune --method wanda --sparsity 0.6 --nsamples 64 --output out/smollm2-wanda60
   sparse-kernels prune --method sparsegpt --pattern 2:4 --finetune-steps 200 --output out/smollm2-2of4-ft
   sparse-kernels prune --method structured --sparsity 0.5 --criterion activation --output out/smollm2-ffn50
+  sparse-kernels prune --method sparsegpt --pattern 2:4 --format compressed-tensors --output out/smollm2-2of4-ct
+  sparse-kernels eval --model DIR_OF_AN_LLM_COMPRESSOR_2OF4_MODEL     # compressed-tensors sparse checkpoints load too
   sparse-kernels eval --model out/smollm2-2of4 --tokens 8192 --window 512 --stride 256
   sparse-kernels bench --sparse out/smollm2-2of4 --new-tokens 64
   sparse-kernels info
@@ -215,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
     _add_calib(p)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
+    p.add_argument("--format", choices=("sparse_kernels", "compressed-tensors"), default="sparse_kernels",
+                   help="checkpoint format: ours (default) or compressed-tensors' sparse-24-bitmask / sparse-bitmask "
+                        "(llm-compressor's; readable by compressed-tensors <= 0.12)")
     p.add_argument("--skip", action="append", default=[], metavar="REGEX",
                    help="leave dense every layer whose name inside its block matches REGEX, e.g. self_attn "
                         "(repeatable)")
@@ -314,10 +319,13 @@ def cmd_prune(args) -> int:
                          "other than structured")
     if args.permute_rounds < 0:
         raise SystemExit(f"prune: --permute-rounds must be >= 0, got {args.permute_rounds}")
+    if args.format == "compressed-tensors" and args.method == "structured":
+        raise SystemExit("prune: --format compressed-tensors stores sparse layers; --method structured saves a smaller "
+                         "dense model (use the default --format)")
     pattern = args.pattern or (f"{args.sparsity * 100:g}%" if args.sparsity is not None else "2:4")
     m, tok, src = _load(args)
-    if src.kind == "checkpoint":
-        raise SystemExit("prune: --model is already a pruned checkpoint; start from a dense model")
+    if src.kind in ("checkpoint", "compressed-tensors"):
+        raise SystemExit(f"prune: --model is already a pruned ({src.kind}) checkpoint; start from a dense model")
     calib = None
     if args.method != "magnitude" or owl:
         calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
@@ -354,6 +362,8 @@ def cmd_prune(args) -> int:
                     title="\nrecovery fine-tuning (masks fixed)"))
         ppl = ppl_ft
     kind = checkpoint.PATTERN_24 if pattern == "2:4" else checkpoint.MASKED
+    if args.format == "compressed-tensors":
+        return _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense_ppl, ppl)
     cfg = checkpoint.save(m, args.output, layers={n: kind for n in names}, base_model=src.as_dict(), tokenizer=tok,
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
                                    "seqlen": args.seqlen, "seed": args.seed,
@@ -366,6 +376,29 @@ def cmd_prune(args) -> int:
                   _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]),
                   s["sparse_layers_ratio"] if kind == checkpoint.PATTERN_24 else s.get("masked_layers_ratio")]],
                 title=f"\npruned and saved to {args.output}"))
+    return 0
+
+
+def _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense_ppl, ppl) -> int:
+    from .llm import bench, checkpoint
+    from .llm import compressed_tensors as ct
+    from .nn import SparseLinear
+
+    checkpoint.to_sparse(m, {n: kind for n in names})  # 2:4 -> SparseLinear; unstructured -> masked nn.Linear
+    for n in names:
+        mod = m.get_submodule(n)
+        if not isinstance(mod, SparseLinear):
+            checkpoint._replace(m, n, SparseLinear.from_dense(checkpoint.as_linear(mod), pattern="bitmask"))
+    try:
+        sc = ct.save(m, args.output, tokenizer=tok)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"prune: --format compressed-tensors: {e}") from None
+    disk = os.path.getsize(os.path.join(args.output, "model.safetensors"))
+    print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned", "format",
+                 "disk MiB", "in memory MiB"],
+                [[src.name, args.method, pattern, len(names), rep.overall_sparsity, rep.seconds, dense_ppl, ppl,
+                  sc["format"], _mib(disk), _mib(bench.tensor_bytes(m))]],
+                title=f"\npruned and saved (compressed-tensors) to {args.output}"))
     return 0
 
 

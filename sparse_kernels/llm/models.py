@@ -27,7 +27,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 @dataclass
 class ModelSource:
-    """Where a model came from: ``kind`` is ``gguf``, ``hf`` or ``checkpoint``."""
+    """Where a model came from: ``kind`` is ``gguf``, ``hf``, ``checkpoint`` or ``compressed-tensors``."""
 
     name: str
     kind: str
@@ -65,10 +65,12 @@ def resolve(model: str | None) -> ModelSource:
 
     ``None`` or ``"smollm2"``: the embedded GGUF.  A ``.gguf`` file, or a directory holding
     exactly one ``.gguf`` and no ``config.json``: that GGUF.  A directory written by
-    :func:`sparse_kernels.llm.checkpoint.save`: that checkpoint.  Anything else: a Hugging Face
-    model directory or an id already in the local cache.
+    :func:`sparse_kernels.llm.checkpoint.save`: that checkpoint.  A directory whose config.json
+    names ``quant_method: compressed-tensors`` (llm-compressor's sparse checkpoints): that, read by
+    :mod:`sparse_kernels.llm.compressed_tensors`.  Anything else: a Hugging Face model directory or
+    an id already in the local cache.
     """
-    from . import checkpoint
+    from . import checkpoint, compressed_tensors
 
     if model is None or model == DEFAULT_MODEL:
         d, f = smollm2_gguf()
@@ -79,6 +81,8 @@ def resolve(model: str | None) -> ModelSource:
     if os.path.isdir(model):
         if os.path.isfile(os.path.join(model, checkpoint.CONFIG_NAME)):
             return ModelSource(os.path.basename(os.path.normpath(model)), "checkpoint", model)
+        if compressed_tensors.is_compressed_tensors(model):
+            return ModelSource(os.path.basename(os.path.normpath(model)), "compressed-tensors", model)
         ggufs = sorted(f for f in os.listdir(model) if f.endswith(".gguf"))
         if not os.path.isfile(os.path.join(model, "config.json")) and len(ggufs) == 1:
             return ModelSource(ggufs[0], "gguf", model, ggufs[0])
@@ -106,7 +110,8 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
 
     A checkpoint of ours comes back with its 2:4 layers as SparseLinear (see
     :func:`sparse_kernels.llm.checkpoint.load`) and its tokenizer from the checkpoint
-    directory (or from its base model when none was saved).
+    directory (or from its base model when none was saved); a compressed-tensors one with its
+    sparse layers as SparseLinear (:func:`sparse_kernels.llm.compressed_tensors.load`).
     """
     _offline()
     src = resolve(model)
@@ -121,6 +126,12 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
                                   base.get("gguf_file"))
         src.extra = info
         return m.eval(), load_tokenizer(tok_src), src
+    if src.kind == "compressed-tensors":
+        from . import compressed_tensors
+
+        m, info = compressed_tensors.load(src.path, dtype=dtype, device=device)
+        src.extra = info.as_dict()
+        return m, load_tokenizer(ModelSource(src.name, "hf", src.path)), src
     from transformers import AutoModelForCausalLM
 
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}

@@ -1,0 +1,577 @@
+"""Read and write sparse checkpoints in compressed-tensors' format (llm-compressor's).
+
+llm-compressor saves pruned models as Hugging Face directories whose ``config.json`` carries
+``quantization_config = {"quant_method": "compressed-tensors", "sparsity_config": {...}}`` and
+whose safetensors hold each sparse Linear weight in one of three ``sparsity_config.format``\\ s:
+
+* ``sparse-24-bitmask``: ``PREFIX.compressed [rows, cols/2]`` (the kept values, row-major),
+  ``PREFIX.bitmask [rows, ceil(cols/8)]`` uint8 (bit ``c % 8`` of byte ``c / 8`` = column ``c``
+  kept, two per group of four) and ``PREFIX.shape`` (the dense ``[rows, cols]``);
+* ``sparse-bitmask`` (any pattern): ``PREFIX.compressed`` 1-D nonzeros, ``PREFIX.bitmask``,
+  ``PREFIX.shape`` and ``PREFIX.row_offsets [rows]`` (where each row's values start);
+* ``dense``: plain weights; ``targets``/``ignore`` and ``sparsity_structure`` say which layers are
+  sparse and how.
+
+compressed-tensors 0.13 and later dropped these sparse compressors, and with them transformers'
+ability to load such checkpoints compressed; vLLM dropped its 2:4 kernels.  :func:`load` reads
+them straight into :class:`sparse_kernels.nn.SparseLinear`: a 2:4 weight becomes ``values``/``meta``
+by a table lookup on its bitmask (:func:`sparse_kernels.from_compressed_tensors_24`), a
+``sparse-bitmask`` one our bitmask layer as stored (the same bit order), never the dense weight
+(unless ``unstructured="dense"``).  :func:`save` writes a model with SparseLinear layers back in
+that format, readable by compressed-tensors 0.12 and earlier (and so by llm-compressor, and by
+transformers with such a compressed-tensors).
+
+Quantized checkpoints (``config_groups``, ``marlin-24``, FP8 2:4) and transforms are refused with
+a clear error: our kernels run 16- and 32-bit weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+
+QUANT_METHOD = "compressed-tensors"
+FORMAT_24 = "sparse-24-bitmask"
+FORMAT_BITMASK = "sparse-bitmask"
+FORMAT_DENSE = "dense"
+READ_FORMATS = (FORMAT_24, FORMAT_BITMASK, FORMAT_DENSE)
+# the compressed-tensors release whose sparse format save() writes: the last one with sparse compressors
+WRITES_FORMAT_OF = "0.12.2"
+UNSTRUCTURED = ("bitmask", "dense")
+_PARTS = {FORMAT_24: ("shape", "compressed", "bitmask"), FORMAT_BITMASK: ("shape", "compressed", "bitmask",
+                                                                             "row_offsets")}
+
+
+class CompressedTensorsError(ckpt.CheckpointError):
+    """A compressed-tensors checkpoint this code cannot read (a ValueError): names file and problem."""
+
+
+@dataclass
+class LoadInfo:
+    """What :func:`load` found: the sparsity config, and per converted layer its pattern."""
+
+    path: str
+    sparsity_config: dict
+    layers: dict[str, str] = field(default_factory=dict)  # module name -> "2:4" | "bitmask" | "dense"
+
+    def as_dict(self) -> dict:
+        return {"path": self.path, "sparsity_config": self.sparsity_config, "layers": dict(self.layers)}
+
+
+# ------------------------------------------------------------------ config
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CompressedTensorsError(f"{path}: unreadable or not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CompressedTensorsError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def is_compressed_tensors(path: str) -> bool:
+    """True when ``path`` is a directory whose config.json names ``quant_method: compressed-tensors``."""
+    cpath = os.path.join(path, "config.json")
+    if not os.path.isfile(cpath):
+        return False
+    try:
+        with open(cpath) as f:
+            qc = json.load(f).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def read_config(path: str) -> tuple[dict, dict]:
+    """``(model config without quantization_config, sparsity_config)`` of the checkpoint ``path``.
+
+    Raises CompressedTensorsError for a missing or unreadable config.json, a checkpoint that is
+    not compressed-tensors, quantization (config_groups, a quantized format), transforms, and a
+    sparsity format other than :data:`READ_FORMATS`.
+    """
+    cpath = os.path.join(path, "config.json")
+    if not os.path.isfile(cpath):
+        raise CompressedTensorsError(f"{path}: config.json is missing (not a Hugging Face model directory)")
+    cfg = _read_json(cpath)
+    qc = cfg.pop("quantization_config", None)
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        got = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CompressedTensorsError(f"{cpath}: quantization_config.quant_method is {got!r}, expected "
+                                     f"{QUANT_METHOD!r} (not a compressed-tensors checkpoint)")
+    groups = qc.get("config_groups") or {}
+    quantized = [g for g, s in groups.items() if isinstance(s, dict) and (s.get("weights") or s.get("input_activations"))]
+    fmt = qc.get("format")
+    if quantized or (fmt not in (None, FORMAT_DENSE) and groups):
+        raise CompressedTensorsError(f"{cpath}: the checkpoint is quantized (format {fmt!r}, config groups "
+                                     f"{quantized or sorted(groups)}); sparse_kernels reads sparse float16/bfloat16/"
+                                     f"float32 weights only")
+    if qc.get("transform_config"):
+        raise CompressedTensorsError(f"{cpath}: transform_config is set (rotations); sparse_kernels does not apply "
+                                     f"compressed-tensors transforms")
+    sc = qc.get("sparsity_config") or {}
+    if not isinstance(sc, dict):
+        raise CompressedTensorsError(f"{cpath}: sparsity_config must be a JSON object, got {type(sc).__name__}")
+    sfmt = sc.get("format", FORMAT_DENSE) if sc else FORMAT_DENSE
+    if sfmt not in READ_FORMATS:
+        raise CompressedTensorsError(f"{cpath}: sparsity format {sfmt!r} is not supported; sparse_kernels reads "
+                                     f"{', '.join(READ_FORMATS)} (marlin-24 is 4-bit quantized)")
+    if "model_type" not in cfg:
+        raise CompressedTensorsError(f"{cpath}: model_type is missing; cannot build the model")
+    return cfg, dict(sc, format=sfmt)
+
+
+# ------------------------------------------------------------------ targets (compressed-tensors' matching)
+def _matches(name: str, module: nn.Module, targets) -> bool:
+    """compressed-tensors' rule: ``re:PATTERN`` matches the name from its start (``re.match``), any
+    other target the exact name or the name of a class in the module's MRO."""
+    for t in targets or ():
+        if t.startswith("re:"):
+            if re.match(t[3:], name):
+                return True
+        elif t == name or any(c.__name__ == t for c in type(module).__mro__):
+            return True
+    return False
+
+
+def _targeted(model: nn.Module, sc: dict) -> list[str]:
+    targets = sc.get("targets") or ["Linear"]
+    return [n for n, m in model.named_modules()
+            if n and _matches(n, m, targets) and not _matches(n, m, sc.get("ignore") or ())]
+
+
+# ------------------------------------------------------------------ tensors
+def _tensor_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        wm = _read_json(index).get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise CompressedTensorsError(f"{index}: weight_map is missing or empty")
+        files = sorted(set(wm.values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CompressedTensorsError(f"{path}: no model.safetensors or model.safetensors.index.json (only "
+                                     f"safetensors checkpoints are read)")
+    out = []
+    for f in files:
+        p = os.path.join(path, f)
+        if os.path.basename(f) != f or not os.path.isfile(p):
+            raise CompressedTensorsError(f"{path}: tensors file {f!r} named by the index is missing")
+        out.append(p)
+    return out
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for p in _tensor_files(path):
+        try:
+            with safe_open(p, framework="pt") as f:
+                for k in f.keys():
+                    if k in tensors:
+                        raise CompressedTensorsError(f"{p}: tensor {k!r} is stored twice")
+                    tensors[k] = f.get_tensor(k)
+        except SafetensorError as e:
+            raise CompressedTensorsError(f"{p}: not a readable safetensors file ({e})") from e
+    return tensors
+
+
+def _shape(prefix: str, t: torch.Tensor) -> tuple[int, int]:
+    if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool) or t.numel() != 2:
+        raise CompressedTensorsError(f"{prefix}.shape: expected two integers (the dense [rows, cols]), got "
+                                     f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}")
+    rows, cols = (int(v) for v in t.flatten().tolist())
+    if rows <= 0 or cols <= 0:
+        raise CompressedTensorsError(f"{prefix}.shape: [{rows}, {cols}] is not a valid weight shape")
+    return rows, cols
+
+
+def _pop_compressed(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Take every compressed weight's parts out of ``tensors``: ``{module prefix: {part: tensor}}``."""
+    parts = _PARTS.get(fmt)
+    if parts is None:
+        return {}
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for k in [k for k in tensors if k.rsplit(".", 1)[-1] in parts]:
+        prefix, part = k.rsplit(".", 1)
+        if part == "shape" and prefix + ".compressed" not in tensors:
+            continue  # a module's own tensor that happens to be called "shape"
+        found.setdefault(prefix, {})[part] = tensors[k]
+    out = {}
+    for prefix, d in found.items():
+        if "compressed" not in d and "bitmask" not in d:
+            continue
+        missing = [p for p in parts if p not in d]
+        if missing:
+            raise CompressedTensorsError(f"{prefix}: compressed as {fmt} but {', '.join(prefix + '.' + m for m in missing)} "
+                                         f"is missing")
+        for p in parts:
+            del tensors[prefix + "." + p]
+        out[prefix] = d
+    return out
+
+
+def _bitmask_parts(prefix: str, d: dict[str, torch.Tensor]):
+    """sparse-bitmask parts -> our ``(values, bitmask, row_ptr)``, checked; and the dense shape."""
+    from ..ops.bitmask import check_bitmask
+    from ..reference.linear import unpack_mask
+
+    rows, cols = _shape(prefix, d["shape"])
+    values, bitmask, offs = d["compressed"], d["bitmask"], d["row_offsets"]
+    if offs.dtype not in (torch.int32, torch.int64) or tuple(offs.shape) != (rows,):
+        raise CompressedTensorsError(f"{prefix}.row_offsets: expected int64[{rows}], got "
+                                     f"{str(offs.dtype).replace('torch.', '')}{list(offs.shape)}")
+    row_ptr = torch.cat((offs.to(torch.int64), torch.tensor([values.numel()])))
+    try:
+        check_bitmask(values, bitmask, row_ptr, cols)
+        if bitmask.shape[0] != rows:
+            raise ValueError(f"bitmask has {bitmask.shape[0]} rows, the shape says {rows}")
+        counts = unpack_mask(bitmask, bitmask.shape[1] * 8).sum(1)
+        if cols % 8 and int(unpack_mask(bitmask, bitmask.shape[1] * 8)[:, cols:].sum()):
+            raise ValueError(f"bits are set past column {cols} (padding must be zero)")
+        if int(row_ptr[0]) != 0 or not torch.equal(row_ptr.diff(), counts):
+            r = int((row_ptr.diff() != counts).nonzero()[0]) if row_ptr.diff().shape == counts.shape else 0
+            raise ValueError(f"row_offsets do not match the bitmask's popcounts (first at row {r})")
+    except (TypeError, ValueError) as e:
+        raise CompressedTensorsError(f"{prefix}: {e}") from e
+    return values, bitmask, row_ptr, (rows, cols)
+
+
+def _dense_from_parts(prefix: str, fmt: str, d: dict[str, torch.Tensor]) -> torch.Tensor:
+    from ..reference.bitmask import decompress_bitmask
+    from ..reference.sparse24 import decompress_2to4
+
+    if fmt == FORMAT_24:
+        values, meta, (rows, cols) = _parts_24(prefix, d)
+        return decompress_2to4(values, meta)[:, :cols].contiguous()
+    values, bitmask, row_ptr, (rows, cols) = _bitmask_parts(prefix, d)
+    return decompress_bitmask(values, bitmask, row_ptr, cols)
+
+
+def _parts_24(prefix: str, d: dict[str, torch.Tensor]):
+    from ..interop import from_compressed_tensors_24
+
+    rows, cols = _shape(prefix, d["shape"])
+    if cols % 4:
+        raise CompressedTensorsError(f"{prefix}.shape: [{rows}, {cols}]: 2:4 needs a multiple of 4 columns")
+    try:
+        values, meta = from_compressed_tensors_24(d["compressed"], d["bitmask"], cols)
+    except (TypeError, ValueError) as e:
+        raise CompressedTensorsError(f"{prefix}: {e}") from e
+    if values.shape[0] != rows:
+        raise CompressedTensorsError(f"{prefix}: {values.shape[0]} rows stored, the shape says {rows}")
+    return values, meta, (rows, cols)
+
+
+# ------------------------------------------------------------------ load
+def _skeleton(cfg: dict) -> nn.Module:
+    """The Hugging Face model of ``cfg`` with its parameters on the meta device (no memory, no init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    mc = dict(cfg)
+    hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # without accelerate: a normal (allocated, initialised) build
+        return AutoModelForCausalLM.from_config(hf_cfg)
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def _sparse_24_from_weight(w: torch.Tensor, bias) -> nn.Module:
+    """A 2:4 SparseLinear holding exactly ``w`` (2:4 already; ``-0.0`` kept bit for bit)."""
+    from ..nn import SparseLinear
+    from ..ops.sparse24 import compress_2to4
+
+    rows, cols = w.shape
+    sl = SparseLinear(cols, rows, bias=bias is not None, pattern="2:4", dtype=w.dtype)
+    values, meta = compress_2to4(nn.functional.pad(w, (0, sl.in_padded - cols)))
+    sl.values.copy_(values)
+    sl.meta.copy_(meta)
+    if bias is not None:
+        sl.bias.copy_(bias)
+    sl.refresh_cache()
+    return sl
+
+
+def _sparse_layer(name: str, mod: nn.Module, fmt: str, parts: dict, bias, unstructured: str, structure: str):
+    """The SparseLinear (or nn.Linear) for compressed layer ``name``; ``(module, pattern)``."""
+    from ..nn import SparseLinear
+    from .checkpoint import is_2to4
+
+    if fmt == FORMAT_BITMASK and structure == "2:4":  # stored as a bitmask, but 2:4: run it as 2:4
+        w = _dense_from_parts(name, fmt, parts)
+        if is_2to4(w):
+            _check_fits(name, mod, *w.shape)
+            return _sparse_24_from_weight(w, bias), "2:4"
+    if fmt == FORMAT_24:
+        values, meta, (rows, cols) = _parts_24(name, parts)
+        _check_fits(name, mod, rows, cols)
+        sl = SparseLinear(cols, rows, bias=bias is not None, pattern="2:4", dtype=values.dtype)
+        with torch.no_grad():
+            sl.values.copy_(values)
+            sl.meta.copy_(meta)
+        pattern = "2:4"
+    elif unstructured == "bitmask":
+        values, bitmask, row_ptr, (rows, cols) = _bitmask_parts(name, parts)
+        _check_fits(name, mod, rows, cols)
+        sl = SparseLinear(cols, rows, bias=bias is not None, pattern="bitmask", dtype=values.dtype)
+        with torch.no_grad():
+            sl.values.data = values.clone()
+            sl.bitmask.copy_(bitmask)
+            sl.row_ptr.copy_(row_ptr)
+        pattern = "bitmask"
+    else:
+        w = _dense_from_parts(name, fmt, parts)
+        _check_fits(name, mod, *w.shape)
+        sl = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype)
+        with torch.no_grad():
+            sl.weight.copy_(w)
+        pattern = "dense"
+    if bias is not None:
+        sl.bias.data = bias.detach().clone()
+    if isinstance(sl, SparseLinear):
+        sl.refresh_cache()
+    return sl, pattern
+
+
+def _check_fits(name: str, mod: nn.Module, rows: int, cols: int) -> None:
+    w = getattr(mod, "weight", None)
+    if w is not None and tuple(w.shape) != (rows, cols):
+        raise CompressedTensorsError(f"{name}: the stored weight is [{rows}, {cols}] but the model's is "
+                                     f"{list(w.shape)}")
+
+
+def _fill_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give tied parameters missing from the file (e.g. ``lm_head.weight`` with tied embeddings)
+    the tensor stored under another name of the same parameter."""
+    groups: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(n)
+    for names in groups.values():
+        have = [n for n in names if n in tensors]
+        for n in names:
+            if n not in tensors and have:
+                tensors[n] = tensors[have[0]]
+
+
+@torch.no_grad()
+def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", convert: bool = True,
+         unstructured: str = "bitmask") -> tuple[nn.Module, LoadInfo]:
+    """Load a compressed-tensors sparse checkpoint directory as a model with SparseLinear layers.
+
+    Args:
+        path: a Hugging Face model directory written by llm-compressor / compressed-tensors
+            (safetensors, one file or sharded with an index).
+        dtype: cast after loading (default: as stored).
+        device: where the model goes.
+        convert: False loads every weight dense (nn.Linear), as compressed-tensors decompresses it.
+        unstructured: for layers that are not 2:4: ``"bitmask"`` (SparseLinear on the bitmask
+            format, as stored) or ``"dense"`` (nn.Linear).
+
+    2:4 layers (``sparse-24-bitmask``; for ``dense``/``sparse-bitmask`` checkpoints, targeted
+    layers whose weight is 2:4) become 2:4 SparseLinear.  Compressed weights of modules other than
+    nn.Linear are decompressed.  Returns ``(model, LoadInfo)``; raises CompressedTensorsError (a
+    ValueError) naming the file or layer for anything it cannot read exactly.
+    """
+    from ..nn import SparseLinear
+    from .checkpoint import _replace, _to_dtype, is_2to4
+
+    if not isinstance(convert, bool):
+        raise TypeError(f"convert: expected True or False, got {convert!r}")
+    if unstructured not in UNSTRUCTURED:
+        raise ValueError(f"unstructured: got {unstructured!r}, expected one of {', '.join(UNSTRUCTURED)}")
+    cfg, sc = read_config(path)
+    fmt = sc["format"]
+    structure = str(sc.get("sparsity_structure") or "unstructured").lower()
+    tensors = _read_tensors(path)
+    compressed = _pop_compressed(tensors, fmt)
+    m = _skeleton(cfg)
+    info = LoadInfo(path=path, sparsity_config=sc)
+    modules = dict(m.named_modules())
+    for name, parts in compressed.items():
+        mod = modules.get(name)
+        if mod is None:
+            raise CompressedTensorsError(f"{path}: compressed weight {name!r} is not a module of "
+                                         f"{type(m).__name__}")
+        if isinstance(mod, nn.Linear) and convert:
+            new, pattern = _sparse_layer(name, mod, fmt, parts, tensors.pop(name + ".bias", None), unstructured,
+                                         structure)
+            _replace(m, name, new)
+            info.layers[name] = pattern
+        else:
+            tensors[name + ".weight"] = _dense_from_parts(name, fmt, parts)
+    # dense-stored targets ("dense" format): 2:4 weights -> 2:4 SparseLinear, the others per `unstructured`
+    if convert and fmt == FORMAT_DENSE:
+        for name in _targeted(m, sc):
+            mod, w = m.get_submodule(name), tensors.get(name + ".weight")
+            if not isinstance(mod, nn.Linear) or w is None or w.dim() != 2:
+                continue
+            pattern = "2:4" if is_2to4(w) else ("bitmask" if unstructured == "bitmask" and structure != "2:4" else None)
+            if pattern is None:
+                continue  # kept dense: a 2:4 target that is not 2:4, or unstructured="dense"
+            _check_fits(name, mod, *w.shape)
+            del tensors[name + ".weight"]
+            bias = tensors.pop(name + ".bias", None)
+            if pattern == "2:4":
+                new = _sparse_24_from_weight(w, bias)
+            else:
+                lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, dtype=w.dtype)
+                lin.weight.copy_(w)
+                if bias is not None:
+                    lin.bias.copy_(bias)
+                new = SparseLinear.from_dense(lin, pattern="bitmask")
+            _replace(m, name, new)
+            info.layers[name] = pattern
+    # everything else: load strictly into the skeleton (meta parameters are replaced, not copied)
+    for name, new in [(n, mod) for n, mod in m.named_modules() if n in info.layers]:
+        for k, t in new.state_dict().items():
+            tensors[f"{name}.{k}"] = t
+    if hasattr(m, "tie_weights"):
+        m.tie_weights()  # tied parameters share one object from here on: _fill_tied sees them
+    _fill_tied(m, tensors)
+    try:
+        m.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CompressedTensorsError(f"{path}: the stored tensors do not fit {type(m).__name__}: {e}") from e
+    if hasattr(m, "tie_weights") and getattr(m.config, "tie_word_embeddings", False):
+        m.tie_weights()
+    leftover = [n for n, p in list(m.named_parameters()) + list(m.named_buffers()) if p.is_meta]
+    if leftover:
+        raise CompressedTensorsError(f"{path}: no tensor was stored for {leftover[:5]}")
+    m = m.to(device)
+    if dtype is not None:
+        m = _to_dtype(m, dtype)
+    return m.eval(), info
+
+
+# ------------------------------------------------------------------ save
+SAVE_FORMATS = ("auto", FORMAT_24, FORMAT_BITMASK)
+
+
+def _sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from ..nn import SparseLinear
+
+    return {n: mod for n, mod in model.named_modules() if isinstance(mod, SparseLinear)}
+
+
+def _choose_format(layers: dict[str, nn.Module], fmt: str) -> str:
+    if fmt not in SAVE_FORMATS:
+        raise ValueError(f"format: got {fmt!r}, expected one of {', '.join(SAVE_FORMATS)}")
+    if not layers:
+        raise ValueError("model: it has no SparseLinear layers to store compressed (prune with convert=True or "
+                         "call sparse_kernels.sparsify first)")
+    not24 = [n for n, mod in layers.items() if mod.pattern != "2:4" or mod.in_perm is not None]
+    if fmt == "auto":
+        return FORMAT_BITMASK if not24 else FORMAT_24
+    if fmt == FORMAT_24 and not24:
+        mod = layers[not24[0]]
+        why = "has an input-channel permutation (its weight is 2:4 only in permuted column order)" \
+            if mod.pattern == "2:4" else f"is {mod.pattern or 'masked'} (not 2:4)"
+        raise ValueError(f"format: {FORMAT_24!r} cannot hold layer {not24[0]!r}, which {why}; use "
+                         f"format={FORMAT_BITMASK!r} or 'auto'")
+    return fmt
+
+
+def _compressed_entries(name: str, mod: nn.Module, fmt: str) -> dict[str, torch.Tensor]:
+    from ..interop import to_compressed_tensors_24
+    from ..reference.bitmask import compress_bitmask
+
+    rows, cols = mod.out_features, mod.in_features
+    if fmt == FORMAT_24:
+        if cols % 4:
+            raise ValueError(f"model: layer {name!r} has {cols} input features; {FORMAT_24!r} needs a multiple of 4 "
+                             f"(use format={FORMAT_BITMASK!r})")
+        compressed, bitmask = to_compressed_tensors_24(mod.values.detach().cpu(), mod.meta.cpu(), cols)
+        out = {"shape": torch.tensor([rows, cols]).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
+    else:
+        if mod.pattern == "bitmask" and mod.in_perm is None:
+            values, bitmask, row_ptr = mod.values.detach().cpu(), mod.bitmask.cpu(), mod.row_ptr.cpu()
+        else:
+            values, bitmask, row_ptr = compress_bitmask(mod.dense_weight().cpu())
+        out = {"shape": torch.tensor([rows, cols]), "compressed": values.contiguous(), "bitmask": bitmask.contiguous(),
+               "row_offsets": row_ptr[:-1].contiguous()}
+    return {f"{name}.{k}": v for k, v in out.items()}
+
+
+def _check_architecture(cfg: dict, layers: dict[str, nn.Module]) -> None:
+    """Each SparseLinear must stand where the architecture (rebuilt from its config, on the meta
+    device) has an nn.Linear of the same shape: a reader builds that module and fills its weight."""
+    if "model_type" not in cfg:
+        raise ValueError("model: its config has no model_type; compressed-tensors checkpoints are Hugging Face models")
+    arch = _skeleton({k: v for k, v in cfg.items() if k != "quantization_config"})
+    for name, mod in layers.items():
+        try:
+            orig = arch.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"model: layer {name!r} is not a module of {type(arch).__name__} built from the model's "
+                             f"config") from None
+        shape = tuple(getattr(orig, "weight", torch.empty(0)).shape)
+        if not isinstance(orig, nn.Linear) or shape != (mod.out_features, mod.in_features):
+            raise ValueError(f"model: layer {name!r} is a {type(orig).__name__} with weight {list(shape)} in "
+                             f"{cfg['model_type']}, not an nn.Linear [{mod.out_features}, {mod.in_features}]; "
+                             f"compressed-tensors stores the architecture's own weight layout (use the default "
+                             f"sparse_kernels checkpoint format)")
+
+
+@torch.no_grad()
+def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -> dict:
+    """Write ``model`` (a Hugging Face model with SparseLinear layers) as a compressed-tensors
+    checkpoint directory: ``config.json`` with ``quantization_config.sparsity_config``, and
+    ``model.safetensors``.  Returns the sparsity config written.
+
+    ``format``: ``"sparse-24-bitmask"`` (every SparseLinear 2:4 and unpermuted),
+    ``"sparse-bitmask"`` (any pattern; a permuted layer is stored with its columns put back), or
+    ``"auto"`` (the first when it fits).  Only SparseLinear layers are stored compressed (the
+    targets); every other tensor as it is, tied tensors once.  Files are written atomically
+    (temporary name, fsync, rename; config.json last).  ``tokenizer``: saved alongside.
+    """
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
+        raise TypeError(f"model: expected a Hugging Face model (with .config), got {type(model).__name__}")
+    layers = _sparse_layers(model)
+    fmt = _choose_format(layers, format)
+    cfg = model.config.to_dict()
+    _check_architecture(cfg, layers)
+    sd = {}
+    for name, mod in layers.items():
+        sd.update(_compressed_entries(name, mod, fmt))
+        if mod.bias is not None:
+            sd[f"{name}.bias"] = mod.bias.detach()
+    skip = tuple(n + "." for n in layers)
+    for k, v in model.state_dict().items():
+        if not k.startswith(skip):
+            sd[k] = v
+    sd, _aliases = ckpt._unique_tensors({k: v.detach().cpu().contiguous() for k, v in sd.items()})
+    n_sparse = sum(mod.out_features * mod.in_features for mod in layers.values())
+    zeros = sum(int((mod.dense_weight() == 0).sum()) for mod in layers.values())
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip)) + n_sparse
+    sc = {"format": fmt, "global_sparsity": zeros / max(total, 1), "ignore": [],
+          "registry_requires_subclass": False,
+          "sparsity_structure": "2:4" if fmt == FORMAT_24 else "unstructured", "targets": sorted(layers)}
+    # exactly these keys: compressed-tensors reads any other key as a quantization config
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "sparsity_config": sc, "transform_config": {},
+                                  "version": WRITES_FORMAT_OF}
+    os.makedirs(path, exist_ok=True)
+    ckpt._atomic_write(os.path.join(path, "model.safetensors"),
+                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+    def write_json(tmp):
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True, default=str)
+
+    ckpt._atomic_write(os.path.join(path, "config.json"), write_json)
+    return sc

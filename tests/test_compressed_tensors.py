@@ -1,0 +1,414 @@
+"""compressed-tensors interop: the 2:4 bitmask <-> meta conversions, reading llm-compressor's
+sparse checkpoints (fixtures written by compressed-tensors 0.12.2 itself, see
+tests/data/make_compressed_tensors_fixtures.py) and writing them back.
+
+When a compressed-tensors with sparse compressors (<= 0.12) is importable, the checkpoints we write
+are also decompressed by it and compared bit for bit; otherwise those tests skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import sparse_kernels as sk
+from conftest import assert_bitexact, assert_matmul_close
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from sparse_kernels import cli  # noqa: E402
+from sparse_kernels.llm import compressed_tensors as ct  # noqa: E402
+from sparse_kernels.llm import models  # noqa: E402
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "compressed_tensors")
+FIX24, FIXBM = os.path.join(DATA, "llama_2of4_bf16"), os.path.join(DATA, "llama_unstructured_fp16")
+
+
+def _int_view(t):
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _ct_encode(w: torch.Tensor):
+    """compressed-tensors' 2:4 encoding written independently: numpy little-endian packbits of the
+    kept positions and the kept values in row-major order (kept = the two largest |w| of each group,
+    lower index first on ties, so that zeros can be kept too)."""
+    g = w.float().abs().reshape(-1, 4)
+    order = torch.argsort(-g, dim=1, stable=True)[:, :2]
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, order, True).reshape(w.shape)
+    bitmask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+    return w[keep].reshape(w.shape[0], -1), bitmask, keep
+
+
+def _random_24(rows, cols, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    w = torch.where(sk.mask_2to4(w), w, torch.zeros((), dtype=dtype))
+    w[0, :4] = 0  # an all-zero group
+    w[1, :4] = torch.tensor([-0.0, 0.0, 3.0, 0.0]).to(dtype)  # one nonzero; the kept zero is -0.0
+    return w
+
+
+# ------------------------------------------------------------------ the conversions
+@pytest.mark.parametrize("cols", [4, 8, 12, 16, 20, 72, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_from_compressed_tensors_24_is_bit_exact(cols, dtype):
+    w = _random_24(7, cols, dtype, seed=cols)
+    compressed, bitmask, keep = _ct_encode(w)
+    values, meta = sk.from_compressed_tensors_24(compressed, bitmask, cols)
+    padded = (cols + 15) // 16 * 16
+    assert values.shape == (7, padded // 2) and meta.shape == (7, padded // 16) and meta.dtype == torch.int16
+    dense = sk.decompress_2to4(values, meta)
+    assert bool(torch.signbit(w[1, 0])) and w[1, 0] == 0 and keep[1, 0]  # a kept -0.0 must come back -0.0
+    assert_bitexact(_int_view(dense[:, :cols]), _int_view(w), "decompressed weight (bits, -0.0 included)")
+    assert_bitexact(dense[:, cols:], torch.zeros(7, padded - cols, dtype=dtype), "padding columns")
+    # the kept positions are the bitmask's, not re-chosen (zeros kept in sparse groups stay put)
+    nib = sk.reference.sparse24.meta_nibbles(meta)[:, : cols // 4]
+    got_keep = torch.zeros(7, cols // 4, 4, dtype=torch.bool)
+    got_keep.scatter_(2, torch.stack((nib & 3, nib >> 2), -1), True)
+    assert_bitexact(got_keep.reshape(7, cols), keep, "kept positions")
+    back_c, back_b = sk.to_compressed_tensors_24(values, meta, cols)
+    assert_bitexact(back_b, bitmask, "bitmask round trip")
+    assert_bitexact(_int_view(back_c), _int_view(compressed), "compressed round trip")
+
+
+def test_to_compressed_tensors_24_from_our_compressor():
+    w = _random_24(33, 48, torch.bfloat16, seed=3)
+    values, meta = sk.compress_2to4(w)
+    compressed, bitmask = sk.to_compressed_tensors_24(values, meta)
+    keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=48, bitorder="little")).bool()
+    assert bool((keep.reshape(33, 12, 4).sum(-1) == 2).all())
+    dense = torch.zeros(33, 48, dtype=torch.bfloat16)
+    dense[keep] = compressed.flatten()
+    assert_bitexact(_int_view(dense), _int_view(w), "compressed-tensors' decompression of our export")
+
+
+def test_compressed_tensors_24_conversions_reject_bad_input():
+    w = _random_24(4, 16, torch.float16)
+    c, b, _ = _ct_encode(w)
+    bad = b.clone()
+    bad[2, 1] |= 0x0F  # row 2, columns 8..11: four kept
+    with pytest.raises(ValueError, match=r"row 2, columns 8\.\.11 mark 4 kept columns \(exactly 2 needed\)"):
+        sk.from_compressed_tensors_24(c, bad, 16)
+    c12, b12, _ = _ct_encode(w[:, :12])
+    b12[0, 1] |= 0x10  # column 12 of a 12-column weight
+    with pytest.raises(ValueError, match="bits set past column 12"):
+        sk.from_compressed_tensors_24(c12, b12, 12)
+    with pytest.raises(ValueError, match=r"bitmask has shape \(4, 2\); a \[4, 24\] weight needs \(4, 3\)"):
+        sk.from_compressed_tensors_24(c, b, 24)
+    with pytest.raises(ValueError, match=r"compressed has shape \(4, 7\)"):
+        sk.from_compressed_tensors_24(c[:, :7], b, 16)
+    with pytest.raises(ValueError, match="cols must be a positive multiple of 4"):
+        sk.from_compressed_tensors_24(c, b, 14)
+    with pytest.raises(TypeError, match="bitmask"):
+        sk.from_compressed_tensors_24(c, b.to(torch.int8), 16)
+    with pytest.raises(TypeError, match="compressed"):
+        sk.from_compressed_tensors_24(c.to(torch.int16), b, 16)
+    values, meta = sk.compress_2to4(torch.nn.functional.pad(w[:, :12], (0, 4)))
+    values[0, -1] = 1.0
+    with pytest.raises(ValueError, match="nonzeros past column 12"):
+        sk.to_compressed_tensors_24(values, meta, 12)
+    with pytest.raises(ValueError, match="does not fit values of 16 columns"):
+        sk.to_compressed_tensors_24(values, meta, 32)
+    meta[1, 0] = 0x0003  # i0 = 3 >= i1 = 0
+    with pytest.raises(ValueError, match="meta is corrupt: row 1"):
+        sk.to_compressed_tensors_24(values, meta)
+
+
+# ------------------------------------------------------------------ reading llm-compressor's checkpoints
+def _expected(path):
+    with open(os.path.join(path, "expected.json")) as f:
+        return json.load(f)
+
+
+def _sha(t):
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _weight(mod):
+    return mod.dense_weight() if isinstance(mod, sk.SparseLinear) else mod.weight.detach()
+
+
+def _logits(m, ids):
+    with torch.no_grad():
+        return m(input_ids=ids, use_cache=False).logits.float()
+
+
+@pytest.mark.parametrize("path, pattern", [(FIX24, "2:4"), (FIXBM, "bitmask")], ids=["2of4", "unstructured"])
+def test_load_llm_compressor_checkpoint(path, pattern):
+    exp = _expected(path)
+    m, info = ct.load(path)
+    assert info.sparsity_config["format"] == (ct.FORMAT_24 if pattern == "2:4" else ct.FORMAT_BITMASK)
+    assert set(exp["weight_sha256"]) == set(info.layers) and set(info.layers.values()) == {pattern}
+    for name, digest in exp["weight_sha256"].items():
+        mod = m.get_submodule(name)
+        assert isinstance(mod, sk.SparseLinear) and mod.pattern == pattern, name
+        assert _sha(_weight(mod)) == digest, f"{name}: the weight differs from compressed-tensors' decompression"
+    assert isinstance(m.lm_head, nn.Linear) and not isinstance(m.lm_head, sk.SparseLinear)  # ignored: dense
+    dtype = getattr(torch, exp["dtype"])
+    assert m.model.embed_tokens.weight.dtype == dtype and m.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.tensor(exp["input_ids"])
+    # the library's dense model's logits: the same model decompressed (convert=False) matches them
+    dense, dinfo = ct.load(path, convert=False)
+    assert not dinfo.layers and not any(isinstance(x, sk.SparseLinear) for x in dense.modules())
+    torch.testing.assert_close(_logits(dense, ids), torch.tensor(exp["logits"]), atol=2e-4, rtol=0)
+    exact = _logits(dense.double(), ids)
+    lowp = _logits(ct.load(path, convert=False)[0], ids)
+    for backend in ("reference", "cpp"):
+        for mod in m.modules():
+            if isinstance(mod, sk.SparseLinear):
+                mod.backend = backend
+                mod.refresh_cache()
+        assert_matmul_close(_logits(m, ids), exact, lowp, f"logits ({backend})")
+
+
+def test_load_unstructured_as_dense_and_the_model_source():
+    m, info = ct.load(FIXBM, unstructured="dense")
+    assert set(info.layers.values()) == {"dense"} and not any(isinstance(x, sk.SparseLinear) for x in m.modules())
+    exp = _expected(FIXBM)
+    for name, digest in exp["weight_sha256"].items():
+        assert _sha(m.get_submodule(name).weight) == digest
+    src = models.resolve(FIX24)
+    assert src.kind == "compressed-tensors"
+    with pytest.raises(ValueError, match="unstructured: got 'csr'"):
+        ct.load(FIXBM, unstructured="csr")
+    m2, _ = ct.load(FIX24, dtype=torch.float32)
+    assert m2.model.layers[0].mlp.down_proj.values.dtype == torch.float32
+
+
+def _copy(src, tmp_path, name="ckpt"):
+    d = tmp_path / name
+    shutil.copytree(src, d)
+    os.remove(d / "expected.json")
+    return d
+
+
+def _edit_config(d, fn):
+    cfg = json.loads((d / "config.json").read_text())
+    fn(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _edit_tensors(d, fn):
+    t = load_file(str(d / "model.safetensors"))
+    fn(t)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_load_sharded_checkpoint(tmp_path):
+    d = _copy(FIX24, tmp_path)
+    t = load_file(str(d / "model.safetensors"))
+    keys = sorted(t)
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for f, ks in halves.items():
+        save_file({k: t[k] for k in ks}, str(d / f), metadata={"format": "pt"})
+    os.remove(d / "model.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    m, info = ct.load(str(d))
+    for name, digest in _expected(FIX24)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest
+    os.remove(d / "model-00002-of-00002.safetensors")
+    with pytest.raises(ct.CompressedTensorsError, match="model-00002-of-00002.safetensors.*missing"):
+        ct.load(str(d))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.pop("quantization_config"), "quant_method is None, expected 'compressed-tensors'"),
+    (lambda c: c["quantization_config"].update(config_groups={"group_0": {"weights": {"num_bits": 8}}},
+                                               format="float-quantized"), "the checkpoint is quantized"),
+    (lambda c: c["quantization_config"]["sparsity_config"].update(format="marlin-24"),
+     "sparsity format 'marlin-24' is not supported"),
+    (lambda c: c["quantization_config"].update(transform_config={"config_groups": {"u": {}}}), "transform_config"),
+    (lambda c: c.pop("model_type"), "model_type is missing"),
+])
+def test_load_rejects_configs_it_cannot_run(tmp_path, edit, match):
+    d = _copy(FIX24, tmp_path)
+    _edit_config(d, edit)
+    with pytest.raises(ct.CompressedTensorsError, match=match):
+        ct.load(str(d))
+
+
+def _bad_bitmask(t):
+    t["model.layers.1.self_attn.q_proj.bitmask"][5, 0] = 0x07  # row 5, columns 0..3: three kept
+
+
+@pytest.mark.parametrize("fixture, edit, match", [
+    (FIX24, _bad_bitmask, r"model.layers.1.self_attn.q_proj: .*row 5, columns 0\.\.3 mark 3 kept columns"),
+    (FIX24, lambda t: t.pop("model.layers.0.mlp.up_proj.bitmask"), r"up_proj.bitmask is missing"),
+    (FIX24, lambda t: t.update({"model.layers.0.mlp.up_proj.shape": torch.tensor([[72], [28]])}),
+     r"compressed has shape \(72, 16\); a 2:4 \[72, 28\] weight keeps \(72, 14\)"),
+    (FIX24, lambda t: t.update({"model.layers.0.mlp.up_proj.shape": torch.tensor([[72.0], [32.0]])}),
+     "expected two integers"),
+    (FIX24, lambda t: t.pop("model.norm.weight"), "Missing key.*model.norm.weight"),
+    (FIX24, lambda t: t.update({"model.layers.0.mlp.bogus.compressed": torch.zeros(2, 2),
+                                "model.layers.0.mlp.bogus.bitmask": torch.zeros(2, 1, dtype=torch.uint8),
+                                "model.layers.0.mlp.bogus.shape": torch.tensor([[2], [4]])}),
+     "'model.layers.0.mlp.bogus' is not a module"),
+    (FIXBM, lambda t: t["model.layers.0.mlp.gate_proj.row_offsets"].add_(1), "row_offsets do not match"),
+    (FIXBM, lambda t: t.update({"model.layers.0.mlp.gate_proj.compressed":
+                                t["model.layers.0.mlp.gate_proj.compressed"][:-1].clone()}), "row_offsets do not match"),
+])
+def test_load_rejects_corrupt_tensors(tmp_path, fixture, edit, match):
+    d = _copy(fixture, tmp_path)
+    _edit_tensors(d, edit)
+    with pytest.raises(ct.CompressedTensorsError, match=match):
+        ct.load(str(d))
+
+
+def test_load_rejects_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ct.CompressedTensorsError, match="config.json is missing"):
+        ct.load(str(tmp_path))
+    d = _copy(FIX24, tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ct.CompressedTensorsError, match="not a readable safetensors file"):
+        ct.load(str(d))
+    os.remove(d / "model.safetensors")
+    with pytest.raises(ct.CompressedTensorsError, match="no model.safetensors"):
+        ct.load(str(d))
+
+
+# ------------------------------------------------------------------ the "dense" sparsity format
+def test_load_dense_format_converts_the_targets(tmp_path):
+    """llm-compressor's uncompressed sparse save: plain weights, sparsity_config format "dense"."""
+    src, _ = ct.load(FIX24, convert=False)
+    d = tmp_path / "dense"
+    src.save_pretrained(str(d))
+    sc = {"format": "dense", "sparsity_structure": "2:4", "targets": ["re:.*mlp\\.", "model.layers.0.self_attn.q_proj"],
+          "ignore": ["re:.*down_proj$"], "global_sparsity": 0.4}
+    _edit_config(d, lambda c: c.update(quantization_config={"quant_method": "compressed-tensors", "sparsity_config": sc,
+                                                            "version": "0.12.2"}))
+    m, info = ct.load(str(d))
+    want = {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj")}
+    assert set(info.layers) == want | {"model.layers.0.self_attn.q_proj"}
+    assert set(info.layers.values()) == {"2:4"}
+    assert not isinstance(m.model.layers[0].mlp.down_proj, sk.SparseLinear)
+    for name, digest in _expected(FIX24)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest
+
+
+def test_load_2of4_stored_as_bitmask_runs_as_2of4(tmp_path):
+    """A "sparse-bitmask" checkpoint whose sparsity_structure is 2:4 loads as 2:4 layers."""
+    m, _ = ct.load(FIX24)
+    d = tmp_path / "bm"
+    assert ct.save(m, str(d), format=ct.FORMAT_BITMASK)["sparsity_structure"] == "unstructured"
+    m2, info = ct.load(str(d))
+    assert set(info.layers.values()) == {"bitmask"}
+    _edit_config(d, lambda c: c["quantization_config"]["sparsity_config"].update(sparsity_structure="2:4"))
+    m3, info = ct.load(str(d))
+    assert set(info.layers.values()) == {"2:4"}
+    for name in info.layers:  # -0.0 is not stored by the bitmask format: equal values, not equal bits
+        w = _weight(m.get_submodule(name))
+        assert torch.equal(_weight(m2.get_submodule(name)), w) and torch.equal(_weight(m3.get_submodule(name)), w)
+
+
+# ------------------------------------------------------------------ writing
+def _tiny_llama(tie=True):
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=144, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _pruned(sparsity, convert, permute=False):
+    m = _tiny_llama()
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    sk.prune(m, method="wanda", sparsity=sparsity, calibration=calib, convert=convert, permute=permute,
+             progress=False)
+    return m
+
+
+def _library_decompress(path, like):
+    """compressed-tensors' own reading of ``path`` into a fresh model like ``like`` (skips without it)."""
+    pytest.importorskip("compressed_tensors.compressors.sparse_compressors",
+                        reason="needs compressed-tensors <= 0.12 (sparse compressors)")
+    from compressed_tensors.compressors import ModelCompressor
+
+    fresh = transformers.LlamaForCausalLM(like.config)
+    ModelCompressor.from_pretrained(path).decompress(path, fresh)
+    return fresh
+
+
+@pytest.mark.parametrize("case", ["2of4", "unstructured", "permuted"])
+def test_save_then_load_round_trip(tmp_path, case):
+    m = {"2of4": lambda: _pruned("2:4", True), "unstructured": lambda: _pruned(0.6, "bitmask"),
+         "permuted": lambda: _pruned("2:4", True, permute=True)}[case]()
+    ids = torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(1))
+    ref = _logits(m, ids)
+    d = str(tmp_path / case)
+    sc = ct.save(m, d)
+    assert sc["format"] == (ct.FORMAT_24 if case == "2of4" else ct.FORMAT_BITMASK)
+    sparse = {n: mod for n, mod in m.named_modules() if isinstance(mod, sk.SparseLinear)}
+    assert sorted(sc["targets"]) == sorted(sparse) and len(sparse) == 14
+    qc = json.loads(open(os.path.join(d, "config.json")).read())["quantization_config"]
+    assert set(qc) == {"quant_method", "sparsity_config", "transform_config", "version"}
+    m2, info = ct.load(d)
+    assert_bitexact(_logits(m2, ids) if case != "permuted" else ref, ref, "logits after a round trip")
+    for name, mod in sparse.items():
+        assert_bitexact(_weight(m2.get_submodule(name)), mod.dense_weight(), name)
+    assert m2.lm_head.weight is m2.model.embed_tokens.weight  # tied embeddings stored once, tied again
+    if case == "permuted":  # stored unpermuted as bitmask layers: same function, another kernel
+        torch.testing.assert_close(_logits(m2, ids), ref, atol=1e-5, rtol=1e-5)
+    try:
+        fresh = _library_decompress(d, m)
+    except pytest.skip.Exception:
+        return
+    for name, mod in sparse.items():
+        assert_bitexact(fresh.get_submodule(name).weight, mod.dense_weight(), f"compressed-tensors' {name}")
+
+
+def test_save_rejects_what_the_format_cannot_hold(tmp_path):
+    with pytest.raises(ValueError, match="has no SparseLinear layers"):
+        ct.save(_tiny_llama(), str(tmp_path / "a"))
+    m = _pruned("2:4", True, permute=True)
+    with pytest.raises(ValueError, match="cannot hold layer .* input-channel permutation"):
+        ct.save(m, str(tmp_path / "b"), format=ct.FORMAT_24)
+    with pytest.raises(ValueError, match="format: got 'csr'"):
+        ct.save(m, str(tmp_path / "c"), format="csr")
+    with pytest.raises(TypeError, match="expected a Hugging Face model"):
+        ct.save(nn.Sequential(sk.SparseLinear.from_dense(nn.Linear(16, 8))), str(tmp_path / "d"))
+    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=1, n_head=4,
+                                                             n_positions=32))
+    sk.prune(g, method="magnitude", sparsity="2:4", convert=True, progress=False)
+    with pytest.raises(ValueError, match="is a Conv1D with weight .* not an nn.Linear"):
+        ct.save(g, str(tmp_path / "e"))
+    assert not os.path.exists(tmp_path / "e" / "config.json")
+
+
+def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
+    tokenizers = pytest.importorskip("tokenizers")
+    d = tmp_path / "tiny"
+    words = ["[UNK]", "</s>"] + "and the of to in that he shall unto for i his a lord they be".split()
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
+    _tiny_llama().save_pretrained(d)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(2000)))
+    out = tmp_path / "ct"
+    assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--pattern", "2:4", "--format",
+                     "compressed-tensors", "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text),
+                     "-o", str(out), "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "pruned and saved (compressed-tensors)" in o and ct.FORMAT_24 in o
+    assert (out / "tokenizer.json").is_file() and ct.is_compressed_tensors(str(out))
+    assert cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--window", "64",
+                     "--no-progress"]) == 0
+    assert "ppl" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already a pruned \\(compressed-tensors\\) checkpoint"):
+        cli.main(["prune", "--model", str(out), "--pattern", "2:4", "-o", str(tmp_path / "x"), "--no-progress"])
+    with pytest.raises(SystemExit, match="--method structured saves a smaller dense model"):
+        cli.main(["prune", "--model", str(d), "--method", "structured", "--sparsity", "0.5", "--format",
+                  "compressed-tensors", "-o", str(tmp_path / "y"), "--no-progress"])

@@ -23,6 +23,7 @@ examples:
   sparse-kernels prune --method structured --sparsity 0.5 --criterion activation --output out/smollm2-ffn50
   sparse-kernels prune --method sparsegpt --pattern 2:4 --format compressed-tensors --output out/smollm2-2of4-ct
   sparse-kernels eval --model DIR_OF_AN_LLM_COMPRESSOR_2OF4_MODEL     # compressed-tensors sparse checkpoints load too
+  sparse-kernels convert --model DIR_OF_AN_LLM_COMPRESSOR_2OF4_MODEL --format sparse_kernels -o out/ours
   sparse-kernels eval --model out/smollm2-2of4 --tokens 8192 --window 512 --stride 256
   sparse-kernels bench --sparse out/smollm2-2of4 --new-tokens 64
   sparse-kernels info
@@ -262,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=demo.DEFAULTS["prompt"])
     p.add_argument("--new-tokens", type=_positive(int), default=32)
     p.add_argument("--repeats", type=_positive(int), default=3)
+
+    p = sub.add_parser("convert", help="rewrite a pruned checkpoint in the other format (ours <-> compressed-tensors)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a checkpoint of ours or a compressed-tensors sparse checkpoint")
+    p.add_argument("--format", required=True, choices=("sparse_kernels", "compressed-tensors"),
+                   help="the format to write")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="cast to this dtype (default: as stored)")
+    p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
 
     sub.add_parser("info", help="versions, build status and the backends of every op")
     return ap
@@ -519,7 +528,41 @@ def format_demo(res: dict) -> str:
     return "\n".join(out)
 
 
-COMMANDS = {"demo": cmd_demo, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info}
+def cmd_convert(args) -> int:
+    import torch
+
+    from .llm import checkpoint, models
+    from .llm import compressed_tensors as ct
+
+    src = models.resolve(args.model)
+    if src.kind not in ("checkpoint", "compressed-tensors"):
+        raise SystemExit(f"convert: --model {args.model!r} is a dense model ({src.kind}), not a pruned checkpoint; "
+                         f"use prune --format {args.format}")
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
+    if src.kind == "checkpoint":
+        m, info = checkpoint.load(src.path, dtype=dtype)
+        tok_dir = src.path if info.get("tokenizer_saved") else None
+    else:
+        m, _ = ct.load(src.path, dtype=dtype)
+        tok_dir = src.path
+    tok = None
+    if tok_dir is not None and any(os.path.isfile(os.path.join(tok_dir, f))
+                                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tok = models.load_tokenizer(models.ModelSource(src.name, "hf", tok_dir))
+    if args.format == "compressed-tensors":
+        sc = ct.save(m, args.output, tokenizer=tok)
+        what = sc["format"]
+    else:
+        checkpoint.save(m, args.output, base_model=src.as_dict(), tokenizer=tok)
+        what = f"{checkpoint.FORMAT_NAME} checkpoint"
+    n = sum(1 for mod in m.modules() if type(mod).__name__ == "SparseLinear")
+    print(f"converted {src.name} ({src.kind}) to {what} in {args.output}: {n} sparse layers"
+          + ("" if tok is not None else " (no tokenizer in the source)"))
+    return 0
+
+
+COMMANDS = {"demo": cmd_demo, "prune": cmd_prune, "eval": cmd_eval, "bench": cmd_bench, "info": cmd_info,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -412,3 +412,26 @@ def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--method structured saves a smaller dense model"):
         cli.main(["prune", "--model", str(d), "--method", "structured", "--sparsity", "0.5", "--format",
                   "compressed-tensors", "-o", str(tmp_path / "y"), "--no-progress"])
+
+
+def test_cli_convert_both_ways(tmp_path, capsys):
+    from sparse_kernels.llm import checkpoint
+
+    ours, back = tmp_path / "ours", tmp_path / "back"
+    assert cli.main(["convert", "--model", FIX24, "--format", "sparse_kernels", "-o", str(ours)]) == 0
+    assert "to sparse_kernels.pruned_lm checkpoint" in capsys.readouterr().out
+    m, cfg = checkpoint.load(str(ours))
+    assert len(cfg["layers"]) == 14
+    assert cli.main(["convert", "--model", str(ours), "--format", "compressed-tensors", "-o", str(back)]) == 0
+    assert "to sparse-24-bitmask" in capsys.readouterr().out
+    m2, info = ct.load(str(back))
+    for name, digest in _expected(FIX24)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest and _sha(_weight(m2.get_submodule(name))) == digest
+    assert cli.main(["convert", "--model", FIXBM, "--format", "compressed-tensors", "--dtype", "fp32", "-o",
+                     str(tmp_path / "bm32")]) == 0
+    m3, info = ct.load(str(tmp_path / "bm32"))
+    assert info.sparsity_config["format"] == ct.FORMAT_BITMASK and m3.model.embed_tokens.weight.dtype == torch.float32
+    dense = tmp_path / "dense"
+    _tiny_llama().save_pretrained(dense)
+    with pytest.raises(SystemExit, match="is a dense model \\(hf\\), not a pruned checkpoint"):
+        cli.main(["convert", "--model", str(dense), "--format", "compressed-tensors", "-o", str(tmp_path / "z")])

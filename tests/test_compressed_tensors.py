@@ -32,6 +32,7 @@ from sparse_kernels.llm import models  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "compressed_tensors")
 FIX24, FIXBM = os.path.join(DATA, "llama_2of4_bf16"), os.path.join(DATA, "llama_unstructured_fp16")
+FIXQW = os.path.join(DATA, "qwen2_unstructured_bias_tied_fp32")  # biases, tied and compressed embedding
 
 
 def _int_view(t):
@@ -143,17 +144,26 @@ def _logits(m, ids):
         return m(input_ids=ids, use_cache=False).logits.float()
 
 
-@pytest.mark.parametrize("path, pattern", [(FIX24, "2:4"), (FIXBM, "bitmask")], ids=["2of4", "unstructured"])
+@pytest.mark.parametrize("path, pattern", [(FIX24, "2:4"), (FIXBM, "bitmask"), (FIXQW, "bitmask")],
+                         ids=["2of4", "unstructured", "qwen2-bias-tied-embedding"])
 def test_load_llm_compressor_checkpoint(path, pattern):
     exp = _expected(path)
     m, info = ct.load(path)
     assert info.sparsity_config["format"] == (ct.FORMAT_24 if pattern == "2:4" else ct.FORMAT_BITMASK)
-    assert set(exp["weight_sha256"]) == set(info.layers) and set(info.layers.values()) == {pattern}
+    linear = {n for n in exp["weight_sha256"] if n != "model.embed_tokens"}
+    assert linear == set(info.layers) and set(info.layers.values()) == {pattern}
     for name, digest in exp["weight_sha256"].items():
         mod = m.get_submodule(name)
+        if name == "model.embed_tokens":  # a compressed Embedding comes back dense
+            assert isinstance(mod, nn.Embedding) and _sha(mod.weight) == digest
+            continue
         assert isinstance(mod, sk.SparseLinear) and mod.pattern == pattern, name
         assert _sha(_weight(mod)) == digest, f"{name}: the weight differs from compressed-tensors' decompression"
+    for name, digest in exp["bias_sha256"].items():
+        assert _sha(m.get_submodule(name).bias) == digest, f"{name}: bias"
+    assert len(exp["bias_sha256"]) == (6 if path == FIXQW else 0)
     assert isinstance(m.lm_head, nn.Linear) and not isinstance(m.lm_head, sk.SparseLinear)  # ignored: dense
+    assert (m.lm_head.weight is m.model.embed_tokens.weight) == (path == FIXQW)  # tied again
     dtype = getattr(torch, exp["dtype"])
     assert m.model.embed_tokens.weight.dtype == dtype and m.model.rotary_emb.inv_freq.dtype == torch.float32
     ids = torch.tensor(exp["input_ids"])
@@ -257,7 +267,15 @@ def _bad_bitmask(t):
      "'model.layers.0.mlp.bogus' is not a module"),
     (FIXBM, lambda t: t["model.layers.0.mlp.gate_proj.row_offsets"].add_(1), "row_offsets do not match"),
     (FIXBM, lambda t: t.update({"model.layers.0.mlp.gate_proj.compressed":
-                                t["model.layers.0.mlp.gate_proj.compressed"][:-1].clone()}), "row_offsets do not match"),
+                                t["model.layers.0.mlp.gate_proj.compressed"][:-1].clone()}),
+     "bitmask marks 1140 elements but compressed holds 1139"),
+    # offsets shifted by one and a value prepended: every row's count still matches
+    (FIXBM, lambda t: t.update({"model.layers.0.mlp.gate_proj.row_offsets": t["model.layers.0.mlp.gate_proj.row_offsets"] + 1,
+                                "model.layers.0.mlp.gate_proj.compressed": torch.cat((
+                                    torch.ones(1, dtype=torch.float16), t["model.layers.0.mlp.gate_proj.compressed"]))}),
+     "gate_proj: the bitmask marks 1140 elements but compressed holds 1141"),
+    (FIX24, lambda t: [t.pop(k) for k in [k for k in t if k.endswith((".compressed", ".bitmask", ".shape"))]],
+     "says sparsity format 'sparse-24-bitmask' but the tensors hold no compressed weight"),
 ])
 def test_load_rejects_corrupt_tensors(tmp_path, fixture, edit, match):
     d = _copy(fixture, tmp_path)
@@ -302,12 +320,12 @@ def test_load_2of4_stored_as_bitmask_runs_as_2of4(tmp_path):
     """A "sparse-bitmask" checkpoint whose sparsity_structure is 2:4 loads as 2:4 layers."""
     m, _ = ct.load(FIX24)
     d = tmp_path / "bm"
-    assert ct.save(m, str(d), format=ct.FORMAT_BITMASK)["sparsity_structure"] == "unstructured"
+    assert ct.save(m, str(d), format=ct.FORMAT_BITMASK)["sparsity_structure"] == "2:4"
     m2, info = ct.load(str(d))
-    assert set(info.layers.values()) == {"bitmask"}
-    _edit_config(d, lambda c: c["quantization_config"]["sparsity_config"].update(sparsity_structure="2:4"))
-    m3, info = ct.load(str(d))
     assert set(info.layers.values()) == {"2:4"}
+    _edit_config(d, lambda c: c["quantization_config"]["sparsity_config"].update(sparsity_structure="unstructured"))
+    m3, info = ct.load(str(d))
+    assert set(info.layers.values()) == {"bitmask"}
     for name in info.layers:  # -0.0 is not stored by the bitmask format: equal values, not equal bits
         w = _weight(m.get_submodule(name))
         assert torch.equal(_weight(m2.get_submodule(name)), w) and torch.equal(_weight(m3.get_submodule(name)), w)
@@ -330,17 +348,6 @@ def _pruned(sparsity, convert, permute=False):
     return m
 
 
-def _library_decompress(path, like):
-    """compressed-tensors' own reading of ``path`` into a fresh model like ``like`` (skips without it)."""
-    pytest.importorskip("compressed_tensors.compressors.sparse_compressors",
-                        reason="needs compressed-tensors <= 0.12 (sparse compressors)")
-    from compressed_tensors.compressors import ModelCompressor
-
-    fresh = transformers.LlamaForCausalLM(like.config)
-    ModelCompressor.from_pretrained(path).decompress(path, fresh)
-    return fresh
-
-
 @pytest.mark.parametrize("case", ["2of4", "unstructured", "permuted"])
 def test_save_then_load_round_trip(tmp_path, case):
     m = {"2of4": lambda: _pruned("2:4", True), "unstructured": lambda: _pruned(0.6, "bitmask"),
@@ -355,18 +362,33 @@ def test_save_then_load_round_trip(tmp_path, case):
     qc = json.loads(open(os.path.join(d, "config.json")).read())["quantization_config"]
     assert set(qc) == {"quant_method", "sparsity_config", "transform_config", "version"}
     m2, info = ct.load(d)
-    assert_bitexact(_logits(m2, ids) if case != "permuted" else ref, ref, "logits after a round trip")
     for name, mod in sparse.items():
         assert_bitexact(_weight(m2.get_submodule(name)), mod.dense_weight(), name)
     assert m2.lm_head.weight is m2.model.embed_tokens.weight  # tied embeddings stored once, tied again
     if case == "permuted":  # stored unpermuted as bitmask layers: same function, another kernel
         torch.testing.assert_close(_logits(m2, ids), ref, atol=1e-5, rtol=1e-5)
-    try:
-        fresh = _library_decompress(d, m)
-    except pytest.skip.Exception:
-        return
-    for name, mod in sparse.items():
-        assert_bitexact(fresh.get_submodule(name).weight, mod.dense_weight(), f"compressed-tensors' {name}")
+    else:  # the same layers, weights and kernels: the same logits
+        assert_bitexact(_logits(m2, ids), ref, "logits after a round trip")
+
+
+@pytest.mark.parametrize("case", ["2of4", "unstructured"])
+def test_library_reads_what_we_save(tmp_path, case):
+    """compressed-tensors' own decompression of our checkpoint: every tensor equals ours."""
+    pytest.importorskip("compressed_tensors.compressors.sparse_compressors",
+                        reason="needs compressed-tensors <= 0.12 (the releases with sparse compressors)")
+    from compressed_tensors.compressors import ModelCompressor
+
+    m = _pruned("2:4", True) if case == "2of4" else _pruned(0.6, "bitmask")
+    d = str(tmp_path / case)
+    ct.save(m, d)
+    fresh = transformers.LlamaForCausalLM(m.config)
+    ModelCompressor.from_pretrained(d).decompress(d, fresh)
+    fresh.tie_weights()  # its decompress assigns new Parameters; transformers' loader re-ties them
+    ours = {n: _weight(mod) for n, mod in m.named_modules() if isinstance(mod, sk.SparseLinear)}
+    for k, v in fresh.state_dict().items():
+        mod_name = k.rsplit(".", 1)[0]
+        want = ours[mod_name] if mod_name in ours and k.endswith(".weight") else m.state_dict()[k]
+        assert_bitexact(v, want, f"compressed-tensors' {k}")
 
 
 def test_save_rejects_what_the_format_cannot_hold(tmp_path):
@@ -435,3 +457,79 @@ def test_cli_convert_both_ways(tmp_path, capsys):
     _tiny_llama().save_pretrained(dense)
     with pytest.raises(SystemExit, match="is a dense model \\(hf\\), not a pruned checkpoint"):
         cli.main(["convert", "--model", str(dense), "--format", "compressed-tensors", "-o", str(tmp_path / "z")])
+
+
+def test_save_over_an_existing_checkpoint(tmp_path):
+    """An older checkpoint in the directory (sharded dense, or one of ours) is not read instead."""
+    from sparse_kernels.llm import checkpoint
+
+    d = tmp_path / "out"
+    dense = _tiny_llama()
+    dense.save_pretrained(str(d), max_shard_size="20KB")
+    assert (d / "model.safetensors.index.json").is_file()
+    ours = _pruned("2:4", True)
+    checkpoint.save(_pruned("2:4", True), str(d))  # and one of ours on top
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+    ct.save(ours, str(d))
+    assert not (d / "model.safetensors.index.json").exists() and not (d / checkpoint.CONFIG_NAME).exists()
+    assert not any(f.name.startswith("model-0") for f in d.iterdir())
+    assert models.resolve(str(d)).kind == "compressed-tensors"
+    m, info = ct.load(str(d))
+    assert len(info.layers) == 14
+    assert_bitexact(_logits(m, ids), _logits(ours, ids), "the model just saved")
+
+
+def test_only_sparse_unquantized_directories_are_claimed(tmp_path):
+    d = _copy(FIX24, tmp_path)
+    assert ct.is_compressed_tensors(str(d))
+    _edit_config(d, lambda c: c["quantization_config"].update(
+        config_groups={"group_0": {"weights": {"num_bits": 8, "type": "float"}, "targets": ["Linear"]}},
+        format="float-quantized"))
+    assert not ct.is_compressed_tensors(str(d)) and models.resolve(str(d)).kind == "hf"
+    _edit_config(d, lambda c: c["quantization_config"].update(config_groups=None, format=None, sparsity_config={}))
+    assert not ct.is_compressed_tensors(str(d))
+
+
+def test_save_formats_structure_and_dtype(tmp_path):
+    # a 2:4 layer whose in_features is not a multiple of 4: "auto" stores the model as sparse-bitmask
+    m = _tiny_llama()
+    mlp = m.model.layers[0].mlp
+    mlp.down_proj = sk.SparseLinear.from_dense(nn.Linear(144, 64, bias=False), pattern="2:4")
+    assert ct.save(m, str(tmp_path / "a"))["format"] == ct.FORMAT_24
+    lin = nn.Linear(70, 64, bias=False)
+    m2 = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=70, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    m2.model.layers[0].mlp.down_proj = sk.SparseLinear.from_dense(lin, pattern="2:4")
+    sc = ct.save(m2, str(tmp_path / "b"))
+    assert sc["format"] == ct.FORMAT_BITMASK and sc["sparsity_structure"] == "unstructured"
+    with pytest.raises(ValueError, match="has 70 input features"):
+        ct.save(m2, str(tmp_path / "c"), format=ct.FORMAT_24)
+    # all 2:4, stored as sparse-bitmask: the structure is recorded, and it loads as 2:4
+    sc = ct.save(_pruned("2:4", True), str(tmp_path / "d"), format=ct.FORMAT_BITMASK)
+    assert sc["sparsity_structure"] == "2:4"
+    assert set(ct.load(str(tmp_path / "d"))[1].layers.values()) == {"2:4"}
+    # the config names the stored dtype
+    m3, _ = ct.load(FIXBM, dtype=torch.float32)
+    ct.save(m3, str(tmp_path / "e"))
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["dtype"] == "float32"
+    assert ct.load(str(tmp_path / "e"))[0].model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_dense_format_keeps_dense_targets_dense(tmp_path):
+    src = _tiny_llama()
+    with torch.no_grad():  # one layer 70% sparse, the rest dense
+        w = src.model.layers[0].mlp.up_proj.weight
+        w.mul_(torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) > 0.7)
+    d = tmp_path / "dense"
+    src.save_pretrained(str(d))
+    _edit_config(d, lambda c: c.update(quantization_config={
+        "quant_method": "compressed-tensors", "sparsity_config": {"format": "dense", "targets": ["Linear"],
+                                                                  "ignore": ["lm_head"]}}))
+    m, info = ct.load(str(d))
+    assert info.layers == {"model.layers.0.mlp.up_proj": "bitmask"}
+
+
+def test_load_model_needs_a_tokenizer():
+    with pytest.raises(FileNotFoundError, match="without tokenizer files"):
+        models.load_model(FIX24)

@@ -77,8 +77,17 @@ def _read_json(path: str) -> dict:
     return d
 
 
+def _is_quantized(qc: dict) -> bool:
+    groups = qc.get("config_groups") or {}
+    return bool(any(isinstance(g, dict) and (g.get("weights") or g.get("input_activations")) for g in groups.values())
+                or (groups and qc.get("format") not in (None, FORMAT_DENSE)))
+
+
 def is_compressed_tensors(path: str) -> bool:
-    """True when ``path`` is a directory whose config.json names ``quant_method: compressed-tensors``."""
+    """True when ``path`` is a directory holding a *sparse, unquantized* compressed-tensors
+    checkpoint (config.json: ``quant_method: compressed-tensors``, a ``sparsity_config``, no
+    quantization): what :func:`load` reads.  Quantized compressed-tensors models are left to
+    transformers (``from_pretrained`` with compressed-tensors installed)."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         return False
@@ -87,7 +96,8 @@ def is_compressed_tensors(path: str) -> bool:
             qc = json.load(f).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         return False
-    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+    return (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+            and isinstance(qc.get("sparsity_config"), dict) and bool(qc["sparsity_config"]) and not _is_quantized(qc))
 
 
 def read_config(path: str) -> tuple[dict, dict]:
@@ -106,13 +116,10 @@ def read_config(path: str) -> tuple[dict, dict]:
         got = qc.get("quant_method") if isinstance(qc, dict) else qc
         raise CompressedTensorsError(f"{cpath}: quantization_config.quant_method is {got!r}, expected "
                                      f"{QUANT_METHOD!r} (not a compressed-tensors checkpoint)")
-    groups = qc.get("config_groups") or {}
-    quantized = [g for g, s in groups.items() if isinstance(s, dict) and (s.get("weights") or s.get("input_activations"))]
-    fmt = qc.get("format")
-    if quantized or (fmt not in (None, FORMAT_DENSE) and groups):
-        raise CompressedTensorsError(f"{cpath}: the checkpoint is quantized (format {fmt!r}, config groups "
-                                     f"{quantized or sorted(groups)}); sparse_kernels reads sparse float16/bfloat16/"
-                                     f"float32 weights only")
+    if _is_quantized(qc):
+        raise CompressedTensorsError(f"{cpath}: the checkpoint is quantized (format {qc.get('format')!r}, config "
+                                     f"groups {sorted(qc.get('config_groups') or {})}); sparse_kernels reads sparse "
+                                     f"float16/bfloat16/float32 weights only")
     if qc.get("transform_config"):
         raise CompressedTensorsError(f"{cpath}: transform_config is set (rotations); sparse_kernels does not apply "
                                      f"compressed-tensors transforms")
@@ -149,14 +156,16 @@ def _targeted(model: nn.Module, sc: dict) -> list[str]:
 
 # ------------------------------------------------------------------ tensors
 def _tensor_files(path: str) -> list[str]:
+    """``model.safetensors`` when there is one (as transformers and compressed-tensors choose),
+    else the shards named by ``model.safetensors.index.json``."""
     index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
+    if os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    elif os.path.isfile(index):
         wm = _read_json(index).get("weight_map")
         if not isinstance(wm, dict) or not wm:
             raise CompressedTensorsError(f"{index}: weight_map is missing or empty")
         files = sorted(set(wm.values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
     else:
         raise CompressedTensorsError(f"{path}: no model.safetensors or model.safetensors.index.json (only "
                                      f"safetensors checkpoints are read)")
@@ -239,10 +248,13 @@ def _bitmask_parts(prefix: str, d: dict[str, torch.Tensor]):
         counts = unpack_mask(bitmask, bitmask.shape[1] * 8).sum(1)
         if cols % 8 and int(unpack_mask(bitmask, bitmask.shape[1] * 8)[:, cols:].sum()):
             raise ValueError(f"bits are set past column {cols} (padding must be zero)")
-        if int(row_ptr[0]) != 0 or not torch.equal(row_ptr.diff(), counts):
-            r = int((row_ptr.diff() != counts).nonzero()[0]) if row_ptr.diff().shape == counts.shape else 0
+        if int(counts.sum()) != values.numel():
+            raise ValueError(f"the bitmask marks {int(counts.sum())} elements but compressed holds {values.numel()}")
+        bad = (row_ptr.diff() != counts).nonzero()
+        if int(row_ptr[0]) != 0 or bad.numel():
+            r = 0 if int(row_ptr[0]) != 0 else int(bad[0])
             raise ValueError(f"row_offsets do not match the bitmask's popcounts (first at row {r})")
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CompressedTensorsError(f"{prefix}: {e}") from e
     return values, bitmask, row_ptr, (rows, cols)
 
@@ -345,6 +357,13 @@ def _sparse_layer(name: str, mod: nn.Module, fmt: str, parts: dict, bias, unstru
     return sl, pattern
 
 
+def _bitmask_is_smaller(w: torch.Tensor) -> bool:
+    """The bitmask layout (nonzeros + 1 bit a weight + int64 row offsets) takes fewer bytes than ``w``."""
+    rows, cols = w.shape
+    nnz = int((w != 0).sum())
+    return nnz * w.element_size() + rows * ((cols + 7) // 8) + 8 * (rows + 1) < w.numel() * w.element_size()
+
+
 def _check_fits(name: str, mod: nn.Module, rows: int, cols: int) -> None:
     w = getattr(mod, "weight", None)
     if w is not None and tuple(w.shape) != (rows, cols):
@@ -396,7 +415,14 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
     tensors = _read_tensors(path)
     compressed = _pop_compressed(tensors, fmt)
-    m = _skeleton(cfg)
+    if fmt != FORMAT_DENSE and not compressed:
+        raise CompressedTensorsError(f"{path}: config.json says sparsity format {fmt!r} but the tensors hold no "
+                                     f"compressed weight (*.compressed / *.bitmask)")
+    try:
+        m = _skeleton(cfg)
+    except (ValueError, KeyError, TypeError, ImportError, OSError) as e:
+        raise CompressedTensorsError(f"{path}: cannot build model_type {cfg.get('model_type')!r} from config.json "
+                                     f"({type(e).__name__}: {e})") from e
     info = LoadInfo(path=path, sparsity_config=sc)
     modules = dict(m.named_modules())
     for name, parts in compressed.items():
@@ -417,9 +443,10 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
             mod, w = m.get_submodule(name), tensors.get(name + ".weight")
             if not isinstance(mod, nn.Linear) or w is None or w.dim() != 2:
                 continue
-            pattern = "2:4" if is_2to4(w) else ("bitmask" if unstructured == "bitmask" and structure != "2:4" else None)
+            pattern = "2:4" if is_2to4(w) else ("bitmask" if unstructured == "bitmask" and structure != "2:4"
+                                                and _bitmask_is_smaller(w) else None)
             if pattern is None:
-                continue  # kept dense: a 2:4 target that is not 2:4, or unstructured="dense"
+                continue  # kept dense: not 2:4 and (a 2:4 target, unstructured="dense", or too dense to gain)
             _check_fits(name, mod, *w.shape)
             del tensors[name + ".weight"]
             bias = tensors.pop(name + ".bias", None)
@@ -465,20 +492,29 @@ def _sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: mod for n, mod in model.named_modules() if isinstance(mod, SparseLinear)}
 
 
+def _not_24(mod: nn.Module) -> str | None:
+    """Why ``sparse-24-bitmask`` cannot hold SparseLinear ``mod`` (None when it can)."""
+    if mod.pattern != "2:4":
+        return f"is {mod.pattern or 'masked'} (not 2:4)"
+    if mod.in_perm is not None:
+        return "has an input-channel permutation (its weight is 2:4 only in permuted column order)"
+    if mod.in_features % 4:
+        return f"has {mod.in_features} input features (2:4 groups need a multiple of 4)"
+    return None
+
+
 def _choose_format(layers: dict[str, nn.Module], fmt: str) -> str:
     if fmt not in SAVE_FORMATS:
         raise ValueError(f"format: got {fmt!r}, expected one of {', '.join(SAVE_FORMATS)}")
     if not layers:
         raise ValueError("model: it has no SparseLinear layers to store compressed (prune with convert=True or "
                          "call sparse_kernels.sparsify first)")
-    not24 = [n for n, mod in layers.items() if mod.pattern != "2:4" or mod.in_perm is not None]
+    why = {n: w for n, w in ((n, _not_24(mod)) for n, mod in layers.items()) if w is not None}
     if fmt == "auto":
-        return FORMAT_BITMASK if not24 else FORMAT_24
-    if fmt == FORMAT_24 and not24:
-        mod = layers[not24[0]]
-        why = "has an input-channel permutation (its weight is 2:4 only in permuted column order)" \
-            if mod.pattern == "2:4" else f"is {mod.pattern or 'masked'} (not 2:4)"
-        raise ValueError(f"format: {FORMAT_24!r} cannot hold layer {not24[0]!r}, which {why}; use "
+        return FORMAT_BITMASK if why else FORMAT_24
+    if fmt == FORMAT_24 and why:
+        name = next(iter(why))
+        raise ValueError(f"format: {FORMAT_24!r} cannot hold layer {name!r}, which {why[name]}; use "
                          f"format={FORMAT_BITMASK!r} or 'auto'")
     return fmt
 
@@ -489,9 +525,6 @@ def _compressed_entries(name: str, mod: nn.Module, fmt: str) -> dict[str, torch.
 
     rows, cols = mod.out_features, mod.in_features
     if fmt == FORMAT_24:
-        if cols % 4:
-            raise ValueError(f"model: layer {name!r} has {cols} input features; {FORMAT_24!r} needs a multiple of 4 "
-                             f"(use format={FORMAT_BITMASK!r})")
         compressed, bitmask = to_compressed_tensors_24(mod.values.detach().cpu(), mod.meta.cpu(), cols)
         out = {"shape": torch.tensor([rows, cols]).reshape(-1, 1), "compressed": compressed, "bitmask": bitmask}
     else:
@@ -524,6 +557,25 @@ def _check_architecture(cfg: dict, layers: dict[str, nn.Module]) -> None:
                              f"sparse_kernels checkpoint format)")
 
 
+def _remove_stale(path: str) -> None:
+    """Before writing into ``path``: remove what an earlier checkpoint there would be read instead of
+    (or besides) the new one: our own ``sparse_kernels.json``, and a sharded index with its shards."""
+    own = os.path.join(path, ckpt.CONFIG_NAME)
+    if os.path.isfile(own):
+        os.remove(own)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            shards = set((_read_json(index).get("weight_map") or {}).values())
+        except CompressedTensorsError:
+            shards = set()
+        os.remove(index)
+        for f in shards:
+            p = os.path.join(path, str(f))
+            if os.path.basename(str(f)) == str(f) and f != "model.safetensors" and os.path.isfile(p):
+                os.remove(p)
+
+
 @torch.no_grad()
 def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -> dict:
     """Write ``model`` (a Hugging Face model with SparseLinear layers) as a compressed-tensors
@@ -533,8 +585,11 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     ``format``: ``"sparse-24-bitmask"`` (every SparseLinear 2:4 and unpermuted),
     ``"sparse-bitmask"`` (any pattern; a permuted layer is stored with its columns put back), or
     ``"auto"`` (the first when it fits).  Only SparseLinear layers are stored compressed (the
-    targets); every other tensor as it is, tied tensors once.  Files are written atomically
-    (temporary name, fsync, rename; config.json last).  ``tokenizer``: saved alongside.
+    targets); every other tensor as it is, tied tensors once; ``sparsity_structure`` is ``"2:4"``
+    when every layer is 2:4 (in either format), and the config's dtype the stored one.  Files are
+    written atomically (temporary name, fsync, rename; config.json last); an earlier checkpoint's
+    ``sparse_kernels.json``, sharded index and shards in ``path`` are removed first, so that no
+    reader takes them for the new one.  ``tokenizer``: saved alongside.
     """
     from safetensors.torch import save_file
 
@@ -557,17 +612,24 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     n_sparse = sum(mod.out_features * mod.in_features for mod in layers.values())
     zeros = sum(int((mod.dense_weight() == 0).sum()) for mod in layers.values())
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip)) + n_sparse
+    all_24 = not any(_not_24(mod) for mod in layers.values())
     sc = {"format": fmt, "global_sparsity": zeros / max(total, 1), "ignore": [],
           "registry_requires_subclass": False,
-          "sparsity_structure": "2:4" if fmt == FORMAT_24 else "unstructured", "targets": sorted(layers)}
+          "sparsity_structure": "2:4" if all_24 else "unstructured", "targets": sorted(layers)}
+    floats = [t.dtype for t in sd.values() if t.is_floating_point()]
+    if floats:  # the dtype the tensors are stored in, not the one the model was configured with
+        name = str(max(set(floats), key=floats.count)).replace("torch.", "")
+        for key in [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]:
+            cfg[key] = name
     # exactly these keys: compressed-tensors reads any other key as a quantization config
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "sparsity_config": sc, "transform_config": {},
                                   "version": WRITES_FORMAT_OF}
     os.makedirs(path, exist_ok=True)
+    _remove_stale(path)
+    if tokenizer is not None:  # first: if it fails, the directory still holds the old tensors and config
+        tokenizer.save_pretrained(path)
     ckpt._atomic_write(os.path.join(path, "model.safetensors"),
                        lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
 
     def write_json(tmp):
         with open(tmp, "w") as f:

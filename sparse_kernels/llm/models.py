@@ -97,6 +97,9 @@ def _looks_like_hub_id(s: str) -> bool:
     return s.count("/") == 1 and not s.startswith((".", "/")) and not s.endswith("/")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(src: ModelSource):
     _offline()
     from transformers import AutoTokenizer
@@ -129,6 +132,9 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
     if src.kind == "compressed-tensors":
         from . import compressed_tensors
 
+        if not any(os.path.isfile(os.path.join(src.path, f)) for f in TOKENIZER_FILES):
+            raise FileNotFoundError(f"{src.path}: a compressed-tensors checkpoint without tokenizer files "
+                                    f"({', '.join(TOKENIZER_FILES)}); copy the base model's tokenizer into it")
         m, info = compressed_tensors.load(src.path, dtype=dtype, device=device)
         src.extra = info.as_dict()
         return m, load_tokenizer(ModelSource(src.name, "hf", src.path)), src

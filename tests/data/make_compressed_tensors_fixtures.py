@@ -24,28 +24,32 @@ import torch
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compressed_tensors")
 
 
-def tiny_llama(dtype):
+def tiny_llama(dtype, arch="llama"):
     import transformers
 
     # intermediate 72: down_proj has 72 input columns, not a multiple of 16 (our padded path)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=False)
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=32)
+    if arch == "qwen2":  # biases on q/k/v, tied embeddings
+        cfg = transformers.Qwen2Config(tie_word_embeddings=True, **kw)
+    else:
+        cfg = transformers.LlamaConfig(tie_word_embeddings=False, **kw)
     torch.manual_seed(0)
     # built in `dtype` as from_pretrained(dtype=...) builds it: the rotary inv_freq stays float32
     m = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     with torch.no_grad():  # larger weights than the 0.02 init, so that the logits differ visibly
-        for p in m.parameters():
-            if p.dim() == 2:
+        for n, p in m.named_parameters():
+            if p.dim() == 2 or n.endswith(".bias"):
                 p.normal_(0, 0.3)
     return m
 
 
-def prune(m, structure):
+def prune(m, structure, embedding=False):
     g = torch.Generator().manual_seed(1)
+    kinds = (torch.nn.Linear, torch.nn.Embedding) if embedding else (torch.nn.Linear,)
     with torch.no_grad():
         for name, mod in m.named_modules():
-            if not isinstance(mod, torch.nn.Linear) or name == "lm_head":
+            if not isinstance(mod, kinds) or name == "lm_head":
                 continue
             w = mod.weight
             if structure == "2:4":
@@ -69,15 +73,19 @@ def main():
     from compressed_tensors.config import BitmaskConfig, Sparse24BitMaskConfig
     from safetensors.torch import save_file
 
-    for name, structure, dtype, scfg in [
-        ("llama_2of4_bf16", "2:4", torch.bfloat16, Sparse24BitMaskConfig(targets=["Linear"], ignore=["lm_head"])),
-        ("llama_unstructured_fp16", "unstructured", torch.float16,
+    for name, arch, structure, dtype, scfg in [
+        ("llama_2of4_bf16", "llama", "2:4", torch.bfloat16,
+         Sparse24BitMaskConfig(targets=["Linear"], ignore=["lm_head"])),
+        ("llama_unstructured_fp16", "llama", "unstructured", torch.float16,
          BitmaskConfig(targets=["Linear"], ignore=["lm_head"])),
+        # attention biases, tied embeddings, and the (tied) embedding compressed too
+        ("qwen2_unstructured_bias_tied_fp32", "qwen2", "unstructured", torch.float32,
+         BitmaskConfig(targets=["Linear", "Embedding"], ignore=["lm_head"])),
     ]:
         out = os.path.join(HERE, name)
         os.makedirs(out, exist_ok=True)
-        m = tiny_llama(dtype)
-        prune(m, structure)
+        m = tiny_llama(dtype, arch)
+        prune(m, structure, embedding=arch == "qwen2")
         ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
         with torch.no_grad():
             logits = m(input_ids=ids, use_cache=False).logits.float()
@@ -88,14 +96,17 @@ def main():
         m.config.save_pretrained(out)
         comp.update_config(out)
         # what the library itself decompresses the checkpoint to
-        fresh = tiny_llama(dtype)
+        fresh = tiny_llama(dtype, arch)
         comp.decompress(out, fresh)
+        fresh.tie_weights()  # decompress assigns new Parameters; transformers' loader ties them again
         layers = {n: sha(mod.weight) for n, mod in fresh.named_modules()
-                  if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+                  if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and n != "lm_head"}
+        biases = {n: sha(mod.bias) for n, mod in fresh.named_modules()
+                  if isinstance(mod, torch.nn.Linear) and mod.bias is not None}
         assert all(torch.equal(fresh.get_submodule(n).weight, m.get_submodule(n).weight) for n in layers)
         with open(os.path.join(out, "expected.json"), "w") as f:
             json.dump({"compressed_tensors_version": ct_version, "structure": structure,
-                       "dtype": str(dtype).replace("torch.", ""), "weight_sha256": layers,
+                       "dtype": str(dtype).replace("torch.", ""), "weight_sha256": layers, "bias_sha256": biases,
                        "input_ids": ids.tolist(),
                        "logits": [[[round(v, 4) for v in row] for row in seq] for seq in logits.tolist()]},
                       f, indent=1)

@@ -230,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "important weights; 2:4 layers are saved with their permutation (in_perm)")
     c.add_argument("--permute-rounds", type=int, default=100,
                    help="rounds of the permutation search per layer (default 100)")
+    d = p.add_argument_group("DSnoT mask refinement (wanda, ria, magnitude)")
+    d.add_argument("--dsnot", action="store_true",
+                   help="after each layer's criterion, swap pruned and kept weights to cancel each row's expected "
+                        "output shift (training-free; Zhang et al., 2024)")
+    d.add_argument("--dsnot-skip", default=None, metavar="REGEX",
+                   help="layers (names inside a block) DSnoT leaves as the criterion chose them, e.g. 'mlp\\.'")
     o = p.add_argument_group("outlier-weighted layerwise sparsity (OWL; with --sparsity)")
     o.add_argument("--owl", action="store_true",
                    help="blocks with more activation outliers get a lower sparsity, the mean stays --sparsity")
@@ -328,6 +334,10 @@ def cmd_prune(args) -> int:
                          "other than structured")
     if args.permute_rounds < 0:
         raise SystemExit(f"prune: --permute-rounds must be >= 0, got {args.permute_rounds}")
+    if (args.dsnot or args.dsnot_skip) and args.method not in ("wanda", "ria", "magnitude"):
+        raise SystemExit(f"prune: --dsnot refines the masks of wanda, ria and magnitude (their kept weights keep their "
+                         f"values); --method {args.method} is not one of them")
+    dsnot = ({"skip": args.dsnot_skip} if args.dsnot_skip else True) if (args.dsnot or args.dsnot_skip) else False
     if args.format == "compressed-tensors" and args.method == "structured":
         raise SystemExit("prune: --format compressed-tensors stores sparse layers; --method structured saves a smaller "
                          "dense model (use the default --format)")
@@ -336,12 +346,19 @@ def cmd_prune(args) -> int:
     if src.kind in ("checkpoint", "compressed-tensors"):
         raise SystemExit(f"prune: --model is already a pruned ({src.kind}) checkpoint; start from a dense model")
     calib = None
-    if args.method != "magnitude" or owl:
+    if args.method != "magnitude" or owl or dsnot:
         calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
                                          source=args.calibration_source)
     names = demo.block_layer_names(m, skip=args.skip)
     if not names and args.method != "structured":
         raise SystemExit(f"prune: --skip {' '.join(args.skip)} leaves no layer to prune")
+    if args.format == "compressed-tensors":
+        from .pruning.layers import _is_conv1d
+
+        conv = [n for n in names if _is_conv1d(m.get_submodule(n))]
+        if conv:
+            raise SystemExit(f"prune: --format compressed-tensors stores nn.Linear weights; {conv[0]} (and "
+                             f"{len(conv) - 1} more) is a Conv1D (GPT-2): use the default --format")
     dense_ppl = None
     progress = not args.no_progress
     if args.eval_tokens:
@@ -354,11 +371,14 @@ def cmd_prune(args) -> int:
     # permuted 2:4 weights are 2:4 only in the permuted order: keep them as SparseLinear layers
     # holding the permutation (the checkpoint stores them so)
     rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl, skip=args.skip,
-                           permute=permute, convert=bool(args.permute and pattern == "2:4"), **extra)
+                           permute=permute, convert=bool(args.permute and pattern == "2:4"), dsnot=dsnot, **extra)
     if args.permute:
         gains = [r.permutation_gain for r in rep.layers if r.permutation_gain is not None]
         print(f"channel permutation: kept importance +{100 * sum(gains) / max(len(gains), 1):.2f}% on average over "
               f"{len(gains)} layers")
+    if dsnot:
+        swaps = [r.dsnot_swaps for r in rep.layers if r.dsnot_swaps is not None]
+        print(f"DSnoT: {sum(swaps)} weight swaps over {len(swaps)} layers")
     if rep.owl is not None:
         print(f"OWL (m={rep.owl['m']:g}, lambda={rep.owl['lmbda']:g}) block sparsity: "
               + ", ".join(f"{v:.3f}" for v in rep.owl["block_sparsity"]))
@@ -377,7 +397,8 @@ def cmd_prune(args) -> int:
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
                                    "seqlen": args.seqlen, "seed": args.seed,
                                    "calibration_source": args.calibration_source, "owl": rep.owl,
-                                   "skip": args.skip, "permute": permute or None, **extra})
+                                   "skip": args.skip, "permute": permute or None, "dsnot": dsnot or None,
+                                   **extra})
     s = cfg["sizes"]
     print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned",
                  "disk MiB", "dense MiB", "pruned layers vs dense"],
@@ -402,6 +423,9 @@ def _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense
         sc = ct.save(m, args.output, tokenizer=tok)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"prune: --format compressed-tensors: {e}") from None
+    if args.permute and sc["format"] != ct.FORMAT_24:
+        print(f"note: permuted layers are 2:4 only in their permuted column order, which {ct.FORMAT_24} cannot "
+              f"record: stored as {sc['format']} (compressed-tensors' unstructured bitmask)")
     disk = os.path.getsize(os.path.join(args.output, "model.safetensors"))
     print(table(["model", "method", "pattern", "layers", "sparsity", "prune s", "ppl dense", "ppl pruned", "format",
                  "disk MiB", "in memory MiB"],
@@ -546,8 +570,7 @@ def cmd_convert(args) -> int:
         m, _ = ct.load(src.path, dtype=dtype)
         tok_dir = src.path
     tok = None
-    if tok_dir is not None and any(os.path.isfile(os.path.join(tok_dir, f))
-                                   for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    if tok_dir is not None and any(os.path.isfile(os.path.join(tok_dir, f)) for f in models.TOKENIZER_FILES):
         tok = models.load_tokenizer(models.ModelSource(src.name, "hf", tok_dir))
     if args.format == "compressed-tensors":
         sc = ct.save(m, args.output, tokenizer=tok)

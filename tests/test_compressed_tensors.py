@@ -317,15 +317,16 @@ def test_load_dense_format_converts_the_targets(tmp_path):
 
 
 def test_load_2of4_stored_as_bitmask_runs_as_2of4(tmp_path):
-    """A "sparse-bitmask" checkpoint whose sparsity_structure is 2:4 loads as 2:4 layers."""
+    """A "sparse-bitmask" checkpoint of 2:4 weights loads as 2:4 layers."""
     m, _ = ct.load(FIX24)
     d = tmp_path / "bm"
     assert ct.save(m, str(d), format=ct.FORMAT_BITMASK)["sparsity_structure"] == "2:4"
     m2, info = ct.load(str(d))
     assert set(info.layers.values()) == {"2:4"}
+    # the structure is read off each layer's bitmask, whatever the config says
     _edit_config(d, lambda c: c["quantization_config"]["sparsity_config"].update(sparsity_structure="unstructured"))
     m3, info = ct.load(str(d))
-    assert set(info.layers.values()) == {"bitmask"}
+    assert set(info.layers.values()) == {"2:4"}
     for name in info.layers:  # -0.0 is not stored by the bitmask format: equal values, not equal bits
         w = _weight(m.get_submodule(name))
         assert torch.equal(_weight(m2.get_submodule(name)), w) and torch.equal(_weight(m3.get_submodule(name)), w)
@@ -429,6 +430,14 @@ def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--window", "64",
                      "--no-progress"]) == 0
     assert "ppl" in capsys.readouterr().out
+    out2 = tmp_path / "ct-perm"
+    assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--pattern", "2:4", "--permute",
+                     "--permute-rounds", "2", "--format", "compressed-tensors", "--nsamples", "4", "--seqlen", "32",
+                     "--calibration-source", str(text), "-o", str(out2), "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "note: permuted layers are 2:4 only in their permuted column order" in o and ct.FORMAT_BITMASK in o
+    # down_proj's permutation is folded into gate/up: it is plain 2:4 and loads as such
+    assert set(ct.load(str(out2))[1].layers.values()) == {"bitmask", "2:4"}
     with pytest.raises(SystemExit, match="already a pruned \\(compressed-tensors\\) checkpoint"):
         cli.main(["prune", "--model", str(out), "--pattern", "2:4", "-o", str(tmp_path / "x"), "--no-progress"])
     with pytest.raises(SystemExit, match="--method structured saves a smaller dense model"):

@@ -464,6 +464,18 @@ def test_cli_prune_wanda_with_owl(tiny_model_dir, tmp_path, capsys):
                   "--no-progress"])
 
 
+def test_cli_prune_wanda_with_dsnot(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "dsnot"
+    assert _prune_small(d, text, out, "--method", "magnitude", "--sparsity", "0.6", "--dsnot",
+                        "--dsnot-skip", "^mlp\\.") == 0
+    o = capsys.readouterr().out
+    assert "DSnoT:" in o and "weight swaps over 8 layers" in o and "pruned and saved to" in o
+    assert json.loads((out / checkpoint.CONFIG_NAME).read_text())["pruning"]["dsnot"] == {"skip": "^mlp\\."}
+    with pytest.raises(SystemExit, match="--dsnot refines the masks of wanda, ria and magnitude"):
+        cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--dsnot", "-o", str(out), "--no-progress"])
+
+
 def test_cli_demo_end_to_end_on_a_local_model(tiny_model_dir, tmp_path, capsys):
     """The main job's path (prune 2 ways x 2 patterns, evaluate, save the SparseGPT 2:4 model,
     reload, generate) on the tiny local model instead of SmolLM2."""

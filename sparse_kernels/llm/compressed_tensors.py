@@ -316,12 +316,28 @@ def _sparse_24_from_weight(w: torch.Tensor, bias) -> nn.Module:
     return sl
 
 
-def _sparse_layer(name: str, mod: nn.Module, fmt: str, parts: dict, bias, unstructured: str, structure: str):
+_POPCOUNT4 = torch.tensor([bin(i).count("1") for i in range(16)])
+
+
+def _bitmask_fits_24(parts: dict) -> bool:
+    """Every group of 4 columns of a sparse-bitmask weight marks at most 2 (read off the bitmask)."""
+    shape, bitmask = parts.get("shape"), parts.get("bitmask")
+    if shape is None or bitmask is None or bitmask.dtype != torch.uint8 or shape.numel() != 2:
+        return False
+    cols = int(shape.flatten()[1])
+    if cols <= 0 or cols % 4 or bitmask.dim() != 2 or bitmask.shape[1] != (cols + 7) // 8:
+        return False
+    b = bitmask.to(torch.int64)
+    counts = _POPCOUNT4[torch.stack((b & 0xF, b >> 4), -1).reshape(b.shape[0], -1)[:, : cols // 4]]
+    return bool((counts <= 2).all())
+
+
+def _sparse_layer(name: str, mod: nn.Module, fmt: str, parts: dict, bias, unstructured: str):
     """The SparseLinear (or nn.Linear) for compressed layer ``name``; ``(module, pattern)``."""
     from ..nn import SparseLinear
     from .checkpoint import is_2to4
 
-    if fmt == FORMAT_BITMASK and structure == "2:4":  # stored as a bitmask, but 2:4: run it as 2:4
+    if fmt == FORMAT_BITMASK and _bitmask_fits_24(parts):  # stored as a bitmask, but 2:4: run it as 2:4
         w = _dense_from_parts(name, fmt, parts)
         if is_2to4(w):
             _check_fits(name, mod, *w.shape)
@@ -398,8 +414,8 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         unstructured: for layers that are not 2:4: ``"bitmask"`` (SparseLinear on the bitmask
             format, as stored) or ``"dense"`` (nn.Linear).
 
-    2:4 layers (``sparse-24-bitmask``; for ``dense``/``sparse-bitmask`` checkpoints, targeted
-    layers whose weight is 2:4) become 2:4 SparseLinear.  Compressed weights of modules other than
+    2:4 layers (``sparse-24-bitmask``; for ``sparse-bitmask``, layers whose bitmask marks at most 2
+    of every 4 columns; for ``dense``, targeted layers whose weight is 2:4) become 2:4 SparseLinear.  Compressed weights of modules other than
     nn.Linear are decompressed.  Returns ``(model, LoadInfo)``; raises CompressedTensorsError (a
     ValueError) naming the file or layer for anything it cannot read exactly.
     """
@@ -431,8 +447,7 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
             raise CompressedTensorsError(f"{path}: compressed weight {name!r} is not a module of "
                                          f"{type(m).__name__}")
         if isinstance(mod, nn.Linear) and convert:
-            new, pattern = _sparse_layer(name, mod, fmt, parts, tensors.pop(name + ".bias", None), unstructured,
-                                         structure)
+            new, pattern = _sparse_layer(name, mod, fmt, parts, tensors.pop(name + ".bias", None), unstructured)
             _replace(m, name, new)
             info.layers[name] = pattern
         else:

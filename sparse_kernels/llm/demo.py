@@ -61,10 +61,11 @@ def prune_model(model, method: str, pattern: str, calibration, *, progress: bool
                 **method_options):
     """Prune ``model`` in place with the real pruning API; returns its report.  ``owl``: see
     :func:`sparse_kernels.prune` (magnitude then uses the calibration too: OWL needs it);
-    ``skip``: regular expressions of layer names (inside a block) left dense."""
+    ``skip``: regular expressions of layer names (inside a block) left dense.  (Magnitude with
+    OWL or DSnoT uses the calibration too.)"""
     from ..pruning import prune
 
-    calib = None if method == "magnitude" and not owl else calibration
+    calib = None if method == "magnitude" and not owl and not method_options.get("dsnot") else calibration
     return prune(model, method=method, sparsity=sparsity_of(pattern), calibration=calib, progress=progress, owl=owl,
                  layer_filter=skip_filter(skip), **method_options)
 

@@ -22,6 +22,7 @@ plumbing: :mod:`.calibration`; the report and its error meters: :mod:`.report`.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Callable
 
@@ -31,6 +32,7 @@ from torch import nn
 from .calibration import _capture_inputs, _run_block
 from .criteria import (ActivationNormAccumulator, check_alpha, magnitude_prune, magnitude_prune_global, ria_prune,
                        ria_scores, wanda_prune, wanda_scores)
+from .dsnot import ActivationMomentsAccumulator, dsnot_refine, parse_dsnot
 from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
@@ -100,6 +102,9 @@ class PruningMethod:
     needs_calibration = True
     #: extra keyword options :func:`prune` accepts for this method (passed on in ``options``)
     option_names: tuple = ()
+    #: True for criteria that only choose a mask (the kept weights keep their values): DSnoT
+    #: (``prune(dsnot=...)``) can refine their masks
+    mask_only = False
     #: Whole-model methods (structured pruning) set this to a callable
     #: ``(model, sparsity, calibration, batch_size, **options) -> report``; :func:`prune` then
     #: calls it instead of walking the blocks and returns its report.
@@ -124,10 +129,24 @@ class PruningMethod:
         relative rise of the N:M-kept importance over the identity order."""
         score = self.importance(w, st, options)
         perm, gain = find_permutation_with_gain(score, spec.n, spec.m, **search_options(options["_permute"]))
-        w_p, mask_p, loss = self.prune_layer(name, layer, w[:, perm], None if st is None else st.permuted(perm),
-                                             spec, options)
+        w_p, mask_p, loss, swaps = self._prune_one(name, layer, w[:, perm],
+                                                   None if st is None else st.permuted(perm), spec, options)
         inv = invert_permutation(perm)
-        return w_p[:, inv], mask_p[:, inv], loss, perm, gain
+        return w_p[:, inv], mask_p[:, inv], loss, perm, gain, swaps
+
+    def _prune_one(self, name, layer, w, st, spec: Sparsity, options: dict):
+        """:meth:`prune_layer`, then DSnoT's mask refinement when ``prune(dsnot=...)`` asks for it
+        (and ``name`` does not match its ``skip``).  Returns ``(w_new, mask, loss, swaps)``."""
+        w_new, mask, loss = self.prune_layer(name, layer, w, st, spec, options)
+        opts = options.get("_dsnot")
+        if opts is None or (opts.get("skip") and re.search(opts["skip"], name)):
+            return w_new, mask, loss, None
+        # the paper's drop order: Wanda's score for unstructured rows, the criterion's own for N:M
+        imp = self.importance(w, st, options) if spec.is_nm else wanda_scores(w, st.norm_sq.to(w.device))
+        new = dsnot_refine(w, mask, st.mean, st.var, imp, spec, max_cycles=opts["max_cycles"],
+                           threshold=opts["threshold"], var_power=opts["var_power"])
+        swaps = int((new & ~mask).sum())
+        return w * new.to(w.dtype), new, loss, swaps
 
     def prune_block(self, block_index, block, layers: dict, stats: dict, spec: Sparsity, options: dict):
         reports = []
@@ -137,15 +156,16 @@ class PruningMethod:
             w = _get_weight(layer)
             perm = gain = None
             if options.get("_permute") is not None:
-                w_new, mask, loss, perm, gain = self._prune_permuted(name, layer, w, stats.get(name), spec, options)
+                w_new, mask, loss, perm, gain, swaps = self._prune_permuted(name, layer, w, stats.get(name), spec,
+                                                                            options)
             else:
-                w_new, mask, loss = self.prune_layer(name, layer, w, stats.get(name), spec, options)
+                w_new, mask, loss, swaps = self._prune_one(name, layer, w, stats.get(name), spec, options)
             _set_weight(layer, w_new)
             reports.append(LayerReport(
                 block=block_index, name=name, shape=tuple(w.shape),
                 sparsity=1.0 - mask.float().mean().item(), loss=loss,
                 seconds=time.perf_counter() - t0, mask=mask if keep else None,
-                perm=perm, permutation_gain=gain,
+                perm=perm, permutation_gain=gain, dsnot_swaps=swaps,
             ))
         return reports
 
@@ -169,6 +189,7 @@ class SparseGPTMethod(PruningMethod):
 
 class WandaMethod(PruningMethod):
     name = "wanda"
+    mask_only = True
 
     def make_stats(self, name, layer):
         return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
@@ -186,6 +207,7 @@ class RIAMethod(PruningMethod):
 
     name = "ria"
     option_names = ("alpha",)
+    mask_only = True
 
     def check_options(self, options):
         check_alpha(options.get("alpha", 0.5))
@@ -203,6 +225,7 @@ class RIAMethod(PruningMethod):
 
 class MagnitudeMethod(PruningMethod):
     name = "magnitude"
+    mask_only = True
     needs_calibration = False
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
@@ -270,14 +293,16 @@ def _owl_ratios(blocks, inputs, layer_filter, device, m: float) -> list[float]:
     return ratios
 
 
-def _collect_stats(meth: PruningMethod, block, layers: dict, inputs):
+def _collect_stats(meth: PruningMethod, block, layers: dict, inputs, moments: bool = False):
     """Run ``inputs`` through ``block`` with each layer's statistics hooked; returns
-    ``(stats, dense_out)``.  A function of its own so that no loop variable keeps a
-    statistics object of this block alive into the next one."""
+    ``(stats, dense_out)``.  ``moments``: collect :class:`ActivationMomentsAccumulator` for every
+    layer instead (DSnoT; it holds Wanda's statistic too).  A function of its own so that no loop
+    variable keeps a statistics object of this block alive into the next one."""
     stats, handles = {}, []
     try:
         for name, layer in layers.items():
-            st = meth.make_stats(name, layer)
+            st = (ActivationMomentsAccumulator(_get_weight(layer).shape[1], device=layer.weight.device) if moments
+                  else meth.make_stats(name, layer))
             if st is not None:
                 stats[name] = st
                 handles.append(st.attach(layer))
@@ -336,6 +361,7 @@ def prune(
     backend: str | None = None,
     owl=None,
     permute=False,
+    dsnot=False,
     **method_options,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
@@ -383,6 +409,13 @@ def prune(
             importance and ``perm`` the permutation (``W_pruned[:, perm]`` is N:M; without
             ``convert``, ``SparseLinear.from_dense(layer, "2:4", in_perm=perm)`` builds the
             layer later).  Needs an ``"N:M"`` sparsity with ``M <= 16``.
+        dsnot: DSnoT's training-free mask refinement (:mod:`sparse_kernels.pruning.dsnot`) after
+            each layer's criterion: ``True`` (the paper's ``max_cycles=50, threshold=0.1,
+            var_power=1``) or a dict overriding them, plus ``skip`` (a regex of layer names inside
+            a block to leave unrefined).  Swaps pruned and kept weights of a row (of an N:M group)
+            to cancel the row's expected output shift; same sparsity.  For the mask-only
+            criteria (magnitude, wanda, ria); needs calibration.  ``LayerReport.dsnot_swaps``
+            counts the swaps.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
@@ -431,17 +464,25 @@ def prune(
         check_search_m(spec.m, "permute")
         if method == "magnitude" and scope == "global":
             raise ValueError("permute: cannot be combined with scope='global' (one threshold across all layers)")
+    dsnot_opts = parse_dsnot(dsnot)
+    if dsnot_opts is not None:
+        if not meth.mask_only:
+            raise ValueError(f"dsnot: refines the masks of criteria that keep the kept weights' values (magnitude, "
+                             f"wanda, ria); method {method!r} updates them")
+        if calibration is None:
+            raise ValueError("dsnot: needs calibration data (it uses the mean and variance of each layer's inputs)")
     if not (isinstance(convert, bool) or convert == "bitmask"):
         raise ValueError(f"convert: got {convert!r}, expected True, False or 'bitmask'")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=bool(convert),
-                   _permute=perm_opts, **method_options)
+                   _permute=perm_opts, _dsnot=dsnot_opts, **method_options)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, sparsity=str(spec) + (" (OWL)" if owl_opts is not None else "")
-                         + (" (permuted)" if perm_opts is not None else ""))
+                         + (" (permuted)" if perm_opts is not None else "")
+                         + (" (DSnoT)" if dsnot_opts is not None else ""))
     was_training = model.training
     model.eval()
     hf_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -472,7 +513,7 @@ def prune(
             stats = {}
             dense_out = None
             if inputs is not None:
-                stats, dense_out = _collect_stats(meth, block, layers, inputs)
+                stats, dense_out = _collect_stats(meth, block, layers, inputs, moments=dsnot_opts is not None)
             # this block's original weights, for the per-layer output error (freed below)
             meters = {name: _OutputError(_get_weight(layer).detach().clone())
                       for name, layer in layers.items()} if inputs is not None else {}

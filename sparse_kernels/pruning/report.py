@@ -31,7 +31,8 @@ class LayerReport:
     ``seconds``: time to prune it.  ``permutation_gain`` (``prune(permute=...)`` only): the
     relative rise of the N:M-kept importance that the input-channel permutation bought.
     ``perm`` (int64 ``[in_features]``, with ``permute=``): the permutation, ``W_pruned[:, perm]``
-    is N:M.  ``mask`` is kept only while :func:`prune` converts the layers.
+    is N:M.  ``dsnot_swaps`` (``prune(dsnot=...)`` only): how many grow/drop pairs DSnoT applied
+    to the layer's mask.  ``mask`` is kept only while :func:`prune` converts the layers.
     """
 
     block: int
@@ -44,6 +45,7 @@ class LayerReport:
     mask: torch.Tensor | None = field(default=None, repr=False)
     permutation_gain: float | None = None
     perm: torch.Tensor | None = field(default=None, repr=False)
+    dsnot_swaps: int | None = None
 
 
 @dataclass

@@ -373,6 +373,18 @@ def write(rows, out, device, quiet=False):
     return write_table(rows, os.path.join(out, f"bench_linear_{device}"), quiet)
 
 
+def smollm2_doc(what, script, argv, eval_tokens, dense_ppl, rows, **extra):
+    """The record the SmolLM2 accuracy scripts (permutation_smollm2.py, dsnot_smollm2.py) write: what,
+    machine, versions, date, the CLI-default calibration and evaluation, the command, dense
+    perplexity, then ``extra`` and the rows."""
+    return {"what": what, "machine": f"{device_name('cpu')}, {os.cpu_count()} cores", **versions(),
+            "date": datetime.date.today().isoformat(),
+            "calibration": "32 windows x 512 tokens of kjv-ot, seed 0 (CLI defaults)",
+            "eval": f"perplexity on {eval_tokens} tokens of kjv-nt, windows of 512 (CLI defaults)",
+            "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "ppl_dense": round(dense_ppl, 3), **extra, "rows": rows}
+
+
 def write_json(doc, path):
     """``doc`` as indented JSON at ``path``, write-then-rename (a kill mid-write keeps the
     previous file); creates the directory."""

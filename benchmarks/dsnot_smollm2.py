@@ -13,14 +13,13 @@ JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import device_name, versions, write_json  # noqa: E402
+from bench_linear import smollm2_doc, write_json  # noqa: E402
 from sparse_kernels.llm import data, demo, evaluate, models  # noqa: E402
 
 VARIANTS = {"none": False, "all": True, "attn": {"skip": r"(^|\.)mlp\."}}
@@ -61,17 +60,10 @@ def main(argv=None) -> int:
                "layers_refined": len(swaps), "swaps": sum(swaps)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = {
-        "what": f"DSnoT mask refinement on {src.name} (fp32, CPU): perplexity without and with it",
-        "machine": f"{device_name('cpu')}, {os.cpu_count()} cores", **versions(),
-        "date": datetime.date.today().isoformat(),
-        "calibration": "32 windows x 512 tokens of kjv-ot, seed 0 (CLI defaults)",
-        "eval": f"perplexity on {args.eval_tokens} tokens of kjv-nt, windows of 512 (CLI defaults)",
-        "dsnot_options": "max_cycles=50, threshold=0.1, var_power=1 (the paper's defaults); attn: skip=(^|\\.)mlp\\.",
-        "command": "python benchmarks/dsnot_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "ppl_dense": round(dense, 3),
-        "rows": rows,
-    }
+    out = smollm2_doc(f"DSnoT mask refinement on {src.name} (fp32, CPU): perplexity without and with it",
+                      "dsnot_smollm2.py", argv, args.eval_tokens, dense, rows,
+                      dsnot_options="max_cycles=50, threshold=0.1, var_power=1 (the paper's defaults); "
+                                    "attn: skip=(^|\\.)mlp\\.")
     write_json(out, args.out)
     return 0
 

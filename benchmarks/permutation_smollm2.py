@@ -15,14 +15,13 @@ machine's load; the times do.  Writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import device_name, versions, write_json  # noqa: E402
+from bench_linear import smollm2_doc, write_json  # noqa: E402
 from sparse_kernels.llm import data, demo, evaluate, models  # noqa: E402
 
 
@@ -59,17 +58,9 @@ def main(argv=None) -> int:
                                                "min": round(min(gains), 5), "max": round(max(gains), 5)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    out = {
-        "what": f"{args.pattern} pruning of {src.name} with and without input-channel permutation "
-                f"(fp32, CPU), same calibration and evaluation",
-        "machine": f"{device_name('cpu')}, {os.cpu_count()} cores", **versions(),
-        "date": datetime.date.today().isoformat(),
-        "calibration": "32 windows x 512 tokens of kjv-ot, seed 0 (CLI defaults)",
-        "eval": f"perplexity on {args.eval_tokens} tokens of kjv-nt, windows of 512 (CLI defaults)",
-        "command": "python benchmarks/permutation_smollm2.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "ppl_dense": round(dense, 3),
-        "rows": rows,
-    }
+    out = smollm2_doc(f"{args.pattern} pruning of {src.name} with and without input-channel permutation "
+                      f"(fp32, CPU), same calibration and evaluation", "permutation_smollm2.py", argv,
+                      args.eval_tokens, dense, rows)
     write_json(out, args.out)
     return 0
 

@@ -44,10 +44,10 @@ def test_owl_sparsities_by_hand():
     ({"m": 0}, ValueError, "owl: m must be > 0"),
     ({"lmbda": 0.5}, ValueError, r"owl: lmbda must be in \[0, 0.5\)"),
     ({"lmbda": -0.1}, ValueError, "owl: lmbda"),
-    ({"M": 5}, ValueError, "unknown keys"),
+    ({"M": 5}, ValueError, r"owl: unknown options \[.M.\]; it takes lmbda, m"),
     ({"m": "5"}, TypeError, "owl: m must be a finite number"),
     ({"m": float("nan")}, TypeError, "finite"),
-    ("yes", TypeError, "owl: expected None, a bool or a dict"),
+    ("yes", TypeError, "owl: expected True, False or a dict of options"),
 ])
 def test_parse_owl_errors(owl, err, msg):
     with pytest.raises(err, match=msg):

@@ -161,12 +161,14 @@ class ActivationNormAccumulator:
         self.nsamples = 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor) -> torch.Tensor:
+        """Accumulate ``x [..., columns]``; returns it as float64 ``[tokens, columns]`` (for subclasses)."""
         if x.shape[-1] != self.columns:
             raise ValueError(f"x: last dim {x.shape[-1]} != the accumulator's columns {self.columns}")
         x = x.detach().reshape(-1, self.columns).to(self.norm_sq.device, torch.float64)
         self.nsamples += x.shape[0]
         self.norm_sq += (x * x).sum(0)
+        return x
 
     def permuted(self, perm: torch.Tensor) -> "ActivationNormAccumulator":
         """A copy whose columns are in ``perm`` order (``norm_sq[perm]``)."""

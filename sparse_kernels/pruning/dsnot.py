@@ -33,7 +33,8 @@ from __future__ import annotations
 import torch
 
 from ..ops import _validate as V
-from .patterns import Sparsity
+from .criteria import ActivationNormAccumulator
+from .patterns import Sparsity, option_dict
 
 __all__ = ["dsnot_refine", "ActivationMomentsAccumulator", "parse_dsnot", "DSNOT_DEFAULTS"]
 
@@ -44,16 +45,9 @@ def parse_dsnot(dsnot) -> dict | None:
     """``prune(dsnot=...)``: False/None -> None; True -> the paper's defaults; a dict overrides
     ``max_cycles`` (int >= 0), ``threshold`` (float >= 0), ``var_power`` (float >= 0) and may set
     ``skip`` (a regex of layer names inside a block left as the criterion chose them)."""
-    if dsnot is None or dsnot is False:
+    out = option_dict(dsnot, "dsnot", DSNOT_DEFAULTS, extra=("skip",))
+    if out is None:
         return None
-    if dsnot is True:
-        return dict(DSNOT_DEFAULTS)
-    if not isinstance(dsnot, dict):
-        raise TypeError(f"dsnot: expected True, False or a dict of options, got {type(dsnot).__name__}")
-    unknown = sorted(set(dsnot) - set(DSNOT_DEFAULTS) - {"skip"})
-    if unknown:
-        raise ValueError(f"dsnot: unknown options {unknown}; it takes {', '.join(sorted(DSNOT_DEFAULTS))} and skip")
-    out = dict(DSNOT_DEFAULTS, **dsnot)
     mc = out["max_cycles"]
     if isinstance(mc, bool) or not isinstance(mc, int) or mc < 0:
         raise ValueError(f"dsnot: max_cycles must be an int >= 0, got {mc!r}")
@@ -73,24 +67,17 @@ def parse_dsnot(dsnot) -> dict | None:
     return out
 
 
-class ActivationMomentsAccumulator:
-    """Per input column: ``norm_sq = sum x_j^2`` (Wanda's statistic), ``mean`` and ``var``
+class ActivationMomentsAccumulator(ActivationNormAccumulator):
+    """Per input column: ``norm_sq = sum x_j^2`` (Wanda's statistic), and ``mean`` and ``var``
     (population variance) of ``x_j`` over all tokens; float64 sums, inputs of any leading shape."""
 
     def __init__(self, columns: int, device=None):
-        self.columns = columns
-        self.norm_sq = torch.zeros(columns, dtype=torch.float64, device=device)
+        super().__init__(columns, device)
         self.sum = torch.zeros(columns, dtype=torch.float64, device=device)
-        self.nsamples = 0
 
     @torch.no_grad()
     def add(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.columns:
-            raise ValueError(f"x: last dim {x.shape[-1]} != the accumulator's columns {self.columns}")
-        x = x.detach().reshape(-1, self.columns).to(self.norm_sq.device, torch.float64)
-        self.nsamples += x.shape[0]
-        self.norm_sq += (x * x).sum(0)
-        self.sum += x.sum(0)
+        self.sum += super().add(x).sum(0)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -106,12 +93,6 @@ class ActivationMomentsAccumulator:
         p = perm.to(self.norm_sq.device)
         out.norm_sq, out.sum, out.nsamples = self.norm_sq[p], self.sum[p], self.nsamples
         return out
-
-    def hook(self, module, inputs, output) -> None:
-        self.add(inputs[0])
-
-    def attach(self, module: torch.nn.Module):
-        return module.register_forward_hook(self.hook)
 
 
 def _ordered(values: torch.Tensor, valid: torch.Tensor, descending: bool):

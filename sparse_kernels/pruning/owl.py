@@ -33,16 +33,11 @@ OWL_DEFAULTS = {"m": 5.0, "lmbda": 0.08}
 def parse_owl(owl) -> dict | None:
     """``None``/``False`` -> None (uniform sparsity); ``True`` -> the paper's defaults; a dict
     with ``m`` (> 0) and/or ``lmbda`` (>= 0, < 0.5) overrides them.  Raises TypeError/ValueError."""
-    if owl is None or owl is False:
+    from .patterns import option_dict
+
+    out = option_dict(owl, "owl", OWL_DEFAULTS)
+    if out is None:
         return None
-    if owl is True:
-        return dict(OWL_DEFAULTS)
-    if not isinstance(owl, dict):
-        raise TypeError(f"owl: expected None, a bool or a dict with 'm' and 'lmbda', got {type(owl).__name__}")
-    unknown = set(owl) - set(OWL_DEFAULTS)
-    if unknown:
-        raise ValueError(f"owl: unknown keys {sorted(unknown)}; expected 'm' and/or 'lmbda'")
-    out = dict(OWL_DEFAULTS, **owl)
     for key in ("m", "lmbda"):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

@@ -93,3 +93,22 @@ def keep_largest_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     shape = scores.shape
     g = scores.reshape(*shape[:-1], shape[-1] // m, m)
     return keep_top_n(g, n).reshape(shape)
+
+
+def option_dict(value, what: str, defaults: dict, extra: tuple = ()) -> dict | None:
+    """The common shape of ``prune``'s feature switches (``owl=``, ``permute=``, ``dsnot=``):
+    None/False -> None (off); True -> a copy of ``defaults``; a dict of keys from ``defaults`` and
+    ``extra`` -> the defaults updated by it.  Raises TypeError for another type and ValueError for
+    unknown keys; the caller checks the values."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(defaults)
+    keys = sorted(set(defaults) | set(extra))
+    if not isinstance(value, dict):
+        raise TypeError(f"{what}: expected True, False or a dict of options ({', '.join(keys)}), got "
+                        f"{type(value).__name__}")
+    unknown = sorted(set(value) - set(keys))
+    if unknown:
+        raise ValueError(f"{what}: unknown options {unknown}; it takes {', '.join(keys)}")
+    return dict(defaults, **value)

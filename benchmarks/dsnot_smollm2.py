@@ -3,7 +3,8 @@
 Each ``--configs`` entry ``METHOD:SPARSITY:VARIANT`` restores the dense weights, prunes with
 :func:`sparse_kernels.prune` (``dsnot=`` per VARIANT: ``none``; ``all``, every layer refined with
 the paper's defaults; ``attn``, the MLP layers left as the criterion chose them, the paper's
-default ``skip_layer=mlp``) and measures the New-Testament perplexity.  Calibration and
+default ``skip_layer=mlp``; ``t0.1``, every layer with ``threshold=0.1`` in our units, 2048 times
+stricter than the paper's) and measures the New-Testament perplexity.  Calibration and
 evaluation are the CLI's defaults (32 x 512 Old-Testament tokens, seed 0; 16,384 New-Testament
 tokens in 512-token windows, fp32), so ``none`` rows reproduce ``sparse-kernels prune --method M
 --sparsity S --eval-tokens 16384``.  Also recorded: prune time and the number of swaps.  Writes
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_linear import smollm2_doc, write_json  # noqa: E402
 from sparse_kernels.llm import data, demo, evaluate, models  # noqa: E402
 
-VARIANTS = {"none": False, "all": True, "attn": {"skip": r"(^|\.)mlp\."}}
+VARIANTS = {"none": False, "all": True, "attn": {"skip": r"(^|\.)mlp\."}, "t0.1": {"threshold": 0.1}}
 
 
 def main(argv=None) -> int:
@@ -62,8 +63,8 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
     out = smollm2_doc(f"DSnoT mask refinement on {src.name} (fp32, CPU): perplexity without and with it",
                       "dsnot_smollm2.py", argv, args.eval_tokens, dense, rows,
-                      dsnot_options="max_cycles=50, threshold=0.1, var_power=1 (the paper's defaults); "
-                                    "attn: skip=(^|\\.)mlp\\.")
+                      dsnot_options="all: max_cycles=50, threshold=0.1/2048, var_power=1 (the paper's defaults, "
+                                    "threshold in our units); attn: also skip=(^|\\.)mlp\\.; t0.1: threshold=0.1")
     write_json(out, args.out)
     return 0
 

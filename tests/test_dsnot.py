@@ -39,9 +39,9 @@ def _loop_dsnot(W, mask, mean, var, imp, spec, max_cycles, threshold, var_power)
             g = grow.pop(0)
             if spec.is_nm:
                 start = g - g % spec.m
-                cand = [j for j in range(start, start + spec.m) if not locked[j]]
-                if not cand:
-                    break
+                cand = [j for j in range(start, start + spec.m) if keep[j] and not locked[j]]
+                if not cand:  # nothing left to drop in that group: pass the grown weight over
+                    continue
                 p = min(cand, key=lambda j: (imp[i][j], j))
             else:
                 drop = drop_neg if e > 0 else drop_pos
@@ -67,15 +67,16 @@ def _data(rows=24, cols=64, seed=0):
     return X, W
 
 
-@pytest.mark.parametrize("sparsity", [0.5, 0.7, "2:4", "4:8", "1:4"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.7, "2:4", "4:8", "1:4", "1:8"])
 @pytest.mark.parametrize("threshold", [0.0, 0.5])
 def test_dsnot_matches_the_per_row_loop(sparsity, threshold):
-    X, W = _data(seed={0.5: 1, 0.7: 2, "2:4": 3, "4:8": 4, "1:4": 5}[sparsity])
+    X, W = _data(seed={0.5: 1, 0.7: 2, "2:4": 3, "4:8": 4, "1:4": 5, "1:8": 6}[sparsity])
     ns = (X.double() ** 2).sum(0)
     spec = parse_sparsity(sparsity)
     _, mask = wanda_prune(W, ns.float(), sparsity)
     imp = wanda_scores(W, ns)
     mean, var = X.double().mean(0), X.double().var(0, unbiased=False)
+    before = mask.clone()
     got = dsnot_refine(W, mask, mean, var, imp, spec, max_cycles=30, threshold=threshold, var_power=1.0)
     want = _loop_dsnot(W, mask, mean, var, imp, spec, 30, threshold, 1.0)
     assert torch.equal(got, want), f"{int((got != want).sum())} mask entries differ from the loop"
@@ -88,8 +89,7 @@ def test_dsnot_matches_the_per_row_loop(sparsity, threshold):
     e0 = torch.where(mask, 0.0, D).sum(1)
     e1 = torch.where(got, 0.0, D).sum(1)
     assert bool((e1.abs() <= e0.abs() + 1e-9).all()) and bool((torch.sign(e1) * torch.sign(e0) >= 0).all())
-    assert not torch.equal(got, mask) or threshold > 0
-    assert torch.equal(mask.clone(), mask)  # the input mask is not modified
+    assert torch.equal(mask, before), "the input mask was modified"
     assert torch.equal(dsnot_refine(W, mask, mean, var, imp, spec, max_cycles=0), mask)
 
 
@@ -109,6 +109,37 @@ def test_dsnot_worked_example():
     assert torch.equal(dsnot_refine(W, mask, one, one, W.abs(), None, threshold=2.0), mask)
 
 
+def test_dsnot_nm_passes_over_an_exhausted_group():
+    # 1:4, mean = var = 1; kept: columns 3 and 7; e = 3 + 2 + .01 + 1.5 + .01 + .01 = 6.53
+    W = torch.tensor([[3.0, 2.0, 0.01, -0.5, 1.5, 0.01, 0.01, -0.5]])
+    mask = torch.tensor([[False, False, False, True, False, False, False, True]])
+    one = torch.ones(8)
+    got = dsnot_refine(W, mask, one, one, W.abs(), "1:4", threshold=0.0)
+    # grow 0 / drop 3 (e 3.03); grow 1: group 0 has nothing left, passed over; grow 4 / drop 7 (e 1.03)
+    assert got.tolist() == [[True, False, False, False, True, False, False, False]]
+
+
+def test_dsnot_large_layer_memory_is_bounded():
+
+    rows, cols = 1024, 4096
+    g = torch.Generator().manual_seed(0)
+    W, mean, var = torch.randn(rows, cols, generator=g), torch.randn(cols, generator=g), torch.rand(cols, generator=g)
+    _, mask = wanda_prune(W, torch.ones(cols), 0.5)
+    sizes = []
+    real_sort = torch.sort
+
+    def spy(t, *a, **kw):
+        sizes.append(t.numel())
+        return real_sort(t, *a, **kw)
+
+    torch.sort = spy
+    try:
+        dsnot_refine(W, mask, mean, var, W.abs(), None, threshold=0.0)
+    finally:
+        torch.sort = real_sort
+    assert sizes and max(sizes) <= 1 << 21, f"a sort over {max(sizes)} elements: rows are not ranked in chunks"
+
+
 def test_dsnot_inputs_and_options_are_checked():
     W, mask = torch.randn(4, 8), torch.ones(4, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match="mask: expected a bool tensor of shape"):
@@ -117,9 +148,22 @@ def test_dsnot_inputs_and_options_are_checked():
         dsnot_refine(W, mask, torch.zeros(7), torch.ones(8), W.abs())
     with pytest.raises(ValueError, match="importance: expected shape"):
         dsnot_refine(W, mask, torch.zeros(8), torch.ones(8), W.abs().t())
-    assert parse_dsnot(True) == {"max_cycles": 50, "threshold": 0.1, "var_power": 1.0}
+    z, o = torch.zeros(8), torch.ones(8)
+    with pytest.raises(ValueError, match="mean: has NaN or inf"):
+        dsnot_refine(W, mask, torch.full((8,), float("nan")), o, W.abs())
+    with pytest.raises(ValueError, match="var: has negative entries"):
+        dsnot_refine(W, mask, z, -o, W.abs())
+    with pytest.raises(ValueError, match="sparsity: '2:4' needs a multiple of 4 columns, W has 6"):
+        dsnot_refine(W[:, :6], mask[:, :6], z[:6], o[:6], W[:, :6].abs(), "2:4")
+    with pytest.raises(ValueError, match="max_cycles: expected an int >= 0, got 5.0"):
+        dsnot_refine(W, mask, z, o, W.abs(), max_cycles=5.0)
+    with pytest.raises(ValueError, match="threshold: expected a finite number >= 0, got -1"):
+        dsnot_refine(W, mask, z, o, W.abs(), threshold=-1)
+    with pytest.raises(ValueError, match="W: has NaN or inf"):
+        dsnot_refine(W.masked_fill(mask, float("inf")), mask, z, o, W.abs())
+    assert parse_dsnot(True) == {"max_cycles": 50, "threshold": 0.1 / 2048, "var_power": 1.0}
     assert parse_dsnot(False) is None and parse_dsnot({"threshold": 0})["threshold"] == 0
-    with pytest.raises(ValueError, match="unknown options \\['cycles'\\]"):
+    with pytest.raises(ValueError, match="dsnot: unknown options \\['cycles'\\]"):
         parse_dsnot({"cycles": 3})
     with pytest.raises(ValueError, match="max_cycles must be an int >= 0"):
         parse_dsnot({"max_cycles": -1})
@@ -181,12 +225,37 @@ def test_prune_with_dsnot(method, sparsity):
             assert torch.equal(a.weight[k], d.weight[k]), n
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prune_dsnot_defaults_swap(dtype):
+    """With the default options (threshold 0.1 / 2048) DSnoT does swap, in fp16 too."""
+    m = _tiny_llama().to(dtype)
+    rep = sk.prune(m, method="wanda", sparsity=0.5, calibration=CALIB, progress=False, dsnot=True)
+    assert sum(r.dsnot_swaps for r in rep.layers) > 100
+    assert all(abs(r.sparsity - 0.5) < 1e-6 for r in rep.layers)
+
+
+def test_prune_dsnot_on_gpt2_conv1d():
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    g = transformers.GPT2LMHeadModel(cfg).eval()
+    dense = {n: p.detach().clone() for n, p in g.named_parameters()}
+    rep = sk.prune(g, method="wanda", sparsity="2:4", calibration=CALIB, progress=False, dsnot=True)
+    assert sum(r.dsnot_swaps for r in rep.layers) > 0
+    for n, p in g.named_parameters():
+        if n.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight")):
+            w = p.detach().t()  # Conv1D stores [in, out]
+            assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()), n
+            k = p != 0
+            assert torch.equal(p[k], dense[n][k]), n
+
+
 def test_prune_dsnot_skip_permute_and_convert():
     m = _tiny_llama()
     rep = sk.prune(m, method="wanda", sparsity="2:4", calibration=CALIB, progress=False, permute={"rounds": 5},
                    dsnot={"skip": r"^mlp\.", "threshold": 0.0}, convert=True)
     for r in rep.layers:
         assert (r.dsnot_swaps is None) == r.name.startswith("mlp."), r.name
+        assert r.name.startswith("mlp.") or r.dsnot_swaps > 0, r.name
     assert isinstance(m.model.layers[0].self_attn.q_proj, sk.SparseLinear)  # 2:4 after the permutation
 
 
@@ -197,3 +266,5 @@ def test_prune_dsnot_rejects():
         sk.prune(_tiny_llama(), method="magnitude", sparsity=0.5, dsnot=True, progress=False)
     with pytest.raises(ValueError, match="unknown options"):
         sk.prune(_tiny_llama(), method="wanda", sparsity=0.5, calibration=CALIB, dsnot={"bogus": 1}, progress=False)
+    with pytest.raises(ValueError, match="method 'structured' .* takes none of owl, permute, dsnot"):
+        sk.prune(_tiny_llama(), method="structured", sparsity=0.25, dsnot=True, criterion="magnitude")

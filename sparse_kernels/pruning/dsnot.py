@@ -19,7 +19,14 @@ one), keeping the sparsity exactly.  Each cycle, in every row still improving:
 * the pair is applied while ``|e_i|`` exceeds ``threshold`` and ``e_i`` keeps its initial sign
   after the swap (N:M: and ``|e_i|`` shrinks; the paper's N:M loop lacks this check and can grow
   the error, since the dropped weight's term may have either sign); the first time any fails,
-  the row stops.
+  the row stops.  N:M: a grown weight whose group has no untouched kept weight left (possible
+  when M - N > N, e.g. 1:4) is passed over and the row goes on with the next one.
+
+Defaults: the paper's ``max_cycles=50``, ``var_power=1`` and ``update_threshold=0.1``, the last
+converted to our units: the paper's statistic sums ``x`` over each 2048-token calibration
+sequence, so its error is 2048 times ours (a mean over tokens), and 0.1 there is ``0.1 / 2048``
+here.  Unlike the paper's scripts (``--skip_layer mlp``), every layer is refined by default: on
+SmolLM2 that measured better (docs/PRUNING.md); ``skip`` restores theirs.
 
 There is no weight update: the kept weights keep their values.  At most ``max_cycles`` swaps a
 row.  Here the drop candidates of an unstructured row are its kept weights with a negative and
@@ -38,7 +45,9 @@ from .patterns import Sparsity, option_dict
 
 __all__ = ["dsnot_refine", "ActivationMomentsAccumulator", "parse_dsnot", "DSNOT_DEFAULTS"]
 
-DSNOT_DEFAULTS = {"max_cycles": 50, "threshold": 0.1, "var_power": 1.0}
+# threshold: the paper's update_threshold 0.1 is in its own units, where the calibration statistic
+# sums x over each 2048-token sequence (so its error is 2048 x ours, a mean over tokens): 0.1 / 2048
+DSNOT_DEFAULTS = {"max_cycles": 50, "threshold": 0.1 / 2048, "var_power": 1.0}
 
 
 def parse_dsnot(dsnot) -> dict | None:
@@ -95,25 +104,20 @@ class ActivationMomentsAccumulator(ActivationNormAccumulator):
         return out
 
 
-def _ordered(values: torch.Tensor, valid: torch.Tensor, descending: bool):
-    """Per row, the column indices where ``valid``, ordered by ``values`` (stable), and how many."""
+_CHUNK_ELEMS = 1 << 21  # rows are ranked in chunks of about this many weights (bounded memory)
+
+
+def _first_k(values: torch.Tensor, valid: torch.Tensor, descending: bool, k: int):
+    """Per row, the first ``k`` column indices where ``valid``, ordered by ``values`` (stable: ties
+    by column), and how many are valid."""
     big = torch.finfo(values.dtype).max
     key = torch.where(valid, -values if descending else values, torch.full_like(values, big))
-    return torch.sort(key, dim=1, stable=True).indices, valid.sum(1)
+    return torch.sort(key, dim=1, stable=True).indices[:, :k].contiguous(), valid.sum(1)
 
 
-@torch.no_grad()
-def dsnot_refine(W: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                 importance: torch.Tensor, sparsity: Sparsity | None = None, *, max_cycles: int = 50,
-                 threshold: float = 0.1, var_power: float = 1.0) -> torch.Tensor:
-    """DSnoT's swaps on ``mask`` (bool ``[rows, cols]``, True = kept) of the dense ``W``; returns
-    the refined mask (a new tensor; same number of kept weights in every row, and with an N:M
-    ``sparsity`` in every group).
+def _check_refine_args(W, mask, mean, var, importance, sparsity, max_cycles, threshold, var_power):
+    from .patterns import parse_sparsity
 
-    ``mean``/``var``: ``[cols]`` statistics of the layer's input over the calibration tokens;
-    ``importance``: ``[rows, cols]``, the criterion's score (the least important kept weight is
-    dropped first).  See the module docstring for the algorithm.
-    """
     V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
     rows, cols = W.shape
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (rows, cols):
@@ -123,59 +127,108 @@ def dsnot_refine(W: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: t
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != cols:
             raise ValueError(f"{name}: expected a 1-D tensor of {cols} entries (one per column of W), got "
                              f"{tuple(getattr(t, 'shape', ()))}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: has NaN or inf entries; the input statistics must be finite")
+    if bool((var < 0).any()):
+        raise ValueError("var: has negative entries (it is a variance)")
     if not isinstance(importance, torch.Tensor) or tuple(importance.shape) != (rows, cols):
         raise ValueError(f"importance: expected shape {(rows, cols)}, got {tuple(getattr(importance, 'shape', ()))}")
-    nm = sparsity is not None and sparsity.is_nm
+    if bool(torch.isnan(importance).any()):
+        raise ValueError("importance: has NaN entries")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("W: has NaN or inf entries")
+    spec = None if sparsity is None else (sparsity if isinstance(sparsity, Sparsity) else parse_sparsity(sparsity))
+    if spec is not None and spec.is_nm and cols % spec.m:
+        raise ValueError(f"sparsity: '{spec}' needs a multiple of {spec.m} columns, W has {cols}")
+    if isinstance(max_cycles, bool) or not isinstance(max_cycles, int) or max_cycles < 0:
+        raise ValueError(f"max_cycles: expected an int >= 0, got {max_cycles!r}")
+    for name, v in (("threshold", threshold), ("var_power", var_power)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    return spec
+
+
+@torch.no_grad()
+def dsnot_refine(W: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                 importance: torch.Tensor, sparsity=None, *, max_cycles: int = DSNOT_DEFAULTS["max_cycles"],
+                 threshold: float = DSNOT_DEFAULTS["threshold"],
+                 var_power: float = DSNOT_DEFAULTS["var_power"]) -> torch.Tensor:
+    """DSnoT's swaps on ``mask`` (bool ``[rows, cols]``, True = kept) of the dense ``W``; returns
+    the refined mask (a new tensor; same number of kept weights in every row, and with an N:M
+    ``sparsity`` (a :class:`Sparsity` or a string such as ``"2:4"``) in every group).
+
+    ``mean``/``var``: ``[cols]`` statistics of the layer's input over the calibration tokens;
+    ``importance``: ``[rows, cols]``, the criterion's score (the least important kept weight is
+    dropped first).  See the module docstring for the algorithm.  Memory: the mask, a bool
+    ``[rows, cols]`` and ``4 x [rows, max_cycles]`` indices, plus temporaries for about 2M
+    weights at a time.  Raises ValueError/TypeError naming the argument for bad inputs.
+    """
+    spec = _check_refine_args(W, mask, mean, var, importance, sparsity, max_cycles, threshold, var_power)
+    nm = spec is not None and spec.is_nm
+    rows, cols = W.shape
     dev = W.device
     mask = mask.clone().to(dev)
-    D = W.detach().double() * mean.to(dev, torch.float64)                   # each weight's share of the mean output
-    Rg = D / var.to(dev, torch.float64).clamp_min(1e-12).pow(var_power)     # grow score
-    imp = importance.to(dev, torch.float64)
-    e = torch.where(mask, 0.0, D).sum(1)                                    # expected error per row
+    mean64 = mean.to(dev, torch.float64)
+    scale = var.to(dev, torch.float64).clamp_min(1e-12).pow(var_power)
+    imp = importance.to(dev)
+    k = max(min(max_cycles, cols), 1)
+    e = torch.empty(rows, dtype=torch.float64, device=dev)                 # expected error per row
+    lists = {n: torch.zeros(rows, k, dtype=torch.long, device=dev) for n in ("gp", "gn", "dn", "dp")}
+    counts = {n: torch.zeros(rows, dtype=torch.long, device=dev) for n in lists}
+    step = max(1, _CHUNK_ELEMS // max(cols, 1))
+    for a in range(0, rows, step):                                          # rank a chunk of rows at a time
+        b = min(rows, a + step)
+        D = W[a:b].double() * mean64                                        # each weight's share of the mean output
+        kept = mask[a:b]
+        e[a:b] = torch.where(kept, 0.0, D).sum(1)
+        grow = D / scale
+        lists["gp"][a:b], counts["gp"][a:b] = _first_k(grow, ~kept & (D > 0), True, k)
+        lists["gn"][a:b], counts["gn"][a:b] = _first_k(grow, ~kept & (D < 0), False, k)
+        if not nm:
+            lists["dn"][a:b], counts["dn"][a:b] = _first_k(imp[a:b], kept & (D < 0), False, k)
+            lists["dp"][a:b], counts["dp"][a:b] = _first_k(imp[a:b], kept & (D > 0), False, k)
+        del D, grow
     sign0 = torch.sign(e)
     r = torch.arange(rows, device=dev)
-    pruned = ~mask
-    grow_pos, n_gp = _ordered(Rg, pruned & (D > 0), descending=True)
-    grow_neg, n_gn = _ordered(Rg, pruned & (D < 0), descending=False)
-    ptr = torch.zeros(rows, 2, dtype=torch.long, device=dev)                # into grow_pos, grow_neg
-    if nm:
-        imp_kept = torch.where(mask, imp, torch.inf)                        # pruned: never dropped
-        m = sparsity.m
-    else:
-        drop_neg, n_dn = _ordered(imp, mask & (D < 0), descending=False)
-        drop_pos, n_dp = _ordered(imp, mask & (D > 0), descending=False)
-        dptr = torch.zeros(rows, 2, dtype=torch.long, device=dev)           # into drop_neg, drop_pos
+    ptr = torch.zeros(rows, 2, dtype=torch.long, device=dev)                # grow pointers: positive, negative
+    dptr = torch.zeros(rows, 2, dtype=torch.long, device=dev)               # drop pointers: negative, positive
+    locked = ~mask if nm else None                                          # N:M: never dropped
+    arange_m = torch.arange(spec.m, device=dev) if nm else None
     active = torch.abs(e) > threshold
     for _ in range(max_cycles):
         if not bool(active.any()):
             break
         up = e > 0
-        side = (~up).long()                                                 # 0: grow positive, 1: negative
+        side = (~up).long()                                                 # 0: grow positive (e > 0), 1: negative
         gp = ptr[r, side]
-        have = gp < torch.where(up, n_gp, n_gn)
-        g = torch.where(up, grow_pos[r, gp.clamp_max(cols - 1)], grow_neg[r, gp.clamp_max(cols - 1)])
+        has_g = gp < torch.where(up, counts["gp"], counts["gn"]).clamp_max(k)
+        gi = gp.clamp_max(k - 1)
+        g = torch.where(up, lists["gp"][r, gi], lists["gn"][r, gi])
         if nm:
-            start = g - g % m
-            grp = start.unsqueeze(1) + torch.arange(m, device=dev)
-            p = start + imp_kept.gather(1, grp).argmin(1)
-            have &= torch.isfinite(imp_kept[r, p])
+            start = g - g % spec.m
+            grp = start.unsqueeze(1) + arange_m
+            ok = mask.gather(1, grp) & ~locked.gather(1, grp)
+            has_p = ok.any(1)
+            p = start + torch.where(ok, imp.gather(1, grp), torch.inf).argmin(1)
         else:
             dp = dptr[r, side]
-            have &= dp < torch.where(up, n_dn, n_dp)
-            p = torch.where(up, drop_neg[r, dp.clamp_max(cols - 1)], drop_pos[r, dp.clamp_max(cols - 1)])
-        e_after = e - D[r, g] + D[r, p]
-        upd = active & have & (torch.abs(e) > threshold) & (torch.sign(e_after) == sign0)
+            has_p = dp < torch.where(up, counts["dn"], counts["dp"]).clamp_max(k)
+            di = dp.clamp_max(k - 1)
+            p = torch.where(up, lists["dn"][r, di], lists["dp"][r, di])
+            dptr[r, side] += 1
+        ptr[r, side] += 1
+        e_after = e - W[r, g].double() * mean64[g] + W[r, p].double() * mean64[p]
+        good = (torch.abs(e) > threshold) & (torch.sign(e_after) == sign0)
         if nm:  # the dropped weight is only the group's least important: its term may point either way
-            upd &= torch.abs(e_after) < torch.abs(e)
+            good &= torch.abs(e_after) < torch.abs(e)
+        upd = active & has_g & has_p & good
         rows_u = r[upd]
         mask[rows_u, g[upd]] = True
         mask[rows_u, p[upd]] = False
         if nm:
-            imp_kept[rows_u, p[upd]] = torch.inf                            # dropped now
-            imp_kept[rows_u, g[upd]] = torch.inf                            # grown: kept for good
-        else:
-            dptr[r, side] += 1
-        ptr[r, side] += 1
+            locked[rows_u, g[upd]] = True
+            locked[rows_u, p[upd]] = True
         e = torch.where(upd, e_after, e)
-        active = upd
+        # N:M: a grown weight whose group has nothing left to drop is passed over (the row goes on)
+        active = upd | (active & has_g & ~has_p) if nm else upd
     return mask

@@ -434,6 +434,10 @@ def prune(
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(sorted(METHODS))}")
     meth = METHODS[method]
     if meth.prune_model is not None:
+        given = [k for k, v in (("owl", owl), ("permute", permute), ("dsnot", dsnot), ("convert", convert)) if v]
+        if given:
+            raise ValueError(f"prune: method {method!r} prunes the whole model its own way and takes none of owl, "
+                             f"permute, dsnot, convert; got {', '.join(given)}")
         return meth.prune_model(model, sparsity, calibration, batch_size=batch_size, **method_options)
     unknown = sorted(set(method_options) - set(meth.option_names))
     if unknown:

@@ -19,6 +19,7 @@ examples:
   sparse-kernels demo --nsamples 128 --eval-tokens 65536 --out out/demo-big
   sparse-kernels prune --method sparsegpt --pattern 2:4 --output out/smollm2-2of4
   sparse-kernels prune --method wanda --sparsity 0.6 --nsamples 64 --output out/smollm2-wanda60
+  sparse-kernels prune --method wanda --pattern 2:4 --permute --dsnot --output out/smollm2-wanda-2of4
   sparse-kernels prune --method sparsegpt --pattern 2:4 --finetune-steps 200 --output out/smollm2-2of4-ft
   sparse-kernels prune --method structured --sparsity 0.5 --criterion activation --output out/smollm2-ffn50
   sparse-kernels prune --method sparsegpt --pattern 2:4 --format compressed-tensors --output out/smollm2-2of4-ct

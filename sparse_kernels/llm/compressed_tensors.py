@@ -18,8 +18,9 @@ them straight into :class:`sparse_kernels.nn.SparseLinear`: a 2:4 weight becomes
 by a table lookup on its bitmask (:func:`sparse_kernels.from_compressed_tensors_24`), a
 ``sparse-bitmask`` one our bitmask layer as stored (the same bit order), never the dense weight
 (unless ``unstructured="dense"``).  :func:`save` writes a model with SparseLinear layers back in
-that format, readable by compressed-tensors 0.12 and earlier (and so by llm-compressor, and by
-transformers with such a compressed-tensors).
+that format, readable by compressed-tensors 0.12 and earlier (and by the llm-compressor and
+transformers releases that use such a compressed-tensors; transformers 5 needs compressed-tensors
+0.15 or later, which has no sparse decompressors).
 
 Quantized checkpoints (``config_groups``, ``marlin-24``, FP8 2:4) and transforms are refused with
 a clear error: our kernels run 16- and 32-bit weights.

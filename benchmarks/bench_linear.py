@@ -373,6 +373,21 @@ def write(rows, out, device, quiet=False):
     return write_table(rows, os.path.join(out, f"bench_linear_{device}"), quiet)
 
 
+def smollm2_setup(eval_tokens):
+    """What the SmolLM2 accuracy scripts start from: ``(model, src, calibration, eval tokens,
+    snapshot of the dense weights, dense perplexity)`` with the CLI's defaults (32 x 512 kjv-ot
+    calibration tokens, seed 0; ``eval_tokens`` of kjv-nt)."""
+    from sparse_kernels.llm import data, evaluate, models
+
+    model, tok, src = models.load_model(None)
+    calib = data.calibration_samples(tok, 32, 512, seed=0)
+    ev = data.eval_tokens(tok, eval_tokens)
+    snap = models.snapshot(model)
+    dense = evaluate.perplexity(model, ev).ppl
+    print(f"dense perplexity {dense:.3f}", flush=True)
+    return model, src, calib, ev, snap, dense
+
+
 def smollm2_doc(what, script, argv, eval_tokens, dense_ppl, rows, **extra):
     """The record the SmolLM2 accuracy scripts (permutation_smollm2.py, dsnot_smollm2.py) write: what,
     machine, versions, date, the CLI-default calibration and evaluation, the command, dense

@@ -20,8 +20,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import smollm2_doc, write_json  # noqa: E402
-from sparse_kernels.llm import data, demo, evaluate, models  # noqa: E402
+from bench_linear import smollm2_doc, smollm2_setup, write_json  # noqa: E402
+from sparse_kernels.llm import demo, evaluate, models  # noqa: E402
 
 VARIANTS = {"none": False, "all": True, "attn": {"skip": r"(^|\.)mlp\."}, "t0.1": {"threshold": 0.1}}
 
@@ -41,12 +41,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"--configs: variant {variant!r} is not one of {', '.join(VARIANTS)}")
         configs.append((method, sparsity, variant))
 
-    model, tok, src = models.load_model(None)
-    calib = data.calibration_samples(tok, 32, 512, seed=0)
-    ev = data.eval_tokens(tok, args.eval_tokens)
-    snap = models.snapshot(model)
-    dense = evaluate.perplexity(model, ev).ppl
-    print(f"dense perplexity {dense:.3f}", flush=True)
+    model, src, calib, ev, snap, dense = smollm2_setup(args.eval_tokens)
     rows = []
     for method, sparsity, variant in configs:
         models.restore(model, snap)

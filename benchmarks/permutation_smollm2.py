@@ -21,8 +21,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import smollm2_doc, write_json  # noqa: E402
-from sparse_kernels.llm import data, demo, evaluate, models  # noqa: E402
+from bench_linear import smollm2_doc, smollm2_setup, write_json  # noqa: E402
+from sparse_kernels.llm import demo, evaluate, models  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,12 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/cpu/permutation_smollm2.json")
     args = ap.parse_args(argv)
 
-    model, tok, src = models.load_model(None)
-    calib = data.calibration_samples(tok, 32, 512, seed=0)
-    ev = data.eval_tokens(tok, args.eval_tokens)
-    snap = models.snapshot(model)
-    dense = evaluate.perplexity(model, ev).ppl
-    print(f"dense perplexity {dense:.3f}", flush=True)
+    model, src, calib, ev, snap, dense = smollm2_setup(args.eval_tokens)
     rows = []
     for method in args.methods.split(","):
         for permute in ((False,) if not args.no_baseline else ()) + ({"rounds": args.rounds},):

@@ -542,3 +542,16 @@ def test_dense_format_keeps_dense_targets_dense(tmp_path):
 def test_load_model_needs_a_tokenizer():
     with pytest.raises(FileNotFoundError, match="without tokenizer files"):
         models.load_model(FIX24)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compressed_tensors_load_on_cuda():
+    exp = _expected(FIX24)
+    m, info = ct.load(FIX24, device="cuda")
+    assert m.model.layers[0].mlp.down_proj.values.device.type == "cuda"
+    ids = torch.tensor(exp["input_ids"])
+    exact = _logits(ct.load(FIX24, convert=False)[0].double(), ids)
+    lowp = _logits(ct.load(FIX24, convert=False)[0], ids)
+    with torch.no_grad():
+        got = m(input_ids=ids.cuda(), use_cache=False).logits.float().cpu()
+    assert_matmul_close(got, exact, lowp, "logits on CUDA", factor=4.0)

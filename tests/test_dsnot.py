@@ -268,3 +268,17 @@ def test_prune_dsnot_rejects():
         sk.prune(_tiny_llama(), method="wanda", sparsity=0.5, calibration=CALIB, dsnot={"bogus": 1}, progress=False)
     with pytest.raises(ValueError, match="method 'structured' .* takes none of owl, permute, dsnot"):
         sk.prune(_tiny_llama(), method="structured", sparsity=0.25, dsnot=True, criterion="magnitude")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sparsity", [0.5, "2:4"])
+def test_dsnot_on_cuda_matches_cpu(sparsity):
+    X, W = _data(rows=64, cols=128, seed=7)
+    ns = (X.double() ** 2).sum(0)
+    spec = parse_sparsity(sparsity)
+    _, mask = wanda_prune(W, ns.float(), sparsity)
+    imp = wanda_scores(W, ns)
+    mean, var = X.double().mean(0), X.double().var(0, unbiased=False)
+    cpu = dsnot_refine(W, mask, mean, var, imp, spec, threshold=0.0)
+    gpu = dsnot_refine(W.cuda(), mask.cuda(), mean.cuda(), var.cuda(), imp.cuda(), spec, threshold=0.0)
+    assert gpu.device.type == "cuda" and torch.equal(gpu.cpu(), cpu)

@@ -196,7 +196,7 @@ def test_permutation_bad_inputs(kw, err, msg):
 def test_parse_permute():
     assert parse_permute(False) is None and parse_permute(None) is None and parse_permute(True) == {}
     assert parse_permute({"rounds": 5, "seed": 2}) == {"rounds": 5, "seed": 2}
-    with pytest.raises(TypeError, match="permute: expected a bool or a dict"):
+    with pytest.raises(TypeError, match="permute: expected True, False or a dict"):
         parse_permute("yes")
     with pytest.raises(ValueError, match=r"unknown options \['iters'\]"):
         parse_permute({"iters": 3})
@@ -287,7 +287,7 @@ def test_prune_with_permutation_reduces_wanda_output_error():
 
 @pytest.mark.parametrize("kw,err,msg", [
     (dict(sparsity=0.5, permute=True), ValueError, "permute: needs an 'N:M' sparsity"),
-    (dict(sparsity="2:4", permute="yes"), TypeError, "permute: expected a bool or a dict"),
+    (dict(sparsity="2:4", permute="yes"), TypeError, "permute: expected True, False or a dict"),
     (dict(sparsity="2:4", permute={"bogus": 1}), ValueError, "unknown options"),
     (dict(sparsity="2:4", permute=True, method="magnitude", scope="global"), ValueError, "scope='global'"),
 ])

@@ -239,16 +239,11 @@ def parse_permute(permute) -> dict | None:
     """``prune(permute=...)``: False/None -> None, True -> ``{}`` (the defaults), a dict of
     :func:`find_permutation` options plus ``fold`` (bool) -> that dict (checked).
     ValueError/TypeError otherwise."""
-    if permute is None or permute is False:
+    from .patterns import option_dict
+
+    permute = option_dict(permute, "permute", {}, extra=tuple(_OPTIONS))
+    if permute is None:
         return None
-    if permute is True:
-        return {}
-    if not isinstance(permute, dict):
-        raise TypeError(f"permute: expected a bool or a dict of {', '.join(_OPTIONS)}, got "
-                        f"{type(permute).__name__}")
-    unknown = sorted(set(permute) - set(_OPTIONS))
-    if unknown:
-        raise ValueError(f"permute: unknown options {unknown}; expected some of {', '.join(_OPTIONS)}")
     if not isinstance(permute.get("fold", True), bool):
         raise ValueError(f"permute: fold must be True or False, got {permute['fold']!r}")
     for k in ("rounds", "patience", "seed"):

@@ -555,3 +555,24 @@ def test_compressed_tensors_load_on_cuda():
     with torch.no_grad():
         got = m(input_ids=ids.cuda(), use_cache=False).logits.float().cpu()
     assert_matmul_close(got, exact, lowp, "logits on CUDA", factor=4.0)
+
+
+def test_load_legacy_compression_config(tmp_path):
+    """compressed-tensors up to 0.4 (the sparseml era) wrote the section as ``compression_config``
+    (quantization fields plus ``sparsity_config``, no quant_method)."""
+    d = _copy(FIXBM, tmp_path)
+
+    def legacy(c):
+        qc = c.pop("quantization_config")
+        c["compression_config"] = {"sparsity_config": qc["sparsity_config"]}
+
+    _edit_config(d, legacy)
+    assert ct.is_compressed_tensors(str(d)) and models.resolve(str(d)).kind == "compressed-tensors"
+    m, info = ct.load(str(d))
+    assert set(info.layers.values()) == {"bitmask"} and len(info.layers) == 14
+    for name, digest in _expected(FIXBM)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest
+    out = tmp_path / "resaved"
+    ct.save(m, str(out))
+    cfg = json.loads((out / "config.json").read_text())
+    assert "compression_config" not in cfg and cfg["quantization_config"]["quant_method"] == ct.QUANT_METHOD

@@ -84,25 +84,44 @@ def _is_quantized(qc: dict) -> bool:
                 or (groups and qc.get("format") not in (None, FORMAT_DENSE)))
 
 
+def _section(cfg: dict):
+    """The compression section of a config.json: ``quantization_config`` with ``quant_method:
+    compressed-tensors`` (compressed-tensors 0.5 and later), else the ``compression_config`` that
+    compressed-tensors up to 0.4 (the sparseml era) wrote, quantization fields and
+    ``sparsity_config`` alike.  ``(section, None)`` or ``(None, why not)``."""
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD:
+        return qc, None
+    legacy = cfg.get("compression_config")
+    if isinstance(legacy, dict) and legacy.get("quant_method", QUANT_METHOD) == QUANT_METHOD and legacy:
+        return legacy, None
+    got = qc.get("quant_method") if isinstance(qc, dict) else qc
+    return None, (f"quantization_config.quant_method is {got!r}, expected {QUANT_METHOD!r}, and there is no "
+                  f"compression_config (not a compressed-tensors checkpoint)")
+
+
 def is_compressed_tensors(path: str) -> bool:
     """True when ``path`` is a directory holding a *sparse, unquantized* compressed-tensors
-    checkpoint (config.json: ``quant_method: compressed-tensors``, a ``sparsity_config``, no
-    quantization): what :func:`load` reads.  Quantized compressed-tensors models are left to
-    transformers (``from_pretrained`` with compressed-tensors installed)."""
+    checkpoint (config.json: ``quant_method: compressed-tensors``, or the legacy
+    ``compression_config``; a ``sparsity_config``; no quantization): what :func:`load` reads.
+    Quantized compressed-tensors models are left to transformers (``from_pretrained`` with
+    compressed-tensors installed)."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         return False
     try:
         with open(cpath) as f:
-            qc = json.load(f).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
+            cfg = json.load(f)
+    except (OSError, ValueError):
         return False
-    return (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
-            and isinstance(qc.get("sparsity_config"), dict) and bool(qc["sparsity_config"]) and not _is_quantized(qc))
+    qc, _ = _section(cfg) if isinstance(cfg, dict) else (None, None)
+    return (qc is not None and isinstance(qc.get("sparsity_config"), dict) and bool(qc["sparsity_config"])
+            and not _is_quantized(qc))
 
 
 def read_config(path: str) -> tuple[dict, dict]:
-    """``(model config without quantization_config, sparsity_config)`` of the checkpoint ``path``.
+    """``(model config without its compression section, sparsity_config)`` of the checkpoint
+    ``path`` (see :func:`_section` for where that section is).
 
     Raises CompressedTensorsError for a missing or unreadable config.json, a checkpoint that is
     not compressed-tensors, quantization (config_groups, a quantized format), transforms, and a
@@ -112,11 +131,11 @@ def read_config(path: str) -> tuple[dict, dict]:
     if not os.path.isfile(cpath):
         raise CompressedTensorsError(f"{path}: config.json is missing (not a Hugging Face model directory)")
     cfg = _read_json(cpath)
-    qc = cfg.pop("quantization_config", None)
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
-        got = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise CompressedTensorsError(f"{cpath}: quantization_config.quant_method is {got!r}, expected "
-                                     f"{QUANT_METHOD!r} (not a compressed-tensors checkpoint)")
+    qc, why = _section(cfg)
+    if qc is None:
+        raise CompressedTensorsError(f"{cpath}: {why}")
+    cfg.pop("quantization_config", None)
+    cfg.pop("compression_config", None)
     if _is_quantized(qc):
         raise CompressedTensorsError(f"{cpath}: the checkpoint is quantized (format {qc.get('format')!r}, config "
                                      f"groups {sorted(qc.get('config_groups') or {})}); sparse_kernels reads sparse "
@@ -558,7 +577,7 @@ def _check_architecture(cfg: dict, layers: dict[str, nn.Module]) -> None:
     device) has an nn.Linear of the same shape: a reader builds that module and fills its weight."""
     if "model_type" not in cfg:
         raise ValueError("model: its config has no model_type; compressed-tensors checkpoints are Hugging Face models")
-    arch = _skeleton({k: v for k, v in cfg.items() if k != "quantization_config"})
+    arch = _skeleton({k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")})
     for name, mod in layers.items():
         try:
             orig = arch.get_submodule(name)
@@ -614,6 +633,7 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     layers = _sparse_layers(model)
     fmt = _choose_format(layers, format)
     cfg = model.config.to_dict()
+    cfg.pop("compression_config", None)  # a legacy section would compete with the one written here
     _check_architecture(cfg, layers)
     sd = {}
     for name, mod in layers.items():

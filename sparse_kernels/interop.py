@@ -23,7 +23,7 @@ import torch
 
 from .ops import _validate as V
 from .ops.sparse24 import check_packed
-from .reference.sparse24 import meta_nibbles
+from .reference.sparse24 import meta_nibbles, pack_nibbles
 
 
 def _cutlass_meta_offsets(rows: int, meta_cols: int, device) -> torch.Tensor:
@@ -113,6 +113,13 @@ for _i1 in range(4):
 _PAD_NIBBLE = 0 | 1 << 2  # the all-zero group's (0, 1), as compress_2to4 stores it
 
 
+def bitmask_groups(bitmask: torch.Tensor) -> torch.Tensor:
+    """A compressed-tensors bitmask ``[rows, ceil(cols/8)]`` uint8 -> int64 ``[rows, 2 * ceil(cols/8)]``:
+    entry ``g`` holds the 4 bits of columns ``4g..4g+3`` (bit ``i`` = column ``4g + i`` kept)."""
+    b = bitmask.to(torch.int64)
+    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(b.shape[0], 2 * b.shape[1])
+
+
 def _check_ct_cols(cols, fn: str) -> int:
     if isinstance(cols, bool) or not isinstance(cols, int):
         raise TypeError(f"{fn}: cols must be an int, got {type(cols).__name__}")
@@ -144,23 +151,19 @@ def from_compressed_tensors_24(compressed: torch.Tensor, bitmask: torch.Tensor, 
     if tuple(compressed.shape) != (rows, cols // 2):
         raise ValueError(f"{fn}: compressed has shape {tuple(compressed.shape)}; a 2:4 [{rows}, {cols}] weight "
                          f"keeps ({rows}, {cols // 2})")
-    b = bitmask.to(torch.int64)
-    groups = torch.stack((b & 0xF, b >> 4), dim=-1).reshape(rows, -1)  # 4-bit group g = cols 4g..4g+3
+    groups = bitmask_groups(bitmask)
     if cols % 8 and rows and bool((groups[:, -1] != 0).any()):
         r = int((groups[:, -1] != 0).nonzero()[0])
         raise ValueError(f"{fn}: bitmask row {r} has bits set past column {cols} (padding must be zero)")
     groups = groups[:, : cols // 4]
-    nib = _PATTERN_TO_NIBBLE.to(b.device)[groups]
+    nib = _PATTERN_TO_NIBBLE.to(groups.device)[groups]
     if bool((nib < 0).any()):
         r, g = (int(x) for x in (nib < 0).nonzero()[0])
         n = bin(int(groups[r, g])).count("1")
         raise ValueError(f"{fn}: bitmask is not 2:4: row {r}, columns {4 * g}..{4 * g + 3} mark {n} kept "
                          f"columns (exactly 2 needed)")
     padded = (cols + 15) // 16 * 16
-    nib = torch.nn.functional.pad(nib, (0, (padded - cols) // 4), value=_PAD_NIBBLE)
-    shifts = torch.arange(0, 16, 4, device=b.device)
-    meta = (nib.reshape(rows, padded // 16, 4) << shifts).sum(-1)
-    meta = torch.where(meta >= 2**15, meta - 2**16, meta).to(torch.int16)
+    meta = pack_nibbles(torch.nn.functional.pad(nib, (0, (padded - cols) // 4), value=_PAD_NIBBLE))
     values = torch.nn.functional.pad(compressed, (0, (padded - cols) // 2)) if padded != cols else compressed
     return values.contiguous(), meta
 

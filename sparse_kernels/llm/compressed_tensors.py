@@ -347,21 +347,19 @@ def _bitmask_fits_24(parts: dict) -> bool:
     cols = int(shape.flatten()[1])
     if cols <= 0 or cols % 4 or bitmask.dim() != 2 or bitmask.shape[1] != (cols + 7) // 8:
         return False
-    b = bitmask.to(torch.int64)
-    counts = _POPCOUNT4[torch.stack((b & 0xF, b >> 4), -1).reshape(b.shape[0], -1)[:, : cols // 4]]
-    return bool((counts <= 2).all())
+    from ..interop import bitmask_groups
+
+    return bool((_POPCOUNT4[bitmask_groups(bitmask)[:, : cols // 4]] <= 2).all())
 
 
 def _sparse_layer(name: str, mod: nn.Module, fmt: str, parts: dict, bias, unstructured: str):
     """The SparseLinear (or nn.Linear) for compressed layer ``name``; ``(module, pattern)``."""
     from ..nn import SparseLinear
-    from .checkpoint import is_2to4
 
     if fmt == FORMAT_BITMASK and _bitmask_fits_24(parts):  # stored as a bitmask, but 2:4: run it as 2:4
-        w = _dense_from_parts(name, fmt, parts)
-        if is_2to4(w):
-            _check_fits(name, mod, *w.shape)
-            return _sparse_24_from_weight(w, bias), "2:4"
+        w = _dense_from_parts(name, fmt, parts)  # at most 2 marked per group of 4: 2:4 by construction
+        _check_fits(name, mod, *w.shape)
+        return _sparse_24_from_weight(w, bias), "2:4"
     if fmt == FORMAT_24:
         values, meta, (rows, cols) = _parts_24(name, parts)
         _check_fits(name, mod, rows, cols)

@@ -79,11 +79,15 @@ def compress_2to4(w: torch.Tensor, prune: bool) -> tuple[torch.Tensor, torch.Ten
     idx = keep.nonzero()[:, 2].reshape(rows, cols // 4, 2)  # ascending within each group
     ibits = _BITS[w.element_size()]
     values = torch.gather(g.view(ibits), 2, idx).reshape(rows, cols // 2).view(w.dtype)
-    nib = (idx[..., 0] | (idx[..., 1] << 2)).reshape(rows, cols // 16, 4)
-    shifts = torch.arange(0, 16, 4, device=w.device)
-    meta = (nib << shifts).sum(-1)  # int64, < 2**16
-    meta = torch.where(meta >= 2**15, meta - 2**16, meta).to(torch.int16)
-    return values, meta
+    return values, pack_nibbles((idx[..., 0] | (idx[..., 1] << 2)).reshape(rows, cols // 4))
+
+
+def pack_nibbles(nib: torch.Tensor) -> torch.Tensor:
+    """int64 [rows, cols/4] of nibbles ``i0 | i1 << 2`` -> int16 meta [rows, cols/16] (the inverse
+    of :func:`meta_nibbles`)."""
+    shifts = torch.arange(0, 16, 4, device=nib.device)
+    meta = (nib.reshape(nib.shape[0], nib.shape[1] // 4, 4) << shifts).sum(-1)  # int64, < 2**16
+    return torch.where(meta >= 2**15, meta - 2**16, meta).to(torch.int16)
 
 
 def meta_nibbles(meta: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_linear import device_name, versions, write_json  # noqa: E402
-from sparse_kernels.llm import bench, data, evaluate, models  # noqa: E402
+from sparse_kernels.llm import bench, checkpoint, data, evaluate, models  # noqa: E402
 from sparse_kernels.llm import compressed_tensors as ct  # noqa: E402
 
 
@@ -36,16 +36,12 @@ def _library_model(path: str):
     try:
         from compressed_tensors import __version__ as lib_version
         from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.compressors.sparse_compressors import Sparse24BitMaskCompressor  # <= 0.12 only
+        from compressed_tensors.compressors.sparse_compressors import BitmaskCompressor  # <= 0.12 only
     except ImportError:
         return None, None
-    if Sparse24BitMaskCompressor is None:
-        return None, None
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+    del BitmaskCompressor  # imported only to tell a release with sparse compressors
     cfg, _ = ct.read_config(path)
-    mc = dict(cfg)
-    m = AutoModelForCausalLM.from_config(AutoConfig.for_model(mc.pop("model_type"), **mc))
+    m = checkpoint.model_from_config(cfg)
     ModelCompressor.from_pretrained(path).decompress(path, m)
     m.tie_weights()  # decompress assigns new Parameters, untying; transformers' loader ties them again
     return m.eval(), {"compressed_tensors": lib_version}

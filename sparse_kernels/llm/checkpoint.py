@@ -535,10 +535,25 @@ def _skeleton(cfg: dict, model: nn.Module | None) -> nn.Module:
     if not cfg.get("model_config"):
         raise CheckpointError("the checkpoint holds no Hugging Face config: pass model= (a module of the same "
                               "architecture) to load it")
+    return model_from_config(cfg["model_config"])
+
+
+def model_from_config(config: dict, *, empty: bool = False) -> nn.Module:
+    """The Hugging Face causal LM of a config dict (``model_type`` plus its fields), freshly
+    initialised; ``empty=True`` puts its parameters on the meta device instead (no memory, no
+    init; buffers stay real) when accelerate is installed, for a caller that fills every weight."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    mc = dict(cfg["model_config"])
+    mc = dict(config)
     hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    if empty:
+        try:
+            from accelerate import init_empty_weights
+        except ImportError:  # without accelerate: a normal (allocated, initialised) build
+            pass
+        else:
+            with init_empty_weights(include_buffers=False):
+                return AutoModelForCausalLM.from_config(hf_cfg)
     return AutoModelForCausalLM.from_config(hf_cfg)
 
 

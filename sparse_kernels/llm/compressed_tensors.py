@@ -308,16 +308,7 @@ def _parts_24(prefix: str, d: dict[str, torch.Tensor]):
 # ------------------------------------------------------------------ load
 def _skeleton(cfg: dict) -> nn.Module:
     """The Hugging Face model of ``cfg`` with its parameters on the meta device (no memory, no init)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    mc = dict(cfg)
-    hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
-    try:
-        from accelerate import init_empty_weights
-    except ImportError:  # without accelerate: a normal (allocated, initialised) build
-        return AutoModelForCausalLM.from_config(hf_cfg)
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(hf_cfg)
+    return ckpt.model_from_config(cfg, empty=True)
 
 
 def _sparse_24_from_weight(w: torch.Tensor, bias) -> nn.Module:

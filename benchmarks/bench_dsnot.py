@@ -16,7 +16,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import device_name, versions, write_json  # noqa: E402
+from bench_linear import device_name, run_record, write_json  # noqa: E402
 from sparse_kernels.pruning import dsnot_refine, parse_sparsity  # noqa: E402
 from sparse_kernels.pruning.criteria import wanda_prune, wanda_scores  # noqa: E402
 
@@ -57,8 +57,8 @@ def main(argv=None) -> int:
                        "swaps": int((new & ~mask).sum())}
                 rows_out.append(row)
                 print(row, flush=True)
-    write_json({"what": __doc__.split("\n")[0], "device": device_name(args.device),
-                "threads": torch.get_num_threads(), **versions(), "repeats": args.repeats, "rows": rows_out}, args.out)
+    write_json(run_record(__doc__.split("\n")[0], "bench_dsnot.py", argv, rows_out, device=device_name(args.device),
+                          threads=torch.get_num_threads(), repeats=args.repeats), args.out)
     return 0
 
 

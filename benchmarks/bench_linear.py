@@ -388,16 +388,22 @@ def smollm2_setup(eval_tokens):
     return model, src, calib, ev, snap, dense
 
 
-def smollm2_doc(what, script, argv, eval_tokens, dense_ppl, rows, **extra):
-    """The record the SmolLM2 accuracy scripts (permutation_smollm2.py, dsnot_smollm2.py) write: what,
-    machine, versions, date, the CLI-default calibration and evaluation, the command, dense
-    perplexity, then ``extra`` and the rows."""
-    return {"what": what, "machine": f"{device_name('cpu')}, {os.cpu_count()} cores", **versions(),
-            "date": datetime.date.today().isoformat(),
-            "calibration": "32 windows x 512 tokens of kjv-ot, seed 0 (CLI defaults)",
-            "eval": f"perplexity on {eval_tokens} tokens of kjv-nt, windows of 512 (CLI defaults)",
+def run_record(what, script, argv, rows, **fields):
+    """A benchmark script's JSON record: ``what``, the versions, the date, the command line that ran
+    it (``python benchmarks/SCRIPT ARGS``), then ``fields`` (machine, options, ...) and the rows."""
+    return {"what": what, **versions(), "date": datetime.date.today().isoformat(),
             "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "ppl_dense": round(dense_ppl, 3), **extra, "rows": rows}
+            **fields, "rows": rows}
+
+
+def smollm2_doc(what, script, argv, eval_tokens, dense_ppl, rows, **extra):
+    """The record the SmolLM2 accuracy scripts (permutation_smollm2.py, dsnot_smollm2.py) write:
+    :func:`run_record` with the machine, the CLI-default calibration and evaluation, the dense
+    perplexity and ``extra``."""
+    return run_record(what, script, argv, rows, machine=f"{device_name('cpu')}, {os.cpu_count()} cores",
+                      calibration="32 windows x 512 tokens of kjv-ot, seed 0 (CLI defaults)",
+                      eval=f"perplexity on {eval_tokens} tokens of kjv-nt, windows of 512 (CLI defaults)",
+                      ppl_dense=round(dense_ppl, 3), **extra)
 
 
 def write_json(doc, path):

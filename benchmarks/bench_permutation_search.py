@@ -12,7 +12,6 @@ Writes JSON rows (device, versions, date) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -22,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import device_name, versions, write_json  # noqa: E402
+from bench_linear import device_name, run_record, write_json  # noqa: E402
 from sparse_kernels.pruning.permutation import find_permutation, nm_kept_score  # noqa: E402
 
 SHAPES = ("4096x4096", "11008x4096", "4096x11008")
@@ -57,13 +56,8 @@ def main(argv=None) -> int:
                "kept_importance_gain": round(nm_kept_score(score, perm=perm) / base - 1, 5)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    out = {
-        "what": "2:4 channel-permutation search time and kept-importance gain on synthetic Wanda-style scores",
-        "device": device_name(dev), "cores": os.cpu_count(), **versions(),
-        "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/bench_permutation_search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": rows,
-    }
+    out = run_record("2:4 channel-permutation search time and kept-importance gain on synthetic Wanda-style scores",
+                     "bench_permutation_search.py", argv, rows, device=device_name(dev), cores=os.cpu_count())
     write_json(out, args.out)
     return 0
 

@@ -14,7 +14,6 @@ Writes JSON rows (device, versions, date) to ``--out``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_linear import device_name, time_cpu, time_gpu, versions, write_json  # noqa: E402
+from bench_linear import device_name, run_record, time_cpu, time_gpu, write_json  # noqa: E402
 from sparse_kernels.nn import SparseLinear  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336))
@@ -77,14 +76,9 @@ def main(argv=None) -> int:
         plain = next(q for q in rows if q["shape"] == r["shape"] and q["batch"] == r["batch"] and q["layer"] == "2:4")
         r["speedup_vs_dense"] = round(base["median_ms"] / r["median_ms"], 3)
         r["time_vs_plain_2to4"] = round(r["median_ms"] / plain["median_ms"], 3)
-    out = {
-        "what": "run-time cost of a permuted 2:4 SparseLinear (x gathered by in_perm) vs the plain 2:4 layer "
-                "and dense nn.Linear",
-        "device": device_name(dev), "cores": os.cpu_count(), **versions(),
-        "dtype": args.dtype, "date": datetime.date.today().isoformat(),
-        "command": "python benchmarks/bench_permuted_linear.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "rows": rows,
-    }
+    out = run_record("run-time cost of a permuted 2:4 SparseLinear (x gathered by in_perm) vs the plain 2:4 layer "
+                     "and dense nn.Linear", "bench_permuted_linear.py", argv, rows, device=device_name(dev),
+                     cores=os.cpu_count(), dtype=args.dtype)
     write_json(out, args.out)
     return 0
 

@@ -8,7 +8,8 @@ Given a directory in compressed-tensors' sparse format (e.g. from ``sparse-kerne
 2. when a compressed-tensors with sparse compressors (<= 0.12) is importable, builds the same
    architecture dense, lets the library decompress the checkpoint into it
    (``ModelCompressor.decompress``) and compares every sparse layer's weight with ours, bit for
-   bit;
+   bit (a quantized checkpoint is dequantized by the library as transformers loads it, and run
+   with its activation quantization off, as ours runs);
 3. evaluates the perplexity of our model and of the library's dense one on the same tokens
    (New Testament, the CLI's windows), and the weight bytes in memory of both.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import sys
@@ -40,11 +42,28 @@ def _library_model(path: str):
     except ImportError:
         return None, None
     del BitmaskCompressor  # imported only to tell a release with sparse compressors
-    cfg, _ = ct.read_config(path)
+    cfg, _, quant = ct._read_config(path)
     m = checkpoint.model_from_config(cfg)
-    ModelCompressor.from_pretrained(path).decompress(path, m)
+    if quant is not None:  # transformers' in-memory route (see library_decompress)
+        fixture_helpers().library_decompress(path, m)
+        for mod in m.modules():  # weights dequantized as ours are; activations not quantized either
+            if hasattr(mod, "quantization_scheme"):
+                mod.quantization_enabled = False
+    else:
+        ModelCompressor.from_pretrained(path).decompress(path, m)
     m.tie_weights()  # decompress assigns new Parameters, untying; transformers' loader ties them again
     return m.eval(), {"compressed_tensors": lib_version}
+
+
+def fixture_helpers():
+    """tests/data/make_compressed_tensors_fixtures.py as a module: its ``set_qparams`` (a minmax
+    observer) and ``library_decompress`` (the library's own dequantizing load)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests", "data",
+                        "make_compressed_tensors_fixtures.py")
+    spec = importlib.util.spec_from_file_location("make_compressed_tensors_fixtures", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -67,14 +86,14 @@ def main(argv=None) -> int:
     ev = data.eval_tokens(tok, args.eval_tokens)
     doc = {"what": __doc__.split("\n")[0], "date": datetime.date.today().isoformat(), "device": device_name("cpu"),
            "versions": versions(), "path": args.path,
-           "made_by": args.made_by, "sparsity_config": info.sparsity_config,
+           "made_by": args.made_by, "sparsity_config": info.sparsity_config, "quantization": info.quantization,
            "layers": {p: sum(v == p for v in info.layers.values()) for p in set(info.layers.values())},
            "load_s_ours": round(load_s, 3), "eval_tokens": int(ev.numel()),
            "weights_bytes_ours": bench.tensor_bytes(ours),
            "ppl_ours": evaluate.perplexity(ours, ev, progress=False).ppl}
     lib, lib_info = _library_model(args.path)
     if lib is not None:
-        lib = lib.to(next(ours.parameters()).dtype)
+        lib = checkpoint._to_dtype(lib, next(ours.parameters()).dtype)  # rotary inv_freq stays float32
         diff = []
         for name in info.layers:
             a, b = ours.get_submodule(name), lib.get_submodule(name)
@@ -83,6 +102,11 @@ def main(argv=None) -> int:
         doc.update(library=lib_info, layers_compared=len(info.layers), layers_differing_bits=diff,
                    weights_bytes_library_dense=bench.tensor_bytes(lib),
                    ppl_library_dense=evaluate.perplexity(lib, ev, progress=False).ppl)
+        if info.quantization:  # what the quantized model gives with its activation quantization on
+            for mod in lib.modules():
+                if hasattr(mod, "quantization_scheme"):
+                    mod.quantization_enabled = True
+            doc["ppl_library_dense_activations_quantized"] = evaluate.perplexity(lib, ev, progress=False).ppl
     write_json(doc, args.out)
     print(json.dumps(doc, indent=1))
     return 0

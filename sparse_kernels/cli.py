@@ -568,8 +568,10 @@ def cmd_convert(args) -> int:
         m, info = checkpoint.load(src.path, dtype=dtype)
         tok_dir = src.path if info.get("tokenizer_saved") else None
     else:
-        m, _ = ct.load(src.path, dtype=dtype)
+        m, ct_info = ct.load(src.path, dtype=dtype)
         tok_dir = src.path
+        if ct_info.quantization:
+            print(ct.quantization_note(ct_info.quantization))
     tok = None
     if tok_dir is not None and any(os.path.isfile(os.path.join(tok_dir, f)) for f in models.TOKENIZER_FILES):
         tok = models.load_tokenizer(models.ModelSource(src.name, "hf", tok_dir))

@@ -33,6 +33,12 @@ from sparse_kernels.llm import models  # noqa: E402
 DATA = os.path.join(os.path.dirname(__file__), "data", "compressed_tensors")
 FIX24, FIXBM = os.path.join(DATA, "llama_2of4_bf16"), os.path.join(DATA, "llama_unstructured_fp16")
 FIXQW = os.path.join(DATA, "qwen2_unstructured_bias_tied_fp32")  # biases, tied and compressed embedding
+# quantized and sparse, as llm-compressor writes them (weights dequantized on load)
+FIXFP8 = os.path.join(DATA, "llama_2of4_fp8_dynamic_bf16")  # FP8 per channel + dynamic per-token acts
+FIXINT8 = os.path.join(DATA, "llama_2of4_int8_w8a8_fp16")  # INT8 per channel + dynamic per-token acts
+FIXW4 = os.path.join(DATA, "llama_2of4_w4a16_actorder_fp16")  # int4 groups of 8, activation order, packed
+FIXFP8BLK = os.path.join(DATA, "llama_unstructured_fp8_block_bf16")  # FP8 8x8 blocks, sparse-bitmask
+FIXASYM = os.path.join(DATA, "llama_unstructured_int8_asym_fp32")  # INT8 per tensor with a zero point
 
 
 def _int_view(t):
@@ -235,8 +241,13 @@ def test_load_sharded_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.pop("quantization_config"), "quant_method is None, expected 'compressed-tensors'"),
-    (lambda c: c["quantization_config"].update(config_groups={"group_0": {"weights": {"num_bits": 8}}},
-                                               format="float-quantized"), "the checkpoint is quantized"),
+    (lambda c: c["quantization_config"].update(config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}}, format="float-quantized", ignore=["lm_head"]),
+     "config group 'group_0' quantizes 'model.layers.0.self_attn.q_proj' \\(float-quantized\\) but "
+     "model.layers.0.self_attn.q_proj.weight_scale is missing"),
+    (lambda c: c["quantization_config"].update(config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 8}}},
+        format="marlin-24"), "quantization format 'marlin-24' \\(Marlin's tiled 2:4 4-bit layout\\) is not supported"),
     (lambda c: c["quantization_config"]["sparsity_config"].update(format="marlin-24"),
      "sparsity format 'marlin-24' is not supported"),
     (lambda c: c["quantization_config"].update(transform_config={"config_groups": {"u": {}}}), "transform_config"),
@@ -488,13 +499,19 @@ def test_save_over_an_existing_checkpoint(tmp_path):
     assert_bitexact(_logits(m, ids), _logits(ours, ids), "the model just saved")
 
 
-def test_only_sparse_unquantized_directories_are_claimed(tmp_path):
+def test_which_directories_are_claimed(tmp_path):
+    """Sparse checkpoints, unquantized or with weights load() dequantizes, are ours; marlin-24, FP4
+    and dense (no sparsity_config) compressed-tensors models are left to transformers."""
+    assert ct.is_compressed_tensors(FIX24) and ct.is_compressed_tensors(FIXFP8)
+    assert models.resolve(FIXFP8).kind == "compressed-tensors"
+    for fmt in ("marlin-24", "nvfp4-pack-quantized"):
+        d = _copy(FIXFP8, tmp_path, fmt)
+        _edit_config(d, lambda c: c["quantization_config"].update(format=fmt) or
+                     c["quantization_config"]["config_groups"]["group_0"].update(format=fmt))
+        assert not ct.is_compressed_tensors(str(d)) and models.resolve(str(d)).kind == "hf"
+        with pytest.raises(ct.CompressedTensorsError, match=f"quantization format '{fmt}'"):
+            ct.load(str(d))
     d = _copy(FIX24, tmp_path)
-    assert ct.is_compressed_tensors(str(d))
-    _edit_config(d, lambda c: c["quantization_config"].update(
-        config_groups={"group_0": {"weights": {"num_bits": 8, "type": "float"}, "targets": ["Linear"]}},
-        format="float-quantized"))
-    assert not ct.is_compressed_tensors(str(d)) and models.resolve(str(d)).kind == "hf"
     _edit_config(d, lambda c: c["quantization_config"].update(config_groups=None, format=None, sparsity_config={}))
     assert not ct.is_compressed_tensors(str(d))
 
@@ -576,3 +593,148 @@ def test_load_legacy_compression_config(tmp_path):
     ct.save(m, str(out))
     cfg = json.loads((out / "config.json").read_text())
     assert "compression_config" not in cfg and cfg["quantization_config"]["quant_method"] == ct.QUANT_METHOD
+
+
+# ------------------------------------------------------------------ quantized sparse checkpoints
+@pytest.mark.parametrize("path, pattern, weights, acts", [
+    (FIXFP8, "2:4", "float8 per channel", "float8 dynamic per token"),
+    (FIXINT8, "2:4", "int8 per channel", "int8 dynamic per token"),
+    (FIXW4, "2:4", "int4 per group 8", None),
+    (FIXFP8BLK, "bitmask", "float8 per block 8x8", None),
+    (FIXASYM, "bitmask", "int8 per tensor", None),
+], ids=["fp8-channel-2of4", "int8-channel-2of4", "w4a16-actorder-2of4", "fp8-block-unstructured", "int8-asym"])
+def test_load_quantized_checkpoint_dequantizes_exactly(path, pattern, weights, acts):
+    """Every weight equals, bit for bit, what compressed-tensors 0.12.2 itself dequantizes (the
+    fixture's hashes), and the sparse layers run on our kernels."""
+    exp = _expected(path)
+    m, info = ct.load(path)
+    q = info.quantization
+    assert q["schemes"]["group_0"]["weights"] == weights and q["dequantized_layers"] == 14
+    assert q["dequantized_to"] == exp["dtype"] == exp["weight_dtypes"][0]
+    assert q["not_applied"] == ([f"group_0 input activations: {acts}"] if acts else [])
+    assert set(info.layers.values()) == {pattern} and len(info.layers) == 14
+    for name, digest in exp["weight_sha256"].items():
+        mod = m.get_submodule(name)
+        assert isinstance(mod, sk.SparseLinear) and mod.pattern == pattern, name
+        assert _sha(_weight(mod)) == digest, f"{name}: differs from compressed-tensors' dequantization"
+    assert isinstance(m.lm_head, nn.Linear) and m.lm_head.weight.dtype == getattr(torch, exp["dtype"])
+    ids = torch.tensor(exp["input_ids"])
+    dense, dinfo = ct.load(path, convert=False)
+    assert not dinfo.layers and dinfo.quantization == q
+    torch.testing.assert_close(_logits(dense, ids), torch.tensor(exp["logits"]), atol=2e-4, rtol=0)
+    lowp = _logits(dense, ids)
+    exact = _logits(dense.double(), ids)  # .double() converts in place
+    for backend in ("reference", "cpp"):
+        for mod in m.modules():
+            if isinstance(mod, sk.SparseLinear):
+                mod.backend = backend
+                mod.refresh_cache()
+        assert_matmul_close(_logits(m, ids), exact, lowp, f"logits ({backend})")
+
+
+def test_load_quantized_pruned_weights_stay_zero():
+    """Asymmetric INT8: a pruned weight is stored as the zero point (so the library's bitmask marks
+    everything) and dequantizes to exactly 0, so the layer is as sparse as it was pruned."""
+    t = load_file(os.path.join(FIXASYM, "model.safetensors"))
+    name = "model.layers.0.mlp.gate_proj"
+    marked = int(np.unpackbits(t[name + ".bitmask"].numpy(), axis=-1, bitorder="little")[:, :32].sum())
+    assert marked > 0.95 * 72 * 32 and name + ".weight_zero_point" in t  # nearly every element stored
+    m, _ = ct.load(FIXASYM)
+    w = m.get_submodule(name).dense_weight()
+    assert 0.4 < float((w == 0).float().mean()) < 0.6
+
+
+def test_load_quantized_drops_activation_scales_and_follows_the_model_dtype(tmp_path):
+    d = _copy(FIXINT8, tmp_path)
+    q = "model.layers.0.self_attn.q_proj"
+
+    def edit(t):
+        t[q + ".input_scale"] = torch.tensor([0.05], dtype=torch.float16)
+        t["model.layers.1.self_attn.k_scale"] = torch.tensor(1.0)
+        t[q + ".weight_scale"] = t[q + ".weight_scale"].float() * 1.001  # float32 scales in a float16 model
+    _edit_tensors(d, edit)
+    m, info = ct.load(str(d))
+    assert info.quantization["not_applied"][-1] == "2 activation / KV-cache scale tensors dropped"
+    assert info.quantization["dequantized_to"] == "float16"
+    t = load_file(str(d / "model.safetensors"))
+    codes = ct._quantized_from_parts(q, ct.FORMAT_24, {k: t[f"{q}.{k}"] for k in ("shape", "compressed", "bitmask")})
+    want = (codes.float() * t[q + ".weight_scale"]).half()  # in the scale's dtype, then the model's
+    assert_bitexact(_int_view(_weight(m.get_submodule(q))), _int_view(want), "float32-scaled layer")
+
+
+def _w4_edit(key, fn):
+    return lambda t: t.update({key: fn(t[key]).contiguous()})
+
+
+Q0 = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize("fixture, edit, match", [
+    (FIXFP8, lambda t: t.pop(Q0 + ".weight_scale"), f"quantizes '{Q0}' \\(float-quantized\\) but {Q0}.weight_scale"),
+    (FIXFP8, _w4_edit(Q0 + ".weight_scale", lambda s: s[:-1]),
+     rf"{Q0}.weight_scale: channel quantization of a \[32, 32\] weight needs shape \[32, 1\], got \[31, 1\]"),
+    (FIXFP8, _w4_edit(Q0 + ".compressed", lambda c: c.view(torch.int8).to(torch.float16)),
+     rf"{Q0}.compressed: a quantized layer stores 1-byte codes"),
+    (FIXFP8, _w4_edit(Q0 + ".compressed", lambda c: c.view(torch.int8)),
+     rf"{Q0}.weight: float-quantized float8 weights are stored as 2-D float8_e4m3fn, got int8"),
+    (FIXFP8, _w4_edit(Q0 + ".weight_scale", lambda s: s.to(torch.float8_e4m3fn)), "weight_scale: expected float16"),
+    (FIXFP8, lambda t: t.update({"lm_head.weight_scale": torch.ones(64, 1, dtype=torch.bfloat16)}),
+     "lm_head.weight_scale is stored but no config group targets 'lm_head'"),
+    (FIXFP8, lambda t: t.update({"model.bogus.weight_scale": torch.ones(1)}), "'model.bogus' is not a module"),
+    (FIXW4, _w4_edit(Q0 + ".weight_packed", lambda p: p[:, :-1]),
+     rf"{Q0}.weight_packed: expected int32\[32, 4\] \(4-bit values of a \[32, 32\] weight\), got int32\[32, 3\]"),
+    (FIXW4, _w4_edit(Q0 + ".weight_g_idx", lambda g: g + 1), rf"{Q0}.weight_g_idx: group indices must lie in \[0, 4\)"),
+    (FIXW4, lambda t: t.pop(Q0 + ".weight_shape"), "weight_packed / .*weight_shape is missing"),
+    (FIXFP8BLK, _w4_edit(Q0 + ".weight_scale", lambda s: s[:, :2]), r"needs shape \[4, 4\], got \[4, 2\]"),
+])
+def test_load_quantized_rejects_corrupt_tensors(tmp_path, fixture, edit, match):
+    d = _copy(fixture, tmp_path)
+    _edit_tensors(d, edit)
+    with pytest.raises(ct.CompressedTensorsError, match=match):
+        ct.load(str(d))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda g: g["weights"].update(dynamic=True), "weights.dynamic is set"),
+    (lambda g: g["weights"].update(type="float", num_bits=4), "weights of type 'float' with 4 bits"),
+    (lambda g: g["weights"].update(strategy="tensor_group"), "weight strategy 'tensor_group' is not supported"),
+    (lambda g: g["weights"].update(strategy="block", block_structure=[8]), "needs block_structure"),
+    (lambda g: g["weights"].update(strategy="group", group_size=None), "needs a positive group_size"),
+    (lambda g: g.update(targets="Linear"), "targets must be a list of strings"),
+])
+def test_load_quantized_rejects_configs(tmp_path, edit, match):
+    d = _copy(FIXFP8, tmp_path)
+    _edit_config(d, lambda c: edit(c["quantization_config"]["config_groups"]["group_0"]))
+    with pytest.raises(ct.CompressedTensorsError, match=match):
+        ct.load(str(d))
+    assert not ct.is_compressed_tensors(str(d))
+
+
+def test_cli_convert_quantized_to_sparse_kernels(tmp_path, capsys):
+    """An FP8 2:4 checkpoint becomes one of ours (bfloat16 2:4, dequantized) and back."""
+    from sparse_kernels.llm import checkpoint
+
+    ours, back = tmp_path / "ours", tmp_path / "back"
+    assert cli.main(["convert", "--model", FIXFP8, "--format", "sparse_kernels", "-o", str(ours)]) == 0
+    assert ("float-quantized weights of 14 layers dequantized to bfloat16 on load (bit-exact with compressed-tensors); "
+            "not applied: group_0 input activations: float8 dynamic per token") in capsys.readouterr().out
+    m, cfg = checkpoint.load(str(ours))
+    assert cli.main(["convert", "--model", str(ours), "--format", "compressed-tensors", "-o", str(back)]) == 0
+    m2, info = ct.load(str(back))
+    assert info.quantization is None and set(info.layers.values()) == {"2:4"}
+    for name, digest in _expected(FIXFP8)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest and _sha(_weight(m2.get_submodule(name))) == digest
+
+
+def test_load_quantization_format_dense_keeps_the_stored_weights(tmp_path):
+    """format "dense": fake-quantized weights stored as floats, with their scales beside them."""
+    d = _copy(FIX24, tmp_path)
+    _edit_config(d, lambda c: c["quantization_config"].update(format="dense", ignore=["lm_head"], config_groups={
+        "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}))
+    _edit_tensors(d, lambda t: t.update({f"{n}.weight_scale": torch.ones(int(t[n + ".shape"][0]), 1)
+                                         for n in [k[:-6] for k in t if k.endswith(".shape")]}))
+    m, info = ct.load(str(d))
+    assert info.quantization["stored_unquantized_layers"] == 14 and info.quantization["dequantized_layers"] == 0
+    assert set(info.layers.values()) == {"2:4"}
+    for name, digest in _expected(FIX24)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest

@@ -22,8 +22,13 @@ that format, readable by compressed-tensors 0.12 and earlier (and by the llm-com
 transformers releases that use such a compressed-tensors; transformers 5 needs compressed-tensors
 0.15 or later, which has no sparse decompressors).
 
-Quantized checkpoints (``config_groups``, ``marlin-24``, FP8 2:4) and transforms are refused with
-a clear error: our kernels run 16- and 32-bit weights.
+Quantized checkpoints (llm-compressor's sparse FP8 / INT8 / W4A16 models: ``float-quantized``,
+``int-quantized``, ``naive-quantized`` and ``pack-quantized`` weights) are read by dequantizing
+each weight once, on load, exactly as compressed-tensors does (``(q - zero_point) * scale`` in the
+scale's dtype, per tensor, channel, group, activation-ordered group or block), so a 2:4 FP8 model
+runs on our 16-bit 2:4 kernels.  Activation and KV-cache quantization is not emulated: those
+scales are dropped and listed in :attr:`LoadInfo.quantization`.  ``marlin-24`` (Marlin's tiled
+4-bit layout), FP4 (``nvfp4-pack-quantized``) and transforms are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -61,9 +66,13 @@ class LoadInfo:
     path: str
     sparsity_config: dict
     layers: dict[str, str] = field(default_factory=dict)  # module name -> "2:4" | "bitmask" | "dense"
+    # for a quantized checkpoint: its format, the weight schemes, the layers dequantized and to
+    # which dtype, and what was stored but not applied (activation / KV-cache scales)
+    quantization: dict | None = None
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "sparsity_config": self.sparsity_config, "layers": dict(self.layers)}
+        return {"path": self.path, "sparsity_config": self.sparsity_config, "layers": dict(self.layers),
+                "quantization": self.quantization}
 
 
 # ------------------------------------------------------------------ config
@@ -78,10 +87,94 @@ def _read_json(path: str) -> dict:
     return d
 
 
+# weight formats whose weights load dequantized; "dense" stores them unquantized (scales beside)
+QUANT_READ_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", FORMAT_DENSE)
+_WHY_NOT = {"marlin-24": "Marlin's tiled 2:4 4-bit layout", "nvfp4-pack-quantized": "FP4 weights",
+            "mixed-precision": "a format per config group, none given"}
+_STRATEGIES = ("tensor", "channel", "group", "block")
+# stored quantization parameters that belong to activations or the KV cache: dropped, not applied
+_NOT_APPLIED = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
+                "k_scale", "v_scale", "q_scale", "k_zero_point", "v_zero_point", "q_zero_point")
+_WEIGHT_QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_packed", "weight_shape")
+
+
+@dataclass
+class _Scheme:
+    """One config group's weight quantization, as :func:`_dequantize` needs it."""
+
+    group: str
+    targets: list
+    format: str
+    type: str = "int"
+    num_bits: int = 8
+    strategy: str = "tensor"
+    group_size: int | None = None
+    block: tuple | None = None
+    activations: str | None = None  # what the group quantizes besides weights (not applied)
+
+
 def _is_quantized(qc: dict) -> bool:
     groups = qc.get("config_groups") or {}
     return bool(any(isinstance(g, dict) and (g.get("weights") or g.get("input_activations")) for g in groups.values())
-                or (groups and qc.get("format") not in (None, FORMAT_DENSE)))
+                or (groups and qc.get("format") not in (None, FORMAT_DENSE)) or qc.get("kv_cache_scheme"))
+
+
+def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
+    """The weight quantization of each config group, and what is quantized but not applied
+    (activations, KV cache).  Raises ValueError (the caller names the file) for what this code
+    cannot dequantize exactly."""
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise ValueError(f"config_groups must be a JSON object, got {type(groups).__name__}")
+    out, notes = [], []
+    for gname, g in groups.items():
+        if not isinstance(g, dict):
+            raise ValueError(f"config group {gname!r} must be a JSON object, got {type(g).__name__}")
+        fmt = g.get("format") or qc.get("format") or FORMAT_DENSE
+        if fmt not in QUANT_READ_FORMATS:
+            why = _WHY_NOT.get(fmt, "unknown")
+            raise ValueError(f"config group {gname!r}: quantization format {fmt!r} ({why}) is not supported; "
+                             f"sparse_kernels dequantizes {', '.join(QUANT_READ_FORMATS)}")
+        acts = [f"{k.split('_')[0]} activations: {_describe(g[k])}" for k in ("input_activations", "output_activations")
+                if isinstance(g.get(k), dict)]
+        notes += [f"{gname} {a}" for a in acts]
+        w = g.get("weights")
+        targets = g.get("targets") or []
+        if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"config group {gname!r}: targets must be a list of strings, got {targets!r}")
+        if not isinstance(w, dict):
+            continue  # activations only
+        typ, bits, strategy = w.get("type", "int"), w.get("num_bits", 8), w.get("strategy") or "tensor"
+        if w.get("dynamic"):
+            raise ValueError(f"config group {gname!r}: weights.dynamic is set; weights must be stored quantized")
+        if (typ, bits) != ("float", 8) and not (typ == "int" and isinstance(bits, int) and 2 <= bits <= 8):
+            raise ValueError(f"config group {gname!r}: weights of type {typ!r} with {bits} bits are not supported "
+                             f"(int with 2..8 bits, or float with 8 bits: float8_e4m3fn)")
+        if strategy not in _STRATEGIES:
+            raise ValueError(f"config group {gname!r}: weight strategy {strategy!r} is not supported (one of "
+                             f"{', '.join(_STRATEGIES)})")
+        gs, block = w.get("group_size"), w.get("block_structure")
+        if strategy == "group" and not (isinstance(gs, int) and gs > 0):
+            raise ValueError(f"config group {gname!r}: strategy 'group' needs a positive group_size, got {gs!r}")
+        if strategy == "block" and not (isinstance(block, list) and len(block) == 2
+                                        and all(isinstance(b, int) and b > 0 for b in block)):
+            raise ValueError(f"config group {gname!r}: strategy 'block' needs block_structure [rows, cols], "
+                             f"got {block!r}")
+        if fmt == "pack-quantized" and typ != "int":
+            raise ValueError(f"config group {gname!r}: pack-quantized weights must be int, got {typ!r}")
+        out.append(_Scheme(gname, targets, fmt, typ, bits, strategy, gs, tuple(block) if block else None,
+                           "; ".join(acts) or None))
+    kv = qc.get("kv_cache_scheme")
+    if isinstance(kv, dict):
+        notes.append(f"KV cache: {_describe(kv)}")
+    return out, notes
+
+
+def _describe(a: dict) -> str:
+    """``float8 dynamic per token`` for a QuantizationArgs dict."""
+    typ = {"float": "float", "int": "int"}.get(a.get("type"), str(a.get("type")))
+    return (f"{typ}{a.get('num_bits')} {'dynamic' if a.get('dynamic') else 'static'} per "
+            f"{a.get('strategy') or 'tensor'}")
 
 
 def _section(cfg: dict):
@@ -101,11 +194,11 @@ def _section(cfg: dict):
 
 
 def is_compressed_tensors(path: str) -> bool:
-    """True when ``path`` is a directory holding a *sparse, unquantized* compressed-tensors
-    checkpoint (config.json: ``quant_method: compressed-tensors``, or the legacy
-    ``compression_config``; a ``sparsity_config``; no quantization): what :func:`load` reads.
-    Quantized compressed-tensors models are left to transformers (``from_pretrained`` with
-    compressed-tensors installed)."""
+    """True when ``path`` is a directory holding a *sparse* compressed-tensors checkpoint that
+    :func:`load` reads (config.json: ``quant_method: compressed-tensors``, or the legacy
+    ``compression_config``; a ``sparsity_config``; no quantization, or weight quantization that
+    :func:`load` dequantizes).  Other compressed-tensors models (dense quantized ones, marlin-24,
+    FP4) are left to transformers (``from_pretrained`` with compressed-tensors installed)."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         return False
@@ -115,8 +208,13 @@ def is_compressed_tensors(path: str) -> bool:
     except (OSError, ValueError):
         return False
     qc, _ = _section(cfg) if isinstance(cfg, dict) else (None, None)
-    return (qc is not None and isinstance(qc.get("sparsity_config"), dict) and bool(qc["sparsity_config"])
-            and not _is_quantized(qc))
+    if qc is None or not isinstance(qc.get("sparsity_config"), dict) or not qc["sparsity_config"]:
+        return False
+    try:
+        _schemes(qc)
+    except ValueError:
+        return False
+    return not qc.get("transform_config")
 
 
 def read_config(path: str) -> tuple[dict, dict]:
@@ -124,9 +222,16 @@ def read_config(path: str) -> tuple[dict, dict]:
     ``path`` (see :func:`_section` for where that section is).
 
     Raises CompressedTensorsError for a missing or unreadable config.json, a checkpoint that is
-    not compressed-tensors, quantization (config_groups, a quantized format), transforms, and a
-    sparsity format other than :data:`READ_FORMATS`.
+    not compressed-tensors, quantization :func:`load` cannot dequantize (marlin-24, FP4, dynamic
+    weights), transforms, and a sparsity format other than :data:`READ_FORMATS`.
     """
+    cfg, sc, _ = _read_config(path)
+    return cfg, sc
+
+
+def _read_config(path: str):
+    """:func:`read_config`, plus the quantization section: None, or ``{"format", "schemes",
+    "not_applied"}`` (see :func:`_schemes`)."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         raise CompressedTensorsError(f"{path}: config.json is missing (not a Hugging Face model directory)")
@@ -136,10 +241,13 @@ def read_config(path: str) -> tuple[dict, dict]:
         raise CompressedTensorsError(f"{cpath}: {why}")
     cfg.pop("quantization_config", None)
     cfg.pop("compression_config", None)
+    quant = None
     if _is_quantized(qc):
-        raise CompressedTensorsError(f"{cpath}: the checkpoint is quantized (format {qc.get('format')!r}, config "
-                                     f"groups {sorted(qc.get('config_groups') or {})}); sparse_kernels reads sparse "
-                                     f"float16/bfloat16/float32 weights only")
+        try:
+            schemes, notes = _schemes(qc)
+        except ValueError as e:
+            raise CompressedTensorsError(f"{cpath}: {e}") from e
+        quant = {"format": qc.get("format"), "schemes": schemes, "not_applied": notes, "ignore": qc.get("ignore") or []}
     if qc.get("transform_config"):
         raise CompressedTensorsError(f"{cpath}: transform_config is set (rotations); sparse_kernels does not apply "
                                      f"compressed-tensors transforms")
@@ -152,7 +260,7 @@ def read_config(path: str) -> tuple[dict, dict]:
                                      f"{', '.join(READ_FORMATS)} (marlin-24 is 4-bit quantized)")
     if "model_type" not in cfg:
         raise CompressedTensorsError(f"{cpath}: model_type is missing; cannot build the model")
-    return cfg, dict(sc, format=sfmt)
+    return cfg, dict(sc, format=sfmt), quant
 
 
 # ------------------------------------------------------------------ targets (compressed-tensors' matching)
@@ -305,6 +413,175 @@ def _parts_24(prefix: str, d: dict[str, torch.Tensor]):
     return values, meta, (rows, cols)
 
 
+# ------------------------------------------------------------------ quantized weights
+def _scheme_for(name: str, mod: nn.Module, quant: dict):
+    if _matches(name, mod, quant["ignore"]):
+        return None
+    return next((sch for sch in quant["schemes"] if _matches(name, mod, sch.targets)), None)
+
+
+def _unpack_int32(prefix: str, packed: torch.Tensor, shape: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack-quantized ``weight_packed`` -> int8 ``[rows, cols]``: ``32 // bits`` values per int32
+    along each row, lowest bits first, each stored as ``q + 2**(bits-1)`` (unsigned)."""
+    rows, cols = _shape(prefix + ".weight", shape)
+    per = 32 // bits
+    need = (rows, -(-cols // per))
+    if packed.dtype != torch.int32 or tuple(packed.shape) != need:
+        raise CompressedTensorsError(f"{prefix}.weight_packed: expected int32{list(need)} ({bits}-bit values of a "
+                                     f"[{rows}, {cols}] weight), got {str(packed.dtype).replace('torch.', '')}"
+                                     f"{list(packed.shape)}")
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    vals = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
+    return (vals - (1 << (bits - 1))).to(torch.int8)
+
+
+def _quantized_from_parts(prefix: str, fmt: str, parts: dict) -> torch.Tensor:
+    """The dense quantized weight (int8 / float8 codes) of a sparse-compressed quantized layer: the
+    1-byte codes ride through the float decompression as exact float16 integers 0..255."""
+    vals = parts["compressed"]
+    if vals.element_size() != 1:
+        raise CompressedTensorsError(f"{prefix}.compressed: a quantized layer stores 1-byte codes (int8, "
+                                     f"float8_e4m3fn), got {str(vals.dtype).replace('torch.', '')}")
+    codes = vals.contiguous().view(torch.uint8).to(torch.float16)
+    dense = _dense_from_parts(prefix, fmt, dict(parts, compressed=codes))
+    return dense.to(torch.uint8).view(vals.dtype)
+
+
+def _expand(prefix: str, what: str, t: torch.Tensor, sch: _Scheme, rows: int, cols: int, g_idx) -> torch.Tensor:
+    """A scale / zero point of ``sch.strategy`` broadcast to ``[rows, cols]`` (or ``[1, 1]``)."""
+    st = sch.strategy
+    if st == "tensor":
+        if t.numel() != 1:
+            raise CompressedTensorsError(f"{prefix}.{what}: per-tensor quantization needs one value, got "
+                                         f"shape {list(t.shape)}")
+        return t.reshape(1, 1)
+    if st == "channel":
+        need = (rows, 1)
+    elif st == "group":
+        if cols % sch.group_size:
+            raise CompressedTensorsError(f"{prefix}: {cols} columns are not a multiple of group_size "
+                                         f"{sch.group_size}")
+        need = (rows, cols // sch.group_size)
+    else:
+        bh, bw = sch.block
+        if rows % bh or cols % bw:
+            raise CompressedTensorsError(f"{prefix}: the weight [{rows}, {cols}] is not divisible into "
+                                         f"{bh}x{bw} blocks")
+        need = (rows // bh, cols // bw)
+    if tuple(t.shape) != need:
+        raise CompressedTensorsError(f"{prefix}.{what}: {st} quantization of a [{rows}, {cols}] weight needs shape "
+                                     f"{list(need)}, got {list(t.shape)}")
+    if st == "channel":
+        return t
+    if st == "group":
+        return t[:, g_idx]
+    return t.repeat_interleave(sch.block[0], 0).repeat_interleave(sch.block[1], 1)
+
+
+def _dequantize(prefix: str, q: torch.Tensor, parts: dict, sch: _Scheme) -> torch.Tensor:
+    """compressed-tensors' dequantization, element for element: ``(q - zero_point) * scale`` in the
+    scale's dtype (float8 and int8 codes convert to it exactly)."""
+    want = torch.float8_e4m3fn if sch.type == "float" else torch.int8
+    if q.dtype != want or q.dim() != 2:
+        raise CompressedTensorsError(f"{prefix}.weight: {sch.format} {sch.type}{sch.num_bits} weights are stored as "
+                                     f"2-D {str(want).replace('torch.', '')}, got {str(q.dtype).replace('torch.', '')}"
+                                     f"{list(q.shape)}")
+    rows, cols = q.shape
+    scale, zp, g_idx = parts["weight_scale"], parts.get("weight_zero_point"), parts.get("weight_g_idx")
+    if scale.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CompressedTensorsError(f"{prefix}.weight_scale: expected float16/bfloat16/float32, got "
+                                     f"{str(scale.dtype).replace('torch.', '')}")
+    idx = None
+    if sch.strategy == "group":
+        ngroups = cols // sch.group_size if cols % sch.group_size == 0 else 0
+        if g_idx is not None and not bool((g_idx == -1).any()):  # activation order: column -> group
+            if g_idx.dtype not in (torch.int32, torch.int64) or tuple(g_idx.shape) != (cols,):
+                raise CompressedTensorsError(f"{prefix}.weight_g_idx: expected int32[{cols}], got "
+                                             f"{str(g_idx.dtype).replace('torch.', '')}{list(g_idx.shape)}")
+            if bool(((g_idx < 0) | (g_idx >= ngroups)).any()):
+                raise CompressedTensorsError(f"{prefix}.weight_g_idx: group indices must lie in [0, {ngroups})")
+            idx = g_idx.long()
+        else:
+            idx = torch.arange(cols) // sch.group_size
+    x = q.to(scale.dtype)
+    if zp is not None:
+        x = x - _expand(prefix, "weight_zero_point", zp, sch, rows, cols, idx).to(scale.dtype)
+    return x * _expand(prefix, "weight_scale", scale, sch, rows, cols, idx)
+
+
+def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, quant: dict, path: str
+                       ) -> tuple[dict, set[str]]:
+    """Replace every quantized weight in ``tensors`` (and in ``compressed``, sparse-compressed
+    ones) by its dequantized dense weight ``NAME.weight``; drop the weight quantization parameters
+    and the activation / KV-cache scales.  Returns the summary for :attr:`LoadInfo.quantization`
+    and the names of the layers dequantized."""
+    modules = dict(m.named_modules())
+    scaled = {k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")}
+    for name in sorted(scaled - set(modules)):
+        raise CompressedTensorsError(f"{path}: {name}.weight_scale is stored but {name!r} is not a module of "
+                                     f"{type(m).__name__}")
+    done, dtypes, stored_dense = [], set(), []
+    for name, mod in modules.items():
+        sch = _scheme_for(name, mod, quant) if name else None
+        if sch is None:
+            if name in scaled:
+                raise CompressedTensorsError(f"{path}: {name}.weight_scale is stored but no config group "
+                                             f"targets {name!r} (or it is ignored)")
+            continue
+        if getattr(mod, "weight", None) is None:
+            continue
+        parts = {k: tensors.pop(f"{name}.{k}") for k in _WEIGHT_QPARAMS if f"{name}.{k}" in tensors}
+        if sch.format == FORMAT_DENSE:  # stored unquantized (fake-quantized values): taken as they are
+            stored_dense.append(name)
+            continue
+        if "weight_scale" not in parts:
+            raise CompressedTensorsError(f"{path}: config group {sch.group!r} quantizes {name!r} ({sch.format}) "
+                                         f"but {name}.weight_scale is missing")
+        if sch.format == "pack-quantized":
+            if "weight_packed" not in parts or "weight_shape" not in parts:
+                raise CompressedTensorsError(f"{path}: {name}: pack-quantized but {name}.weight_packed / "
+                                             f"{name}.weight_shape is missing")
+            q = _unpack_int32(name, parts["weight_packed"], parts["weight_shape"], sch.num_bits)
+        elif name in compressed:
+            q = _quantized_from_parts(name, fmt, compressed.pop(name))
+        elif name + ".weight" in tensors:
+            q = tensors.pop(name + ".weight")
+        else:
+            raise CompressedTensorsError(f"{path}: {name}: quantized, but neither {name}.weight nor its "
+                                         f"compressed parts are stored")
+        w = _dequantize(name, q, parts, sch)
+        tensors[name + ".weight"] = w
+        done.append(name)
+        dtypes.add(w.dtype)
+    dropped = sorted(k for k in tensors if k.rsplit(".", 1)[-1] in _NOT_APPLIED)
+    for k in dropped:
+        del tensors[k]
+    # the model's own float dtype (its unquantized floating tensors): dequantized weights follow it
+    own = {t.dtype for k, t in tensors.items() if t.is_floating_point() and t.element_size() > 1
+           and k[: -len(".weight")] not in done}
+    cast = next(iter(own)) if len(own) == 1 and dtypes - own else None
+    if cast is not None:
+        for name in done:
+            tensors[name + ".weight"] = tensors[name + ".weight"].to(cast)
+    return {"format": quant["format"],
+            "schemes": {s.group: {"format": s.format, "weights": f"{s.type}{s.num_bits} per {s.strategy}"
+                                  + (f" {s.group_size}" if s.strategy == "group" else "")
+                                  + (f" {s.block[0]}x{s.block[1]}" if s.block else "")}
+                        for s in quant["schemes"]},
+            "dequantized_layers": len(done), "stored_unquantized_layers": len(stored_dense),
+            "dequantized_to": str(cast or (next(iter(dtypes)) if len(dtypes) == 1 else sorted(map(str, dtypes)))
+                                  ).replace("torch.", ""),
+            "not_applied": quant["not_applied"] + ([f"{len(dropped)} activation / KV-cache scale tensors dropped"]
+                                                   if dropped else [])}, set(done)
+
+
+def quantization_note(q: dict) -> str:
+    """One line for the user about a quantized checkpoint :func:`load` dequantized."""
+    line = (f"{q['format']} weights of {q['dequantized_layers']} layers dequantized to {q['dequantized_to']} "
+            f"on load (bit-exact with compressed-tensors)")
+    return line + (f"; not applied: {'; '.join(q['not_applied'])}" if q["not_applied"] else "")
+
+
 # ------------------------------------------------------------------ load
 def _skeleton(cfg: dict) -> nn.Module:
     """The Hugging Face model of ``cfg`` with its parameters on the meta device (no memory, no init)."""
@@ -424,9 +701,17 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
             format, as stored) or ``"dense"`` (nn.Linear).
 
     2:4 layers (``sparse-24-bitmask``; for ``sparse-bitmask``, layers whose bitmask marks at most 2
-    of every 4 columns; for ``dense``, targeted layers whose weight is 2:4) become 2:4 SparseLinear.  Compressed weights of modules other than
-    nn.Linear are decompressed.  Returns ``(model, LoadInfo)``; raises CompressedTensorsError (a
-    ValueError) naming the file or layer for anything it cannot read exactly.
+    of every 4 columns; for ``dense``, targeted layers whose weight is 2:4) become 2:4
+    SparseLinear.  Compressed weights of modules other than nn.Linear are decompressed.
+
+    Quantized weights are dequantized first, bit for bit as compressed-tensors does, to the
+    scale's dtype (cast to the model's dtype if its other tensors have another); a targeted layer
+    whose dequantized weight is 2:4 then becomes 2:4 SparseLinear, another sparse one follows
+    ``unstructured``.  Activation and KV-cache quantization is not applied (listed in
+    ``LoadInfo.quantization["not_applied"]``).
+
+    Returns ``(model, LoadInfo)``; raises CompressedTensorsError (a ValueError) naming the file or
+    layer for anything it cannot read exactly.
     """
     from ..nn import SparseLinear
     from .checkpoint import _replace, _to_dtype, is_2to4
@@ -435,7 +720,7 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         raise TypeError(f"convert: expected True or False, got {convert!r}")
     if unstructured not in UNSTRUCTURED:
         raise ValueError(f"unstructured: got {unstructured!r}, expected one of {', '.join(UNSTRUCTURED)}")
-    cfg, sc = read_config(path)
+    cfg, sc, quant = _read_config(path)
     fmt = sc["format"]
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
     tensors = _read_tensors(path)
@@ -449,6 +734,9 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         raise CompressedTensorsError(f"{path}: cannot build model_type {cfg.get('model_type')!r} from config.json "
                                      f"({type(e).__name__}: {e})") from e
     info = LoadInfo(path=path, sparsity_config=sc)
+    dequantized: set[str] = set()
+    if quant is not None:  # quantized weights -> dense dequantized ones, sparse-converted below
+        info.quantization, dequantized = _dequantize_layers(m, tensors, compressed, fmt, quant, path)
     modules = dict(m.named_modules())
     for name, parts in compressed.items():
         mod = modules.get(name)
@@ -461,9 +749,10 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
             info.layers[name] = pattern
         else:
             tensors[name + ".weight"] = _dense_from_parts(name, fmt, parts)
-    # dense-stored targets ("dense" format): 2:4 weights -> 2:4 SparseLinear, the others per `unstructured`
-    if convert and fmt == FORMAT_DENSE:
-        for name in _targeted(m, sc):
+    # dense-stored targets ("dense" format) and dequantized ones: 2:4 weights -> 2:4 SparseLinear,
+    # the others per `unstructured`
+    if convert:
+        for name in [n for n in _targeted(m, sc) if fmt == FORMAT_DENSE or n in dequantized]:
             mod, w = m.get_submodule(name), tensors.get(name + ".weight")
             if not isinstance(mod, nn.Linear) or w is None or w.dim() != 2:
                 continue

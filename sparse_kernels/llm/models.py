@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -137,6 +138,8 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
                                     f"({', '.join(TOKENIZER_FILES)}); copy the base model's tokenizer into it")
         m, info = compressed_tensors.load(src.path, dtype=dtype, device=device)
         src.extra = info.as_dict()
+        if info.quantization:
+            print(compressed_tensors.quantization_note(info.quantization), file=sys.stderr)
         return m, load_tokenizer(ModelSource(src.name, "hf", src.path)), src
     from transformers import AutoModelForCausalLM
 

@@ -26,12 +26,18 @@ from .ops.sparse24 import check_packed
 from .reference.sparse24 import meta_nibbles, pack_nibbles
 
 
-def _cutlass_meta_offsets(rows: int, meta_cols: int, device) -> torch.Tensor:
-    """Flat destination offset, in the reordered meta, of each element of the row-major meta."""
+def _cutlass_meta_offsets(rows: int, meta_cols: int, device, marlin: bool = False) -> torch.Tensor:
+    """Flat destination offset, in the reordered meta, of each element of the row-major meta.
+
+    ``marlin=True``: the row order Marlin 2:4 (nm-vllm, compressed-tensors' ``marlin-24``) uses
+    instead: inside each block of 64 rows, row bits (b5 b4 b3 b2 b1 b0) go to
+    (b1 b5 b4 b3 b0 b2); rows a multiple of 64, meta columns even."""
     r = torch.arange(rows, device=device).view(-1, 1).expand(rows, meta_cols)
     c = torch.arange(meta_cols, device=device).view(1, -1).expand(rows, meta_cols)
-    # Inside each block of 32 rows, row 8a + b goes to 4b + a (int16 metadata: 4 interleaved).
-    r2 = r // 32 * 32 + (r % 8) * 4 + (r % 32) // 8
+    if marlin:
+        r2 = r // 64 * 64 + (r % 2) * 2 + (r % 8) // 4 + (r % 4) // 2 * 32 + (r % 64) // 8 * 4
+    else:  # inside each block of 32 rows, row 8a + b goes to 4b + a (int16 metadata: 4 interleaved)
+        r2 = r // 32 * 32 + (r % 8) * 4 + (r % 32) // 8
     # Swap the off-diagonal entries of every 2x2 block.
     swap = ((r2 % 2 == 0) & (c % 2 == 1)).long() - ((r2 % 2 == 1) & (c % 2 == 0)).long()
     r3, c3 = r2 + swap, c - swap

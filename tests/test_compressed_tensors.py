@@ -39,6 +39,8 @@ FIXINT8 = os.path.join(DATA, "llama_2of4_int8_w8a8_fp16")  # INT8 per channel + 
 FIXW4 = os.path.join(DATA, "llama_2of4_w4a16_actorder_fp16")  # int4 groups of 8, activation order, packed
 FIXFP8BLK = os.path.join(DATA, "llama_unstructured_fp8_block_bf16")  # FP8 8x8 blocks, sparse-bitmask
 FIXASYM = os.path.join(DATA, "llama_unstructured_int8_asym_fp32")  # INT8 per tensor with a zero point
+FIXMARLIN = os.path.join(DATA, "llama_2of4_w4a16_marlin24_fp16")  # int4 2:4 in Marlin's layout, groups of 128
+FIXMARLIN8 = os.path.join(DATA, "llama_2of4_w8a16_channel_marlin24_fp16")  # int8 per channel, Marlin's layout
 
 
 def _int_view(t):
@@ -247,7 +249,11 @@ def test_load_sharded_checkpoint(tmp_path):
      "model.layers.0.self_attn.q_proj.weight_scale is missing"),
     (lambda c: c["quantization_config"].update(config_groups={"group_0": {
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 8}}},
-        format="marlin-24"), "quantization format 'marlin-24' \\(Marlin's tiled 2:4 4-bit layout\\) is not supported"),
+        format="marlin-24"), "marlin-24 holds symmetric int4/int8 weights per channel or per group of 128, got "
+                             "int4 per group 8"),
+    (lambda c: c["quantization_config"].update(config_groups={"group_0": {
+        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float"}}}, format="nvfp4-pack-quantized"),
+     "quantization format 'nvfp4-pack-quantized' \\(FP4 weights\\) is not supported"),
     (lambda c: c["quantization_config"]["sparsity_config"].update(format="marlin-24"),
      "sparsity format 'marlin-24' is not supported"),
     (lambda c: c["quantization_config"].update(transform_config={"config_groups": {"u": {}}}), "transform_config"),
@@ -504,12 +510,14 @@ def test_which_directories_are_claimed(tmp_path):
     and dense (no sparsity_config) compressed-tensors models are left to transformers."""
     assert ct.is_compressed_tensors(FIX24) and ct.is_compressed_tensors(FIXFP8)
     assert models.resolve(FIXFP8).kind == "compressed-tensors"
-    for fmt in ("marlin-24", "nvfp4-pack-quantized"):
+    assert ct.is_compressed_tensors(FIXMARLIN)
+    for fmt, match in (("marlin-24", "marlin-24 holds symmetric int4/int8"),  # FP8 weights cannot be
+                       ("nvfp4-pack-quantized", "quantization format 'nvfp4-pack-quantized'")):
         d = _copy(FIXFP8, tmp_path, fmt)
         _edit_config(d, lambda c: c["quantization_config"].update(format=fmt) or
                      c["quantization_config"]["config_groups"]["group_0"].update(format=fmt))
         assert not ct.is_compressed_tensors(str(d)) and models.resolve(str(d)).kind == "hf"
-        with pytest.raises(ct.CompressedTensorsError, match=f"quantization format '{fmt}'"):
+        with pytest.raises(ct.CompressedTensorsError, match=match):
             ct.load(str(d))
     d = _copy(FIX24, tmp_path)
     _edit_config(d, lambda c: c["quantization_config"].update(config_groups=None, format=None, sparsity_config={}))
@@ -602,7 +610,10 @@ def test_load_legacy_compression_config(tmp_path):
     (FIXW4, "2:4", "int4 per group 8", None),
     (FIXFP8BLK, "bitmask", "float8 per block 8x8", None),
     (FIXASYM, "bitmask", "int8 per tensor", None),
-], ids=["fp8-channel-2of4", "int8-channel-2of4", "w4a16-actorder-2of4", "fp8-block-unstructured", "int8-asym"])
+    (FIXMARLIN, "2:4", "int4 per group 128", None),
+    (FIXMARLIN8, "2:4", "int8 per channel", None),
+], ids=["fp8-channel-2of4", "int8-channel-2of4", "w4a16-actorder-2of4", "fp8-block-unstructured", "int8-asym",
+        "w4a16-marlin24", "w8a16-channel-marlin24"])
 def test_load_quantized_checkpoint_dequantizes_exactly(path, pattern, weights, acts):
     """Every weight equals, bit for bit, what compressed-tensors 0.12.2 itself dequantizes (the
     fixture's hashes), and the sparse layers run on our kernels."""
@@ -686,6 +697,13 @@ Q0 = "model.layers.0.self_attn.q_proj"
     (FIXW4, _w4_edit(Q0 + ".weight_g_idx", lambda g: g + 1), rf"{Q0}.weight_g_idx: group indices must lie in \[0, 4\)"),
     (FIXW4, lambda t: t.pop(Q0 + ".weight_shape"), "weight_packed / .*weight_shape is missing"),
     (FIXFP8BLK, _w4_edit(Q0 + ".weight_scale", lambda s: s[:, :2]), r"needs shape \[4, 4\], got \[4, 2\]"),
+    (FIXMARLIN, lambda t: t.pop(Q0 + ".meta"), f"stores '{Q0}' as marlin-24 but {Q0}.meta is missing"),
+    (FIXMARLIN, _w4_edit(Q0 + ".meta", lambda m: m.int()), rf"{Q0}.meta: expected int16 with 1024 elements"),
+    (FIXMARLIN, _w4_edit(Q0 + ".meta", lambda m: m | 0x000F), rf"{Q0}.meta: .*meta"),
+    (FIXMARLIN, _w4_edit(Q0 + ".scale_packed", lambda s: s.float()),
+     rf"{Q0}.scale_packed: expected float16\[1, 128\], got float32\[1, 128\]"),
+    (FIXMARLIN, _w4_edit(Q0 + ".weight_packed", lambda p: p[:, :-8]),
+     rf"{Q0}.weight_packed: expected int32\[4, 256\]"),
 ])
 def test_load_quantized_rejects_corrupt_tensors(tmp_path, fixture, edit, match):
     d = _copy(fixture, tmp_path)

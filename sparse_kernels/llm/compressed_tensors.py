@@ -26,9 +26,11 @@ Quantized checkpoints (llm-compressor's sparse FP8 / INT8 / W4A16 models: ``floa
 ``int-quantized``, ``naive-quantized`` and ``pack-quantized`` weights) are read by dequantizing
 each weight once, on load, exactly as compressed-tensors does (``(q - zero_point) * scale`` in the
 scale's dtype, per tensor, channel, group, activation-ordered group or block), so a 2:4 FP8 model
-runs on our 16-bit 2:4 kernels.  Activation and KV-cache quantization is not emulated: those
-scales are dropped and listed in :attr:`LoadInfo.quantization`.  ``marlin-24`` (Marlin's tiled
-4-bit layout), FP4 (``nvfp4-pack-quantized``) and transforms are refused with a clear error.
+runs on our 16-bit 2:4 kernels.  ``marlin-24`` (2:4 int4/int8 in Marlin's tiled layout, which
+compressed-tensors writes but cannot read) is unshuffled and dequantized the same way.
+Activation and KV-cache quantization is not emulated: those scales are dropped and listed in
+:attr:`LoadInfo.quantization`.  FP4 (``nvfp4-pack-quantized``) and transforms are refused with a
+clear error.
 """
 
 from __future__ import annotations
@@ -88,14 +90,15 @@ def _read_json(path: str) -> dict:
 
 
 # weight formats whose weights load dequantized; "dense" stores them unquantized (scales beside)
-QUANT_READ_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", FORMAT_DENSE)
-_WHY_NOT = {"marlin-24": "Marlin's tiled 2:4 4-bit layout", "nvfp4-pack-quantized": "FP4 weights",
-            "mixed-precision": "a format per config group, none given"}
+QUANT_READ_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "marlin-24",
+                      FORMAT_DENSE)
+_WHY_NOT = {"nvfp4-pack-quantized": "FP4 weights", "mixed-precision": "a format per config group, none given"}
 _STRATEGIES = ("tensor", "channel", "group", "block")
 # stored quantization parameters that belong to activations or the KV cache: dropped, not applied
 _NOT_APPLIED = ("input_scale", "input_zero_point", "input_global_scale", "output_scale", "output_zero_point",
                 "k_scale", "v_scale", "q_scale", "k_zero_point", "v_zero_point", "q_zero_point")
 _WEIGHT_QPARAMS = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_packed", "weight_shape")
+_MARLIN24_PARTS = ("weight_packed", "scale_packed", "meta")
 
 
 @dataclass
@@ -162,6 +165,11 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
                              f"got {block!r}")
         if fmt == "pack-quantized" and typ != "int":
             raise ValueError(f"config group {gname!r}: pack-quantized weights must be int, got {typ!r}")
+        if fmt == "marlin-24" and (typ != "int" or bits not in (4, 8) or strategy not in ("group", "channel")
+                                   or (strategy == "group" and gs != 128) or not w.get("symmetric", True)):
+            raise ValueError(f"config group {gname!r}: marlin-24 holds symmetric int4/int8 weights per channel or "
+                             f"per group of 128, got {typ}{bits} per {strategy}"
+                             f"{f' {gs}' if strategy == 'group' else ''}, symmetric={w.get('symmetric', True)}")
         out.append(_Scheme(gname, targets, fmt, typ, bits, strategy, gs, tuple(block) if block else None,
                            "; ".join(acts) or None))
     kv = qc.get("kv_cache_scheme")
@@ -197,8 +205,8 @@ def is_compressed_tensors(path: str) -> bool:
     """True when ``path`` is a directory holding a *sparse* compressed-tensors checkpoint that
     :func:`load` reads (config.json: ``quant_method: compressed-tensors``, or the legacy
     ``compression_config``; a ``sparsity_config``; no quantization, or weight quantization that
-    :func:`load` dequantizes).  Other compressed-tensors models (dense quantized ones, marlin-24,
-    FP4) are left to transformers (``from_pretrained`` with compressed-tensors installed)."""
+    :func:`load` dequantizes).  Other compressed-tensors models (dense quantized ones, FP4) are
+    left to transformers (``from_pretrained`` with compressed-tensors installed)."""
     cpath = os.path.join(path, "config.json")
     if not os.path.isfile(cpath):
         return False
@@ -222,8 +230,7 @@ def read_config(path: str) -> tuple[dict, dict]:
     ``path`` (see :func:`_section` for where that section is).
 
     Raises CompressedTensorsError for a missing or unreadable config.json, a checkpoint that is
-    not compressed-tensors, quantization :func:`load` cannot dequantize (marlin-24, FP4, dynamic
-    weights), transforms, and a sparsity format other than :data:`READ_FORMATS`.
+    not compressed-tensors, quantization :func:`load` cannot dequantize (FP4, dynamic weights), transforms, and a sparsity format other than :data:`READ_FORMATS`.
     """
     cfg, sc, _ = _read_config(path)
     return cfg, sc
@@ -257,7 +264,7 @@ def _read_config(path: str):
     sfmt = sc.get("format", FORMAT_DENSE) if sc else FORMAT_DENSE
     if sfmt not in READ_FORMATS:
         raise CompressedTensorsError(f"{cpath}: sparsity format {sfmt!r} is not supported; sparse_kernels reads "
-                                     f"{', '.join(READ_FORMATS)} (marlin-24 is 4-bit quantized)")
+                                     f"{', '.join(READ_FORMATS)} (marlin-24 is a quantization format)")
     if "model_type" not in cfg:
         raise CompressedTensorsError(f"{cpath}: model_type is missing; cannot build the model")
     return cfg, dict(sc, format=sfmt), quant
@@ -424,15 +431,78 @@ def _unpack_int32(prefix: str, packed: torch.Tensor, shape: torch.Tensor, bits: 
     """pack-quantized ``weight_packed`` -> int8 ``[rows, cols]``: ``32 // bits`` values per int32
     along each row, lowest bits first, each stored as ``q + 2**(bits-1)`` (unsigned)."""
     rows, cols = _shape(prefix + ".weight", shape)
+    return (_unpack_codes(prefix, packed, bits, rows, cols) - (1 << (bits - 1))).to(torch.int8)
+
+
+def _unpack_codes(prefix: str, packed: torch.Tensor, bits: int, rows: int, cols: int) -> torch.Tensor:
+    """int32 ``[rows, ceil(cols / (32/bits))]`` -> the unsigned ``bits``-bit codes ``[rows, cols]``
+    (int32), word ``c`` holding columns ``c*(32/bits) + i`` at bits ``bits*i``."""
     per = 32 // bits
     need = (rows, -(-cols // per))
     if packed.dtype != torch.int32 or tuple(packed.shape) != need:
         raise CompressedTensorsError(f"{prefix}.weight_packed: expected int32{list(need)} ({bits}-bit values of a "
-                                     f"[{rows}, {cols}] weight), got {str(packed.dtype).replace('torch.', '')}"
-                                     f"{list(packed.shape)}")
+                                     f"[{rows}, {cols}] {'weight' if rows else 'tile'}), got "
+                                     f"{str(packed.dtype).replace('torch.', '')}{list(packed.shape)}")
     shifts = torch.arange(per, dtype=torch.int32) * bits
-    vals = ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
-    return (vals - (1 << (bits - 1))).to(torch.int8)
+    return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
+
+
+def _marlin24_perms(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marlin 2:4's shuffles (nm-vllm's ``marlin_24_perms``, as compressed-tensors applies them):
+    the order of the 1024 codes of each 64x16 tile of the transposed compressed weight (so that
+    each thread's vector load holds its mma.sp fragment, codes interleaved for the dequantizing
+    shifts), and the order of each 64 scales of a row of groups."""
+    perm = []
+    for i in range(32):
+        col = i // 4
+        base = [16 * row + (col // 2) * 256 + 8 * (col % 2) + 4 * block
+                for block in (0, 1) for row in (2 * (i % 4), 2 * (i % 4) + 1, 2 * (i % 4 + 4), 2 * (i % 4 + 4) + 1)]
+        perm += [p + j for j in range(4) for p in base]
+    inter = [0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else [0, 2, 1, 3]
+    perm_t = torch.tensor(perm).reshape(-1, len(inter))[:, inter].flatten()
+    scale_perm = torch.tensor([8 * i + j for i in range(8) for j in (0, 4, 1, 5, 2, 6, 3, 7)])
+    return perm_t, scale_perm
+
+
+def _from_marlin24(prefix: str, parts: dict, sch: _Scheme, rows: int, cols: int) -> torch.Tensor:
+    """A ``marlin-24`` weight -> its dequantized dense float16 ``[rows, cols]``: undo Marlin's
+    code shuffle and 16x16 tiling of the transposed compressed codes, read the metadata (CUTLASS's
+    encoding, in Marlin's row order), then ``(code - 2**(bits-1)) * scale``
+    in float16 (what the Marlin kernel computes).  compressed-tensors writes this format and
+    cannot read it back."""
+    from ..interop import _cutlass_meta_offsets
+    from ..reference.sparse24 import decompress_2to4
+
+    bits, tile = sch.num_bits, 16
+    k, n = cols // 2, rows  # the compressed weight, transposed: [cols/2, rows]
+    if cols % 64 or rows % 64:
+        raise CompressedTensorsError(f"{prefix}: a marlin-24 weight needs rows and columns in multiples of 64 "
+                                     f"(Marlin's tiles), the model's is [{rows}, {cols}]")
+    codes = _unpack_codes(prefix, parts["weight_packed"], bits, k // tile, n * tile)
+    perm, scale_perm = _marlin24_perms(bits)
+    codes = codes.reshape(-1, perm.numel())[:, torch.argsort(perm)]
+    codes = codes.reshape(k // tile, n // tile, tile, tile).permute(0, 2, 1, 3).reshape(k, n)
+    values = (codes - (1 << (bits - 1))).to(torch.float16).t().contiguous()  # [rows, cols/2]
+    meta = parts["meta"]
+    if meta.dtype != torch.int16 or meta.numel() != rows * cols // 16:
+        raise CompressedTensorsError(f"{prefix}.meta: expected int16 with {rows * cols // 16} elements (CUTLASS "
+                                     f"metadata of a [{rows}, {cols}] weight), got "
+                                     f"{str(meta.dtype).replace('torch.', '')}{list(meta.shape)}")
+    # Marlin's CUTLASS-style metadata: int16 [rows, cols/16] stored as [cols/32, 2*rows]
+    offs = _cutlass_meta_offsets(rows, cols // 16, "cpu", marlin=True)
+    meta = meta.contiguous().reshape(-1).gather(0, offs).view(rows, cols // 16)
+    try:
+        q = decompress_2to4(values, meta)
+    except (TypeError, ValueError) as e:
+        raise CompressedTensorsError(f"{prefix}.meta: {e}") from e
+    groups = cols // sch.group_size if sch.strategy == "group" else 1
+    scale = parts["scale_packed"]
+    if scale.dtype != torch.float16 or tuple(scale.shape) != (groups, rows):
+        raise CompressedTensorsError(f"{prefix}.scale_packed: expected float16[{groups}, {rows}], got "
+                                     f"{str(scale.dtype).replace('torch.', '')}{list(scale.shape)}")
+    if sch.strategy == "group" and sch.group_size < k:  # (the writer compares with cols/2)
+        scale = scale.reshape(-1, scale_perm.numel())[:, torch.argsort(scale_perm)].reshape(groups, rows)
+    return q * scale.t().repeat_interleave(cols // groups, 1)
 
 
 def _quantized_from_parts(prefix: str, fmt: str, parts: dict) -> torch.Tensor:
@@ -530,9 +600,20 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
             continue
         if getattr(mod, "weight", None) is None:
             continue
-        parts = {k: tensors.pop(f"{name}.{k}") for k in _WEIGHT_QPARAMS if f"{name}.{k}" in tensors}
+        keys = _MARLIN24_PARTS if sch.format == "marlin-24" else _WEIGHT_QPARAMS
+        parts = {k: tensors.pop(f"{name}.{k}") for k in keys if f"{name}.{k}" in tensors}
         if sch.format == FORMAT_DENSE:  # stored unquantized (fake-quantized values): taken as they are
             stored_dense.append(name)
+            continue
+        if sch.format == "marlin-24":
+            missing = [f"{name}.{k}" for k in _MARLIN24_PARTS if k not in parts]
+            if missing:
+                raise CompressedTensorsError(f"{path}: config group {sch.group!r} stores {name!r} as marlin-24 but "
+                                             f"{', '.join(missing)} is missing")
+            w = _from_marlin24(name, parts, sch, *mod.weight.shape)
+            tensors[name + ".weight"] = w
+            done.append(name)
+            dtypes.add(w.dtype)
             continue
         if "weight_scale" not in parts:
             raise CompressedTensorsError(f"{path}: config group {sch.group!r} quantizes {name!r} ({sch.format}) "

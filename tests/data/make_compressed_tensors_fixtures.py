@@ -30,12 +30,12 @@ import torch
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "compressed_tensors")
 
 
-def tiny_llama(dtype, arch="llama"):
+def tiny_llama(dtype, arch="llama", hidden=32, intermediate=72):
     import transformers
 
     # intermediate 72: down_proj has 72 input columns, not a multiple of 16 (our padded path)
-    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=32)
+    kw = dict(vocab_size=64, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     if arch == "qwen2":  # biases on q/k/v, tied embeddings
         cfg = transformers.Qwen2Config(tie_word_embeddings=True, **kw)
     else:
@@ -260,6 +260,73 @@ def quantized_main():
         print(out, sorted(os.listdir(out)), dtypes, file=sys.stderr)
 
 
+def marlin24_main():
+    """2:4 weights in Marlin's layout (``marlin-24``, what llm-compressor writes for a 2:4 W4A16
+    model): ``llama_2of4_w4a16_marlin24_fp16`` int4 in groups of 128 (the format's only group
+    size), ``llama_2of4_w8a16_channel_marlin24_fp16`` int8 per channel.  Marlin's tiles need
+    multiples of 64 features; at 512 input features the group scales are shuffled too.
+    compressed-tensors cannot decompress this format, so the expected hashes come from the same
+    quantized model written as ``pack-quantized`` and dequantized by the library (the same math:
+    ``q * scale`` in float16)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    dtype = torch.float16
+    for name, size, weights in [  # 512 columns: down_proj's scales are shuffled too
+        ("llama_2of4_w4a16_marlin24_fp16", dict(hidden=128, intermediate=512),
+         QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=128, symmetric=True)),
+        ("llama_2of4_w8a16_channel_marlin24_fp16", dict(hidden=128, intermediate=256),
+         QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True)),
+    ]:
+        _marlin24_fixture(name, dtype, size, weights)
+
+
+def _marlin24_fixture(name, dtype, size, weights):
+    import tempfile
+
+    from compressed_tensors import __version__ as ct_version
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.config import DenseSparsityConfig
+    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
+                                                 apply_quantization_config)
+    from safetensors.torch import save_file
+
+    out = os.path.join(HERE, name)
+    os.makedirs(out, exist_ok=True)
+    qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                              ignore=["lm_head"])
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with tempfile.TemporaryDirectory() as twin:
+        for fmt, where in (("marlin-24", out), ("pack-quantized", twin)):
+            m = tiny_llama(dtype, **size)
+            prune(m, "2:4")
+            apply_quantization_config(m, qcfg)
+            set_qparams(m)
+            for mod in m.modules():
+                if hasattr(mod, "quantization_scheme"):
+                    mod.quantization_status = QuantizationStatus.FROZEN
+            scfg = DenseSparsityConfig(targets=["Linear"], ignore=["lm_head"], sparsity_structure="2:4")
+            comp = ModelCompressor.from_pretrained_model(m, sparsity_config_or_format=scfg, quantization_format=fmt)
+            sd = comp.compress(m)
+            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(where, "model.safetensors"),
+                      metadata={"format": "pt"})
+            m.config.save_pretrained(where)
+            comp.update_config(where)
+        fresh = library_decompress(twin, tiny_llama(dtype, **size))
+    layers = {n: sha(mod.weight) for n, mod in fresh.named_modules()
+              if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    for n in layers:
+        fresh.get_submodule(n).quantization_enabled = False
+    with torch.no_grad():
+        logits = fresh(input_ids=ids, use_cache=False).logits.float()
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump({"compressed_tensors_version": ct_version, "structure": "2:4", "quantization": "marlin-24",
+                   "dtype": "float16", "weight_dtypes": ["float16"], "weight_sha256": layers,
+                   "input_ids": ids.tolist(),
+                   "logits": [[[round(v, 4) for v in row] for row in seq] for seq in logits.tolist()]}, f, indent=1)
+    print(out, sorted(os.listdir(out)), file=sys.stderr)
+
+
 if __name__ == "__main__":
     main()
     quantized_main()
+    marlin24_main()

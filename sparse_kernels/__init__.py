@@ -14,7 +14,8 @@ from .ops._registry import BackendUnavailableError
 from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
 from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
 from .ops.bitmask import bitmask_linear, compress_bitmask, decompress_bitmask
-from .nn import SparseLinear, sparsify
+from .ops.int4 import compress_2to4_int4, decompress_2to4_int4, sparse_linear_int4
+from .nn import SparseLinear, SparseLinearInt4, quantize_int4, sparsify
 from .interop import (from_compressed_tensors_24, from_torch_cutlass, to_compressed_tensors_24, to_semi_structured,
                       to_torch_cutlass)
 from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
@@ -41,7 +42,12 @@ __all__ = [
     "bitmask_linear",
     "compress_bitmask",
     "decompress_bitmask",
+    "compress_2to4_int4",
+    "decompress_2to4_int4",
+    "sparse_linear_int4",
     "SparseLinear",
+    "SparseLinearInt4",
+    "quantize_int4",
     "sparsify",
     "prune",
 ]

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from .ops import _registry as R
 from .ops import _validate as V
 from .ops import bitmask as B
+from .ops import int4 as I4
 from .ops import linear as L
 from .ops import permutation as P
 from .ops.sparse24 import compress_2to4, decompress_2to4
@@ -445,6 +446,160 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
             new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend)
         new.train(mod.training)
         report.bytes_before += sum(t.numel() * t.element_size() for t in mod.parameters(recurse=False))
+        report.bytes_after += new.nbytes()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        report.layers.append(name)
+    return report
+
+
+# ---------------------------------------------------------------- 2:4 int4
+class SparseLinearInt4(nn.Module):
+    """A 2:4 Linear layer whose kept values are int4 codes times a float scale per row and group
+    of ``group_size`` input columns (:mod:`sparse_kernels.reference.int4`): buffers ``qvalues
+    [out, in_pad/4]`` uint8, ``meta [out, in_pad/16]`` int16, ``scales [out, in_pad/group_size]``,
+    parameter ``bias``.  ``in_pad`` = ``in_features`` rounded up to 16 (padded columns hold zeros);
+    ``group_size=None`` means one scale per row (``in_pad``).  Forward is
+    :func:`sparse_kernels.sparse_linear_int4` (fp32 accumulation of the exact weight
+    ``(code - 8) * scale``); an ``in_perm`` buffer as in :class:`SparseLinear` when permuted.
+
+    For inference: the weight is frozen (grads flow to x and bias).  Build with
+    :meth:`from_sparse` (round-to-nearest of a 2:4 :class:`SparseLinear`), :meth:`from_dense`, or
+    :func:`quantize_int4` on a whole model; :meth:`to_sparse` gives the 16-bit 2:4 layer back.
+    A float16 weight in 2:4 int4 takes 0.28x the bytes of the 16-bit 2:4 layer (codes and meta;
+    scales add 2 bytes per row and group).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, group_size: int | None = 128, backend=None, device=None,
+                 dtype=None, permuted: bool = False):
+        super().__init__()
+        if backend is not None:
+            R.requested_backend(backend)
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_padded = (self.in_features + 15) // 16 * 16
+        g = self.in_padded if group_size is None else group_size
+        if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 16 or self.in_padded % g:
+            raise ValueError(f"group_size: got {group_size!r}; it must be None (one scale per row) or a positive "
+                             f"multiple of 16 dividing the padded in_features {self.in_padded}")
+        self.group_size, self.backend = g, backend
+        dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("qvalues", torch.full((out_features, self.in_padded // 4), 0x88, dtype=torch.uint8,
+                                                   device=device))
+        self.register_buffer("meta", torch.full((out_features, self.in_padded // 16), 0x4444, dtype=torch.int16,
+                                                device=device))
+        self.register_buffer("scales", torch.ones(out_features, self.in_padded // g, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_buffer("in_perm", torch.arange(self.in_features, device=device) if permuted else None)
+
+    @classmethod
+    def from_sparse(cls, layer: SparseLinear, group_size: int | None = 128) -> "SparseLinearInt4":
+        """Round-to-nearest symmetric int4 of a 2:4 SparseLinear's kept values (scale = max |v| / 7
+        per row and group, in the layer's dtype); pattern, permutation and bias are kept."""
+        if not isinstance(layer, SparseLinear) or layer.pattern != "2:4":
+            raise TypeError(f"layer: expected a 2:4 SparseLinear, got {type(layer).__name__}"
+                            f"{'' if not isinstance(layer, SparseLinear) else f' with pattern {layer.pattern!r}'}")
+        from .reference.int4 import quantize_values
+
+        v = layer.values.detach()
+        mod = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, group_size=group_size,
+                  backend=layer.backend, device=v.device, dtype=v.dtype, permuted=layer.in_perm is not None)
+        q, s = quantize_values(v, mod.group_size)
+        mod.qvalues.copy_(q)
+        mod.meta.copy_(layer.meta)
+        mod.scales.copy_(s)
+        with torch.no_grad():
+            if layer.bias is not None:
+                mod.bias.copy_(layer.bias.detach())
+            if layer.in_perm is not None:
+                mod.in_perm.copy_(layer.in_perm)
+        return mod
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, group_size: int | None = 128, mask=None, in_perm=None
+                   ) -> "SparseLinearInt4":
+        """:meth:`SparseLinear.from_dense` (2:4: ``mask`` or the 2 largest |w| of each group of 4),
+        then :meth:`from_sparse`."""
+        return cls.from_sparse(SparseLinear.from_dense(linear, "2:4", mask=mask, in_perm=in_perm), group_size)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight in the original column order, in
+        ``dtype`` (default: the scales' dtype; float32 is exact)."""
+        from .reference.int4 import decompress_2to4_int4
+
+        w = decompress_2to4_int4(self.qvalues, self.meta, self.scales, dtype or self.scales.dtype)
+        w = w[:, : self.in_features]
+        if self.in_perm is not None:
+            w = w.index_select(1, torch.argsort(self.in_perm))
+        return w
+
+    def to_sparse(self) -> SparseLinear:
+        """The 16-bit 2:4 SparseLinear with the dequantized values (in the scales' dtype)."""
+        from .reference.int4 import dequantize_values
+
+        dtype = self.scales.dtype
+        sl = SparseLinear(self.in_features, self.out_features, bias=self.bias is not None, pattern="2:4",
+                          backend=self.backend, device=self.qvalues.device, dtype=dtype,
+                          permuted=self.in_perm is not None)
+        with torch.no_grad():
+            sl.values.copy_(dequantize_values(self.qvalues, self.scales).to(dtype))
+            sl.meta.copy_(self.meta)
+            if self.bias is not None:
+                sl.bias.copy_(self.bias.detach())
+            if self.in_perm is not None:
+                sl.in_perm.copy_(self.in_perm)
+        sl.refresh_cache()
+        return sl
+
+    def to_dense(self) -> nn.Linear:
+        w = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.detach())
+        return lin
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (codes, meta, scales, bias, in_perm)."""
+        ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x: last dim is {x.shape[-1]} but this layer has in_features={self.in_features}")
+        perm = self._buffers.get("in_perm")
+        if perm is not None:
+            x = P.gather_validated(x, perm)
+        if self.in_padded != self.in_features:
+            x = F.pad(x, (0, self.in_padded - self.in_features))
+        bias = self.bias if self.bias is None or self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return I4.sparse_linear_int4(x, self.qvalues, self.meta, self.scales, bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        perm = ", permuted=True" if self.in_perm is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"pattern=2:4 int4, group_size={self.group_size}, backend={self.backend or 'auto'}{perm}")
+
+
+def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, exclude=None) -> SparsifyReport:
+    """Replace every 2:4 :class:`SparseLinear` of ``model`` by :class:`SparseLinearInt4`
+    (round-to-nearest int4 of its kept values), in place; ``include``/``exclude`` as in
+    :func:`sparsify`.  A layer whose padded ``in_features`` the group size does not divide is
+    skipped (listed with the reason).  Returns the report (bytes before and after)."""
+    report = SparsifyReport()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, SparseLinear) or mod.pattern != "2:4" or name == "":
+            continue
+        if include is not None and not _matches(include, name, mod):
+            continue
+        if exclude is not None and _matches(exclude, name, mod):
+            continue
+        if group_size is not None and mod.in_padded % group_size:
+            report.skipped.append((name, f"group_size {group_size} does not divide its {mod.in_padded} (padded) "
+                                         f"input features"))
+            continue
+        new = SparseLinearInt4.from_sparse(mod, group_size)
+        report.bytes_before += mod.nbytes()
         report.bytes_after += new.nbytes()
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -1,11 +1,12 @@
-// Direct-path CPU kernels of the linear family (included by csrc/cpu/linear.cpp only): raw-pointer
+// Direct-path CPU kernels of the linear family (included by csrc/cpu/linear.cpp and int4.cpp): raw-pointer
 // row kernels that write fp32 y [M, N] from fp32 x [M, K] (bf16 x for the vdpbf16ps kernels).
 //
 // sparse_linear (2:4, values [N, K/2] + meta [N, K/16] int16): sparse_linear_kernel (scalar /
 //   AVX2 / AVX-512 by best_isa()) and sl_rows_bf16 (AVX512-BF16, K % 64 == 0).
 // masked_linear (weight [N, K] + mask bool [N, K] | uint8 [N, ceil(K/8)]): masked_linear_kernel
 //   (scalar / AVX-512) and ml_rows_bf16 (AVX512-BF16, K % 32 == 0).
-// The ATen wrappers in linear.cpp validate every tensor before calling these.
+// The ATen wrappers in linear.cpp (and int4.cpp, which runs sl_rows on dequantized values) validate
+// every tensor before calling these.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -174,7 +175,7 @@ static void sl_block_bf16(const c10::BFloat16* x, const c10::BFloat16* values, c
   for (int r = 0; r < rows; ++r) sl_block_avx512bf16<1, MB>(x, values, meta, out, K, N, n + r);
 }
 
-static void sl_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta, float* out,
+[[maybe_unused]] static void sl_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta, float* out,
                          int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; n += 4) {
     const int rows = static_cast<int>(std::min<int64_t>(4, n1 - n));
@@ -209,7 +210,7 @@ SK_AVX512BF16 static void ml_row_avx512bf16(const c10::BFloat16* x, const c10::B
   for (int b = 0; b < MB; ++b) out[b * N + n] = _mm512_reduce_add_ps(acc[b]);
 }
 
-static void ml_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* w, const uint8_t* mask, bool packed, float* out,
+[[maybe_unused]] static void ml_rows_bf16(const c10::BFloat16* x, const c10::BFloat16* w, const uint8_t* mask, bool packed, float* out,
                          int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   const int64_t mstride = packed ? K / 8 : K;
   for (int64_t n = n0; n < n1; ++n) {

@@ -6,3 +6,4 @@ from .linear import masked_linear, pack_mask, sparse_linear, unpack_mask  # noqa
 from .sparsegpt import sparsegpt_block_update  # noqa: F401
 from .bitmask import bitmask_linear, compress_bitmask, decompress_bitmask  # noqa: F401
 from .permutation import gather_columns, nm_split_scores  # noqa: F401
+from .int4 import compress_2to4_int4, decompress_2to4_int4, sparse_linear_int4  # noqa: F401

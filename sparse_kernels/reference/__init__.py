@@ -7,3 +7,4 @@ from . import sparse24  # noqa: F401
 from . import mma_layout  # noqa: F401
 from . import linear  # noqa: F401
 from . import sparsegpt  # noqa: F401
+from . import int4  # noqa: F401

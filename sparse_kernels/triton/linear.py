@@ -115,6 +115,13 @@ def _expand_2to4(v_ptrs, meta_ptrs, shifts, vmask, gmask, BLOCK_N: tl.constexpr,
     v = tl.reshape(v, (BLOCK_N, BLOCK_K // 4, 2))
     v0, v1 = tl.split(v)  # [BLOCK_N, BLOCK_K/4]
     word = tl.load(meta_ptrs, mask=gmask, other=0x4).to(tl.int32) & 0xFFFF
+    return expand_pairs(v0, v1, word, shifts, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def expand_pairs(v0, v1, word, shifts, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense [BLOCK_N, BLOCK_K] tile from each group's two kept values ``v0``, ``v1``
+    [BLOCK_N, BLOCK_K/4] and its meta word (int32, the 16 bits) shifted by ``shifts``."""
     nib = (word >> shifts) & 0xF
     i0 = nib & 3
     i1 = nib >> 2

@@ -1,0 +1,245 @@
+"""2:4 int4 weights: the format (bit-exact round trips), sparse_linear_int4 on every backend vs the
+exact reference, autograd, opcheck, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparse_kernels as sk
+from sparse_kernels.reference import int4 as ref
+from conftest import assert_bitexact, assert_matmul_close, devices, skip_unless_backend
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (leading dims of x, N, K, group size): batch 1, odd leading dims, N not a multiple of 16 or 64,
+# per-row scales (G = K), K not a multiple of 32 or 64, batch past the 4-row blocks
+SHAPES = [((1,), 37, 48, 16), ((3, 5), 64, 160, 32), ((2, 1, 7), 129, 32, 32), ((9,), 20, 16, 16),
+          ((17,), 70, 96, 48), ((40,), 33, 128, 128)]
+
+
+def _problem(lead, n, k, g, dtype, device="cpu", bias=True, seed=0, scale_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    q, meta, scales = sk.compress_2to4_int4(w.to(scale_dtype or dtype), g, prune=True)
+    x = torch.randn(*lead, k, generator=gen).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return mv(x), mv(q), mv(meta), mv(scales), mv(b)
+
+
+def _check(y, x, q, meta, scales, bias, what):
+    w = ref.decompress_2to4_int4(q.cpu(), meta.cpu(), scales.cpu())  # exact
+    exact = x.cpu().double() @ w.double().T + (0 if bias is None else bias.cpu().double())
+    lowp = torch.nn.functional.linear(x.cpu(), w.to(x.dtype), None if bias is None else bias.cpu())
+    assert y.dtype == x.dtype and y.shape == lowp.shape
+    assert_matmul_close(y, exact, lowp, what)
+
+
+# ------------------------------------------------------------------ the format
+def test_codes_pack_round_trip_and_nibble_order():
+    q = torch.randint(-8, 8, (5, 24), generator=torch.Generator().manual_seed(1))
+    packed = ref.pack_codes(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 12)
+    assert int(packed[0, 0]) == (int(q[0, 0]) + 8) | ((int(q[0, 1]) + 8) << 4)  # low nibble = even value
+    assert_bitexact(ref.unpack_codes(packed), q.to(torch.int16), "codes round trip")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_exactly_representable_weight_round_trips(dtype):
+    """A 2:4 weight whose kept values are int4 codes times per-group power-of-two scales (exact
+    in every dtype) compresses to exactly those codes and scales, and back bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    n, k, g = 24, 64, 32
+    q = torch.randint(-7, 8, (n, k // 2), generator=gen)
+    q[q == 0] = 3  # nonzero: the 2:4 mask is the one below
+    q[:, ::16] = 7 * (2 * torch.randint(0, 2, (n, k // 32), generator=gen) - 1)  # every group reaches |q| = 7
+    scales = torch.pow(2.0, torch.randint(-6, 4, (n, k // g), generator=gen).float()).to(dtype)
+    mask = sk.mask_2to4(torch.randn(n, k, generator=gen))
+    w = torch.zeros(n, k, dtype=torch.float32)
+    w[mask] = (q.float() * scales.float().repeat_interleave(g // 2, 1)).flatten()
+    w = w.to(dtype)
+    qv, meta, sc = sk.compress_2to4_int4(w, g)
+    assert_bitexact(sc, scales, "scales")
+    assert_bitexact(ref.unpack_codes(qv), q.to(torch.int16), "codes")
+    assert_bitexact(sk.decompress_2to4_int4(qv, meta, sc, dtype), w, "decompressed weight")
+    assert_bitexact(sk.decompress_2to4(*sk.compress_2to4(w)), sk.decompress_2to4_int4(qv, meta, sc, dtype), "vs 2:4")
+
+
+def test_quantization_error_and_zero_groups():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=gen)
+    w[3] = 0  # all-zero row: scale 1, codes of 0
+    qv, meta, sc = sk.compress_2to4_int4(w, 16, prune=True)
+    pruned = sk.decompress_2to4(*sk.compress_2to4(w, prune=True))
+    back = sk.decompress_2to4_int4(qv, meta, sc)
+    assert bool(((back != 0) <= (pruned != 0)).all())  # never a weight where 2:4 pruned one
+    step = sc.repeat_interleave(16, 1)
+    assert bool(((back - pruned).abs() <= step / 2 + 1e-6).all())  # round to nearest
+    assert bool((sc[3] == 1).all()) and bool((back[3] == 0).all())
+    assert int(ref.unpack_codes(qv).abs().max()) <= 7
+
+
+# ------------------------------------------------------------------ sparse_linear_int4
+BACKENDS = ["reference", "cpp", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,n,k,g", SHAPES)
+@pytest.mark.parametrize("device", devices())
+def test_sparse_linear_int4_vs_reference(backend, dtype, lead, n, k, g, device):
+    skip_unless_backend("sparse_linear_int4", backend, device)
+    x, q, meta, scales, bias = _problem(lead, n, k, g, dtype, device)
+    y = sk.sparse_linear_int4(x, q, meta, scales, bias, backend=backend)
+    assert y.shape == (*lead, n)
+    _check(y, x, q, meta, scales, bias, f"int4/{backend}/{dtype}")
+    y0 = sk.sparse_linear_int4(x, q, meta, scales, None, backend=backend)
+    _check(y0, x, q, meta, scales, None, f"int4/{backend}/{dtype}/nobias")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_sparse_linear_int4_scales_in_another_dtype(backend, scale_dtype):
+    skip_unless_backend("sparse_linear_int4", backend, "cpu")
+    x, q, meta, scales, bias = _problem((6,), 40, 64, 32, torch.bfloat16, seed=5, scale_dtype=scale_dtype)
+    assert scales.dtype == scale_dtype
+    _check(sk.sparse_linear_int4(x, q, meta, scales, bias, backend=backend), x, q, meta, scales, bias, backend)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+def test_sparse_linear_int4_cpp_every_isa(isa, monkeypatch):
+    skip_unless_backend("sparse_linear_int4", "cpp", "cpu")
+    monkeypatch.setenv("SPARSE_KERNELS_CPU_ISA", isa)  # falls back to the best available path
+    for lead, n, k, g in SHAPES + [((5,), 100, 1024, 128)]:
+        x, q, meta, scales, bias = _problem(lead, n, k, g, torch.float32, seed=6)
+        _check(sk.sparse_linear_int4(x, q, meta, scales, bias, backend="cpp"), x, q, meta, scales, bias, isa)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sparse_linear_int4_noncontiguous_and_empty(backend):
+    skip_unless_backend("sparse_linear_int4", backend, "cpu")
+    x, q, meta, scales, bias = _problem((6,), 40, 64, 16, torch.float32, seed=7)
+    xt = torch.randn(64, 6).T
+    qt = q.T.contiguous().T
+    assert not xt.is_contiguous() and not qt.is_contiguous()
+    _check(sk.sparse_linear_int4(xt, qt, meta, scales, bias, backend=backend), xt, q, meta, scales, bias, "strided")
+    y = sk.sparse_linear_int4(torch.randn(0, 64), q, meta, scales, bias, backend=backend)
+    assert y.shape == (0, 40)
+
+
+def test_sparse_linear_int4_autograd_and_opcheck():
+    x, q, meta, scales, bias = _problem((4,), 24, 32, 16, torch.float32, seed=8)
+    x.requires_grad_(True)
+    bias.requires_grad_(True)
+    y = sk.sparse_linear_int4(x, q, meta, scales, bias)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    w = ref.decompress_2to4_int4(q, meta, scales)
+    torch.testing.assert_close(x.grad, gy @ w, rtol=1.3e-6, atol=1e-5)
+    torch.testing.assert_close(bias.grad, gy.sum(0), rtol=1.3e-6, atol=1e-5)
+    for b in ("reference", "cpp"):
+        if b in sk._registry.available("sparse_linear_int4", "cpu"):
+            op = sk._registry.get_op("sparse_linear_int4", b)
+            torch.library.opcheck(op, (x.detach(), q, meta, scales, bias.detach()))
+
+
+def test_sparse_linear_int4_compiles():
+    x, q, meta, scales, bias = _problem((3,), 16, 32, 16, torch.float32, seed=9)
+    f = torch.compile(lambda a: sk.sparse_linear_int4(a, q, meta, scales, bias), fullgraph=True, backend="eager")
+    _check(f(x), x, q, meta, scales, bias, "compiled")
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda q, m, s, x: sk.sparse_linear_int4(x, q.to(torch.int8), m, s), TypeError, "qvalues: dtype int8"),
+    (lambda q, m, s, x: sk.sparse_linear_int4(x, q, m[:, :1], s), ValueError, r"meta: shape \(8, 1\) does not fit"),
+    (lambda q, m, s, x: sk.sparse_linear_int4(x, q, m, s[:, :1].repeat(1, 3)), ValueError,
+     r"scales: shape \(8, 3\) does not fit a \[8, 32\] weight"),
+    (lambda q, m, s, x: sk.sparse_linear_int4(x[:, :16], q, m, s), ValueError, "x: last dim is 16 but the weight has 32"),
+    (lambda q, m, s, x: sk.sparse_linear_int4(x, q[:, :2], m[:, :1], s[:, :1]), ValueError, "multiple of 16"),
+    (lambda q, m, s, x: sk.sparse_linear_int4(x, q, m, s, torch.zeros(7)), ValueError, r"bias: shape \(7,\)"),
+    (lambda q, m, s, x: sk.compress_2to4_int4(torch.randn(8, 32), 24), ValueError, "group_size: got 24"),
+    (lambda q, m, s, x: sk.compress_2to4_int4(torch.randn(8, 32), 16.0), TypeError, "group_size: expected an int"),
+    (lambda q, m, s, x: sk.decompress_2to4_int4(q, m | 0x000F, s), ValueError, "meta is corrupt"),
+])
+def test_sparse_linear_int4_rejects_bad_input(call, exc, match):
+    q, meta, scales = sk.compress_2to4_int4(torch.randn(8, 32), 16, prune=True)
+    with pytest.raises(exc, match=match):
+        call(q, meta, scales, torch.randn(3, 32))
+
+
+def test_sparse_linear_int4_cpp_validates_before_reading():
+    skip_unless_backend("sparse_linear_int4", "cpp", "cpu")
+    op = sk._registry.get_op("sparse_linear_int4", "cpp")
+    q, meta, scales = sk.compress_2to4_int4(torch.randn(8, 32), 16, prune=True)
+    with pytest.raises(ValueError, match="scales: shape"):
+        op(torch.randn(2, 32), q, meta, scales[:, :1].repeat(1, 3), None)
+    with pytest.raises(ValueError, match="meta: expected shape"):
+        op(torch.randn(2, 32), q, meta[:7], scales, None)
+
+
+# ------------------------------------------------------------------ SparseLinearInt4
+@pytest.mark.parametrize("in_f, group", [(64, 32), (72, 16), (72, None), (256, 128)])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_sparse_linear_int4_module(in_f, group, permuted):
+    gen = torch.Generator().manual_seed(10)
+    lin = torch.nn.Linear(in_f, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, in_f, generator=gen))
+    perm = torch.randperm(in_f, generator=gen) if permuted else None
+    sl = sk.SparseLinear.from_dense(lin, "2:4", in_perm=perm)
+    q4 = sk.SparseLinearInt4.from_sparse(sl, group)
+    assert (q4.in_perm is not None) == permuted and q4.group_size == (group or q4.in_padded)
+    w = q4.dense_weight(torch.float32)
+    # the int4 weight is the 2:4 layer's rounded to the nearest step of its group's scale
+    ref_w = sl.dense_weight()
+    assert bool(((w != 0) <= (ref_w != 0)).all())
+    assert float((w - ref_w).abs().max()) <= float(q4.scales.max()) / 2 + 1e-6
+    x = torch.randn(3, 5, in_f, generator=gen)
+    exact = x.double() @ w.double().T + lin.bias.detach().double()
+    lowp = torch.nn.functional.linear(x, w, lin.bias.detach())
+    assert_matmul_close(q4(x), exact, lowp, "SparseLinearInt4")
+    back = q4.to_sparse()
+    assert_bitexact(back.dense_weight(), w, "to_sparse keeps the weight (float32)")
+    assert_bitexact(q4.to_dense().weight.detach(), w, "to_dense")
+    assert "pattern=2:4 int4" in repr(q4)
+    # state_dict round trip into a fresh layer
+    fresh = sk.SparseLinearInt4(in_f, 24, group_size=group, permuted=permuted)
+    fresh.load_state_dict(q4.state_dict())
+    assert_bitexact(fresh(x), q4(x), "reloaded layer")
+
+
+def test_quantize_int4_on_a_model_and_bytes():
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 72),
+                                torch.nn.ReLU(), torch.nn.Linear(72, 8)).to(torch.float16)
+    sk.sparsify(model, "2:4")
+    x = torch.randn(4, 128).to(torch.float16)
+    with torch.no_grad():
+        y16 = model(x).float()
+    rep = sk.quantize_int4(model, group_size=128)
+    assert rep.layers == ["0", "2"] and rep.skipped == [("4", "group_size 128 does not divide its 80 (padded) "
+                                                               "input features")]
+    assert isinstance(model[0], sk.SparseLinearInt4) and isinstance(model[4], sk.SparseLinear)
+    # per layer: values 2*out*in/2 -> codes out*in/4; meta 2*out*in/16 and bias 2*out kept; scales 2*out*in/128
+    size = {(256, 128): None, (72, 256): None}
+    before = sum(out * inn + out * inn // 8 + 2 * out for out, inn in size)
+    after = sum(out * inn // 4 + out * inn // 8 + 2 * out * inn // 128 + 2 * out for out, inn in size)
+    assert (rep.bytes_before, rep.bytes_after) == (before, after) == (58256, 20656)
+    with torch.no_grad():
+        y4 = model(x).float()
+    assert float((y4 - y16).abs().max()) < 0.2 * float(y16.abs().max())  # int4 rounding, not garbage
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    assert_bitexact(compiled(x), model(x), "compiled model")
+
+
+def test_sparse_linear_int4_module_rejects():
+    with pytest.raises(ValueError, match="group_size: got 24"):
+        sk.SparseLinearInt4(64, 8, group_size=24)
+    with pytest.raises(TypeError, match="expected a 2:4 SparseLinear, got Linear"):
+        sk.SparseLinearInt4.from_sparse(torch.nn.Linear(16, 4))
+    bm = sk.SparseLinear.from_dense(torch.nn.Linear(16, 4), pattern="bitmask")
+    with pytest.raises(TypeError, match="with pattern 'bitmask'"):
+        sk.SparseLinearInt4.from_sparse(bm)
+    q4 = sk.SparseLinearInt4.from_dense(torch.nn.Linear(32, 4), 16)
+    with pytest.raises(ValueError, match="x: last dim is 16"):
+        q4(torch.randn(2, 16))

@@ -666,7 +666,8 @@ def test_load_quantized_drops_activation_scales_and_follows_the_model_dtype(tmp_
     _edit_tensors(d, edit)
     m, info = ct.load(str(d))
     assert info.quantization["not_applied"][-1] == "2 activation / KV-cache scale tensors dropped"
-    assert info.quantization["dequantized_to"] == "float16"
+    assert info.quantization["dequantized_to"] == "float16" and info.quantization["cast_from"] == ["float32"]
+    assert "dequantized to float16 (computed in float32, then cast)" in ct.quantization_note(info.quantization)
     t = load_file(str(d / "model.safetensors"))
     codes = ct._quantized_from_parts(q, ct.FORMAT_24, {k: t[f"{q}.{k}"] for k in ("shape", "compressed", "bitmask")})
     want = (codes.float() * t[q + ".weight_scale"]).half()  # in the scale's dtype, then the model's
@@ -690,10 +691,15 @@ Q0 = "model.layers.0.self_attn.q_proj"
      rf"{Q0}.weight: float-quantized float8 weights are stored as 2-D float8_e4m3fn, got int8"),
     (FIXFP8, _w4_edit(Q0 + ".weight_scale", lambda s: s.to(torch.float8_e4m3fn)), "weight_scale: expected float16"),
     (FIXFP8, lambda t: t.update({"lm_head.weight_scale": torch.ones(64, 1, dtype=torch.bfloat16)}),
-     "lm_head.weight_scale is stored but no config group targets 'lm_head'"),
+     "lm_head.weight_scale is stored but no config group quantizes the weight of 'lm_head'"),
     (FIXFP8, lambda t: t.update({"model.bogus.weight_scale": torch.ones(1)}), "'model.bogus' is not a module"),
     (FIXW4, _w4_edit(Q0 + ".weight_packed", lambda p: p[:, :-1]),
-     rf"{Q0}.weight_packed: expected int32\[32, 4\] \(4-bit values of a \[32, 32\] weight\), got int32\[32, 3\]"),
+     rf"{Q0}.weight_packed: expected int32\[32, 4\] \(4-bit codes in 32 rows of 32\), got int32\[32, 3\]"),
+    # unbalanced activation order: the library would cut the sorted columns into other groups
+    (FIXW4, _w4_edit(Q0 + ".weight_g_idx", lambda g: torch.where(g == 3, torch.zeros_like(g), g)),
+     rf"{Q0}.weight_g_idx: every group must hold exactly group_size=8 columns"),
+    (FIXMARLIN, lambda t: t.update({Q0 + ".weight_scale": torch.ones(128, 1, dtype=torch.float16)}),
+     f"'{Q0}' is stored as marlin-24, which has no {Q0}.weight_scale"),
     (FIXW4, _w4_edit(Q0 + ".weight_g_idx", lambda g: g + 1), rf"{Q0}.weight_g_idx: group indices must lie in \[0, 4\)"),
     (FIXW4, lambda t: t.pop(Q0 + ".weight_shape"), "weight_packed / .*weight_shape is missing"),
     (FIXFP8BLK, _w4_edit(Q0 + ".weight_scale", lambda s: s[:, :2]), r"needs shape \[4, 4\], got \[4, 2\]"),
@@ -719,6 +725,7 @@ def test_load_quantized_rejects_corrupt_tensors(tmp_path, fixture, edit, match):
     (lambda g: g["weights"].update(strategy="block", block_structure=[8]), "needs block_structure"),
     (lambda g: g["weights"].update(strategy="group", group_size=None), "needs a positive group_size"),
     (lambda g: g.update(targets="Linear"), "targets must be a list of strings"),
+    (lambda g: g["weights"].update(block_structure="8y8", strategy="block"), "block_structure '8y8' is not ROWSxCOLS"),
 ])
 def test_load_quantized_rejects_configs(tmp_path, edit, match):
     d = _copy(FIXFP8, tmp_path)
@@ -734,7 +741,7 @@ def test_cli_convert_quantized_to_sparse_kernels(tmp_path, capsys):
 
     ours, back = tmp_path / "ours", tmp_path / "back"
     assert cli.main(["convert", "--model", FIXFP8, "--format", "sparse_kernels", "-o", str(ours)]) == 0
-    assert ("float-quantized weights of 14 layers dequantized to bfloat16 on load (bit-exact with compressed-tensors); "
+    assert ("float-quantized weights of 14 layers dequantized to bfloat16 on load; "
             "not applied: group_0 input activations: float8 dynamic per token") in capsys.readouterr().out
     m, cfg = checkpoint.load(str(ours))
     assert cli.main(["convert", "--model", str(ours), "--format", "compressed-tensors", "-o", str(back)]) == 0
@@ -749,10 +756,59 @@ def test_load_quantization_format_dense_keeps_the_stored_weights(tmp_path):
     d = _copy(FIX24, tmp_path)
     _edit_config(d, lambda c: c["quantization_config"].update(format="dense", ignore=["lm_head"], config_groups={
         "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}))
-    _edit_tensors(d, lambda t: t.update({f"{n}.weight_scale": torch.ones(int(t[n + ".shape"][0]), 1)
-                                         for n in [k[:-6] for k in t if k.endswith(".shape")]}))
+    _edit_tensors(d, lambda t: t.update({f"{n}.weight_scale": torch.full((int(t[n + ".shape"][0]), 1), 2.0)
+                                         for n in [k[:-6] for k in t if k.endswith(".shape")]}))  # not applied
     m, info = ct.load(str(d))
     assert info.quantization["stored_unquantized_layers"] == 14 and info.quantization["dequantized_layers"] == 0
     assert set(info.layers.values()) == {"2:4"}
     for name, digest in _expected(FIX24)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda q: q.update(config_groups=[1]), "config_groups must be a JSON object, got list"),
+    (lambda q: q.update(ignore=[1]), r"ignore must be a list of strings, got \[1\]"),
+    (lambda q: q.update(ignore="lm_head"), "ignore must be a list of strings, got 'lm_head'"),
+    (lambda q: q["config_groups"]["group_0"].update(format="pack-quantized") or q["config_groups"]["group_0"][
+        "weights"].update(type="int", symmetric=False), "asymmetric pack-quantized weights per channel"),
+    (lambda q: q["config_groups"]["group_0"]["weights"].update(symmetric=False),
+     "weight_zero_point is missing; config group 'group_0' is asymmetric"),
+])
+def test_load_quantized_rejects_malformed_sections(tmp_path, edit, match):
+    d = _copy(FIXFP8, tmp_path)
+    _edit_config(d, lambda c: edit(c["quantization_config"]))
+    with pytest.raises(ct.CompressedTensorsError, match=match):
+        ct.load(str(d))
+
+
+def test_load_quantized_config_forms_the_library_accepts(tmp_path):
+    """QuantizationArgs' normalisations: no strategy + group_size -1 is channel, names in any case."""
+    d = _copy(FIXFP8, tmp_path)
+    _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+        strategy=None, group_size=-1, type="FLOAT"))
+    m, info = ct.load(str(d))
+    assert info.quantization["schemes"]["group_0"]["weights"] == "float8 per channel"
+    for name, digest in _expected(FIXFP8)["weight_sha256"].items():
+        assert _sha(_weight(m.get_submodule(name))) == digest
+
+
+def test_load_quantized_scheme_precedence(tmp_path):
+    """A name or re: target outranks a class-name target of an earlier group, as in
+    compressed-tensors (match_targets); an activation-only group quantizes no weight."""
+    d = _copy(FIXFP8, tmp_path)
+    g0 = json.loads((d / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+
+    def edit(c):
+        c["quantization_config"]["config_groups"] = {
+            "group_0": g0,
+            "group_1": {"targets": ["re:.*q_proj$"], "input_activations": g0["input_activations"]},
+        }
+    _edit_config(d, edit)
+    # q_proj now belongs to the activation-only group: its stored weight_scale is an error ...
+    with pytest.raises(ct.CompressedTensorsError, match="q_proj.weight_scale is stored but no config group quantizes"):
+        ct.load(str(d))
+    # ... and with the re: group quantizing weights the same way, everything loads as before
+    _edit_config(d, lambda c: c["quantization_config"]["config_groups"]["group_1"].update(weights=g0["weights"]))
+    m, info = ct.load(str(d))
+    for name, digest in _expected(FIXFP8)["weight_sha256"].items():
         assert _sha(_weight(m.get_submodule(name))) == digest

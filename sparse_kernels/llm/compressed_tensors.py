@@ -114,10 +114,14 @@ class _Scheme:
     group_size: int | None = None
     block: tuple | None = None
     activations: str | None = None  # what the group quantizes besides weights (not applied)
+    symmetric: bool = True
+    has_weights: bool = True  # False: a group that quantizes activations only
 
 
 def _is_quantized(qc: dict) -> bool:
     groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        return True  # malformed: _schemes says how
     return bool(any(isinstance(g, dict) and (g.get("weights") or g.get("input_activations")) for g in groups.values())
                 or (groups and qc.get("format") not in (None, FORMAT_DENSE)) or qc.get("kv_cache_scheme"))
 
@@ -129,6 +133,9 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
     groups = qc.get("config_groups") or {}
     if not isinstance(groups, dict):
         raise ValueError(f"config_groups must be a JSON object, got {type(groups).__name__}")
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(t, str) for t in ignore):
+        raise ValueError(f"ignore must be a list of strings, got {ignore!r}")
     out, notes = [], []
     for gname, g in groups.items():
         if not isinstance(g, dict):
@@ -145,9 +152,22 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
         targets = g.get("targets") or []
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"config group {gname!r}: targets must be a list of strings, got {targets!r}")
-        if not isinstance(w, dict):
-            continue  # activations only
-        typ, bits, strategy = w.get("type", "int"), w.get("num_bits", 8), w.get("strategy") or "tensor"
+        if not isinstance(w, dict):  # activations only: its layers' weights are not quantized
+            out.append(_Scheme(gname, targets, fmt, activations="; ".join(acts) or None, has_weights=False))
+            continue
+        typ, bits, strategy, gs = (str(w.get("type", "int")).lower(), w.get("num_bits", 8), w.get("strategy"),
+                                   w.get("group_size"))
+        # compressed-tensors' QuantizationArgs rules: no strategy means tensor, or group for
+        # group_size > 0, or channel for group_size -1; names in any case; "8x8" block strings
+        strategy = (str(strategy).lower() if strategy is not None
+                    else "group" if isinstance(gs, int) and gs > 0 else "channel" if gs == -1 else "tensor")
+        block = w.get("block_structure")
+        if isinstance(block, str):
+            try:
+                block = [int(b) for b in block.lower().split("x")]
+            except ValueError:
+                raise ValueError(f"config group {gname!r}: block_structure {block!r} is not ROWSxCOLS") from None
+        symmetric = w.get("symmetric", True)
         if w.get("dynamic"):
             raise ValueError(f"config group {gname!r}: weights.dynamic is set; weights must be stored quantized")
         if (typ, bits) != ("float", 8) and not (typ == "int" and isinstance(bits, int) and 2 <= bits <= 8):
@@ -156,7 +176,6 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
         if strategy not in _STRATEGIES:
             raise ValueError(f"config group {gname!r}: weight strategy {strategy!r} is not supported (one of "
                              f"{', '.join(_STRATEGIES)})")
-        gs, block = w.get("group_size"), w.get("block_structure")
         if strategy == "group" and not (isinstance(gs, int) and gs > 0):
             raise ValueError(f"config group {gname!r}: strategy 'group' needs a positive group_size, got {gs!r}")
         if strategy == "block" and not (isinstance(block, list) and len(block) == 2
@@ -165,13 +184,16 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
                              f"got {block!r}")
         if fmt == "pack-quantized" and typ != "int":
             raise ValueError(f"config group {gname!r}: pack-quantized weights must be int, got {typ!r}")
+        if fmt == "pack-quantized" and not symmetric and strategy in ("group", "channel"):
+            raise ValueError(f"config group {gname!r}: asymmetric pack-quantized weights per {strategy} store packed "
+                             f"zero points, which compressed-tensors itself cannot decompress")
         if fmt == "marlin-24" and (typ != "int" or bits not in (4, 8) or strategy not in ("group", "channel")
                                    or (strategy == "group" and gs != 128) or not w.get("symmetric", True)):
             raise ValueError(f"config group {gname!r}: marlin-24 holds symmetric int4/int8 weights per channel or "
                              f"per group of 128, got {typ}{bits} per {strategy}"
                              f"{f' {gs}' if strategy == 'group' else ''}, symmetric={w.get('symmetric', True)}")
         out.append(_Scheme(gname, targets, fmt, typ, bits, strategy, gs, tuple(block) if block else None,
-                           "; ".join(acts) or None))
+                           "; ".join(acts) or None, bool(symmetric)))
     kv = qc.get("kv_cache_scheme")
     if isinstance(kv, dict):
         notes.append(f"KV cache: {_describe(kv)}")
@@ -422,9 +444,17 @@ def _parts_24(prefix: str, d: dict[str, torch.Tensor]):
 
 # ------------------------------------------------------------------ quantized weights
 def _scheme_for(name: str, mod: nn.Module, quant: dict):
+    """The config group that quantizes module ``name``, by compressed-tensors' precedence: an
+    exact name, then a ``re:`` pattern, then a class name (targets sorted, a later group's
+    target overriding an earlier one's); None when ignored or unmatched."""
     if _matches(name, mod, quant["ignore"]):
         return None
-    return next((sch for sch in quant["schemes"] if _matches(name, mod, sch.targets)), None)
+    by_target = {t: sch for sch in quant["schemes"] for t in sch.targets}
+    targets = sorted(by_target, key=lambda t: (t.startswith("re:"), t))
+    hits = [t for t in targets if (re.match(t[3:], name) if t.startswith("re:") else t == name)]
+    hits += [t for t in targets if not t.startswith("re:") and t not in hits
+             and any(c.__name__ == t for c in type(mod).__mro__)]
+    return by_target[hits[0]] if hits else None
 
 
 def _unpack_int32(prefix: str, packed: torch.Tensor, shape: torch.Tensor, bits: int) -> torch.Tensor:
@@ -440,9 +470,9 @@ def _unpack_codes(prefix: str, packed: torch.Tensor, bits: int, rows: int, cols:
     per = 32 // bits
     need = (rows, -(-cols // per))
     if packed.dtype != torch.int32 or tuple(packed.shape) != need:
-        raise CompressedTensorsError(f"{prefix}.weight_packed: expected int32{list(need)} ({bits}-bit values of a "
-                                     f"[{rows}, {cols}] {'weight' if rows else 'tile'}), got "
-                                     f"{str(packed.dtype).replace('torch.', '')}{list(packed.shape)}")
+        raise CompressedTensorsError(f"{prefix}.weight_packed: expected int32{list(need)} ({bits}-bit codes in "
+                                     f"{rows} rows of {cols}), got {str(packed.dtype).replace('torch.', '')}"
+                                     f"{list(packed.shape)}")
     shifts = torch.arange(per, dtype=torch.int32) * bits
     return ((packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(rows, -1)[:, :cols]
 
@@ -475,9 +505,9 @@ def _from_marlin24(prefix: str, parts: dict, sch: _Scheme, rows: int, cols: int)
 
     bits, tile = sch.num_bits, 16
     k, n = cols // 2, rows  # the compressed weight, transposed: [cols/2, rows]
-    if cols % 64 or rows % 64:
-        raise CompressedTensorsError(f"{prefix}: a marlin-24 weight needs rows and columns in multiples of 64 "
-                                     f"(Marlin's tiles), the model's is [{rows}, {cols}]")
+    if cols % 32 or rows % 64:
+        raise CompressedTensorsError(f"{prefix}: a marlin-24 weight needs rows in multiples of 64 and columns in "
+                                     f"multiples of 32 (Marlin's tiles), the model's is [{rows}, {cols}]")
     codes = _unpack_codes(prefix, parts["weight_packed"], bits, k // tile, n * tile)
     perm, scale_perm = _marlin24_perms(bits)
     codes = codes.reshape(-1, perm.numel())[:, torch.argsort(perm)]
@@ -558,18 +588,28 @@ def _dequantize(prefix: str, q: torch.Tensor, parts: dict, sch: _Scheme) -> torc
                                      f"{list(q.shape)}")
     rows, cols = q.shape
     scale, zp, g_idx = parts["weight_scale"], parts.get("weight_zero_point"), parts.get("weight_g_idx")
-    if scale.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise CompressedTensorsError(f"{prefix}.weight_scale: expected float16/bfloat16/float32, got "
+    if scale.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise CompressedTensorsError(f"{prefix}.weight_scale: expected float16/bfloat16/float32/float64, got "
                                      f"{str(scale.dtype).replace('torch.', '')}")
+    if zp is None and not sch.symmetric:
+        raise CompressedTensorsError(f"{prefix}.weight_zero_point is missing; config group {sch.group!r} is "
+                                     f"asymmetric (symmetric: false)")
     idx = None
     if sch.strategy == "group":
-        ngroups = cols // sch.group_size if cols % sch.group_size == 0 else 0
+        if cols % sch.group_size:
+            raise CompressedTensorsError(f"{prefix}: {cols} columns are not a multiple of group_size "
+                                         f"{sch.group_size}")
+        ngroups = cols // sch.group_size
         if g_idx is not None and not bool((g_idx == -1).any()):  # activation order: column -> group
             if g_idx.dtype not in (torch.int32, torch.int64) or tuple(g_idx.shape) != (cols,):
                 raise CompressedTensorsError(f"{prefix}.weight_g_idx: expected int32[{cols}], got "
                                              f"{str(g_idx.dtype).replace('torch.', '')}{list(g_idx.shape)}")
             if bool(((g_idx < 0) | (g_idx >= ngroups)).any()):
                 raise CompressedTensorsError(f"{prefix}.weight_g_idx: group indices must lie in [0, {ngroups})")
+            # the library sorts the columns by group and cuts them into runs of group_size
+            if bool((torch.bincount(g_idx.long(), minlength=ngroups) != sch.group_size).any()):
+                raise CompressedTensorsError(f"{prefix}.weight_g_idx: every group must hold exactly group_size="
+                                             f"{sch.group_size} columns")
             idx = g_idx.long()
         else:
             idx = torch.arange(cols) // sch.group_size
@@ -593,10 +633,10 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
     done, dtypes, stored_dense = [], set(), []
     for name, mod in modules.items():
         sch = _scheme_for(name, mod, quant) if name else None
-        if sch is None:
+        if sch is None or not sch.has_weights:
             if name in scaled:
                 raise CompressedTensorsError(f"{path}: {name}.weight_scale is stored but no config group "
-                                             f"targets {name!r} (or it is ignored)")
+                                             f"quantizes the weight of {name!r} (or it is ignored)")
             continue
         if getattr(mod, "weight", None) is None:
             continue
@@ -606,6 +646,9 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
             stored_dense.append(name)
             continue
         if sch.format == "marlin-24":
+            stray = [f"{name}.{k}" for k in _WEIGHT_QPARAMS if f"{name}.{k}" in tensors and k != "weight_packed"]
+            if stray:
+                raise CompressedTensorsError(f"{path}: {name!r} is stored as marlin-24, which has no {stray[0]}")
             missing = [f"{name}.{k}" for k in _MARLIN24_PARTS if k not in parts]
             if missing:
                 raise CompressedTensorsError(f"{path}: config group {sch.group!r} stores {name!r} as marlin-24 but "
@@ -648,18 +691,19 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
             "schemes": {s.group: {"format": s.format, "weights": f"{s.type}{s.num_bits} per {s.strategy}"
                                   + (f" {s.group_size}" if s.strategy == "group" else "")
                                   + (f" {s.block[0]}x{s.block[1]}" if s.block else "")}
-                        for s in quant["schemes"]},
+                        for s in quant["schemes"] if s.has_weights},
             "dequantized_layers": len(done), "stored_unquantized_layers": len(stored_dense),
             "dequantized_to": str(cast or (next(iter(dtypes)) if len(dtypes) == 1 else sorted(map(str, dtypes)))
                                   ).replace("torch.", ""),
+            "cast_from": sorted(str(d).replace("torch.", "") for d in dtypes - {cast}) if cast is not None else [],
             "not_applied": quant["not_applied"] + ([f"{len(dropped)} activation / KV-cache scale tensors dropped"]
                                                    if dropped else [])}, set(done)
 
 
 def quantization_note(q: dict) -> str:
     """One line for the user about a quantized checkpoint :func:`load` dequantized."""
-    line = (f"{q['format']} weights of {q['dequantized_layers']} layers dequantized to {q['dequantized_to']} "
-            f"on load (bit-exact with compressed-tensors)")
+    cast = f" (computed in {'/'.join(q['cast_from'])}, then cast)" if q.get("cast_from") else ""
+    line = f"{q['format']} weights of {q['dequantized_layers']} layers dequantized to {q['dequantized_to']}{cast} on load"
     return line + (f"; not applied: {'; '.join(q['not_applied'])}" if q["not_applied"] else "")
 
 

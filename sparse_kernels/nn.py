@@ -466,7 +466,7 @@ class SparseLinearInt4(nn.Module):
     For inference: the weight is frozen (grads flow to x and bias).  Build with
     :meth:`from_sparse` (round-to-nearest of a 2:4 :class:`SparseLinear`), :meth:`from_dense`, or
     :func:`quantize_int4` on a whole model; :meth:`to_sparse` gives the 16-bit 2:4 layer back.
-    A float16 weight in 2:4 int4 takes 0.28x the bytes of the 16-bit 2:4 layer (codes and meta;
+    A float16 weight in 2:4 int4 takes 1/3 of the bytes of the 16-bit 2:4 layer (codes and meta;
     scales add 2 bytes per row and group).
     """
 

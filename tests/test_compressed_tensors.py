@@ -812,3 +812,30 @@ def test_load_quantized_scheme_precedence(tmp_path):
     m, info = ct.load(str(d))
     for name, digest in _expected(FIXFP8)["weight_sha256"].items():
         assert _sha(_weight(m.get_submodule(name))) == digest
+
+
+@pytest.mark.parametrize("path, kept", [(FIXMARLIN, True), (FIXMARLIN8, False), (FIXW4, False), (FIXFP8, False)],
+                         ids=["marlin24-int4", "marlin24-int8", "w4a16-actorder-groups-of-8", "fp8"])
+def test_load_int4_keep(path, kept):
+    """int4="keep": symmetric int4 2:4 layers stay int4 (SparseLinearInt4, codes and scales as
+    stored); the others (int8, activation-ordered groups of 8, FP8) are dequantized as before."""
+    exp = _expected(path)
+    m, info = ct.load(path, int4="keep")
+    assert info.quantization["int4_layers"] == (14 if kept else 0)
+    assert set(info.layers.values()) == ({"2:4 int4"} if kept else {"2:4"})
+    ids = torch.tensor(exp["input_ids"])
+    dense, _ = ct.load(path, convert=False)
+    lowp = _logits(dense, ids)
+    for name in exp["weight_sha256"]:
+        mod = m.get_submodule(name)
+        assert isinstance(mod, sk.SparseLinearInt4) == kept
+        if kept:  # exact q * scale, against the library's float16 rounding of it: within half an ulp
+            w16 = dense.get_submodule(name).weight.detach()
+            w = mod.dense_weight(torch.float32)
+            assert_bitexact(w.to(torch.float16), w16, f"{name}: rounds to the dequantized weight")
+            n = w16.numel()  # codes n/4 bytes, meta n/8, float16 scales: 3 bits a weight against 9 for 16-bit 2:4
+            assert mod.nbytes() == n // 4 + n // 8 + 2 * mod.scales.numel() < n * 9 // 8 // 2
+    exact = _logits(dense.double(), ids)
+    assert_matmul_close(_logits(m, ids), exact, lowp, "int4 model logits", factor=3.0)
+    with pytest.raises(ValueError, match="int4: got 'yes'"):
+        ct.load(path, int4="yes")

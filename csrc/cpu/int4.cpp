@@ -6,8 +6,8 @@
 //   dequantized into a float32 values buffer [16, K/2] that stays in L1/L2 (32 KB at K=1024, 128 KB
 //   at K=4096), w = (code - 8) * scale (exact in float32), and the 2:4 row kernels of
 //   linear_kernels.h (AVX-512 / AVX2 / scalar, chosen at run time) multiply it with fp32 x.  So the
-//   weight streamed from memory is the 4-bit codes, the meta and the scales: 0.28x of a 16-bit 2:4
-//   weight's bytes.  x is converted to fp32 once per call; accumulation is fp32.
+//   weight streamed from memory is the 4-bit codes, the meta and the scales: 1/3 of a 16-bit 2:4
+//   weight's bytes (plus the scales).  x is converted to fp32 once per call; accumulation is fp32.
 //   Every shape and dtype is validated before any pointer arithmetic (the Python wrapper checks the
 //   same things first, with friendlier messages).  Corrupt meta (i0 >= i1) cannot read out of
 //   bounds: a nibble always indexes inside its group.

@@ -67,7 +67,7 @@ class LoadInfo:
 
     path: str
     sparsity_config: dict
-    layers: dict[str, str] = field(default_factory=dict)  # module name -> "2:4" | "bitmask" | "dense"
+    layers: dict[str, str] = field(default_factory=dict)  # module name -> "2:4" | "bitmask" | "dense" | "2:4 int4"
     # for a quantized checkpoint: its format, the weight schemes, the layers dequantized and to
     # which dtype, and what was stored but not applied (activation / KV-cache scales)
     quantization: dict | None = None
@@ -495,13 +495,25 @@ def _marlin24_perms(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _from_marlin24(prefix: str, parts: dict, sch: _Scheme, rows: int, cols: int) -> torch.Tensor:
-    """A ``marlin-24`` weight -> its dequantized dense float16 ``[rows, cols]``: undo Marlin's
-    code shuffle and 16x16 tiling of the transposed compressed codes, read the metadata (CUTLASS's
-    encoding, in Marlin's row order), then ``(code - 2**(bits-1)) * scale``
-    in float16 (what the Marlin kernel computes).  compressed-tensors writes this format and
-    cannot read it back."""
-    from ..interop import _cutlass_meta_offsets
+    """A ``marlin-24`` weight -> its dequantized dense float16 ``[rows, cols]``:
+    ``(code - 2**(bits-1)) * scale`` in float16 (what the Marlin kernel computes) of
+    :func:`_marlin24_codes`.  compressed-tensors writes this format and cannot read it back."""
     from ..reference.sparse24 import decompress_2to4
+
+    values, meta, scale = _marlin24_codes(prefix, parts, sch, rows, cols)
+    try:
+        q = decompress_2to4(values, meta)
+    except (TypeError, ValueError) as e:
+        raise CompressedTensorsError(f"{prefix}.meta: {e}") from e
+    return q * scale.repeat_interleave(cols // scale.shape[1], 1)
+
+
+def _marlin24_codes(prefix: str, parts: dict, sch: _Scheme, rows: int, cols: int):
+    """A ``marlin-24`` weight -> ``(q [rows, cols/2] float16 integers, meta [rows, cols/16] in our
+    format, scales [rows, groups] float16)``: undo Marlin's code shuffle and 16x16 tiling of the
+    transposed compressed codes, read the metadata (CUTLASS's encoding, in Marlin's row order) and
+    unshuffle the group scales."""
+    from ..interop import _cutlass_meta_offsets
 
     bits, tile = sch.num_bits, 16
     k, n = cols // 2, rows  # the compressed weight, transposed: [cols/2, rows]
@@ -521,10 +533,6 @@ def _from_marlin24(prefix: str, parts: dict, sch: _Scheme, rows: int, cols: int)
     # Marlin's CUTLASS-style metadata: int16 [rows, cols/16] stored as [cols/32, 2*rows]
     offs = _cutlass_meta_offsets(rows, cols // 16, "cpu", marlin=True)
     meta = meta.contiguous().reshape(-1).gather(0, offs).view(rows, cols // 16)
-    try:
-        q = decompress_2to4(values, meta)
-    except (TypeError, ValueError) as e:
-        raise CompressedTensorsError(f"{prefix}.meta: {e}") from e
     groups = cols // sch.group_size if sch.strategy == "group" else 1
     scale = parts["scale_packed"]
     if scale.dtype != torch.float16 or tuple(scale.shape) != (groups, rows):
@@ -532,7 +540,7 @@ def _from_marlin24(prefix: str, parts: dict, sch: _Scheme, rows: int, cols: int)
                                      f"{str(scale.dtype).replace('torch.', '')}{list(scale.shape)}")
     if sch.strategy == "group" and sch.group_size < k:  # (the writer compares with cols/2)
         scale = scale.reshape(-1, scale_perm.numel())[:, torch.argsort(scale_perm)].reshape(groups, rows)
-    return q * scale.t().repeat_interleave(cols // groups, 1)
+    return values, meta, scale.t().contiguous()
 
 
 def _quantized_from_parts(prefix: str, fmt: str, parts: dict) -> torch.Tensor:
@@ -619,18 +627,54 @@ def _dequantize(prefix: str, q: torch.Tensor, parts: dict, sch: _Scheme) -> torc
     return x * _expand(prefix, "weight_scale", scale, sch, rows, cols, idx)
 
 
-def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, quant: dict, path: str
-                       ) -> tuple[dict, set[str]]:
+def _int4_parts(name: str, sch: _Scheme, parts: dict, q: torch.Tensor | None, marlin=None):
+    """``(qvalues, meta, scales)`` of :class:`sparse_kernels.nn.SparseLinearInt4` for a symmetric
+    int4 layer whose codes are 2:4 (``q`` the int8 codes ``[rows, cols]``, or ``marlin`` the output
+    of :func:`_marlin24_codes`), or None when the layer does not fit that format (it is then
+    dequantized): groups a multiple of 16 in column order, ``cols % 16 == 0``."""
+    from ..ops.sparse24 import compress_2to4
+    from ..reference.int4 import pack_codes
+
+    if sch.num_bits != 4 or sch.strategy not in ("group", "channel") or parts.get("weight_zero_point") is not None:
+        return None
+    if marlin is not None:
+        from ..reference.sparse24 import check_meta
+
+        values, meta, scales = marlin
+        cols = 2 * values.shape[1]
+        try:
+            check_meta(meta)
+        except ValueError as e:
+            raise CompressedTensorsError(f"{name}.meta: {e}") from e
+    else:
+        rows, cols = q.shape
+        g_idx = parts.get("weight_g_idx")
+        if g_idx is not None and not bool((g_idx == -1).any()) and not torch.equal(
+                g_idx.long(), torch.arange(cols) // sch.group_size):
+            return None  # activation order: groups are not runs of columns
+        if cols % 4 or not bool(((q.reshape(rows, -1, 4) != 0).sum(-1) <= 2).all()):
+            return None
+        scales = parts["weight_scale"]
+        values, meta = compress_2to4(q.to(torch.float16))
+    g = cols // scales.shape[1]
+    if cols % 16 or g % 16 or scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    return pack_codes(values.to(torch.int16)), meta, scales.contiguous()
+
+
+def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, quant: dict, path: str,
+                       int4: str = "dequantize") -> tuple[dict, set[str], dict]:
     """Replace every quantized weight in ``tensors`` (and in ``compressed``, sparse-compressed
     ones) by its dequantized dense weight ``NAME.weight``; drop the weight quantization parameters
-    and the activation / KV-cache scales.  Returns the summary for :attr:`LoadInfo.quantization`
-    and the names of the layers dequantized."""
+    and the activation / KV-cache scales.  Returns the summary for :attr:`LoadInfo.quantization`,
+    the names of the layers dequantized, and with ``int4="keep"`` the int4 2:4 layers kept
+    quantized: ``{name: (qvalues, meta, scales)}`` (see :func:`_int4_parts`)."""
     modules = dict(m.named_modules())
     scaled = {k[: -len(".weight_scale")] for k in tensors if k.endswith(".weight_scale")}
     for name in sorted(scaled - set(modules)):
         raise CompressedTensorsError(f"{path}: {name}.weight_scale is stored but {name!r} is not a module of "
                                      f"{type(m).__name__}")
-    done, dtypes, stored_dense = [], set(), []
+    done, dtypes, stored_dense, kept = [], set(), [], {}
     for name, mod in modules.items():
         sch = _scheme_for(name, mod, quant) if name else None
         if sch is None or not sch.has_weights:
@@ -653,6 +697,11 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
             if missing:
                 raise CompressedTensorsError(f"{path}: config group {sch.group!r} stores {name!r} as marlin-24 but "
                                              f"{', '.join(missing)} is missing")
+            codes = _marlin24_codes(name, parts, sch, *mod.weight.shape)
+            keep = _int4_parts(name, sch, parts, None, codes) if int4 == "keep" and isinstance(mod, nn.Linear) else None
+            if keep is not None:
+                kept[name] = keep
+                continue
             w = _from_marlin24(name, parts, sch, *mod.weight.shape)
             tensors[name + ".weight"] = w
             done.append(name)
@@ -673,7 +722,11 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
         else:
             raise CompressedTensorsError(f"{path}: {name}: quantized, but neither {name}.weight nor its "
                                          f"compressed parts are stored")
-        w = _dequantize(name, q, parts, sch)
+        w = _dequantize(name, q, parts, sch)  # validates q, the scales and g_idx
+        keep = _int4_parts(name, sch, parts, q) if int4 == "keep" and isinstance(mod, nn.Linear) else None
+        if keep is not None:
+            kept[name] = keep
+            continue
         tensors[name + ".weight"] = w
         done.append(name)
         dtypes.add(w.dtype)
@@ -692,12 +745,12 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
                                   + (f" {s.group_size}" if s.strategy == "group" else "")
                                   + (f" {s.block[0]}x{s.block[1]}" if s.block else "")}
                         for s in quant["schemes"] if s.has_weights},
-            "dequantized_layers": len(done), "stored_unquantized_layers": len(stored_dense),
+            "dequantized_layers": len(done), "int4_layers": len(kept), "stored_unquantized_layers": len(stored_dense),
             "dequantized_to": str(cast or (next(iter(dtypes)) if len(dtypes) == 1 else sorted(map(str, dtypes)))
                                   ).replace("torch.", ""),
             "cast_from": sorted(str(d).replace("torch.", "") for d in dtypes - {cast}) if cast is not None else [],
             "not_applied": quant["not_applied"] + ([f"{len(dropped)} activation / KV-cache scale tensors dropped"]
-                                                   if dropped else [])}, set(done)
+                                                   if dropped else [])}, set(done), kept
 
 
 def quantization_note(q: dict) -> str:
@@ -811,9 +864,12 @@ def _fill_tied(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
                 tensors[n] = tensors[have[0]]
 
 
+INT4 = ("dequantize", "keep")
+
+
 @torch.no_grad()
 def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", convert: bool = True,
-         unstructured: str = "bitmask") -> tuple[nn.Module, LoadInfo]:
+         unstructured: str = "bitmask", int4: str = "dequantize") -> tuple[nn.Module, LoadInfo]:
     """Load a compressed-tensors sparse checkpoint directory as a model with SparseLinear layers.
 
     Args:
@@ -824,6 +880,12 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         convert: False loads every weight dense (nn.Linear), as compressed-tensors decompresses it.
         unstructured: for layers that are not 2:4: ``"bitmask"`` (SparseLinear on the bitmask
             format, as stored) or ``"dense"`` (nn.Linear).
+        int4: ``"dequantize"`` (every quantized weight) or ``"keep"``: symmetric int4 layers whose
+            codes are 2:4 (``marlin-24``, ``pack-quantized`` W4A16 in column-order groups of a
+            multiple of 16, or per channel) become :class:`sparse_kernels.nn.SparseLinearInt4`,
+            codes and scales as stored (3 bits a weight instead of 9; the kernel computes
+            ``q * scale`` exactly in float32, where compressed-tensors rounds it to the scale's
+            dtype).  Other layers are dequantized.
 
     2:4 layers (``sparse-24-bitmask``; for ``sparse-bitmask``, layers whose bitmask marks at most 2
     of every 4 columns; for ``dense``, targeted layers whose weight is 2:4) become 2:4
@@ -845,6 +907,8 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         raise TypeError(f"convert: expected True or False, got {convert!r}")
     if unstructured not in UNSTRUCTURED:
         raise ValueError(f"unstructured: got {unstructured!r}, expected one of {', '.join(UNSTRUCTURED)}")
+    if int4 not in INT4:
+        raise ValueError(f"int4: got {int4!r}, expected one of {', '.join(INT4)}")
     cfg, sc, quant = _read_config(path)
     fmt = sc["format"]
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
@@ -861,7 +925,23 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
     info = LoadInfo(path=path, sparsity_config=sc)
     dequantized: set[str] = set()
     if quant is not None:  # quantized weights -> dense dequantized ones, sparse-converted below
-        info.quantization, dequantized = _dequantize_layers(m, tensors, compressed, fmt, quant, path)
+        info.quantization, dequantized, kept = _dequantize_layers(m, tensors, compressed, fmt, quant, path,
+                                                                  int4 if convert else "dequantize")
+        for name, (qv, meta, scales) in kept.items():  # int4 2:4 layers kept quantized
+            from ..nn import SparseLinearInt4
+
+            mod = m.get_submodule(name)
+            rows, cols = mod.weight.shape
+            bias = tensors.pop(name + ".bias", None)
+            new = SparseLinearInt4(cols, rows, bias=bias is not None, group_size=cols // scales.shape[1],
+                                   dtype=scales.dtype)
+            new.qvalues.copy_(qv)
+            new.meta.copy_(meta)
+            new.scales.copy_(scales)
+            if bias is not None:
+                new.bias.data = bias.detach().clone()
+            _replace(m, name, new)
+            info.layers[name] = "2:4 int4"
     modules = dict(m.named_modules())
     for name, parts in compressed.items():
         mod = modules.get(name)

@@ -16,9 +16,9 @@ taken in float32, where it is exact (a 4-bit integer times a 16-bit float needs 
 significant bits; a float32 scale can round).  Kept value ``j`` of a row sits in group-of-4
 ``j // 2``, whose columns ``4 (j // 2) .. + 3`` share one scale column, ``j // (G / 2)``.
 
-Bytes per weight: 9/32 of a float16 2:4 weight's values plus meta: 1/4 byte of codes and 1/8 of
-meta per dense column against 1 + 1/8 for 16-bit 2:4 (0.28x of its bytes, 0.18x of a dense
-float16 weight), plus ``2/G`` bytes of float16 scales.
+Bytes per dense weight: 1/4 of codes and 1/8 of meta (3 bits), against 1 + 1/8 for a 16-bit 2:4
+weight (9 bits: so 1/3 of its bytes) and 2 for a dense float16 one (3/16), plus ``2/G`` bytes of
+float16 scales.
 
 ``sparse_linear_int4(x, qvalues, meta, scales, bias) = x @ W^T + bias`` (fp32 accumulation,
 the result in x's dtype).

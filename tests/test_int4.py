@@ -106,12 +106,18 @@ def test_sparse_linear_int4_scales_in_another_dtype(backend, scale_dtype):
     _check(sk.sparse_linear_int4(x, q, meta, scales, bias, backend=backend), x, q, meta, scales, bias, backend)
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
-def test_sparse_linear_int4_cpp_every_isa(isa, monkeypatch):
+@pytest.mark.parametrize("isa", ["avx512bf16", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_int4_cpp_every_isa(isa, dtype, monkeypatch):
+    """Every path: the fused AVX512-BF16 kernel, and the dequantizing ones (AVX-512 8-byte steps
+    with a 4-byte tail when G = 16 mod 32, AVX2, scalar; bf16 values for the vdpbf16ps kernel when
+    x is bf16 and K % 64 == 0)."""
     skip_unless_backend("sparse_linear_int4", "cpp", "cpu")
     monkeypatch.setenv("SPARSE_KERNELS_CPU_ISA", isa)  # falls back to the best available path
-    for lead, n, k, g in SHAPES + [((5,), 100, 1024, 128)]:
-        x, q, meta, scales, bias = _problem(lead, n, k, g, torch.float32, seed=6)
+    # bf16: the fused kernel at M <= 4 with G % 64 == 0 or G in (16, 32) (K % 64 == 0), else the buffer
+    for lead, n, k, g in SHAPES + [((5,), 100, 1024, 128), ((3,), 40, 192, 48), ((2,), 24, 128, 16),
+                                   ((3,), 36, 256, 128), ((1,), 8, 512, 64), ((4,), 21, 128, 32)]:
+        x, q, meta, scales, bias = _problem(lead, n, k, g, dtype, seed=6)
         _check(sk.sparse_linear_int4(x, q, meta, scales, bias, backend="cpp"), x, q, meta, scales, bias, isa)
 
 

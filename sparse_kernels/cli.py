@@ -164,6 +164,30 @@ def _load(args, model=None):
     return models.load_model(args.model if model is None else model, dtype=_dtype(args), device=_device(args))
 
 
+def _add_int4(p, what):
+    p.add_argument("--int4", type=_positive(int), default=None, metavar="GROUP",
+                   help=f"round {what}'s 2:4 layers to int4 in groups of GROUP input columns after loading "
+                        f"(SparseLinearInt4: 3 bits a weight; layers GROUP does not divide stay 16-bit)")
+
+
+def _int4(args, model):
+    """Apply --int4 to ``model`` (its 2:4 SparseLinear layers); prints what it did."""
+    if args.int4 is None:
+        return model
+    import sparse_kernels as sk
+
+    try:
+        rep = sk.quantize_int4(model, group_size=args.int4)
+    except ValueError as e:
+        raise SystemExit(f"--int4: {e}") from None
+    if not rep.layers:
+        raise SystemExit(f"--int4 {args.int4}: no 2:4 SparseLinear layer to round (the model has none, or the group "
+                         f"size divides none: {rep.skipped[:1]})")
+    print(f"int4: {len(rep.layers)} 2:4 layers rounded to int4 in groups of {args.int4}, {rep.bytes_before} -> "
+          f"{rep.bytes_after} bytes" + (f"; {len(rep.skipped)} kept 16-bit ({rep.skipped[0][1]})" if rep.skipped else ""))
+    return model
+
+
 def _add_eval(p, tokens_default):
     from .llm import data
 
@@ -260,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_eval(p, 16384)
     p.add_argument("--no-progress", action="store_true")
+    _add_int4(p, "the model")
 
     p = sub.add_parser("bench", help="tokens/s and weight memory, dense against sparse", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -270,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=demo.DEFAULTS["prompt"])
     p.add_argument("--new-tokens", type=_positive(int), default=32)
     p.add_argument("--repeats", type=_positive(int), default=3)
+    _add_int4(p, "the sparse side")
 
     p = sub.add_parser("convert", help="rewrite a pruned checkpoint in the other format (ours <-> compressed-tensors)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -295,6 +321,7 @@ def cmd_eval(args) -> int:
     from .llm import data, evaluate
 
     m, tok, src = _load(args)
+    _int4(args, m)
     ev = data.eval_tokens(tok, args.eval_tokens, source=args.eval_source)
     stride = args.stride or args.window
     r = evaluate.perplexity(m, ev, window=args.window, stride=stride, batch_size=args.batch_size,
@@ -480,14 +507,15 @@ def cmd_bench(args) -> int:
 
     if args.sparse:
         sm, _, ssrc = _load(args, args.sparse)
-        label = f"sparse {ssrc.name}"
+        label = f"sparse {ssrc.name}" + (f" int4 g{args.int4}" if args.int4 else "")
     else:
         import copy
 
         sm = copy.deepcopy(m)
         demo.prune_model(sm, "magnitude", "2:4", None, progress=False)
         checkpoint.to_sparse(sm, {n: checkpoint.PATTERN_24 for n in names})
-        label = "sparse (magnitude 2:4, speed only)"
+        label = "sparse (magnitude 2:4, speed only)" + (f" int4 g{args.int4}" if args.int4 else "")
+    _int4(args, sm)
     both = {f"dense {src.name}": m, label: sm}
     gens = bench.compare_generation(both, tok, args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
     for lab, model in both.items():

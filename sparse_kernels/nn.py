@@ -586,6 +586,10 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
     (round-to-nearest int4 of its kept values), in place; ``include``/``exclude`` as in
     :func:`sparsify`.  A layer whose padded ``in_features`` the group size does not divide is
     skipped (listed with the reason).  Returns the report (bytes before and after)."""
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
+                                   or group_size % 16):
+        raise ValueError(f"group_size: got {group_size!r}; it must be None (one scale per row) or a positive "
+                         f"multiple of 16")
     report = SparsifyReport()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, SparseLinear) or mod.pattern != "2:4" or name == "":
@@ -605,3 +609,12 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         report.layers.append(name)
     return report
+
+
+def check_no_int4(model: nn.Module, what: str) -> None:
+    """ValueError naming the first :class:`SparseLinearInt4` of ``model``: ``what`` (a checkpoint
+    writer) stores 16-bit weights only."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, SparseLinearInt4):
+            raise ValueError(f"model: layer {name!r} is a SparseLinearInt4 (2:4 int4); {what} stores 16-bit weights "
+                             f"only: replace it by its .to_sparse() first")

@@ -447,6 +447,14 @@ def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--window", "64",
                      "--no-progress"]) == 0
     assert "ppl" in capsys.readouterr().out
+    # --int4: the 2:4 layers rounded to int4 after loading (in_features 64 and 144: groups of 16 divide both)
+    assert cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--window", "64",
+                     "--no-progress", "--int4", "16"]) == 0
+    o = capsys.readouterr().out
+    assert "int4: 14 2:4 layers rounded to int4 in groups of 16" in o and "ppl" in o
+    with pytest.raises(SystemExit, match="--int4: group_size: got 24"):
+        cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--no-progress",
+                  "--int4", "24"])
     out2 = tmp_path / "ct-perm"
     assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--pattern", "2:4", "--permute",
                      "--permute-rounds", "2", "--format", "compressed-tensors", "--nsamples", "4", "--seqlen", "32",
@@ -839,3 +847,14 @@ def test_load_int4_keep(path, kept):
     assert_matmul_close(_logits(m, ids), exact, lowp, "int4 model logits", factor=3.0)
     with pytest.raises(ValueError, match="int4: got 'yes'"):
         ct.load(path, int4="yes")
+
+
+def test_savers_refuse_int4_layers(tmp_path):
+    from sparse_kernels.llm import checkpoint
+
+    m, _ = ct.load(FIXMARLIN, int4="keep")
+    with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.q_proj' is a SparseLinearInt4"):
+        ct.save(m, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="sparse_kernels.llm.checkpoint.save stores 16-bit weights only"):
+        checkpoint.save(m, str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -263,6 +263,9 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     the model was pruned.  The returned dict's ``sizes`` holds the bytes on disk and the dense
     equivalent.
     """
+    from ..nn import check_no_int4
+
+    check_no_int4(model, "sparse_kernels.llm.checkpoint.save")
     os.makedirs(path, exist_ok=True)
     layers = find_sparse_layers(model) if layers is None else dict(layers)
     bad = {k: v for k, v in layers.items() if v not in (PATTERN_24, MASKED)}

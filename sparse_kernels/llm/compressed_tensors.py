@@ -1111,8 +1111,11 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     """
     from safetensors.torch import save_file
 
+    from ..nn import check_no_int4
+
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"model: expected a Hugging Face model (with .config), got {type(model).__name__}")
+    check_no_int4(model, "compressed_tensors.save")
     layers = _sparse_layers(model)
     fmt = _choose_format(layers, format)
     cfg = model.config.to_dict()

@@ -515,6 +515,42 @@ class SparseLinearInt4(nn.Module):
         return mod
 
     @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None, in_perm=None,
+                   backend=None) -> "SparseLinearInt4":
+        """The layer whose weight is ``codes * scales`` exactly: ``codes`` integer ``[out, in]`` in
+        ``-8..7``, 2:4 along ``in`` (zeros where pruned), ``scales [out, in / G]`` (its dtype is
+        the layer's); ``in_perm`` as in :class:`SparseLinear` (``codes`` in permuted column
+        order).  What :func:`sparse_kernels.prune` with ``int4=`` builds.  Raises ValueError for
+        codes out of range or not 2:4, or scales that do not fit."""
+        from .reference.int4 import pack_codes
+
+        V.tensor("scales", scales, ndim=2, dtypes=V.FLOAT_DTYPES)
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point():
+            raise TypeError(f"codes: expected a 2-D integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        out_f, in_f = codes.shape
+        if scales.shape[0] != out_f or scales.shape[1] == 0 or in_f % scales.shape[1]:
+            raise ValueError(f"scales: shape {tuple(scales.shape)} does not fit codes {tuple(codes.shape)}")
+        if bool(((codes < -8) | (codes > 7)).any()):
+            raise ValueError("codes: int4 codes must lie in -8..7")
+        mod = cls(in_f, out_f, bias=bias is not None, group_size=in_f // scales.shape[1], backend=backend,
+                  device=codes.device, dtype=scales.dtype, permuted=in_perm is not None)
+        cp = F.pad(codes.to(torch.float16), (0, mod.in_padded - in_f))
+        try:
+            values, meta = compress_2to4(cp)
+        except ValueError as e:
+            raise ValueError(f"codes: not 2:4 along in_features ({e})") from None
+        mod.qvalues.copy_(pack_codes(values.to(torch.int16)))
+        mod.meta.copy_(meta)
+        mod.scales.copy_(scales)
+        with torch.no_grad():
+            if bias is not None:
+                mod.bias.copy_(bias)
+            if in_perm is not None:
+                check_in_perm(in_perm, in_f)
+                mod.in_perm.copy_(in_perm)
+        return mod
+
+    @classmethod
     def from_dense(cls, linear: nn.Linear, group_size: int | None = 128, mask=None, in_perm=None
                    ) -> "SparseLinearInt4":
         """:meth:`SparseLinear.from_dense` (2:4: ``mask`` or the 2 largest |w| of each group of 4),

@@ -249,3 +249,95 @@ def test_sparse_linear_int4_module_rejects():
     q4 = sk.SparseLinearInt4.from_dense(torch.nn.Linear(32, 4), 16)
     with pytest.raises(ValueError, match="x: last dim is 16"):
         q4(torch.randn(2, 16))
+
+
+# ------------------------------------------------------------------ SparseGPT with joint int4
+def _correlated_problem(rows, cols, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(cols) + 2 * torch.randn(cols, cols, generator=g) / cols ** 0.5
+    X = torch.randn(2048, cols, generator=g) @ mix
+    return torch.randn(rows, cols, generator=g), 2 * X.T @ X / X.shape[0], X
+
+
+@pytest.mark.parametrize("sparsity, group", [("2:4", 128), ("2:4", 32), (0.5, 64), ("4:8", 16)])
+def test_sparsegpt_int4_is_exact_and_beats_rounding_after(sparsity, group):
+    from sparse_kernels.pruning.sparsegpt import sparsegpt_prune, sparsegpt_prune_int4
+
+    W, H, X = _correlated_problem(64, 256)
+    Wq, mask, loss, codes, scales = sparsegpt_prune_int4(W, H, sparsity, group)
+    assert codes.dtype == torch.int8 and int(codes.min()) >= -8 and int(codes.max()) <= 7
+    assert_bitexact(Wq, codes.float() * scales.float().repeat_interleave(group, 1), "W_q = codes * scales")
+    assert bool((codes[~mask] == 0).all()) and abs(float(mask.float().mean()) - 0.5) < 1e-9
+    if sparsity != 0.5:
+        n, m = (int(v) for v in sparsity.split(":"))
+        assert bool((mask.view(64, -1, m).sum(-1) == n).all())
+    # the OBS updates compensate the rounding: lower output error than rounding SparseGPT's result
+    Wp, _, _ = sparsegpt_prune(W, H, sparsity)
+    s = (Wp.abs().view(64, -1, group).amax(-1) / 7).clamp_min(1e-12).unsqueeze(-1)
+    Wr = (torch.round(Wp.view(64, -1, group) / s).clamp(-8, 7) * s).view(64, 256)
+    err = lambda A: float((X @ (W - A).T).norm() / (X @ W.T).norm())  # noqa: E731
+    assert err(Wp) < err(Wq) < err(Wr)
+
+
+def test_sparsegpt_int4_rejects():
+    from sparse_kernels.pruning.sparsegpt import sparsegpt_prune_int4
+
+    W, H, _ = _correlated_problem(8, 64)
+    with pytest.raises(ValueError, match="group_size: got 24"):
+        sparsegpt_prune_int4(W, H, "2:4", 24)
+    with pytest.raises(ValueError, match="dividing blocksize 32"):
+        sparsegpt_prune_int4(W, H, "2:4", 64, blocksize=32)
+    with pytest.raises(ValueError, match=r"H: shape \(8, 8\)"):
+        sparsegpt_prune_int4(W, H[:8, :8], "2:4", 16)
+
+
+def _tiny_lm(seed=0):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_prune_int4_converts_to_the_same_model(permute):
+    """prune(int4=G): the unconverted model (weights = codes * scales) and the converted one
+    (SparseLinearInt4 holding those codes) compute the same logits."""
+    ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    a, b = _tiny_lm(), _tiny_lm()
+    ra = sk.prune(a, "sparsegpt", "2:4", calibration=ids, int4=32, permute=permute, progress=False)
+    sk.prune(b, "sparsegpt", "2:4", calibration=ids, int4=32, permute=permute, convert=True, progress=False)
+    assert ra.sparsity.endswith("(int4 g32)")
+    layers = [m for m in b.modules() if isinstance(m, sk.SparseLinearInt4)]
+    assert len(layers) == 14 and all((m.in_perm is not None) == permute for m in layers)
+    x = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        la, lb = a(x).logits, b(x).logits
+    torch.testing.assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    w = a.model.layers[0].mlp.up_proj.weight.detach()
+    assert_bitexact(b.model.layers[0].mlp.up_proj.dense_weight(torch.float32), w, "stored codes * scales")
+
+
+def test_prune_int4_rejects():
+    ids = torch.randint(0, 96, (4, 16))
+    m = _tiny_lm()
+    with pytest.raises(ValueError, match="int4: joint quantization runs inside SparseGPT's column loop; method 'wanda'"):
+        sk.prune(m, "wanda", "2:4", calibration=ids, int4=32, progress=False)
+    with pytest.raises(ValueError, match="int4: got 24"):
+        sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=24, progress=False)
+    with pytest.raises(ValueError, match="it needs sparsity='2:4' and convert=True, got 0.5"):
+        sk.prune(m, "sparsegpt", 0.5, calibration=ids, int4=32, convert=True, progress=False)
+    with pytest.raises(ValueError, match="group size 128 does not divide blocks\\[0\\]"):
+        sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=128, blocksize=128, progress=False)
+
+
+def test_from_codes_rejects():
+    codes = torch.zeros(4, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="codes: int4 codes must lie in -8..7"):
+        sk.SparseLinearInt4.from_codes(codes + 9, torch.ones(4, 1))
+    with pytest.raises(ValueError, match="codes: not 2:4"):
+        sk.SparseLinearInt4.from_codes(codes + 1, torch.ones(4, 1))
+    with pytest.raises(ValueError, match=r"scales: shape \(4, 3\) does not fit"):
+        sk.SparseLinearInt4.from_codes(codes, torch.ones(4, 3))
+    with pytest.raises(TypeError, match="codes: expected a 2-D integer tensor"):
+        sk.SparseLinearInt4.from_codes(codes.float(), torch.ones(4, 1))

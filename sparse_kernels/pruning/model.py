@@ -40,7 +40,7 @@ from .fold import fold_permutations
 from .permutation import (check_search_m, find_permutation_with_gain, invert_permutation, parse_permute,
                           search_options)
 from .report import LayerReport, PruneReport, _block_error, _OutputError, _progress
-from .sparsegpt import HessianAccumulator, sparsegpt_prune
+from .sparsegpt import HessianAccumulator, sparsegpt_prune, sparsegpt_prune_int4
 
 __all__ = [
     "prune", "find_blocks", "prunable_layers", "PruneReport", "LayerReport", "PruningMethod",
@@ -181,6 +181,12 @@ class SparseGPTMethod(PruningMethod):
         return wanda_scores(weight, torch.diagonal(stats.H).clamp_min(0).to(weight.device))
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
+        if options.get("_int4"):
+            w_q, mask, loss, codes, scales = sparsegpt_prune_int4(
+                weight, stats.H, spec, options["_int4"], blocksize=options.get("blocksize", 128),
+                percdamp=options.get("percdamp", 0.01), name=name)
+            options["_int4_parts"][name] = (codes, scales)  # for convert: SparseLinearInt4 stores them as they are
+            return w_q, mask, loss
         return sparsegpt_prune(
             weight, stats.H, spec, blocksize=options.get("blocksize", 128),
             percdamp=options.get("percdamp", 0.01), backend=options.get("backend"), name=name,
@@ -315,12 +321,14 @@ def _collect_stats(meth: PruningMethod, block, layers: dict, inputs, moments: bo
 
 # ------------------------------------------------------------------ prune helpers
 def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, unstructured=None,
-                   perms: dict | None = None) -> None:
+                   perms: dict | None = None, int4_parts: dict | None = None) -> None:
     """Swap each pruned layer for a SparseLinear: packed 2:4 when the pattern fits 2:4
     (n <= 2 of every 4; with its input permutation from ``perms``, if any), otherwise
     ``unstructured``: None for a masked layer (weight + bit-packed mask, trainable),
-    ``"bitmask"`` for the compressed one (nonzeros + bitmask)."""
-    from ..nn import SparseLinear
+    ``"bitmask"`` for the compressed one (nonzeros + bitmask).  Layers in ``int4_parts``
+    (``prune(int4=...)``: their codes and scales, in the pruned, possibly permuted, column order)
+    become SparseLinearInt4."""
+    from ..nn import SparseLinear, SparseLinearInt4
 
     pattern = "2:4" if spec.m == 4 and spec.n <= 2 else unstructured
     for name, layer in layers.items():
@@ -332,7 +340,11 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, 
                 lin.bias.data.copy_(layer.bias.data)
             layer = lin
         perm = (perms or {}).get(name) if pattern == "2:4" else None
-        if perm is not None:
+        if name in (int4_parts or {}):
+            codes, scales = int4_parts[name]
+            new = SparseLinearInt4.from_codes(codes, scales, None if layer.bias is None else layer.bias.detach(),
+                                              in_perm=perm)
+        elif perm is not None:
             new = SparseLinear.from_dense(layer, pattern=pattern, mask=masks[name], in_perm=perm)
         else:
             new = SparseLinear.from_dense(layer, pattern=pattern, mask=masks[name])
@@ -362,6 +374,7 @@ def prune(
     owl=None,
     permute=False,
     dsnot=False,
+    int4: int | None = None,
     **method_options,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
@@ -416,6 +429,13 @@ def prune(
             to cancel the row's expected output shift; same sparsity.  For the mask-only
             criteria (magnitude, wanda, ria); needs calibration.  ``LayerReport.dsnot_swaps``
             counts the swaps.
+        int4: SparseGPT only: quantize the kept weights to int4 in groups of ``int4`` input
+            columns inside SparseGPT's column loop, so its updates compensate the rounding too
+            (joint sparsification + quantization, GPTQ-style groups:
+            :func:`~sparse_kernels.pruning.sparsegpt.sparsegpt_prune_int4`; the reference column
+            loop, no fused kernel).  A multiple of 16 dividing ``blocksize`` and every layer's
+            ``in_features``.  With ``convert`` (needs ``"2:4"``), the layers become
+            :class:`sparse_kernels.nn.SparseLinearInt4` holding exactly those codes and scales.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
@@ -477,16 +497,30 @@ def prune(
             raise ValueError("dsnot: needs calibration data (it uses the mean and variance of each layer's inputs)")
     if not (isinstance(convert, bool) or convert == "bitmask"):
         raise ValueError(f"convert: got {convert!r}, expected True, False or 'bitmask'")
+    if int4 is not None:
+        if method != "sparsegpt":
+            raise ValueError(f"int4: joint quantization runs inside SparseGPT's column loop; method {method!r} has none "
+                             f"(round a 2:4 model afterwards with sparse_kernels.quantize_int4)")
+        if isinstance(int4, bool) or not isinstance(int4, int) or int4 <= 0 or int4 % 16 or blocksize % int4:
+            raise ValueError(f"int4: got {int4!r}; the group size must be a positive multiple of 16 dividing "
+                             f"blocksize={blocksize}")
+        if convert and (convert == "bitmask" or spec.m != 4 or spec.n > 2):
+            raise ValueError(f"int4: convert builds 2:4 int4 layers (SparseLinearInt4): it needs sparsity='2:4' and "
+                             f"convert=True, got {spec} and convert={convert!r}")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=bool(convert),
-                   _permute=perm_opts, _dsnot=dsnot_opts, **method_options)
+                   _permute=perm_opts, _dsnot=dsnot_opts, _int4=int4, _int4_parts={}, **method_options)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
+            if int4 is not None and _get_weight(layer).shape[1] % int4:
+                raise ValueError(f"int4: group size {int4} does not divide blocks[{bi}].{name}'s "
+                                 f"{_get_weight(layer).shape[1]} input features")
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, sparsity=str(spec) + (" (OWL)" if owl_opts is not None else "")
                          + (" (permuted)" if perm_opts is not None else "")
-                         + (" (DSnoT)" if dsnot_opts is not None else ""))
+                         + (" (DSnoT)" if dsnot_opts is not None else "")
+                         + (f" (int4 g{int4})" if int4 is not None else ""))
     was_training = model.training
     model.eval()
     hf_cache = getattr(getattr(model, "config", None), "use_cache", None)
@@ -541,11 +575,13 @@ def prune(
             if convert:
                 _convert_block(block, layers, {r.name: r.mask for r in layer_reports}, block_specs[bi],
                                "bitmask" if convert == "bitmask" else None,
-                               {r.name: r.perm for r in layer_reports if getattr(r, "perm", None) is not None})
+                               {r.name: r.perm for r in layer_reports if getattr(r, "perm", None) is not None},
+                               options["_int4_parts"])
                 for r in layer_reports:
                     r.mask = None
                 if perm_opts is not None and perm_opts.get("fold", True):
                     report.folded_permutations += [f"{bi}.{n.split('.', 1)[1]}" for n in fold_permutations([block])]
+            options["_int4_parts"].clear()
             if device is not None and home is not None:
                 block.to(home)
             report.layers.extend(layer_reports)

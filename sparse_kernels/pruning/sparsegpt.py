@@ -14,7 +14,7 @@ from ..ops.sparsegpt import NAME as _BLOCK_OP
 from ..reference import sparsegpt as ref
 from .patterns import parse_sparsity
 
-__all__ = ["sparsegpt_prune", "HessianAccumulator", "HessianWarning"]
+__all__ = ["sparsegpt_prune", "sparsegpt_prune_int4", "HessianAccumulator", "HessianWarning"]
 
 # Cholesky retries: percdamp grows tenfold per failure up to this cap (damp = 10 x mean diag H,
 # past which H is dominated by the identity).  Beyond it the layer falls back to diag(H).
@@ -170,6 +170,85 @@ def sparsegpt_prune(
         Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op, lazy_update=lazy,
     )
     return Wf.to(W.dtype), keep, float(losses.sum())
+
+
+def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group_size: int = 128,
+                         blocksize: int = 128, percdamp: float = 0.01, *, name: str | None = None):
+    """SparseGPT with joint int4 quantization, as in the SparseGPT paper's joint
+    sparsification + quantization (and GPTQ's groups): in the column loop each kept weight is
+    replaced by its int4 value ``clamp(round(w / s), -8, 7) * s`` before the error is computed,
+    so the OBS update compensates the quantization error as well as the pruning.  The scale of a
+    row's group of ``group_size`` columns is set when the loop reaches the group: ``max |w| / 7``
+    over the group's current (already updated) weights that the mask keeps (N:M: all of the
+    group's weights, the later groups' masks being chosen in the loop), rounded to W's dtype.
+
+    Same arguments as :func:`sparsegpt_prune` (the block loop is the reference column loop in
+    PyTorch: no fused kernel), plus ``group_size``: a positive multiple of 16 dividing
+    ``blocksize`` and ``cols``.  Returns ``(W_q, mask, loss, codes, scales)``: ``W_q`` the pruned,
+    quantized weight in W's dtype, ``codes`` int8 ``[rows, cols]`` (``q``, 0 where pruned) and
+    ``scales`` ``[rows, cols / group_size]`` in W's dtype, so that ``W_q = codes * scales`` (per
+    group) exactly in float32; :class:`sparse_kernels.nn.SparseLinearInt4` stores them as they are.
+    """
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.tensor("H", H, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"H: shape {tuple(H.shape)} must be (cols, cols) = ({cols}, {cols}) for W {tuple(W.shape)}")
+    V.same_device(W=W, H=H)
+    spec = parse_sparsity(sparsity)
+    spec.check_columns("W", cols)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize: got {blocksize!r}, expected a positive int")
+    if spec.is_nm and blocksize % spec.m != 0:
+        raise ValueError(f"blocksize: got {blocksize}, must be a multiple of M={spec.m} for '{spec}' pruning")
+    if (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 16
+            or blocksize % group_size or cols % group_size):
+        raise ValueError(f"group_size: got {group_size!r}; it must be a positive multiple of 16 dividing blocksize "
+                         f"{blocksize} and the {cols} columns")
+    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
+    what = f" ({name})" if name else ""
+    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what,
+                                  fast_upper_inverse_factor)
+    codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    scales = torch.ones(rows, cols // group_size, dtype=torch.float32, device=W.device)
+    at = [0]  # the first column of the block being processed (sparsegpt_layer walks them in order)
+
+    def block_update(W1, Hinv1, mask1, n, m):
+        W1 = W1.clone()
+        B = W1.shape[1]
+        Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        d_all = torch.diagonal(Hinv1)
+        keep = mask1.clone() if m == 0 else torch.zeros_like(W1, dtype=torch.bool)
+        c0 = at[0]
+        s = None
+        for i in range(B):
+            w, d = W1[:, i], Hinv1[i, i]
+            if m > 0 and i % m == 0:
+                score = W1[:, i:i + m] ** 2 / d_all[i:i + m].reshape(1, -1) ** 2
+                keep[:, i:i + m] = ref.keep_top_n(score, n)
+            if i % group_size == 0:
+                grp = W1[:, i:i + group_size].abs()
+                amax = (grp * keep[:, i:i + group_size] if m == 0 else grp).amax(1)
+                s = torch.where(amax > 0, amax / 7, torch.ones_like(amax)).to(W.dtype).to(torch.float32)
+                scales[:, (c0 + i) // group_size] = s
+            # + 0.0: a small negative w rounds to -0.0; the stored code 0 means +0.0
+            qi = torch.where(keep[:, i], torch.clamp(torch.round(w / s), -8, 7), torch.zeros_like(w)) + 0.0
+            codes[:, c0 + i] = qi.to(torch.int8)
+            q = qi * s
+            Q1[:, i] = q
+            Losses1[:, i] = (w - q) ** 2 / d ** 2
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        at[0] += B
+        return Q1, Err1, torch.sum(Losses1, 1) / 2
+
+    Wq, keep, losses = ref.sparsegpt_layer(Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize,
+                                           block_update=block_update)
+    if spec.is_nm:
+        keep = keep | (codes != 0)  # nm_mask_of may not know a kept weight rounded to 0: it is still kept
+    return Wq.to(W.dtype), keep, float(losses.sum()), codes, scales.to(W.dtype)
 
 
 class HessianAccumulator:

@@ -501,8 +501,9 @@ class SparseLinearInt4(nn.Module):
         from .reference.int4 import quantize_values
 
         v = layer.values.detach()
+        backend = layer.backend if layer.backend in R.OPS["sparse_linear_int4"].backends else None
         mod = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, group_size=group_size,
-                  backend=layer.backend, device=v.device, dtype=v.dtype, permuted=layer.in_perm is not None)
+                  backend=backend, device=v.device, dtype=v.dtype, permuted=layer.in_perm is not None)
         q, s = quantize_values(v, mod.group_size)
         mod.qvalues.copy_(q)
         mod.meta.copy_(layer.meta)
@@ -525,11 +526,19 @@ class SparseLinearInt4(nn.Module):
         from .reference.int4 import pack_codes
 
         V.tensor("scales", scales, ndim=2, dtypes=V.FLOAT_DTYPES)
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point():
+        if (not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point()
+                or codes.dtype == torch.bool or codes.is_complex()):
             raise TypeError(f"codes: expected a 2-D integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
         out_f, in_f = codes.shape
+        if in_f % 16:
+            raise ValueError(f"codes: {in_f} input features; int4 groups (a multiple of 16 columns) need a multiple "
+                             f"of 16")
         if scales.shape[0] != out_f or scales.shape[1] == 0 or in_f % scales.shape[1]:
             raise ValueError(f"scales: shape {tuple(scales.shape)} does not fit codes {tuple(codes.shape)}")
+        if not bool(torch.isfinite(scales).all()):
+            raise ValueError("scales: must be finite")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_f,)):
+            raise ValueError(f"bias: expected shape ({out_f},), got {tuple(getattr(bias, 'shape', ()))}")
         if bool(((codes < -8) | (codes > 7)).any()):
             raise ValueError("codes: int4 codes must lie in -8..7")
         mod = cls(in_f, out_f, bias=bias is not None, group_size=in_f // scales.shape[1], backend=backend,

@@ -858,3 +858,14 @@ def test_savers_refuse_int4_layers(tmp_path):
     with pytest.raises(ValueError, match="sparse_kernels.llm.checkpoint.save stores 16-bit weights only"):
         checkpoint.save(m, str(tmp_path / "b"))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_load_int4_keep_keeps_scales_under_dtype():
+    m, info = ct.load(FIXMARLIN, int4="keep", dtype=torch.bfloat16)
+    q = m.model.layers[0].self_attn.q_proj
+    assert isinstance(q, sk.SparseLinearInt4) and q.scales.dtype == torch.float16
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    ref_m, _ = ct.load(FIXMARLIN, int4="keep")
+    assert_bitexact(q.scales, ref_m.model.layers[0].self_attn.q_proj.scales, "scales as stored")
+    with pytest.raises(ValueError, match="int4: 'keep' builds SparseLinearInt4 layers; convert=False"):
+        ct.load(FIXMARLIN, int4="keep", convert=False)

@@ -3,12 +3,16 @@ exact reference, autograd, opcheck, errors."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import sparse_kernels as sk
 from sparse_kernels.reference import int4 as ref
 from conftest import assert_bitexact, assert_matmul_close, devices, skip_unless_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, N, K, group size): batch 1, odd leading dims, N not a multiple of 16 or 64,
@@ -333,6 +337,14 @@ def test_prune_int4_rejects():
 
 def test_from_codes_rejects():
     codes = torch.zeros(4, 32, dtype=torch.int8)
+    with pytest.raises(TypeError, match="codes: expected a 2-D integer tensor, got torch.bool"):
+        sk.SparseLinearInt4.from_codes(codes.bool(), torch.ones(4, 1))
+    with pytest.raises(ValueError, match="scales: must be finite"):
+        sk.SparseLinearInt4.from_codes(codes, torch.full((4, 1), float("nan")))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(4,\), got \(3,\)"):
+        sk.SparseLinearInt4.from_codes(codes, torch.ones(4, 1), torch.zeros(3))
+    with pytest.raises(ValueError, match="codes: 40 input features"):
+        sk.SparseLinearInt4.from_codes(torch.zeros(4, 40, dtype=torch.int8), torch.ones(4, 1))
     with pytest.raises(ValueError, match="codes: int4 codes must lie in -8..7"):
         sk.SparseLinearInt4.from_codes(codes + 9, torch.ones(4, 1))
     with pytest.raises(ValueError, match="codes: not 2:4"):
@@ -341,3 +353,45 @@ def test_from_codes_rejects():
         sk.SparseLinearInt4.from_codes(codes, torch.ones(4, 3))
     with pytest.raises(TypeError, match="codes: expected a 2-D integer tensor"):
         sk.SparseLinearInt4.from_codes(codes.float(), torch.ones(4, 1))
+
+
+def test_sparse_linear_int4_compiles_in_a_fresh_process():
+    """Cold torch.compile (no eager call first fills the backend cache): the choice is a
+    trace-time constant (ops/_registry.choose)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, sparse_kernels as sk\n"
+            "q, m, s = sk.compress_2to4_int4(torch.randn(16, 32), 16, prune=True)\n"
+            "f = torch.compile(lambda a: sk.sparse_linear_int4(a, q, m, s), fullgraph=True, backend='eager')\n"
+            "x = torch.randn(3, 32)\n"
+            "assert torch.allclose(f(x), sk.sparse_linear_int4(x, q, m, s), atol=1e-5)\n"
+            "layer = sk.SparseLinearInt4.from_dense(torch.nn.Linear(32, 8), 16)\n"
+            "g = torch.compile(layer, fullgraph=True, backend='eager')\n"
+            "assert torch.allclose(g(x), layer(x), atol=1e-5)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_from_sparse_drops_a_backend_the_int4_op_lacks():
+    m = torch.nn.Sequential(torch.nn.Linear(32, 8))
+    sk.sparsify(m, "2:4", backend="decompress")
+    sk.quantize_int4(m, 16)
+    assert isinstance(m[0], sk.SparseLinearInt4) and m[0].backend is None
+    assert m(torch.randn(2, 32)).shape == (2, 8)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_sparse_linear_int4_fp16_x_with_large_scales(backend):
+    """|q * scale| beyond float16's range: no kernel rounds the weight to fp16 (Triton uses the fp32 dot)."""
+    skip_unless_backend("sparse_linear_int4", backend, "cpu")
+    q, meta, scales = sk.compress_2to4_int4(torch.randn(16, 64), 32, prune=True)
+    scales = (scales.float() * 1e5).to(torch.bfloat16)
+    x = (torch.randn(3, 64) * 1e-3).to(torch.float16)
+    y = sk.sparse_linear_int4(x, q, meta, scales, backend=backend)
+    assert bool(torch.isfinite(y).all())
+    w = ref.decompress_2to4_int4(q, meta, scales)
+    exact = x.double() @ w.double().T
+    lowp = (x.float() @ w.T).to(torch.float16)  # fp32 math, fp16 output: torch's fp16 weight would overflow
+    assert_matmul_close(y, exact, lowp, f"{backend}/fp16 x, large scales")

@@ -909,6 +909,8 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         raise ValueError(f"unstructured: got {unstructured!r}, expected one of {', '.join(UNSTRUCTURED)}")
     if int4 not in INT4:
         raise ValueError(f"int4: got {int4!r}, expected one of {', '.join(INT4)}")
+    if int4 == "keep" and not convert:
+        raise ValueError("int4: 'keep' builds SparseLinearInt4 layers; convert=False loads every weight dense")
     cfg, sc, quant = _read_config(path)
     fmt = sc["format"]
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
@@ -995,8 +997,13 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
     if leftover:
         raise CompressedTensorsError(f"{path}: no tensor was stored for {leftover[:5]}")
     m = m.to(device)
-    if dtype is not None:
+    if dtype is not None:  # int4 layers keep their scales as stored (the kernels take any float dtype)
+        from ..nn import SparseLinearInt4
+
+        scales = {n: mod.scales for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)}
         m = _to_dtype(m, dtype)
+        for n, sc in scales.items():
+            m.get_submodule(n)._buffers["scales"] = sc
     return m.eval(), info
 
 

@@ -239,11 +239,15 @@ def _select_for_trace(name, backend, device, *auto_args):
 _select_traced = torch._dynamo.assume_constant_result(_select_for_trace)
 
 
+def choose(name: str, backend: str | None, device: torch.device, *auto_args) -> str:
+    """:func:`select`, also under torch.compile (there a trace-time constant: ``auto_args`` must
+    be static or bucketed by the caller)."""
+    if torch.compiler.is_compiling():
+        return _select_traced(name, backend, device, *auto_args)
+    return select(name, backend, device, *auto_args)
+
+
 def call(name: str, backend: str | None, device: torch.device, *args, auto_args=()):
     """Run op ``name`` on the selected backend.  ``auto_args`` (hashable: ints, dtypes) feed
     the op's ``auto`` rule; under torch.compile they must be static or bucketed by the caller."""
-    if torch.compiler.is_compiling():
-        b = _select_traced(name, backend, device, *auto_args)
-    else:
-        b = select(name, backend, device, *auto_args)
-    return get_op(name, b)(*args)
+    return get_op(name, choose(name, backend, device, *auto_args))(*args)

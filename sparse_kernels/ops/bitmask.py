@@ -128,7 +128,7 @@ def bitmask_linear(x, values, bitmask, row_ptr, bias=None, *, backend=None):
         V.same_device(x=x, bias=bias)
     V.same_device(x=x, values=values)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, 0) would be ambiguous for K == 0
-    b = R.select("bitmask_linear", backend, x2.device, x2.shape[0], x2.dtype)
+    b = R.choose("bitmask_linear", backend, x2.device)  # its auto rule reads no shape (compile-safe)
     if b != "cpp":  # the cpp kernel makes the same checks itself, before it reads a row's values
         _check_rows(values, bitmask, row_ptr, x.shape[-1])
     y = R.get_op("bitmask_linear", b)(x2, values, bitmask, row_ptr, bias)

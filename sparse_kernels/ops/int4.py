@@ -119,7 +119,11 @@ def sparse_linear_int4(x, qvalues, meta, scales, bias=None, *, backend=None):
         bias: ``[N]`` in x's dtype, or None.
         backend: ``auto | reference | cpp | triton``.
 
-    Returns ``[..., N]`` in x's dtype (fp32 accumulation of the exact weight).  Raises
+    Returns ``[..., N]`` in x's dtype, with fp32 accumulation.  The weight is exact (``q * scale``
+    in fp32) in the reference, Triton with fp32/fp16 x, and cpp with fp32 x or with bf16 x at
+    batch <= 4 (the fused kernel, G a multiple of 64 or 16 / 32); otherwise (bf16 x at larger
+    batch, Triton with bf16 x) it is rounded to x's dtype first, as torch's own bf16 matmul of
+    the dequantized weight would round it.  Raises
     ValueError/TypeError for mismatched shapes, dtypes or devices (naming the argument).
     """
     V.tensor("x", x, min_ndim=1, dtypes=V.FLOAT_DTYPES)
@@ -134,6 +138,6 @@ def sparse_linear_int4(x, qvalues, meta, scales, bias=None, *, backend=None):
         V.same_device(x=x, bias=bias)
     V.same_device(x=x, qvalues=qvalues)
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
-    b = R.select("sparse_linear_int4", backend, x2.device, x2.shape[0], x2.dtype)
-    y = R.get_op("sparse_linear_int4", b)(x2, qvalues, meta, scales, bias)
+    # auto (cpp on CPU, else the reference) reads no shape: nothing symbolic reaches the choice under compile
+    y = R.call("sparse_linear_int4", backend, x2.device, x2, qvalues, meta, scales, bias)
     return y.reshape(*x.shape[:-1], n)

@@ -184,10 +184,11 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
 
     Same arguments as :func:`sparsegpt_prune` (the block loop is the reference column loop in
     PyTorch: no fused kernel), plus ``group_size``: a positive multiple of 16 dividing
-    ``blocksize`` and ``cols``.  Returns ``(W_q, mask, loss, codes, scales)``: ``W_q`` the pruned,
-    quantized weight in W's dtype, ``codes`` int8 ``[rows, cols]`` (``q``, 0 where pruned) and
-    ``scales`` ``[rows, cols / group_size]`` in W's dtype, so that ``W_q = codes * scales`` (per
-    group) exactly in float32; :class:`sparse_kernels.nn.SparseLinearInt4` stores them as they are.
+    ``blocksize`` and ``cols``.  Returns ``(W_q, mask, loss, codes, scales)``: ``codes`` int8
+    ``[rows, cols]`` (``q``, 0 where pruned) and ``scales`` ``[rows, cols / group_size]`` in W's
+    dtype, ``W_q = codes * scales`` (per group, in float32, exact) cast to W's dtype (so rounded
+    for a float16/bfloat16 W); :class:`sparse_kernels.nn.SparseLinearInt4` stores the codes and
+    scales as they are, i.e. the exact weight.
     """
     V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
     V.tensor("H", H, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))

@@ -6,8 +6,8 @@ columns (the group's two kept values: low nibble first), that group's meta word 
 (``scales[n, 4g // G]``), dequantizes ``(code - 8) * scale`` in fp32 (exact), expands the pairs to
 the dense ``[BLOCK_N, BLOCK_K]`` tile in registers (:func:`sparse_kernels.triton.linear.expand_pairs`)
 and accumulates ``W x^T`` in fp32 (the register-built tile as the dot's A operand, as in the
-2:4 kernel).  float16/bfloat16 x feeds the tensor cores with the tile rounded to x's dtype;
-float32 x uses ``input_precision="ieee"``.  The weight read from memory is the codes, meta and
+2:4 kernel).  bfloat16 x feeds the tensor cores with the tile rounded to bf16; float32 and float16
+x use the fp32 dot (``input_precision="ieee"``; an fp16 tile could overflow).  The weight read from memory is the codes, meta and
 scales: the dense or 16-bit 2:4 weight never exists.
 
 Not yet run on a GPU (written and tested under ``TRITON_INTERPRET=1``); the configs are the usual
@@ -87,5 +87,7 @@ def sparse_linear_int4(x, qvalues, meta, scales, bias):
                   1 << max(0, (M - 1).bit_length()),
                   x.stride(0), x.stride(1), qvalues.stride(0), qvalues.stride(1), meta.stride(0), meta.stride(1),
                   scales.stride(0), scales.stride(1), y.stride(0), y.stride(1),
-                  HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype))
+                  # fp16 x: the fp32 dot too (a weight tile rounded to fp16 could overflow: |q * scale| > 65504)
+                  HAS_BIAS=bias is not None, IEEE=x.dtype in (torch.float32, torch.float16),
+                  UPCAST=_upcast(x.dtype))
     return y.to(x.dtype)

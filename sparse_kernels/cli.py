@@ -161,13 +161,17 @@ def _dtype(args):
 def _load(args, model=None):
     from .llm import models
 
-    return models.load_model(args.model if model is None else model, dtype=_dtype(args), device=_device(args))
+    return models.load_model(args.model if model is None else model, dtype=_dtype(args), device=_device(args),
+                             int4="keep" if getattr(args, "keep_int4", False) else "dequantize")
 
 
 def _add_int4(p, what):
     p.add_argument("--int4", type=_positive(int), default=None, metavar="GROUP",
                    help=f"round {what}'s 2:4 layers to int4 in groups of GROUP input columns after loading "
                         f"(SparseLinearInt4: 3 bits a weight; layers GROUP does not divide stay 16-bit)")
+    p.add_argument("--keep-int4", action="store_true",
+                   help="compressed-tensors checkpoints: load int4 2:4 layers (marlin-24, pack-quantized) as "
+                        "SparseLinearInt4, codes as stored, instead of dequantizing them")
 
 
 def _int4(args, model):
@@ -261,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "output shift (training-free; Zhang et al., 2024)")
     d.add_argument("--dsnot-skip", default=None, metavar="REGEX",
                    help="layers (names inside a block) DSnoT leaves as the criterion chose them, e.g. 'mlp\\.'")
+    p.add_argument("--int4", type=_positive(int), default=None, metavar="GROUP",
+                   help="sparsegpt 2:4 only: quantize the kept weights to int4 in groups of GROUP input columns "
+                        "inside SparseGPT's column loop (joint, GPTQ-style); the layers become SparseLinearInt4 and "
+                        "are saved pack-quantized (needs --format compressed-tensors)")
     o = p.add_argument_group("outlier-weighted layerwise sparsity (OWL; with --sparsity)")
     o.add_argument("--owl", action="store_true",
                    help="blocks with more activation outliers get a lower sparsity, the mean stays --sparsity")
@@ -370,6 +378,14 @@ def cmd_prune(args) -> int:
         raise SystemExit("prune: --format compressed-tensors stores sparse layers; --method structured saves a smaller "
                          "dense model (use the default --format)")
     pattern = args.pattern or (f"{args.sparsity * 100:g}%" if args.sparsity is not None else "2:4")
+    if args.int4 is not None:
+        if args.method != "sparsegpt" or pattern != "2:4":
+            raise SystemExit(f"prune: --int4 quantizes inside SparseGPT's 2:4 column loop; got --method {args.method} "
+                             f"and pattern {pattern}")
+        if args.format != "compressed-tensors":
+            raise SystemExit("prune: --int4 models are saved pack-quantized: add --format compressed-tensors")
+        if args.finetune_steps or args.owl or args.dsnot:
+            raise SystemExit("prune: --int4 takes none of --finetune-steps, --owl, --dsnot")
     m, tok, src = _load(args)
     if src.kind in ("checkpoint", "compressed-tensors"):
         raise SystemExit(f"prune: --model is already a pruned ({src.kind}) checkpoint; start from a dense model")
@@ -398,8 +414,11 @@ def cmd_prune(args) -> int:
     permute = {"rounds": args.permute_rounds} if args.permute else False
     # permuted 2:4 weights are 2:4 only in the permuted order: keep them as SparseLinear layers
     # holding the permutation (the checkpoint stores them so)
+    if args.int4 is not None:
+        extra["int4"] = args.int4
     rep = demo.prune_model(m, args.method, pattern, calib, progress=progress, owl=owl, skip=args.skip,
-                           permute=permute, convert=bool(args.permute and pattern == "2:4"), dsnot=dsnot, **extra)
+                           permute=permute, convert=bool((args.permute or args.int4) and pattern == "2:4"),
+                           dsnot=dsnot, **extra)
     if args.permute:
         gains = [r.permutation_gain for r in rep.layers if r.permutation_gain is not None]
         print(f"channel permutation: kept importance +{100 * sum(gains) / max(len(gains), 1):.2f}% on average over "
@@ -442,11 +461,12 @@ def _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense
     from .llm import compressed_tensors as ct
     from .nn import SparseLinear
 
-    checkpoint.to_sparse(m, {n: kind for n in names})  # 2:4 -> SparseLinear; unstructured -> masked nn.Linear
-    for n in names:
-        mod = m.get_submodule(n)
-        if not isinstance(mod, SparseLinear):
-            checkpoint._replace(m, n, SparseLinear.from_dense(checkpoint.as_linear(mod), pattern="bitmask"))
+    if args.int4 is None:  # (--int4: the layers are SparseLinearInt4 already)
+        checkpoint.to_sparse(m, {n: kind for n in names})  # 2:4 -> SparseLinear; unstructured -> masked nn.Linear
+        for n in names:
+            mod = m.get_submodule(n)
+            if not isinstance(mod, SparseLinear):
+                checkpoint._replace(m, n, SparseLinear.from_dense(checkpoint.as_linear(mod), pattern="bitmask"))
     try:
         sc = ct.save(m, args.output, tokenizer=tok)
     except (TypeError, ValueError) as e:

@@ -455,6 +455,23 @@ def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--int4: group_size: got 24"):
         cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--no-progress",
                   "--int4", "24"])
+    # prune --int4: SparseGPT with joint int4, saved pack-quantized; eval --keep-int4 runs it as int4
+    out4 = tmp_path / "ct-int4"
+    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--int4", "16",
+                     "--format", "compressed-tensors", "--nsamples", "4", "--seqlen", "32", "--calibration-source",
+                     str(text), "-o", str(out4), "--no-progress"]) == 0
+    capsys.readouterr()
+    m4, info4 = ct.load(str(out4), int4="keep")
+    assert set(info4.layers.values()) == {"2:4 int4"} and info4.quantization["schemes"]["group_0"]["weights"] == \
+        "int4 per group 16"
+    assert cli.main(["eval", "--model", str(out4), "--eval-source", str(text), "--tokens", "200", "--window", "64",
+                     "--no-progress", "--keep-int4"]) == 0
+    assert "ppl" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--int4 models are saved pack-quantized: add --format compressed-tensors"):
+        cli.main(["prune", "--model", str(d), "--int4", "16", "-o", str(tmp_path / "z4"), "--no-progress"])
+    with pytest.raises(SystemExit, match="--int4 quantizes inside SparseGPT's 2:4 column loop; got --method wanda"):
+        cli.main(["prune", "--model", str(d), "--method", "wanda", "--int4", "16", "--format", "compressed-tensors",
+                  "-o", str(tmp_path / "z5"), "--no-progress"])
     out2 = tmp_path / "ct-perm"
     assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--pattern", "2:4", "--permute",
                      "--permute-rounds", "2", "--format", "compressed-tensors", "--nsamples", "4", "--seqlen", "32",
@@ -849,15 +866,22 @@ def test_load_int4_keep(path, kept):
         ct.load(path, int4="yes")
 
 
-def test_savers_refuse_int4_layers(tmp_path):
+def test_int4_layers_save_as_pack_quantized_and_our_checkpoint_refuses_them(tmp_path):
+    """A marlin-24 model kept int4 is rewritten pack-quantized with the same codes and scales;
+    our own checkpoint format stores 16-bit weights only."""
     from sparse_kernels.llm import checkpoint
 
     m, _ = ct.load(FIXMARLIN, int4="keep")
+    ct.save(m, str(tmp_path / "a"))
+    back, info = ct.load(str(tmp_path / "a"), int4="keep")
+    assert set(info.layers.values()) == {"2:4 int4"}
+    for name, mod in m.named_modules():
+        if isinstance(mod, sk.SparseLinearInt4):  # (a group with one nonzero code may keep other positions)
+            assert_bitexact(back.get_submodule(name).dense_weight(torch.float32), mod.dense_weight(torch.float32), name)
+            assert_bitexact(back.get_submodule(name).scales, mod.scales, name)
     with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.q_proj' is a SparseLinearInt4"):
-        ct.save(m, str(tmp_path / "a"))
-    with pytest.raises(ValueError, match="sparse_kernels.llm.checkpoint.save stores 16-bit weights only"):
         checkpoint.save(m, str(tmp_path / "b"))
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists()
 
 
 def test_load_int4_keep_keeps_scales_under_dtype():
@@ -869,3 +893,58 @@ def test_load_int4_keep_keeps_scales_under_dtype():
     assert_bitexact(q.scales, ref_m.model.layers[0].self_attn.q_proj.scales, "scales as stored")
     with pytest.raises(ValueError, match="int4: 'keep' builds SparseLinearInt4 layers; convert=False"):
         ct.load(FIXMARLIN, int4="keep", convert=False)
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_save_int4_model_as_pack_quantized(tmp_path, permute):
+    """SparseLinearInt4 layers are written as llm-compressor writes a 2:4 W4A16 model
+    (pack-quantized, dense sparsity format); int4="keep" reads unpermuted layers back as they were."""
+    ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    m = _tiny_llama()
+    sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=16, permute=permute, convert=True, progress=False)
+    sc = ct.save(m, str(tmp_path / "q"))
+    assert sc["format"] == ct.FORMAT_DENSE and sc["sparsity_structure"] == ("unstructured" if permute else "2:4")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    ids2 = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    keep, info = ct.load(str(tmp_path / "q"), int4="keep")
+    deq, dinfo = ct.load(str(tmp_path / "q"))
+    # permuted: groups in activation order (g_idx) and not 2:4 in column order: dequantized, bitmask layers
+    assert set(info.layers.values()) == ({"bitmask"} if permute else {"2:4 int4"})
+    assert set(dinfo.layers.values()) == ({"bitmask"} if permute else {"2:4"})
+    torch.testing.assert_close(_logits(keep, ids2), _logits(m, ids2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(_logits(deq, ids2), _logits(m, ids2), atol=1e-5, rtol=1e-5)
+    if not permute:
+        for name, mod in m.named_modules():
+            if isinstance(mod, sk.SparseLinearInt4):
+                k = keep.get_submodule(name)
+                assert_bitexact(k.qvalues, mod.qvalues, name) and assert_bitexact(k.scales, mod.scales, name)
+    mixed = _pruned("2:4", True)
+    mixed.model.layers[0].mlp.up_proj = sk.SparseLinearInt4.from_sparse(mixed.model.layers[0].mlp.up_proj, 16)
+    with pytest.raises(ValueError, match="mixes 2:4 int4 layers"):
+        ct.save(mixed, str(tmp_path / "mixed"))
+
+
+def test_library_reads_our_int4_checkpoint(tmp_path):
+    """compressed-tensors <= 0.12 itself dequantizes what we write to our layers' exact weights
+    (runs where such a compressed-tensors is importable)."""
+    pytest.importorskip("compressed_tensors.compressors.sparse_compressors")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mk", os.path.join(DATA, os.pardir,
+                                                                    "make_compressed_tensors_fixtures.py"))
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    from sparse_kernels.llm import checkpoint
+
+    ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
+    for permute in (False, True):
+        m = _tiny_llama()
+        sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=16, permute=permute, convert=True, progress=False)
+        d = tmp_path / f"p{int(permute)}"
+        ct.save(m, str(d))
+        lib = checkpoint.model_from_config(ct.read_config(str(d))[0])
+        mk.library_decompress(str(d), lib)
+        for name, mod in m.named_modules():
+            if isinstance(mod, sk.SparseLinearInt4):
+                assert_bitexact(lib.get_submodule(name).weight.detach(), mod.dense_weight(), name)

@@ -1062,6 +1062,66 @@ def _compressed_entries(name: str, mod: nn.Module, fmt: str) -> dict[str, torch.
     return {f"{name}.{k}": v for k, v in out.items()}
 
 
+def _int4_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from ..nn import SparseLinearInt4
+
+    return {n: mod for n, mod in model.named_modules() if isinstance(mod, SparseLinearInt4)}
+
+
+def _int4_group(mod) -> int | None:
+    """The compressed-tensors group size of an int4 layer; None: per channel (one scale per row)."""
+    return None if mod.scales.shape[1] == 1 else mod.group_size
+
+
+def _pack_quantized_entries(name: str, mod) -> dict[str, torch.Tensor]:
+    """A SparseLinearInt4 as compressed-tensors ``pack-quantized`` (4-bit, symmetric):
+    ``weight_packed`` int32 ``[rows, cols/8]`` (eight codes ``q + 8`` a word, lowest bits first),
+    ``weight_scale``, ``weight_shape`` and, for a permuted layer, ``weight_g_idx`` (its groups
+    are runs of the permuted columns: in the original order, column c is in group
+    ``position of c in in_perm // G``)."""
+    from ..reference.int4 import unpack_codes
+    from ..reference.sparse24 import decompress_2to4
+
+    rows, cols = mod.out_features, mod.in_features
+    q = decompress_2to4(unpack_codes(mod.qvalues.cpu()).to(torch.float32), mod.meta.cpu())[:, :cols]
+    out = {}
+    if mod.in_perm is not None:
+        inv = torch.argsort(mod.in_perm.cpu())
+        q = q[:, inv]
+        if _int4_group(mod) is not None:
+            out["weight_g_idx"] = (inv // mod.group_size).to(torch.int32)
+    codes = (q.to(torch.int32) + 8).reshape(rows, -1)
+    codes = torch.nn.functional.pad(codes, (0, (-cols) % 8), value=8).reshape(rows, -1, 8)
+    packed = torch.zeros(rows, codes.shape[1], dtype=torch.int64)
+    for i in range(8):
+        packed |= codes[:, :, i].to(torch.int64) << (4 * i)
+    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)  # two's complement
+    scales = mod.scales.detach().cpu()
+    if _int4_group(mod) is None:
+        scales = scales[:, :1]
+    out.update(weight_packed=packed, weight_scale=scales.contiguous(), weight_shape=torch.tensor([rows, cols]))
+    return {f"{name}.{k}": v for k, v in out.items()}
+
+
+def _int4_quant_config(int4: dict[str, nn.Module]) -> dict:
+    """The quantization part of ``quantization_config`` for int4 layers: one config group per
+    group size (targets: the layers' exact names), pack-quantized, weights only."""
+    by_group: dict = {}
+    for name, mod in sorted(int4.items()):
+        by_group.setdefault(_int4_group(mod), []).append(name)
+    groups = {}
+    for i, (g, names) in enumerate(sorted(by_group.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))):
+        perm = any(int4[n].in_perm is not None for n in names)
+        weights = {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False, "block_structure": None,
+                   "strategy": "channel" if g is None else "group", "group_size": g,
+                   "actorder": "group" if perm and g is not None else None, "observer": "minmax",
+                   "observer_kwargs": {}}
+        groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": None,
+                                "output_activations": None, "format": "pack-quantized"}
+    return {"config_groups": groups, "format": "pack-quantized", "ignore": [], "kv_cache_scheme": None,
+            "global_compression_ratio": None, "quantization_status": "compressed"}
+
+
 def _check_architecture(cfg: dict, layers: dict[str, nn.Module]) -> None:
     """Each SparseLinear must stand where the architecture (rebuilt from its config, on the meta
     device) has an nn.Linear of the same shape: a reader builds that module and fills its weight."""
@@ -1111,28 +1171,49 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     ``"sparse-bitmask"`` (any pattern; a permuted layer is stored with its columns put back), or
     ``"auto"`` (the first when it fits).  Only SparseLinear layers are stored compressed (the
     targets); every other tensor as it is, tied tensors once; ``sparsity_structure`` is ``"2:4"``
-    when every layer is 2:4 (in either format), and the config's dtype the stored one.  Files are
+    when every layer is 2:4 (in either format), and the config's dtype the stored one.
+
+    A model whose sparse layers are :class:`sparse_kernels.nn.SparseLinearInt4` is written as
+    llm-compressor writes a 2:4 W4A16 model: ``pack-quantized`` 4-bit symmetric weights (codes,
+    scales per group or channel; a permuted layer's groups through ``weight_g_idx``) and a
+    ``dense`` sparsity config; :func:`load` with ``int4="keep"`` reads the unpermuted ones back
+    as they were, and compressed-tensors <= 0.12 decompresses them.  Mixing int4 and 16-bit
+    sparse layers is refused.  Files are
     written atomically (temporary name, fsync, rename; config.json last); an earlier checkpoint's
     ``sparse_kernels.json``, sharded index and shards in ``path`` are removed first, so that no
     reader takes them for the new one.  ``tokenizer``: saved alongside.
     """
     from safetensors.torch import save_file
 
-    from ..nn import check_no_int4
-
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"model: expected a Hugging Face model (with .config), got {type(model).__name__}")
-    check_no_int4(model, "compressed_tensors.save")
     layers = _sparse_layers(model)
-    fmt = _choose_format(layers, format)
+    int4 = _int4_layers(model)
+    if int4 and layers:
+        raise ValueError(f"model: it mixes 2:4 int4 layers ({next(iter(int4))!r}) with 16-bit SparseLinear layers "
+                         f"({next(iter(layers))!r}); compressed-tensors checkpoints here hold one kind (replace the "
+                         f"int4 layers by their .to_sparse(), or quantize the others with quantize_int4)")
     cfg = model.config.to_dict()
     cfg.pop("compression_config", None)  # a legacy section would compete with the one written here
-    _check_architecture(cfg, layers)
+    if int4:
+        fmt = FORMAT_DENSE
+        if format not in ("auto", FORMAT_DENSE):
+            raise ValueError(f"format: int4 layers are stored pack-quantized with a 'dense' sparsity format, got "
+                             f"{format!r}; use 'auto'")
+        _check_architecture(cfg, int4)
+    else:
+        fmt = _choose_format(layers, format)
+        _check_architecture(cfg, layers)
     sd = {}
     for name, mod in layers.items():
         sd.update(_compressed_entries(name, mod, fmt))
         if mod.bias is not None:
             sd[f"{name}.bias"] = mod.bias.detach()
+    for name, mod in int4.items():
+        sd.update(_pack_quantized_entries(name, mod))
+        if mod.bias is not None:
+            sd[f"{name}.bias"] = mod.bias.detach()
+    layers = layers or int4
     skip = tuple(n + "." for n in layers)
     for k, v in model.state_dict().items():
         if not k.startswith(skip):
@@ -1141,7 +1222,10 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     n_sparse = sum(mod.out_features * mod.in_features for mod in layers.values())
     zeros = sum(int((mod.dense_weight() == 0).sum()) for mod in layers.values())
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip)) + n_sparse
-    all_24 = not any(_not_24(mod) for mod in layers.values())
+    # a permuted int4 layer is 2:4 only in its permuted column order: stored (dense format) in the
+    # original order it is unstructured, and a reader should treat it so
+    all_24 = (not any(mod.in_perm is not None for mod in layers.values()) if int4
+              else not any(_not_24(mod) for mod in layers.values()))
     sc = {"format": fmt, "global_sparsity": zeros / max(total, 1), "ignore": [],
           "registry_requires_subclass": False,
           "sparsity_structure": "2:4" if all_24 else "unstructured", "targets": sorted(layers)}
@@ -1153,6 +1237,8 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     # exactly these keys: compressed-tensors reads any other key as a quantization config
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "sparsity_config": sc, "transform_config": {},
                                   "version": WRITES_FORMAT_OF}
+    if int4:
+        cfg["quantization_config"].update(_int4_quant_config(int4))
     os.makedirs(path, exist_ok=True)
     _remove_stale(path)
     if tokenizer is not None:  # first: if it fails, the directory still holds the old tensors and config

@@ -109,13 +109,15 @@ def load_tokenizer(src: ModelSource):
     return AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
 
 
-def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               int4: str = "dequantize"):
     """Load ``(model, tokenizer, source)``; the model is in eval mode on ``device``.
 
     A checkpoint of ours comes back with its 2:4 layers as SparseLinear (see
     :func:`sparse_kernels.llm.checkpoint.load`) and its tokenizer from the checkpoint
     directory (or from its base model when none was saved); a compressed-tensors one with its
-    sparse layers as SparseLinear (:func:`sparse_kernels.llm.compressed_tensors.load`).
+    sparse layers as SparseLinear (:func:`sparse_kernels.llm.compressed_tensors.load`; ``int4``
+    is its option: ``"keep"`` loads int4 2:4 layers as SparseLinearInt4).
     """
     _offline()
     src = resolve(model)
@@ -136,7 +138,7 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
         if not any(os.path.isfile(os.path.join(src.path, f)) for f in TOKENIZER_FILES):
             raise FileNotFoundError(f"{src.path}: a compressed-tensors checkpoint without tokenizer files "
                                     f"({', '.join(TOKENIZER_FILES)}); copy the base model's tokenizer into it")
-        m, info = compressed_tensors.load(src.path, dtype=dtype, device=device)
+        m, info = compressed_tensors.load(src.path, dtype=dtype, device=device, int4=int4)
         src.extra = info.as_dict()
         if info.quantization:
             print(compressed_tensors.quantization_note(info.quantization), file=sys.stderr)

@@ -395,3 +395,25 @@ def test_sparse_linear_int4_fp16_x_with_large_scales(backend):
     exact = x.double() @ w.double().T
     lowp = (x.float() @ w.T).to(torch.float16)  # fp32 math, fp16 output: torch's fp16 weight would overflow
     assert_matmul_close(y, exact, lowp, f"{backend}/fp16 x, large scales")
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_int4_kernel_compiles_for_gpu(arch):
+    """No GPU needed: lower the int4 kernel to PTX/cubin for sm_80/sm_90 with every autotune
+    config's tile shape and each x dtype's dot path."""
+    from test_linear import _gpu_compile, require_triton_gpu_compiler
+
+    require_triton_gpu_compiler(arch)
+    from sparse_kernels.triton import int4 as T
+
+    i32 = "i32"
+    for dt, ieee in (("*fp16", True), ("*bf16", False), ("*fp32", True)):
+        for bm, bn, bk in ((16, 64, 128), (16, 128, 128), (64, 64, 64), (128, 128, 64)):
+            sig = dict(x_ptr=dt, q_ptr="*u8", meta_ptr="*i16", s_ptr="*bf16", bias_ptr=dt, y_ptr=dt, M=i32, N=i32,
+                       K=i32, G=i32, M_BUCKET=i32,
+                       **{s: i32 for s in ("sxm", "sxk", "sqn", "sqk", "smn", "smk", "ssn", "ssk", "sym", "syn")},
+                       **{c: "constexpr" for c in ("HAS_BIAS", "IEEE", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            consts = dict(HAS_BIAS=True, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+            _gpu_compile(T._sparse_linear_int4_kernel, sig, consts, arch)

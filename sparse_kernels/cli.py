@@ -185,8 +185,10 @@ def _int4(args, model):
     except ValueError as e:
         raise SystemExit(f"--int4: {e}") from None
     if not rep.layers:
-        raise SystemExit(f"--int4 {args.int4}: no 2:4 SparseLinear layer to round (the model has none, or the group "
-                         f"size divides none: {rep.skipped[:1]})")
+        already = any(type(mod).__name__ == "SparseLinearInt4" for mod in model.modules())
+        raise SystemExit(f"--int4 {args.int4}: no 16-bit 2:4 SparseLinear layer to round"
+                         + (" (its 2:4 layers are int4 already: --keep-int4 loaded them so)" if already else
+                            f" (the model has none, or the group size divides none: {rep.skipped[:1]})"))
     print(f"int4: {len(rep.layers)} 2:4 layers rounded to int4 in groups of {args.int4}, {rep.bytes_before} -> "
           f"{rep.bytes_after} bytes" + (f"; {len(rep.skipped)} kept 16-bit ({rep.skipped[0][1]})" if rep.skipped else ""))
     return model
@@ -384,8 +386,12 @@ def cmd_prune(args) -> int:
                              f"and pattern {pattern}")
         if args.format != "compressed-tensors":
             raise SystemExit("prune: --int4 models are saved pack-quantized: add --format compressed-tensors")
-        if args.finetune_steps or args.owl or args.dsnot:
-            raise SystemExit("prune: --int4 takes none of --finetune-steps, --owl, --dsnot")
+        if args.finetune_steps or args.owl or args.dsnot or args.permute:
+            raise SystemExit("prune: --int4 takes none of --finetune-steps, --owl, --dsnot, --permute (compressed-"
+                             "tensors cannot store a permuted int4 layer)")
+        if args.int4 % 16 or 128 % args.int4:
+            raise SystemExit(f"prune: --int4 {args.int4}: the group size must be 16, 32, 64 or 128 (a multiple of 16 "
+                             f"dividing SparseGPT's 128-column blocks)")
     m, tok, src = _load(args)
     if src.kind in ("checkpoint", "compressed-tensors"):
         raise SystemExit(f"prune: --model is already a pruned ({src.kind}) checkpoint; start from a dense model")

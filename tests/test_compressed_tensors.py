@@ -469,6 +469,12 @@ def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
     assert "ppl" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--int4 models are saved pack-quantized: add --format compressed-tensors"):
         cli.main(["prune", "--model", str(d), "--int4", "16", "-o", str(tmp_path / "z4"), "--no-progress"])
+    with pytest.raises(SystemExit, match="--int4 takes none of .*--permute"):
+        cli.main(["prune", "--model", str(d), "--int4", "16", "--permute", "--format", "compressed-tensors",
+                  "-o", str(tmp_path / "z6"), "--no-progress"])
+    with pytest.raises(SystemExit, match="--int4 48: the group size must be 16, 32, 64 or 128"):
+        cli.main(["prune", "--model", str(d), "--int4", "48", "--format", "compressed-tensors",
+                  "-o", str(tmp_path / "z7"), "--no-progress"])
     with pytest.raises(SystemExit, match="--int4 quantizes inside SparseGPT's 2:4 column loop; got --method wanda"):
         cli.main(["prune", "--model", str(d), "--method", "wanda", "--int4", "16", "--format", "compressed-tensors",
                   "-o", str(tmp_path / "z5"), "--no-progress"])
@@ -766,7 +772,7 @@ def test_cli_convert_quantized_to_sparse_kernels(tmp_path, capsys):
 
     ours, back = tmp_path / "ours", tmp_path / "back"
     assert cli.main(["convert", "--model", FIXFP8, "--format", "sparse_kernels", "-o", str(ours)]) == 0
-    assert ("float-quantized weights of 14 layers dequantized to bfloat16 on load; "
+    assert ("float-quantized weights: 14 layers dequantized to bfloat16 on load; "
             "not applied: group_0 input activations: float8 dynamic per token") in capsys.readouterr().out
     m, cfg = checkpoint.load(str(ours))
     assert cli.main(["convert", "--model", str(ours), "--format", "compressed-tensors", "-o", str(back)]) == 0
@@ -898,27 +904,39 @@ def test_load_int4_keep_keeps_scales_under_dtype():
 @pytest.mark.parametrize("permute", [False, True])
 def test_save_int4_model_as_pack_quantized(tmp_path, permute):
     """SparseLinearInt4 layers are written as llm-compressor writes a 2:4 W4A16 model
-    (pack-quantized, dense sparsity format); int4="keep" reads unpermuted layers back as they were."""
+    (pack-quantized, dense sparsity format); int4="keep" reads them back as they were.  Permuted
+    ones are refused (compressed-tensors 0.13+ reads no activation-ordered groups) unless folded."""
     ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
     m = _tiny_llama()
     sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=16, permute=permute, convert=True, progress=False)
+    if permute:
+        with pytest.raises(ValueError, match="int4 layer 'model.layers.0.self_attn.q_proj' has an input-channel "
+                                             "permutation"):
+            ct.save(m, str(tmp_path / "q"))
+        assert not (tmp_path / "q").exists()
+        return
     sc = ct.save(m, str(tmp_path / "q"))
-    assert sc["format"] == ct.FORMAT_DENSE and sc["sparsity_structure"] == ("unstructured" if permute else "2:4")
+    assert sc["format"] == ct.FORMAT_DENSE and sc["sparsity_structure"] == "2:4"
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["group_size"] == 16
     ids2 = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
     keep, info = ct.load(str(tmp_path / "q"), int4="keep")
     deq, dinfo = ct.load(str(tmp_path / "q"))
-    # permuted: groups in activation order (g_idx) and not 2:4 in column order: dequantized, bitmask layers
-    assert set(info.layers.values()) == ({"bitmask"} if permute else {"2:4 int4"})
-    assert set(dinfo.layers.values()) == ({"bitmask"} if permute else {"2:4"})
+    assert set(info.layers.values()) == {"2:4 int4"} and set(dinfo.layers.values()) == {"2:4"}
     torch.testing.assert_close(_logits(keep, ids2), _logits(m, ids2), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(_logits(deq, ids2), _logits(m, ids2), atol=1e-5, rtol=1e-5)
-    if not permute:
-        for name, mod in m.named_modules():
-            if isinstance(mod, sk.SparseLinearInt4):
-                k = keep.get_submodule(name)
-                assert_bitexact(k.qvalues, mod.qvalues, name) and assert_bitexact(k.scales, mod.scales, name)
+    for name, mod in m.named_modules():
+        if isinstance(mod, sk.SparseLinearInt4):
+            k = keep.get_submodule(name)
+            assert_bitexact(k.qvalues, mod.qvalues, name)
+            assert_bitexact(k.scales, mod.scales, name)
+    # a group size that does not divide a layer's in_features (padded layer): refused
+    odd = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=72, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    odd.model.layers[0].mlp.down_proj = sk.SparseLinearInt4.from_dense(nn.Linear(72, 64, bias=False), 16)  # padded: 80
+    with pytest.raises(ValueError, match="72 input features, not a multiple of its group size 16"):
+        ct.save(odd, str(tmp_path / "odd"))
     mixed = _pruned("2:4", True)
     mixed.model.layers[0].mlp.up_proj = sk.SparseLinearInt4.from_sparse(mixed.model.layers[0].mlp.up_proj, 16)
     with pytest.raises(ValueError, match="mixes 2:4 int4 layers"):
@@ -938,10 +956,14 @@ def test_library_reads_our_int4_checkpoint(tmp_path):
     from sparse_kernels.llm import checkpoint
 
     ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
-    for permute in (False, True):
+    for per_channel in (False, True):  # groups of 16, or one scale per row
         m = _tiny_llama()
-        sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=16, permute=permute, convert=True, progress=False)
-        d = tmp_path / f"p{int(permute)}"
+        sk.prune(m, "sparsegpt", "2:4", calibration=ids, int4=16, convert=True, progress=False)
+        if per_channel:
+            for n, mod in list(m.named_modules()):
+                if isinstance(mod, sk.SparseLinearInt4):
+                    checkpoint._replace(m, n, sk.SparseLinearInt4.from_sparse(mod.to_sparse(), None))
+        d = tmp_path / f"channel{int(per_channel)}"
         ct.save(m, str(d))
         lib = checkpoint.model_from_config(ct.read_config(str(d))[0])
         mk.library_decompress(str(d), lib)

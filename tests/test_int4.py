@@ -417,3 +417,19 @@ def test_triton_int4_kernel_compiles_for_gpu(arch):
                        **{c: "constexpr" for c in ("HAS_BIAS", "IEEE", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             consts = dict(HAS_BIAS=True, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             _gpu_compile(T._sparse_linear_int4_kernel, sig, consts, arch)
+
+
+def test_sparsegpt_int4_tiny_fp16_groups_and_the_loop_mask():
+    """A group whose max |w| / 7 underflows float16 gets the smallest normal scale (no 0/0 NaN
+    spreading along the row through dead columns), and the returned N:M mask is the loop's."""
+    from sparse_kernels.pruning.sparsegpt import sparsegpt_prune_int4
+
+    W, H, _ = _correlated_problem(16, 64)
+    W = W.to(torch.float16)
+    W[0] = 0
+    W[0, 0] = 2e-7
+    H[1:4, :] = 0
+    H[:, 1:4] = 0  # dead columns: H_ii == 0
+    Wq, mask, loss, codes, scales = sparsegpt_prune_int4(W, H, "2:4", 16)
+    assert bool(torch.isfinite(Wq.float()).all()) and loss == loss and bool((scales > 0).all())
+    assert bool((mask.view(16, -1, 4).sum(-1) == 2).all()) and bool((codes[~mask] == 0).all())

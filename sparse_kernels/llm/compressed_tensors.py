@@ -652,7 +652,7 @@ def _int4_parts(name: str, sch: _Scheme, parts: dict, q: torch.Tensor | None, ma
         if g_idx is not None and not bool((g_idx == -1).any()) and not torch.equal(
                 g_idx.long(), torch.arange(cols) // sch.group_size):
             return None  # activation order: groups are not runs of columns
-        if cols % 4 or not bool(((q.reshape(rows, -1, 4) != 0).sum(-1) <= 2).all()):
+        if cols % 16 or not bool(((q.reshape(rows, -1, 4) != 0).sum(-1) <= 2).all()):
             return None
         scales = parts["weight_scale"]
         values, meta = compress_2to4(q.to(torch.float16))
@@ -756,7 +756,10 @@ def _dequantize_layers(m: nn.Module, tensors: dict, compressed: dict, fmt: str, 
 def quantization_note(q: dict) -> str:
     """One line for the user about a quantized checkpoint :func:`load` dequantized."""
     cast = f" (computed in {'/'.join(q['cast_from'])}, then cast)" if q.get("cast_from") else ""
-    line = f"{q['format']} weights of {q['dequantized_layers']} layers dequantized to {q['dequantized_to']}{cast} on load"
+    parts = [f"{q['dequantized_layers']} layers dequantized to {q['dequantized_to']}{cast} on load"
+             if q["dequantized_layers"] else "",
+             f"{q['int4_layers']} int4 2:4 layers kept int4" if q.get("int4_layers") else ""]
+    line = f"{q['format']} weights: " + ", ".join(p for p in parts if p)
     return line + (f"; not applied: {'; '.join(q['not_applied'])}" if q["not_applied"] else "")
 
 
@@ -1074,22 +1077,15 @@ def _int4_group(mod) -> int | None:
 
 
 def _pack_quantized_entries(name: str, mod) -> dict[str, torch.Tensor]:
-    """A SparseLinearInt4 as compressed-tensors ``pack-quantized`` (4-bit, symmetric):
-    ``weight_packed`` int32 ``[rows, cols/8]`` (eight codes ``q + 8`` a word, lowest bits first),
-    ``weight_scale``, ``weight_shape`` and, for a permuted layer, ``weight_g_idx`` (its groups
-    are runs of the permuted columns: in the original order, column c is in group
-    ``position of c in in_perm // G``)."""
+    """A SparseLinearInt4 (unpermuted) as compressed-tensors ``pack-quantized`` (4-bit,
+    symmetric): ``weight_packed`` int32 ``[rows, cols/8]`` (eight codes ``q + 8`` a word, lowest
+    bits first), ``weight_scale`` and ``weight_shape``."""
     from ..reference.int4 import unpack_codes
     from ..reference.sparse24 import decompress_2to4
 
     rows, cols = mod.out_features, mod.in_features
     q = decompress_2to4(unpack_codes(mod.qvalues.cpu()).to(torch.float32), mod.meta.cpu())[:, :cols]
     out = {}
-    if mod.in_perm is not None:
-        inv = torch.argsort(mod.in_perm.cpu())
-        q = q[:, inv]
-        if _int4_group(mod) is not None:
-            out["weight_g_idx"] = (inv // mod.group_size).to(torch.int32)
     codes = (q.to(torch.int32) + 8).reshape(rows, -1)
     codes = torch.nn.functional.pad(codes, (0, (-cols) % 8), value=8).reshape(rows, -1, 8)
     packed = torch.zeros(rows, codes.shape[1], dtype=torch.int64)
@@ -1111,11 +1107,9 @@ def _int4_quant_config(int4: dict[str, nn.Module]) -> dict:
         by_group.setdefault(_int4_group(mod), []).append(name)
     groups = {}
     for i, (g, names) in enumerate(sorted(by_group.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))):
-        perm = any(int4[n].in_perm is not None for n in names)
         weights = {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False, "block_structure": None,
-                   "strategy": "channel" if g is None else "group", "group_size": g,
-                   "actorder": "group" if perm and g is not None else None, "observer": "minmax",
-                   "observer_kwargs": {}}
+                   "strategy": "channel" if g is None else "group", "group_size": g, "actorder": None,
+                   "observer": "minmax", "observer_kwargs": {}}
         groups[f"group_{i}"] = {"targets": names, "weights": weights, "input_activations": None,
                                 "output_activations": None, "format": "pack-quantized"}
     return {"config_groups": groups, "format": "pack-quantized", "ignore": [], "kv_cache_scheme": None,
@@ -1175,10 +1169,11 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
 
     A model whose sparse layers are :class:`sparse_kernels.nn.SparseLinearInt4` is written as
     llm-compressor writes a 2:4 W4A16 model: ``pack-quantized`` 4-bit symmetric weights (codes,
-    scales per group or channel; a permuted layer's groups through ``weight_g_idx``) and a
-    ``dense`` sparsity config; :func:`load` with ``int4="keep"`` reads the unpermuted ones back
-    as they were, and compressed-tensors <= 0.12 decompresses them.  Mixing int4 and 16-bit
-    sparse layers is refused.  Files are
+    scales per group or channel) and a ``dense`` sparsity config; :func:`load` with
+    ``int4="keep"`` reads them back as they were, and compressed-tensors decompresses them.
+    Refused: mixing int4 and 16-bit sparse layers, permuted int4 layers (their groups would need
+    activation order, which compressed-tensors 0.13+ no longer reads), and groups that do not
+    divide a layer's in_features.  Files are
     written atomically (temporary name, fsync, rename; config.json last); an earlier checkpoint's
     ``sparse_kernels.json``, sharded index and shards in ``path`` are removed first, so that no
     reader takes them for the new one.  ``tokenizer``: saved alongside.
@@ -1197,6 +1192,16 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     cfg.pop("compression_config", None)  # a legacy section would compete with the one written here
     if int4:
         fmt = FORMAT_DENSE
+        for name, mod in int4.items():
+            if mod.in_perm is not None:
+                raise ValueError(f"model: int4 layer {name!r} has an input-channel permutation; compressed-tensors "
+                                 f"could only express its groups in activation order (g_idx), which compressed-"
+                                 f"tensors 0.13 and later no longer read: save it 16-bit (.to_sparse()) or prune it "
+                                 f"without permute")
+            if _int4_group(mod) is not None and mod.in_features % mod.group_size:
+                raise ValueError(f"model: int4 layer {name!r} has {mod.in_features} input features, not a multiple of "
+                                 f"its group size {mod.group_size}; compressed-tensors needs whole groups (use a group "
+                                 f"size dividing it, or one scale per row)")
         if format not in ("auto", FORMAT_DENSE):
             raise ValueError(f"format: int4 layers are stored pack-quantized with a 'dense' sparsity format, got "
                              f"{format!r}; use 'auto'")
@@ -1222,10 +1227,7 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     n_sparse = sum(mod.out_features * mod.in_features for mod in layers.values())
     zeros = sum(int((mod.dense_weight() == 0).sum()) for mod in layers.values())
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(skip)) + n_sparse
-    # a permuted int4 layer is 2:4 only in its permuted column order: stored (dense format) in the
-    # original order it is unstructured, and a reader should treat it so
-    all_24 = (not any(mod.in_perm is not None for mod in layers.values()) if int4
-              else not any(_not_24(mod) for mod in layers.values()))
+    all_24 = bool(int4) or not any(_not_24(mod) for mod in layers.values())
     sc = {"format": fmt, "global_sparsity": zeros / max(total, 1), "ignore": [],
           "registry_requires_subclass": False,
           "sparsity_structure": "2:4" if all_24 else "unstructured", "targets": sorted(layers)}

@@ -212,6 +212,7 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
     Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what,
                                   fast_upper_inverse_factor)
     codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
+    chosen = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)  # the masks the loop chose
     scales = torch.ones(rows, cols // group_size, dtype=torch.float32, device=W.device)
     at = [0]  # the first column of the block being processed (sparsegpt_layer walks them in order)
 
@@ -232,6 +233,8 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
                 grp = W1[:, i:i + group_size].abs()
                 amax = (grp * keep[:, i:i + group_size] if m == 0 else grp).amax(1)
                 s = torch.where(amax > 0, amax / 7, torch.ones_like(amax)).to(W.dtype).to(torch.float32)
+                # a tiny group's scale can round to 0 in a 16-bit dtype: the smallest normal instead
+                s = torch.where(s > 0, s, torch.full_like(s, torch.finfo(W.dtype).tiny))
                 scales[:, (c0 + i) // group_size] = s
             # + 0.0: a small negative w rounds to -0.0; the stored code 0 means +0.0
             qi = torch.where(keep[:, i], torch.clamp(torch.round(w / s), -8, 7), torch.zeros_like(w)) + 0.0
@@ -242,14 +245,13 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
             err1 = (w - q) / d
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err1
+        chosen[:, c0:c0 + B] = keep
         at[0] += B
         return Q1, Err1, torch.sum(Losses1, 1) / 2
 
-    Wq, keep, losses = ref.sparsegpt_layer(Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize,
-                                           block_update=block_update)
-    if spec.is_nm:
-        keep = keep | (codes != 0)  # nm_mask_of may not know a kept weight rounded to 0: it is still kept
-    return Wq.to(W.dtype), keep, float(losses.sum()), codes, scales.to(W.dtype)
+    Wq, _, losses = ref.sparsegpt_layer(Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize,
+                                        block_update=block_update)
+    return Wq.to(W.dtype), chosen, float(losses.sum()), codes, scales.to(W.dtype)
 
 
 class HessianAccumulator:

@@ -62,6 +62,8 @@ def quantize_values(values: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     v = values.to(torch.float32).reshape(n, half // (group_size // 2), group_size // 2)
     amax = v.abs().amax(dim=-1)
     scales = torch.where(amax > 0, amax / MAX_CODE, torch.ones_like(amax)).to(values.dtype)
+    # a tiny group's scale can round to 0 in a 16-bit dtype: the smallest normal instead
+    scales = torch.where(scales > 0, scales, torch.full_like(scales, torch.finfo(values.dtype).tiny))
     s = scales.to(torch.float32).unsqueeze(-1)
     q = torch.clamp(torch.round(v / s), -MAX_CODE, MAX_CODE).reshape(n, half)
     return pack_codes(q), scales

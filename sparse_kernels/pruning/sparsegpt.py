@@ -97,6 +97,26 @@ def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str
     return W2, torch.diag(h.rsqrt()), math.inf
 
 
+def _check_layer_args(W, H, sparsity, blocksize, percdamp):
+    """The argument checks :func:`sparsegpt_prune` and :func:`sparsegpt_prune_int4` share;
+    returns the parsed sparsity spec."""
+    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.tensor("H", H, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    cols = W.shape[1]
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"H: shape {tuple(H.shape)} must be (cols, cols) = ({cols}, {cols}) for W {tuple(W.shape)}")
+    V.same_device(W=W, H=H)
+    spec = parse_sparsity(sparsity)
+    spec.check_columns("W", cols)
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize: got {blocksize!r}, expected a positive int")
+    if spec.is_nm and blocksize % spec.m != 0:
+        raise ValueError(f"blocksize: got {blocksize}, must be a multiple of M={spec.m} for '{spec}' pruning")
+    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
+        raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
+    return spec
+
+
 def sparsegpt_prune(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -139,20 +159,7 @@ def sparsegpt_prune(
     Raises TypeError/ValueError for bad dtypes, shapes, devices, sparsity specs, a ``cols``
     or ``blocksize`` that is not a multiple of M.
     """
-    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.tensor("H", H, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))
-    rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise ValueError(f"H: shape {tuple(H.shape)} must be (cols, cols) = ({cols}, {cols}) for W {tuple(W.shape)}")
-    V.same_device(W=W, H=H)
-    spec = parse_sparsity(sparsity)
-    spec.check_columns("W", cols)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize: got {blocksize!r}, expected a positive int")
-    if spec.is_nm and blocksize % spec.m != 0:
-        raise ValueError(f"blocksize: got {blocksize}, must be a multiple of M={spec.m} for '{spec}' pruning")
-    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
-        raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
+    spec = _check_layer_args(W, H, sparsity, blocksize, percdamp)
 
     chosen = R.select(_BLOCK_OP, backend, W.device)
     op = R.get_op(_BLOCK_OP, chosen)
@@ -190,24 +197,12 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
     for a float16/bfloat16 W); :class:`sparse_kernels.nn.SparseLinearInt4` stores the codes and
     scales as they are, i.e. the exact weight.
     """
-    V.tensor("W", W, ndim=2, dtypes=V.FLOAT_DTYPES)
-    V.tensor("H", H, ndim=2, dtypes=V.FLOAT_DTYPES + (torch.float64,))
+    spec = _check_layer_args(W, H, sparsity, blocksize, percdamp)
     rows, cols = W.shape
-    if tuple(H.shape) != (cols, cols):
-        raise ValueError(f"H: shape {tuple(H.shape)} must be (cols, cols) = ({cols}, {cols}) for W {tuple(W.shape)}")
-    V.same_device(W=W, H=H)
-    spec = parse_sparsity(sparsity)
-    spec.check_columns("W", cols)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize: got {blocksize!r}, expected a positive int")
-    if spec.is_nm and blocksize % spec.m != 0:
-        raise ValueError(f"blocksize: got {blocksize}, must be a multiple of M={spec.m} for '{spec}' pruning")
     if (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or group_size % 16
             or blocksize % group_size or cols % group_size):
         raise ValueError(f"group_size: got {group_size!r}; it must be a positive multiple of 16 dividing blocksize "
                          f"{blocksize} and the {cols} columns")
-    if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
-        raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
     what = f" ({name})" if name else ""
     Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what,
                                   fast_upper_inverse_factor)

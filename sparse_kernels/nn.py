@@ -111,7 +111,28 @@ def check_in_perm(in_perm, in_features: int, name: str = "in_perm") -> None:
                          f"range({in_features}) holds each index exactly once")
 
 
-class SparseLinear(nn.Module):
+class _StoredLinear(nn.Module):
+    """What SparseLinear and SparseLinearInt4 share: ``to_dense`` from their ``dense_weight()``,
+    and ``nbytes``."""
+
+    def to_dense(self) -> nn.Linear:
+        """An equivalent nn.Linear (the dense weight in ``dense_weight()``'s dtype)."""
+        w = self.dense_weight()
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.detach())
+        return lin
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors: this module's parameters and buffers (values + meta, weight +
+        mask, or codes + meta + scales; bias, in_perm)."""
+        ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+class SparseLinear(_StoredLinear):
     """A Linear layer stored sparse.  Build it with :meth:`from_dense`.
 
     Args:
@@ -240,20 +261,6 @@ class SparseLinear(nn.Module):
             return B.decompress_bitmask(self.values.detach(), self.bitmask, self.row_ptr, self.in_features)
         m = L.unpack_mask(self.mask, self.in_features)
         return torch.where(m, self.weight.detach(), torch.zeros((), dtype=self.weight.dtype, device=m.device))
-
-    def to_dense(self) -> nn.Linear:
-        w = self.dense_weight()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias.detach())
-        return lin
-
-    def nbytes(self) -> int:
-        """Bytes of the stored tensors (values+meta or weight+mask, plus bias and in_perm)."""
-        ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
-        return sum(t.numel() * t.element_size() for t in ts)
 
     # ------------------------------------------------------------ caches
     def refresh_cache(self) -> None:
@@ -454,7 +461,7 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
 
 
 # ---------------------------------------------------------------- 2:4 int4
-class SparseLinearInt4(nn.Module):
+class SparseLinearInt4(_StoredLinear):
     """A 2:4 Linear layer whose kept values are int4 codes times a float scale per row and group
     of ``group_size`` input columns (:mod:`sparse_kernels.reference.int4`): buffers ``qvalues
     [out, in_pad/4]`` uint8, ``meta [out, in_pad/16]`` int16, ``scales [out, in_pad/group_size]``,
@@ -594,20 +601,6 @@ class SparseLinearInt4(nn.Module):
                 sl.in_perm.copy_(self.in_perm)
         sl.refresh_cache()
         return sl
-
-    def to_dense(self) -> nn.Linear:
-        w = self.dense_weight()
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias.detach())
-        return lin
-
-    def nbytes(self) -> int:
-        """Bytes of the stored tensors (codes, meta, scales, bias, in_perm)."""
-        ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
-        return sum(t.numel() * t.element_size() for t in ts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:

@@ -186,13 +186,51 @@ def library_decompress(path, model):
     return model
 
 
-def quantized_main():
-    from compressed_tensors import __version__ as ct_version
+def write_quantized(out, dtype, structure, qcfg, scfg, fmt, **size):
+    """The tiny Llama pruned (``structure``), quantized by the library (``qcfg``, scales from
+    :func:`set_qparams`) and written to ``out`` by its ModelCompressor (``fmt``, sparsity ``scfg``)."""
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.config import BitmaskConfig, DenseSparsityConfig, Sparse24BitMaskConfig
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 QuantizationStatus, apply_quantization_config)
+    from compressed_tensors.quantization import QuantizationStatus, apply_quantization_config
     from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    m = tiny_llama(dtype, **size)
+    prune(m, structure)
+    apply_quantization_config(m, qcfg)
+    set_qparams(m)
+    for mod in m.modules():
+        if hasattr(mod, "quantization_scheme"):
+            mod.quantization_status = QuantizationStatus.FROZEN
+    comp = ModelCompressor.from_pretrained_model(m, sparsity_config_or_format=scfg, quantization_format=fmt)
+    sd = comp.compress(m)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt"})
+    m.config.save_pretrained(out)
+    comp.update_config(out)
+
+
+def write_expected(out, fresh, ids, **fields):
+    """``out``/expected.json for a model the library dequantized (``fresh``): the SHA-256 of every
+    Linear weight but lm_head, their dtypes, and the logits with activation quantization off."""
+    from compressed_tensors import __version__ as ct_version
+
+    layers = {n: sha(mod.weight) for n, mod in fresh.named_modules()
+              if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
+    dtypes = sorted({str(fresh.get_submodule(n).weight.dtype).replace("torch.", "") for n in layers})
+    for n in layers:  # the logits of the dequantized weights (activations not quantized)
+        fresh.get_submodule(n).quantization_enabled = False
+    with torch.no_grad():
+        logits = fresh(input_ids=ids, use_cache=False).logits.float()
+    with open(os.path.join(out, "expected.json"), "w") as f:
+        json.dump({"compressed_tensors_version": ct_version, **fields, "weight_dtypes": dtypes,
+                   "weight_sha256": layers, "input_ids": ids.tolist(),
+                   "logits": [[[round(v, 4) for v in row] for row in seq] for seq in logits.tolist()]}, f, indent=1)
+    print(out, sorted(os.listdir(out)), dtypes, file=sys.stderr)
+
+
+def quantized_main():
+    from compressed_tensors.config import BitmaskConfig, DenseSparsityConfig, Sparse24BitMaskConfig
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     def args(**kw):
         return QuantizationArgs(**kw)
@@ -223,41 +261,12 @@ def quantized_main():
          args(num_bits=8, type="int", strategy="tensor", symmetric=False), None),
     ]:
         out = os.path.join(HERE, name)
-        os.makedirs(out, exist_ok=True)
         qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(
             targets=["Linear"], weights=weights, input_activations=acts)}, ignore=["lm_head"])
-        m = tiny_llama(dtype)
-        prune(m, structure)
-        apply_quantization_config(m, qcfg)
-        set_qparams(m)
-        for mod in m.modules():
-            if hasattr(mod, "quantization_scheme"):
-                mod.quantization_status = QuantizationStatus.FROZEN
+        write_quantized(out, dtype, structure, qcfg, scfg, fmt)
         ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-        comp = ModelCompressor.from_pretrained_model(m, sparsity_config_or_format=scfg, quantization_format=fmt)
-        sd = comp.compress(m)
-        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(out, "model.safetensors"),
-                  metadata={"format": "pt"})
-        m.config.save_pretrained(out)
-        comp.update_config(out)
-        fresh = tiny_llama(dtype)
-        library_decompress(out, fresh)
-        layers = {n: sha(mod.weight) for n, mod in fresh.named_modules()
-                  if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
-        dtypes = sorted({str(fresh.get_submodule(n).weight.dtype).replace("torch.", "") for n in layers})
-        # the logits of the model with the dequantized weights (activations not quantized)
-        for n in layers:
-            mod = fresh.get_submodule(n)
-            mod.quantization_enabled = False
-        with torch.no_grad():
-            logits = fresh(input_ids=ids, use_cache=False).logits.float()
-        with open(os.path.join(out, "expected.json"), "w") as f:
-            json.dump({"compressed_tensors_version": ct_version, "structure": structure, "quantization": fmt,
-                       "dtype": str(dtype).replace("torch.", ""), "weight_dtypes": dtypes, "weight_sha256": layers,
-                       "input_ids": ids.tolist(),
-                       "logits": [[[round(v, 4) for v in row] for row in seq] for seq in logits.tolist()]},
-                      f, indent=1)
-        print(out, sorted(os.listdir(out)), dtypes, file=sys.stderr)
+        write_expected(out, library_decompress(out, tiny_llama(dtype)), ids, structure=structure, quantization=fmt,
+                       dtype=str(dtype).replace("torch.", ""))
 
 
 def marlin24_main():
@@ -268,7 +277,10 @@ def marlin24_main():
     compressed-tensors cannot decompress this format, so the expected hashes come from the same
     quantized model written as ``pack-quantized`` and dequantized by the library (the same math:
     ``q * scale`` in float16)."""
-    from compressed_tensors.quantization import QuantizationArgs
+    import tempfile
+
+    from compressed_tensors.config import DenseSparsityConfig
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     dtype = torch.float16
     for name, size, weights in [  # 512 columns: down_proj's scales are shuffled too
@@ -277,54 +289,16 @@ def marlin24_main():
         ("llama_2of4_w8a16_channel_marlin24_fp16", dict(hidden=128, intermediate=256),
          QuantizationArgs(num_bits=8, type="int", strategy="channel", symmetric=True)),
     ]:
-        _marlin24_fixture(name, dtype, size, weights)
-
-
-def _marlin24_fixture(name, dtype, size, weights):
-    import tempfile
-
-    from compressed_tensors import __version__ as ct_version
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.config import DenseSparsityConfig
-    from compressed_tensors.quantization import (QuantizationConfig, QuantizationScheme, QuantizationStatus,
-                                                 apply_quantization_config)
-    from safetensors.torch import save_file
-
-    out = os.path.join(HERE, name)
-    os.makedirs(out, exist_ok=True)
-    qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                              ignore=["lm_head"])
-    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
-    with tempfile.TemporaryDirectory() as twin:
-        for fmt, where in (("marlin-24", out), ("pack-quantized", twin)):
-            m = tiny_llama(dtype, **size)
-            prune(m, "2:4")
-            apply_quantization_config(m, qcfg)
-            set_qparams(m)
-            for mod in m.modules():
-                if hasattr(mod, "quantization_scheme"):
-                    mod.quantization_status = QuantizationStatus.FROZEN
-            scfg = DenseSparsityConfig(targets=["Linear"], ignore=["lm_head"], sparsity_structure="2:4")
-            comp = ModelCompressor.from_pretrained_model(m, sparsity_config_or_format=scfg, quantization_format=fmt)
-            sd = comp.compress(m)
-            save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(where, "model.safetensors"),
-                      metadata={"format": "pt"})
-            m.config.save_pretrained(where)
-            comp.update_config(where)
-        fresh = library_decompress(twin, tiny_llama(dtype, **size))
-    layers = {n: sha(mod.weight) for n, mod in fresh.named_modules()
-              if isinstance(mod, torch.nn.Linear) and n != "lm_head"}
-    for n in layers:
-        fresh.get_submodule(n).quantization_enabled = False
-    with torch.no_grad():
-        logits = fresh(input_ids=ids, use_cache=False).logits.float()
-    with open(os.path.join(out, "expected.json"), "w") as f:
-        json.dump({"compressed_tensors_version": ct_version, "structure": "2:4", "quantization": "marlin-24",
-                   "dtype": "float16", "weight_dtypes": ["float16"], "weight_sha256": layers,
-                   "input_ids": ids.tolist(),
-                   "logits": [[[round(v, 4) for v in row] for row in seq] for seq in logits.tolist()]}, f, indent=1)
-    print(out, sorted(os.listdir(out)), file=sys.stderr)
-
+        out = os.path.join(HERE, name)
+        qcfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
+                                  ignore=["lm_head"])
+        scfg = DenseSparsityConfig(targets=["Linear"], ignore=["lm_head"], sparsity_structure="2:4")
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+        with tempfile.TemporaryDirectory() as twin:
+            for fmt, where in (("marlin-24", out), ("pack-quantized", twin)):
+                write_quantized(where, dtype, "2:4", qcfg, scfg, fmt, **size)
+            fresh = library_decompress(twin, tiny_llama(dtype, **size))
+        write_expected(out, fresh, ids, structure="2:4", quantization="marlin-24", dtype="float16")
 
 if __name__ == "__main__":
     main()

@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "linear_checks.h"
 #include "linear_kernels.h"
 #include "simd.h"
 
@@ -105,20 +106,15 @@ SK_AVX512BF16 static void sl4_block_avx512bf16(const c10::BFloat16* x, const uin
                                                const float* sc, float* out, int64_t K, int64_t N, int64_t n,
                                                int64_t G) {
   const int64_t qcols = K / 4, mcols = K / 16, steps = K / 64, ng = K / G;
-  alignas(64) int16_t word_i[32], shift_i[32], base_i[32], dup_i[32], nib_i[32], table_i[32];
+  alignas(64) int16_t dup_i[32], nib_i[32], table_i[32];
   for (int l = 0; l < 32; ++l) {
-    const int j = l / 2;
-    word_i[l] = static_cast<int16_t>(j / 4);
-    shift_i[l] = static_cast<int16_t>(4 * (j % 4) + 2 * (l & 1));
-    base_i[l] = static_cast<int16_t>(4 * j);
     dup_i[l] = static_cast<int16_t>(l / 2);      // value l is in byte l/2 ...
     nib_i[l] = static_cast<int16_t>(4 * (l & 1));  // ... low nibble for even l
     table_i[l] = static_cast<int16_t>(c10::BFloat16(static_cast<float>(l < 16 ? l - 8 : 0)).x);
   }
   alignas(64) int32_t gsel_i[16];
   for (int j = 0; j < 16; ++j) gsel_i[j] = G < 64 ? static_cast<int32_t>(4 * j / G) : 0;  // lane j: columns 4j..4j+3
-  const __m512i widx = _mm512_load_si512(word_i), shift = _mm512_load_si512(shift_i);
-  const __m512i base = _mm512_load_si512(base_i), three = _mm512_set1_epi16(3);
+  const sk_linear::Bf16Gather g = sk_linear::bf16_gather_tables();
   const __m512i dup = _mm512_load_si512(dup_i), nib = _mm512_load_si512(nib_i), table = _mm512_load_si512(table_i);
   const __m512i fifteen = _mm512_set1_epi16(0xF), gsel = _mm512_load_si512(gsel_i);
   const __mmask16 gmask = G < 64 ? static_cast<__mmask16>((1u << (64 / G)) - 1) : 1;
@@ -131,10 +127,7 @@ SK_AVX512BF16 static void sl4_block_avx512bf16(const c10::BFloat16* x, const uin
     for (int r = 0; r < R; ++r) {
       const uint8_t* qp = q + (n + r) * qcols + 16 * s;
       _mm_prefetch(reinterpret_cast<const char*>(qp) + sk_linear::kPrefetchBytes / 4, _MM_HINT_T0);
-      int64_t word;
-      std::memcpy(&word, meta + (n + r) * mcols + 4 * s, 8);
-      const __m512i w = _mm512_permutexvar_epi16(widx, _mm512_set1_epi64(word));
-      idx[r] = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(w, shift), three), base);
+      idx[r] = sk_linear::bf16_gather_index(g, meta + (n + r) * mcols + 4 * s);
       const __m512i bytes = _mm512_castsi256_si512(
           _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qp))));
       const __m512i codes = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi16(dup, bytes), nib), fifteen);
@@ -219,20 +212,8 @@ at::Tensor sparse_linear_int4_cpp(const at::Tensor& x, const at::Tensor& qvalues
                         (K / scales.size(1)) % 16 == 0,
                     "scales: shape ", scales.sizes(), " does not fit a [", N, ", ", K,
                     "] weight; expected (N, K/G) with G a multiple of 16 dividing K");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [M, K] at the op level, got ", x.dim(), "-D");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   "x: dtype ", x.scalar_type(), " is not supported; expected float32, bfloat16 or float16");
-  TORCH_CHECK_VALUE(x.size(1) == K, "x: last dim is ", x.size(1), " but the weight has ", K, " input features");
-  TORCH_CHECK_VALUE(x.device().is_cpu() && qvalues.device().is_cpu() && meta.device().is_cpu() &&
-                        scales.device().is_cpu(),
-                    "x, qvalues, meta and scales must be CPU tensors");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, "bias: expected shape (", N, "), got ", b.sizes());
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "bias: dtype ", b.scalar_type(), " does not match x's dtype ",
-                     x.scalar_type());
-    TORCH_CHECK_VALUE(b.device().is_cpu(), "bias: must be a CPU tensor");
-  }
+  sk_linear::check_x_and_bias(x, bias, N, K, qvalues, "qvalues", /*w_dtype_is_x=*/false);
+  TORCH_CHECK_VALUE(meta.device().is_cpu() && scales.device().is_cpu(), "meta and scales must be CPU tensors");
   const int64_t M = x.size(0), G = N > 0 ? K / scales.size(1) : K;
   at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));  // every element written below
   if (M > 0 && N > 0 && K > 0) {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "blocked_gemm.h"
+#include "linear_checks.h"
 #include "linear_expand.h"
 #include "linear_kernels.h"
 #include "simd.h"
@@ -68,24 +69,6 @@ static int64_t gemm_min_m(at::ScalarType t, bool masked, bool bf16_dot = false) 
 
 // ------------------------------------------------------------------ ATen wrappers
 #define SK_DISPATCH_F32_BF16_F16(TYPE, BODY) dispatch_float(TYPE, [&](auto tag) { using scalar_t = decltype(tag); BODY(); })
-static void check_x_and_bias(const at::Tensor& x, const c10::optional<at::Tensor>& bias, int64_t N, int64_t K,
-                             const at::Tensor& w, const char* wname) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [M, K] at the op level, got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(x.device().is_cpu() && w.device().is_cpu(), "x and ", wname, " must be CPU tensors");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-                   "x: dtype ", x.scalar_type(), " is not supported; expected float32, bfloat16 or float16");
-  TORCH_CHECK_TYPE(w.scalar_type() == x.scalar_type(), wname, ": dtype ", w.scalar_type(), " does not match x's dtype ",
-                   x.scalar_type());
-  TORCH_CHECK_VALUE(x.size(1) == K, "x: last dim is ", x.size(1), " but the weight has ", K, " input features");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == N, "bias: expected shape (", N, "), got ", b.sizes());
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "bias: dtype ", b.scalar_type(), " does not match x's dtype ",
-                     x.scalar_type());
-    TORCH_CHECK_VALUE(b.device().is_cpu(), "bias: must be a CPU tensor");
-  }
-}
-
 static at::Tensor finish(at::Tensor y32, const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
   if (bias.has_value()) y32.add_(bias->to(at::kFloat).unsqueeze(0));
   return dtype == at::kFloat ? y32 : y32.to(dtype);

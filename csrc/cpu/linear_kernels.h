@@ -128,10 +128,14 @@ SK_AVX512 static void sl_block_avx512(const float* x, const T* values, const int
 // which is the pair layout vdpbf16ps wants: vpermt2w gathers x[4j+i0], x[4j+i1] into the same
 // lane and one vdpbf16ps does 32 multiply-adds (fp32 accumulation).  Twice the work per
 // instruction of the fp32 path.
-template <int R, int MB>
-SK_AVX512BF16 static void sl_block_avx512bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta,
-                                            float* out, int64_t K, int64_t N, int64_t n) {
-  const int64_t half = K / 2, mcols = K / 16, steps = K / 64;
+// The x gather of the bf16 kernels (here and in int4.cpp): in a 64-column step, lane l (kept value
+// l, group j = l/2) takes x[4j + i0] for even l and x[4j + i1] for odd l, i0/i1 from the step's 64
+// bits of meta (16-bit word j/4, nibble j%4).
+struct Bf16Gather {
+  __m512i widx, shift, base;
+};
+
+SK_AVX512BF16 static inline Bf16Gather bf16_gather_tables() {
   alignas(64) int16_t word_i[32], shift_i[32], base_i[32];
   for (int l = 0; l < 32; ++l) {
     const int j = l / 2;
@@ -139,8 +143,22 @@ SK_AVX512BF16 static void sl_block_avx512bf16(const c10::BFloat16* x, const c10:
     shift_i[l] = static_cast<int16_t>(4 * (j % 4) + 2 * (l & 1));  // i0 or i1 of group j
     base_i[l] = static_cast<int16_t>(4 * j);
   }
-  const __m512i widx = _mm512_load_si512(word_i), shift = _mm512_load_si512(shift_i);
-  const __m512i base = _mm512_load_si512(base_i), three = _mm512_set1_epi16(3);
+  return {_mm512_load_si512(word_i), _mm512_load_si512(shift_i), _mm512_load_si512(base_i)};
+}
+
+// vpermt2w indices into the step's 64 x values, from the 4 meta words at ``meta4``.
+SK_AVX512BF16 static inline __m512i bf16_gather_index(const Bf16Gather& g, const int16_t* meta4) {
+  int64_t word;
+  std::memcpy(&word, meta4, 8);
+  const __m512i w = _mm512_permutexvar_epi16(g.widx, _mm512_set1_epi64(word));
+  return _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(w, g.shift), _mm512_set1_epi16(3)), g.base);
+}
+
+template <int R, int MB>
+SK_AVX512BF16 static void sl_block_avx512bf16(const c10::BFloat16* x, const c10::BFloat16* values, const int16_t* meta,
+                                            float* out, int64_t K, int64_t N, int64_t n) {
+  const int64_t half = K / 2, mcols = K / 16, steps = K / 64;
+  const Bf16Gather g = bf16_gather_tables();
   __m512 acc[R][MB];
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < MB; ++b) acc[r][b] = _mm512_setzero_ps();
@@ -148,10 +166,7 @@ SK_AVX512BF16 static void sl_block_avx512bf16(const c10::BFloat16* x, const c10:
     __m512i idx[R], v[R];
     for (int r = 0; r < R; ++r) {
       _mm_prefetch(reinterpret_cast<const char*>(values + (n + r) * half + 32 * s) + kPrefetchBytes, _MM_HINT_T0);
-      int64_t word;
-      std::memcpy(&word, meta + (n + r) * mcols + 4 * s, 8);
-      const __m512i w = _mm512_permutexvar_epi16(widx, _mm512_set1_epi64(word));
-      idx[r] = _mm512_add_epi16(_mm512_and_si512(_mm512_srlv_epi16(w, shift), three), base);
+      idx[r] = bf16_gather_index(g, meta + (n + r) * mcols + 4 * s);
       v[r] = _mm512_loadu_si512(reinterpret_cast<const void*>(values + (n + r) * half + 32 * s));
     }
     for (int b = 0; b < MB; ++b) {

@@ -144,9 +144,9 @@ def main(argv=None):
                 raise SystemExit(f"{name}: pruned model differs from the masked dense model (max err {err:.3e})")
         model = model.to(dtype)
         with torch.no_grad():
-            pre = timeit(lambda: model(input_ids=ids), args.min_run_time, args.cpu_runs)
-            dec = timeit(lambda: model.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
-                                                do_sample=False, pad_token_id=0), args.min_run_time, args.cpu_runs)
+            pre = timeit(lambda m=model: m(input_ids=ids), args.min_run_time, args.cpu_runs)
+            dec = timeit(lambda m=model: m.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new,
+                                                    do_sample=False, pad_token_id=0), args.min_run_time, args.cpu_runs)
         row = dict(variant=name, options=kw, params=sum(p.numel() for p in model.parameters()),
                    param_bytes=param_bytes(model), check_max_abs_err=err,
                    prefill_tokens_per_s=args.batch * args.seq / pre["median"], prefill_s=pre,

@@ -25,6 +25,8 @@
 #    bench_dsnot      DSnoT's mask refinement on 7B-shaped layers (plain PyTorch)   cap  25 s
 #    bench_int4       sparse_linear_int4 (Triton) against 16-bit 2:4 and dense,     cap  40 s
 #                     4096x4096 fp16, batch 1 and 16
+#    bench_sparsegpt_int4  joint SparseGPT + int4 (Triton block op vs the reference   cap  30 s
+#                     loop), 4096x4096, groups of 128, 2 reps
 #    bench_linear_full    the whole bench_linear table, eager timing only (--no-graph; cap 240 s
 #                     resumes the quick rows)
 #    tests_rest       the rest of the suite (CPU tests, on torch/Python of the box)  cap 150 s
@@ -225,6 +227,8 @@ if [ "$DRY" = "1" ]; then
         --out "$RES/bench_dsnot.json"
     step bench_int4 30 "$PY" benchmarks/bench_int4.py --device cpu --shapes 128x128 --dtypes bf16 --batches 1 \
         --min-run-time 0.05 --out "$RES/bench_int4"
+    step bench_sparsegpt_int4 30 "$PY" benchmarks/bench_sparsegpt.py --device cpu --int4 64 --shapes 64x128 --reps 1 \
+        --out "$RES/bench_sparsegpt_int4"
     step bench_linear_full 60 "$PY" benchmarks/bench_linear.py --device cpu --shapes 64x64 128x64 --dtypes fp32 \
         --batches 1 4 16 --min-run-time 0.05 --resume "$RES/bench_linear_quick/bench_linear_cpu.json" \
         --out "$RES/bench_linear_full" --plot
@@ -254,6 +258,8 @@ else
     step bench_dsnot 25 "$PY" benchmarks/bench_dsnot.py --device cuda --repeats 2 --out "$RES/bench_dsnot.json"
     step bench_int4 40 "$PY" benchmarks/bench_int4.py --device cuda --shapes 4096x4096 --dtypes fp16 \
         --batches 1 16 --out "$RES/bench_int4"
+    step bench_sparsegpt_int4 30 "$PY" benchmarks/bench_sparsegpt.py --device cuda --int4 128 --shapes 4096x4096 \
+        --reps 2 --out "$RES/bench_sparsegpt_int4"
     step bench_linear_full 240 "$PY" benchmarks/bench_linear.py --device cuda --plot --no-graph \
         --resume "$RES/bench_linear_quick/bench_linear_cuda.json" --out "$RES/bench_linear_full"
     pytest_step tests_rest 150 tests --ignore=tests/test_cuda_kernels.py -k "not ($GPU_K)"

@@ -170,8 +170,8 @@ def _add_int4(p, what):
                    help=f"round {what}'s 2:4 layers to int4 in groups of GROUP input columns after loading "
                         f"(SparseLinearInt4: 3 bits a weight; layers GROUP does not divide stay 16-bit)")
     p.add_argument("--keep-int4", action="store_true",
-                   help="compressed-tensors checkpoints: load int4 2:4 layers (marlin-24, pack-quantized) as "
-                        "SparseLinearInt4, codes as stored, instead of dequantizing them")
+                   help="int4 checkpoints (ours: 2:4-int4 layers; compressed-tensors: marlin-24, pack-quantized): "
+                        "load the int4 2:4 layers as SparseLinearInt4, codes as stored, instead of dequantizing them")
 
 
 def _int4(args, model):
@@ -269,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers (names inside a block) DSnoT leaves as the criterion chose them, e.g. 'mlp\\.'")
     p.add_argument("--int4", type=_positive(int), default=None, metavar="GROUP",
                    help="sparsegpt 2:4 only: quantize the kept weights to int4 in groups of GROUP input columns "
-                        "inside SparseGPT's column loop (joint, GPTQ-style); the layers become SparseLinearInt4 and "
-                        "are saved pack-quantized (needs --format compressed-tensors)")
+                        "inside SparseGPT's column loop (joint, GPTQ-style); the layers become SparseLinearInt4 "
+                        "(saved as 2:4-int4 layers, or pack-quantized with --format compressed-tensors)")
     o = p.add_argument_group("outlier-weighted layerwise sparsity (OWL; with --sparsity)")
     o.add_argument("--owl", action="store_true",
                    help="blocks with more activation outliers get a lower sparsity, the mean stays --sparsity")
@@ -384,11 +384,11 @@ def cmd_prune(args) -> int:
         if args.method != "sparsegpt" or pattern != "2:4":
             raise SystemExit(f"prune: --int4 quantizes inside SparseGPT's 2:4 column loop; got --method {args.method} "
                              f"and pattern {pattern}")
-        if args.format != "compressed-tensors":
-            raise SystemExit("prune: --int4 models are saved pack-quantized: add --format compressed-tensors")
-        if args.finetune_steps or args.owl or args.dsnot or args.permute:
-            raise SystemExit("prune: --int4 takes none of --finetune-steps, --owl, --dsnot, --permute (compressed-"
-                             "tensors cannot store a permuted int4 layer)")
+        if args.finetune_steps or args.owl or args.dsnot:
+            raise SystemExit("prune: --int4 takes none of --finetune-steps, --owl, --dsnot")
+        if args.permute and args.format == "compressed-tensors":
+            raise SystemExit("prune: --permute --int4: compressed-tensors cannot store a permuted int4 layer; use the "
+                             "default --format")
         if args.int4 % 16 or 128 % args.int4:
             raise SystemExit(f"prune: --int4 {args.int4}: the group size must be 16, 32, 64 or 128 (a multiple of 16 "
                              f"dividing SparseGPT's 128-column blocks)")
@@ -446,6 +446,8 @@ def cmd_prune(args) -> int:
     kind = checkpoint.PATTERN_24 if pattern == "2:4" else checkpoint.MASKED
     if args.format == "compressed-tensors":
         return _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense_ppl, ppl)
+    if args.int4 is not None:  # the layers are SparseLinearInt4
+        kind = checkpoint.PATTERN_24_INT4
     cfg = checkpoint.save(m, args.output, layers={n: kind for n in names}, base_model=src.as_dict(), tokenizer=tok,
                           pruning={"method": args.method, "sparsity": pattern, "nsamples": args.nsamples,
                                    "seqlen": args.seqlen, "seed": args.seed,
@@ -457,7 +459,7 @@ def cmd_prune(args) -> int:
                  "disk MiB", "dense MiB", "pruned layers vs dense"],
                 [[src.name, args.method, pattern, len(names), rep.overall_sparsity, rep.seconds, dense_ppl, ppl,
                   _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]),
-                  s["sparse_layers_ratio"] if kind == checkpoint.PATTERN_24 else s.get("masked_layers_ratio")]],
+                  s.get("masked_layers_ratio") if kind == checkpoint.MASKED else s["sparse_layers_ratio"]]],
                 title=f"\npruned and saved to {args.output}"))
     return 0
 
@@ -619,10 +621,10 @@ def cmd_convert(args) -> int:
                          f"use prune --format {args.format}")
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     if src.kind == "checkpoint":
-        m, info = checkpoint.load(src.path, dtype=dtype)
+        m, info = checkpoint.load(src.path, dtype=dtype)  # int4 layers stay int4 (both formats store them)
         tok_dir = src.path if info.get("tokenizer_saved") else None
     else:
-        m, ct_info = ct.load(src.path, dtype=dtype)
+        m, ct_info = ct.load(src.path, dtype=dtype, int4="keep")
         tok_dir = src.path
         if ct_info.quantization:
             print(ct.quantization_note(ct_info.quantization))
@@ -635,7 +637,7 @@ def cmd_convert(args) -> int:
     else:
         checkpoint.save(m, args.output, base_model=src.as_dict(), tokenizer=tok)
         what = f"{checkpoint.FORMAT_NAME} checkpoint"
-    n = sum(1 for mod in m.modules() if type(mod).__name__ == "SparseLinear")
+    n = sum(1 for mod in m.modules() if type(mod).__name__ in ("SparseLinear", "SparseLinearInt4"))
     print(f"converted {src.name} ({src.kind}) to {what} in {args.output}: {n} sparse layers"
           + ("" if tok is not None else " (no tokenizer in the source)"))
     return 0

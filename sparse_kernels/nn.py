@@ -113,7 +113,7 @@ def check_in_perm(in_perm, in_features: int, name: str = "in_perm") -> None:
 
 class _StoredLinear(nn.Module):
     """What SparseLinear and SparseLinearInt4 share: ``to_dense`` from their ``dense_weight()``,
-    and ``nbytes``."""
+    ``nbytes`` and ``drop_permutation``."""
 
     def to_dense(self) -> nn.Linear:
         """An equivalent nn.Linear (the dense weight in ``dense_weight()``'s dtype)."""
@@ -130,6 +130,17 @@ class _StoredLinear(nn.Module):
         mask, or codes + meta + scales; bias, in_perm)."""
         ts = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
         return sum(t.numel() * t.element_size() for t in ts)
+
+    def drop_permutation(self) -> None:
+        """Forget ``in_perm`` without touching the stored weight: from now on the layer expects
+        its input already permuted (``x[..., in_perm]``), e.g. because the layers producing it
+        were permuted instead (:func:`sparse_kernels.pruning.fold.fold_permutations`)."""
+        if self._buffers.get("in_perm") is None:
+            raise ValueError("drop_permutation: this layer has no input permutation (in_perm is None)")
+        self._buffers["in_perm"] = None
+        refresh = getattr(self, "refresh_cache", None)
+        if refresh is not None:
+            refresh()
 
 
 class SparseLinear(_StoredLinear):
@@ -239,15 +250,6 @@ class SparseLinear(_StoredLinear):
                 mod.bias.copy_(linear.bias.detach())
         mod.refresh_cache()
         return mod
-
-    def drop_permutation(self) -> None:
-        """Forget ``in_perm`` without touching the stored weight: from now on the layer expects
-        its input already permuted (``x[..., in_perm]``), e.g. because the layers producing it
-        were permuted instead (:func:`sparse_kernels.pruning.fold.fold_permutations`)."""
-        if self.in_perm is None:
-            raise ValueError("drop_permutation: this layer has no input permutation (in_perm is None)")
-        self._buffers["in_perm"] = None
-        self.refresh_cache()
 
     def dense_weight(self) -> torch.Tensor:
         """The equivalent dense weight ``[out_features, in_features]`` (zeros where pruned), in the
@@ -647,12 +649,3 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         report.layers.append(name)
     return report
-
-
-def check_no_int4(model: nn.Module, what: str) -> None:
-    """ValueError naming the first :class:`SparseLinearInt4` of ``model``: ``what`` (a checkpoint
-    writer) stores 16-bit weights only."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, SparseLinearInt4):
-            raise ValueError(f"model: layer {name!r} is a SparseLinearInt4 (2:4 int4); {what} stores 16-bit weights "
-                             f"only: replace it by its .to_sparse() first")

@@ -467,9 +467,10 @@ def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
     assert cli.main(["eval", "--model", str(out4), "--eval-source", str(text), "--tokens", "200", "--window", "64",
                      "--no-progress", "--keep-int4"]) == 0
     assert "ppl" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--int4 models are saved pack-quantized: add --format compressed-tensors"):
-        cli.main(["prune", "--model", str(d), "--int4", "16", "-o", str(tmp_path / "z4"), "--no-progress"])
-    with pytest.raises(SystemExit, match="--int4 takes none of .*--permute"):
+    with pytest.raises(SystemExit, match="--int4 takes none of --finetune-steps, --owl, --dsnot"):
+        cli.main(["prune", "--model", str(d), "--int4", "16", "--finetune-steps", "2", "-o", str(tmp_path / "z4"),
+                  "--no-progress"])
+    with pytest.raises(SystemExit, match="compressed-tensors cannot store a permuted int4 layer"):
         cli.main(["prune", "--model", str(d), "--int4", "16", "--permute", "--format", "compressed-tensors",
                   "-o", str(tmp_path / "z6"), "--no-progress"])
     with pytest.raises(SystemExit, match="--int4 48: the group size must be 16, 32, 64 or 128"):
@@ -872,22 +873,29 @@ def test_load_int4_keep(path, kept):
         ct.load(path, int4="yes")
 
 
-def test_int4_layers_save_as_pack_quantized_and_our_checkpoint_refuses_them(tmp_path):
-    """A marlin-24 model kept int4 is rewritten pack-quantized with the same codes and scales;
-    our own checkpoint format stores 16-bit weights only."""
+def test_int4_layers_save_as_pack_quantized_and_convert_to_ours(tmp_path):
+    """A marlin-24 model kept int4 is rewritten pack-quantized with the same codes and scales, and
+    our own format (2:4-int4 layers) stores the same layers bit for bit."""
     from sparse_kernels.llm import checkpoint
 
     m, _ = ct.load(FIXMARLIN, int4="keep")
     ct.save(m, str(tmp_path / "a"))
     back, info = ct.load(str(tmp_path / "a"), int4="keep")
     assert set(info.layers.values()) == {"2:4 int4"}
+    cfg = checkpoint.save(m, str(tmp_path / "b"))
+    ours, _ = checkpoint.load(str(tmp_path / "b"))
+    assert cfg["format_version"] == 4 and {li["format"] for li in cfg["layers"].values()} == {"2:4-int4"}
+    n = 0
     for name, mod in m.named_modules():
         if isinstance(mod, sk.SparseLinearInt4):  # (a group with one nonzero code may keep other positions)
             assert_bitexact(back.get_submodule(name).dense_weight(torch.float32), mod.dense_weight(torch.float32), name)
             assert_bitexact(back.get_submodule(name).scales, mod.scales, name)
-    with pytest.raises(ValueError, match="layer 'model.layers.0.self_attn.q_proj' is a SparseLinearInt4"):
-        checkpoint.save(m, str(tmp_path / "b"))
-    assert not (tmp_path / "b").exists()
+            o = ours.get_submodule(name)
+            assert isinstance(o, sk.SparseLinearInt4) and o.group_size == mod.group_size
+            for buf in ("qvalues", "meta", "scales"):
+                assert_bitexact(getattr(o, buf), getattr(mod, buf), f"{name}.{buf}")
+            n += 1
+    assert n > 0
 
 
 def test_load_int4_keep_keeps_scales_under_dtype():

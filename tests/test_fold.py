@@ -95,6 +95,34 @@ def test_fold_with_sparse_producers(kind):
     torch.testing.assert_close(_logits(ll), before, rtol=1e-5, atol=1e-5)
 
 
+def test_fold_int4_layers():
+    """SparseLinearInt4 producers (rows of codes, meta and scales) and consumer: bit-equal
+    logits, and prune(int4=..., permute=...) folds its down projections."""
+    ll = _llama()
+    mlp = ll.model.layers[0].mlp
+    for name in ("gate_proj", "up_proj"):
+        setattr(mlp, name, sk.SparseLinearInt4.from_dense(getattr(mlp, name), 16))
+    lin = mlp.down_proj
+    perm = torch.randperm(lin.in_features, generator=torch.Generator().manual_seed(5))
+    mlp.down_proj = sk.SparseLinearInt4.from_dense(lin, 16, in_perm=perm)
+    before = _logits(ll)
+    assert fold_permutations(ll) == ["0.mlp.down_proj"] and mlp.down_proj.in_perm is None
+    assert_bitexact(_logits(ll), before, "folded int4 MLP")
+    with pytest.raises(ValueError, match="drop_permutation: this layer has no input permutation"):
+        mlp.down_proj.drop_permutation()
+
+    calib = [_ids(s) for s in range(3)]
+    folded, gathered = _llama(), _llama()
+    rep = sk.prune(folded, method="sparsegpt", sparsity="2:4", calibration=calib, progress=False,
+                   permute={"rounds": 3}, convert=True, int4=16)
+    sk.prune(gathered, method="sparsegpt", sparsity="2:4", calibration=calib, progress=False,
+             permute={"rounds": 3, "fold": False}, convert=True, int4=16)
+    assert rep.folded_permutations == ["0.mlp.down_proj", "1.mlp.down_proj"]
+    assert all(isinstance(layer.mlp.down_proj, sk.SparseLinearInt4) and layer.mlp.down_proj.in_perm is None
+               for layer in folded.model.layers)
+    assert_bitexact(_logits(folded), _logits(gathered), "folded vs gathered int4 logits")
+
+
 def test_drop_permutation_needs_one():
     lin = nn.Linear(16, 8)
     sl = SparseLinear.from_dense(lin, pattern="2:4")

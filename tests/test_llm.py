@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import requires_cuda
+from conftest import assert_bitexact, requires_cuda
 from sparse_kernels.llm import evaluate
 from sparse_kernels.llm.evaluate import window_spans
 
@@ -206,7 +206,7 @@ def test_flipped_byte_fails_hash(saved, tmp_path):
         checkpoint.load(str(ck))
 
 
-@pytest.mark.parametrize("version", [4, 0, "1", "2", True, None])
+@pytest.mark.parametrize("version", [5, 0, "1", "2", True, None])
 def test_bad_format_version(saved, tmp_path, version):
     ck = _copy(saved[0], tmp_path / "c")
     cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
@@ -269,6 +269,147 @@ def test_missing_tensor(saved, tmp_path):
     _rewrite(ck, lambda t: t.pop("model.norm.weight"))
     with pytest.raises(CheckpointError, match=r"missing \['model.norm.weight'\]"):
         checkpoint.load(str(ck))
+
+
+# ---------------------------------------------------------------- 2:4 int4 layers
+@pytest.fixture(scope="module")
+def int4_ck(tmp_path_factory):
+    """A tiny Llama pruned by SparseGPT 2:4 with joint int4 (groups of 16), permuted or not, saved."""
+    out = {}
+    g = torch.Generator().manual_seed(3)
+    calib = torch.randint(0, 96, (4, 32), generator=g)
+    for permute in (False, True):
+        m = _tiny_llama()
+        demo.prune_model(m, "sparsegpt", "2:4", calib, progress=False, convert=True, int4=16,
+                         permute={"rounds": 2} if permute else False)
+        d = tmp_path_factory.mktemp("int4") / "ck"
+        cfg = checkpoint.save(m, str(d))
+        out[permute] = (d, m, cfg)
+    return out
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_int4_layers_round_trip_bit_exact(int4_ck, permute):
+    from sparse_kernels.nn import SparseLinear, SparseLinearInt4
+
+    d, m, cfg = int4_ck[permute]
+    assert cfg["format_version"] == 4
+    int4 = {n: mod for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)}
+    assert len(int4) == 14 and {li["format"] for li in cfg["layers"].values()} == {"2:4-int4"}
+    assert all(li["group_size"] == 16 and li["module"] == "SparseLinearInt4" for li in cfg["layers"].values())
+    assert any(bool(li.get("in_perm")) for li in cfg["layers"].values()) == permute
+    loaded, _ = checkpoint.load(str(d))
+    for n, mod in int4.items():
+        got = loaded.get_submodule(n)
+        assert isinstance(got, SparseLinearInt4) and got.group_size == 16
+        for buf in ("qvalues", "meta", "scales", "in_perm"):
+            a, b = getattr(got, buf), getattr(mod, buf)
+            assert (a is None) == (b is None), f"{n}.{buf}"
+            if a is not None:
+                assert_bitexact(a, b, f"{n}.{buf}")
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(4))
+    want = _logits(m, ids)
+    assert torch.equal(_logits(loaded, ids), want)
+    # 3 bits a weight (+ a scale per 16): well under the 16-bit 2:4 layers' 17/32 of fp32
+    assert cfg["sizes"]["sparse_layers_ratio"] < 0.2
+    # dequantize: 16-bit 2:4 layers of the same weights; dtype= leaves int4 scales as stored
+    deq, _ = checkpoint.load(str(d), int4="dequantize")
+    assert not any(isinstance(x, SparseLinearInt4) for x in deq.modules())
+    assert sum(isinstance(x, SparseLinear) for x in deq.modules()) == 14
+    torch.testing.assert_close(_logits(deq, ids), want, atol=1e-4, rtol=1e-4)
+    bf, _ = checkpoint.load(str(d), dtype=torch.bfloat16)
+    q = bf.get_submodule(next(iter(int4)))
+    assert q.scales.dtype == torch.float32 and bf.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="int4: got 'yes'"):
+        checkpoint.load(str(d), int4="yes")
+
+
+def _int4_name(int4_ck):
+    return next(iter(int4_ck[False][2]["layers"]))
+
+
+@pytest.mark.parametrize("damage, msg", [
+    ("scales_nan", "scales must be finite"),
+    ("scales_shape", r"scales \[64, 3\] float32 must be float16/bfloat16/float32 \[64, 4\]"),
+    ("scales_f64", r"scales \[64, 4\] float64 must be float16/bfloat16/float32"),
+    ("entry", "'in_features' must be a positive int, got '64'"),
+    ("bias", "'bias' must be a bool, got None"),
+    ("group_size", "group_size 24 must be a positive multiple of 16"),
+    ("qvalues_dtype", "meta must be int16 and qvalues uint8, got int16 and int8"),
+    ("qvalues_shape", r"qvalues \[64, 8\] / meta \[64, 4\] do not fit a \[64, 64\] weight"),
+    ("format", "format '2:4-int3' is not one this sparse_kernels reads"),
+    ("version", "recorded as 2:4-int4, which needs format_version 4"),
+    ("scales_missing", r"scales is missing"),
+])
+def test_int4_damage_is_named(int4_ck, tmp_path, damage, msg):
+    ck = _copy(int4_ck[False][0], tmp_path / "c")
+    name = _int4_name(int4_ck)
+
+    def edit(t):
+        if damage == "scales_nan":
+            t[name + ".scales"][1, 2] = float("nan")
+        elif damage == "scales_shape":
+            t[name + ".scales"] = t[name + ".scales"][:, :3].contiguous()
+        elif damage == "scales_f64":
+            t[name + ".scales"] = t[name + ".scales"].double()
+        elif damage == "qvalues_dtype":
+            t[name + ".qvalues"] = t[name + ".qvalues"].view(torch.int8)
+        elif damage == "qvalues_shape":
+            t[name + ".qvalues"] = t[name + ".qvalues"][:, :8].contiguous()
+        elif damage == "scales_missing":
+            t.pop(name + ".scales")
+    cfg = _rewrite(ck, edit)
+    from safetensors.torch import load_file
+
+    # the manifest agrees with the damaged tensors: only the layer checks can catch it
+    stored = load_file(str(ck / checkpoint.TENSORS_NAME))
+    cfg["tensors"] = {k: {"shape": list(v.shape), "dtype": checkpoint._dtype_name(v.dtype)} for k, v in stored.items()}
+    if damage == "group_size":
+        cfg["layers"][name]["group_size"] = 24
+    elif damage == "format":
+        cfg["layers"][name]["format"] = "2:4-int3"
+    elif damage == "entry":
+        cfg["layers"][name]["in_features"] = "64"
+    elif damage == "bias":
+        del cfg["layers"][name]["bias"]
+    elif damage == "version":
+        cfg["format_version"] = 3
+        (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+        _rewrite(ck, lambda t: None)  # the tensors file's metadata names version 3 too
+        cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())
+    (ck / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=msg):
+        checkpoint.load(str(ck))
+
+
+def test_int4_bias_keeps_its_dtype_beside_other_scales(tmp_path):
+    """load(dtype=float32) of a float16 int4 model keeps the float16 scales; saving that and
+    loading it again must give the float32 bias back unrounded (not cast to the scales' dtype)."""
+    import sparse_kernels as sk
+
+    lin = nn.Linear(64, 32).half()
+    with torch.no_grad():
+        lin.bias.normal_()
+    m = nn.Sequential(sk.SparseLinearInt4.from_dense(lin, 16))
+    m[0].bias = nn.Parameter(m[0].bias.float() + 1e-4)  # float32 values a float16 cannot hold
+    checkpoint.save(m, str(tmp_path / "ck"), layers={"0": "2:4-int4"})
+    back, _ = checkpoint.load(str(tmp_path / "ck"), model=nn.Sequential(nn.Linear(64, 32)))
+    assert back[0].scales.dtype == torch.float16 and back[0].bias.dtype == torch.float32
+    assert_bitexact(back[0].bias, m[0].bias, "bias")
+    x = torch.randn(3, 64)
+    assert_bitexact(back(x), m(x), "outputs")
+
+
+def test_int4_save_needs_the_int4_layers_listed(int4_ck, tmp_path):
+    m = int4_ck[False][1]
+    name = _int4_name(int4_ck)
+    with pytest.raises(ValueError, match=rf"layers \['{name}'\] are SparseLinearInt4 but not listed as '2:4-int4'"):
+        checkpoint.save(m, str(tmp_path / "a"), layers={n: "2:4-int4" for n in int4_ck[False][2]["layers"]
+                                                        if n != name})
+    with pytest.raises(ValueError, match="'model.embed_tokens' is listed as 2:4-int4 but is a Embedding"):
+        checkpoint.save(m, str(tmp_path / "b"), layers={"model.embed_tokens": "2:4-int4",
+                                                        **{n: "2:4-int4" for n in int4_ck[False][2]["layers"]}})
+    assert not (tmp_path / "a").exists() or not os.listdir(tmp_path / "a")
 
 
 def test_atomic_write_leaves_old_checkpoint(saved, tmp_path, monkeypatch):
@@ -552,6 +693,34 @@ def test_cli_prune_with_permutation_saves_permuted_2to4_layers(tiny_model_dir, t
                       (["--pattern", "2:4", "--permute", "--permute-rounds", "-1"], "--permute-rounds must be >= 0")):
         with pytest.raises(SystemExit, match=msg):
             _prune_small(d, text, out, *argv)
+
+
+def test_cli_prune_int4_permuted_in_our_format_then_convert(tiny_model_dir, tmp_path, capsys):
+    """prune --int4 --permute saves 2:4-int4 layers (with in_perm) in our format; eval --keep-int4
+    runs them as int4; convert to compressed-tensors refuses the permuted int4 layers in one line."""
+    from sparse_kernels.llm import models
+    from sparse_kernels.nn import SparseLinear, SparseLinearInt4
+
+    d, text = tiny_model_dir
+    out = tmp_path / "int4"
+    assert _prune_small(d, text, out, "--method", "sparsegpt", "--pattern", "2:4", "--int4", "16", "--permute",
+                        "--permute-rounds", "3", "--eval-tokens", "0") == 0
+    assert "pruned and saved to" in capsys.readouterr().out
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert cfg["format_version"] == 4 and len(cfg["layers"]) == 14 and cfg["pruning"]["int4"] == 16
+    assert {li["format"] for li in cfg["layers"].values()} == {"2:4-int4"}
+    assert any(li.get("in_perm") for li in cfg["layers"].values())
+    m, _, _ = models.load_model(str(out), int4="keep")
+    assert sum(isinstance(x, SparseLinearInt4) for x in m.modules()) == 14
+    m, _, _ = models.load_model(str(out))  # the CLI's default dequantizes, as for compressed-tensors
+    assert sum(isinstance(x, SparseLinear) for x in m.modules()) == 14
+    assert cli.main(["eval", "--model", str(out), "--eval-source", str(text), "--tokens", "200", "--window", "64",
+                     "--no-progress", "--keep-int4"]) == 0
+    assert "ppl" in capsys.readouterr().out
+    assert cli.main(["convert", "--model", str(out), "--format", "compressed-tensors", "-o", str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err
+    assert "has an input-channel permutation" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ct" / "model.safetensors").exists()
 
 
 def test_cli_prune_with_finetune_keeps_the_pattern(tiny_model_dir, tmp_path, capsys):

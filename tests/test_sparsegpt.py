@@ -7,8 +7,23 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_bitexact, assert_close, assert_matmul_close, devices, poisoned_like, skip_unless_backend
-from sparse_kernels.ops.sparsegpt import LAZY_NAME, NAME, sparsegpt_block_update, sparsegpt_lazy_update
+from conftest import (
+    assert_bitexact,
+    assert_close,
+    assert_matmul_close,
+    devices,
+    poisoned_like,
+    requires_cuda,
+    skip_unless_backend,
+)
+from sparse_kernels.ops.sparsegpt import (
+    INT4_NAME,
+    LAZY_NAME,
+    NAME,
+    sparsegpt_block_update,
+    sparsegpt_block_update_int4,
+    sparsegpt_lazy_update,
+)
 from sparse_kernels.pruning import HessianAccumulator, HessianWarning, sparsegpt_prune
 from sparse_kernels.reference import sparsegpt as ref
 
@@ -166,6 +181,141 @@ def test_cpp_kernel_checks_its_own_arguments():
 
 
 # ---------------------------------------------------------------- the lazy update
+# ---------------------------------------------------------------- the joint int4 block op
+def test_int4_reference_matches_a_hand_written_case():
+    """Scale from the KEPT weights' max (3.5 -> 0.5, not the pruned 5.0), 1.25 / 0.5 = 2.5 rounds
+    half to even (2), the pruned column carries the update from column 1."""
+    W = torch.tensor([[3.5, 1.25, 5.0]])
+    U = torch.tensor([[1.0, 0.5, 0.25], [0.0, 1.0, 0.5], [0.0, 0.0, 2.0]])
+    Q, E, L, K, C, S = ref.sparsegpt_block_update_int4(W, U, torch.tensor([[True, True, False]]), 0, 0, 3,
+                                                       torch.float32)
+    assert_bitexact(S, torch.tensor([[0.5]]))
+    assert_bitexact(C, torch.tensor([[7, 2, 0]], dtype=torch.int8))
+    assert_bitexact(Q, torch.tensor([[3.5, 1.0, 0.0]]))
+    assert_bitexact(E, torch.tensor([[0.0, 0.25, 2.4375]]))  # w2 = 5 - 0.25 * 0.5 = 4.875; / 2
+    assert_bitexact(L, torch.tensor([(0.0625 + 4.875 ** 2 / 4) / 2]))
+    assert_bitexact(K, torch.tensor([[True, True, False]]))
+
+
+@pytest.mark.parametrize("rows,B,group", [(37, 128, 32), (5, 64, 16), (130, 128, 128), (3, 24, 8)])
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4), (4, 8), (1, 4)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int4_block_cpp_is_the_reference_bit_for_bit(rows, B, group, nm, scale_dtype):
+    """The cpp kernel does the reference's float32 operations in its order: every output but the
+    loss (summed in double) is bit-equal."""
+    skip_unless_backend(INT4_NAME, "cpp", "cpu")
+    W, U, mask = block_inputs(rows, B, seed=rows + B)
+    n, m = nm
+    mk = mask if m == 0 else None
+    r = sparsegpt_block_update_int4(W, U, mk, n, m, group, scale_dtype, backend="reference")
+    c = sparsegpt_block_update_int4(W, U, mk, n, m, group, scale_dtype, backend="cpp")
+    for a, b, what in zip(c, r, ("Q1", "Err1", "losses", "keep", "codes", "scales")):
+        if what == "losses":
+            assert_close(a, b, what, atol=1e-5, rtol=1e-5)
+        else:
+            assert_bitexact(a, b, what)
+    Q, _, _, K, C, S = c
+    assert int(C.min()) >= -8 and int(C.max()) <= 7 and not bool(C[~K].any())
+    assert_bitexact(S, S.to(scale_dtype).float(), "scales are values of scale_dtype")
+    assert_bitexact(Q, C.float() * S.repeat_interleave(group, 1), "Q1 = codes * scales")
+    if m:
+        assert bool((K.view(rows, -1, m).sum(-1) == n).all())
+    else:
+        assert_bitexact(K, mask, "the given mask")
+
+
+def int4_edge_inputs(seed):
+    """A 6x32 block (groups of 16) whose row 0 has an all-pruned first group and row 1 a first
+    group of 1e-9 weights (kept), and ``big``, a wider tensor holding W at columns 9:41."""
+    W, U, mask = block_inputs(6, 32, seed=seed)
+    mask[0, :16] = False
+    W[1, :16] = 1e-9
+    mask[1, :16] = True
+    big = torch.randn(6, 50)
+    big[:, 9:41] = W
+    return W, U, mask, big
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("rows,B,group", [(37, 128, 32), (130, 256, 128), (5, 48, 16)])
+@pytest.mark.parametrize("nm", [(0, 0), (2, 4), (4, 8)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int4_block_gpu_against_the_reference(backend, rows, B, group, nm, scale_dtype):
+    """On a GPU.  cuda does the reference's float32 operations (_rn intrinsics, rintf): bit-equal
+    but for the loss; triton's error division is approximate, so it must agree on >= 99% of
+    codes and masks and on the loss."""
+    skip_unless_backend(INT4_NAME, backend, "cuda")
+    W, U, mask = block_inputs(rows, B, seed=rows + B)
+    n, m = nm
+    mk = mask if m == 0 else None
+    want = sparsegpt_block_update_int4(W, U, mk, n, m, group, scale_dtype, backend="reference")
+    got = [t.cpu() for t in sparsegpt_block_update_int4(W.cuda(), U.cuda(), None if mk is None else mk.cuda(), n, m,
+                                                        group, scale_dtype, backend=backend)]
+    names = ("Q1", "Err1", "losses", "keep", "codes", "scales")
+    assert abs(got[2].sum().item() - want[2].sum().item()) <= 1e-3 * want[2].sum().item()
+    if backend == "cuda":
+        for a, b, what in zip(got, want, names):
+            if what != "losses":
+                assert_bitexact(a, b, what)
+    else:
+        for i in (3, 4):
+            assert (got[i] == want[i]).float().mean().item() >= 0.99, names[i]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_int4_block_edge_cases(backend):
+    """An all-pruned group (amax 0 -> scale 1), a group whose scale underflows float16 (the
+    smallest normal instead of 0), codes clamped to [-8, 7], W1 untouched, strided inputs."""
+    skip_unless_backend(INT4_NAME, backend, "cpu")
+    W, U, mask, big = int4_edge_inputs(11)
+    W0 = big.clone()
+    Q, E, L, K, C, S = sparsegpt_block_update_int4(big[:, 9:41], U.t().contiguous().t(), mask, 0, 0, 16,
+                                                   torch.float16, backend=backend)
+    assert_bitexact(big, W0, "W1 must not be modified")
+    assert float(S[0, 0]) == 1.0 and not bool(C[0, :16].any())
+    assert float(S[1, 0]) == torch.finfo(torch.float16).tiny and bool(torch.isfinite(Q).all())
+    r = sparsegpt_block_update_int4(W, U, mask, 0, 0, 16, torch.float16, backend="reference")
+    for a, b, what in zip((Q, E, K, C, S), (r[0], r[1], r[3], r[4], r[5]), ("Q1", "Err1", "keep", "codes", "scales")):
+        assert_bitexact(a, b, what)
+    # a kept weight pushed past 7 s by an earlier column's update is clamped, not wrapped: the
+    # scale comes from the kept max |w| = 1 (s = 1/7); the pruned 7.4 adds 7.4 * 4 to column 1
+    Wc = torch.tensor([[7.4, 1.0, 0.0, 0.0]])
+    Uc = torch.eye(4)
+    Uc[0, 1] = -4.0
+    mk = torch.tensor([[False, True, True, True]])
+    _, _, _, _, C, S = sparsegpt_block_update_int4(Wc, Uc, mk, 0, 0, 4, torch.float32, backend=backend)
+    assert_bitexact(S, torch.tensor([[1.0]]) / 7, "scale")
+    assert C.tolist() == [[0, 7, 0, 0]]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_int4_block_opcheck_meta_and_errors(backend):
+    skip_unless_backend(INT4_NAME, backend, "cpu")
+    from sparse_kernels.ops import _registry as R
+
+    op = R.get_op(INT4_NAME, backend)
+    W, U, mask = block_inputs(7, 16, seed=6)
+    torch.library.opcheck(op, (W, U, mask, 0, 0, 8, torch.bfloat16))
+    torch.library.opcheck(op, (W, U, None, 2, 4, 16, torch.float32))
+    out = sparsegpt_block_update_int4(W.to("meta"), U.to("meta"), None, 2, 4, 8, torch.float16)
+    assert [tuple(t.shape) for t in out] == [(7, 16), (7, 16), (7,), (7, 16), (7, 16), (7, 2)]
+    assert [t.dtype for t in out[3:]] == [torch.bool, torch.int8, torch.float32]
+    with pytest.raises(ValueError, match="group_size: got 5"):
+        sparsegpt_block_update_int4(W, U, mask, 0, 0, 5, torch.float32, backend=backend)
+    with pytest.raises(TypeError, match="scale_dtype: got torch.float64"):
+        sparsegpt_block_update_int4(W, U, mask, 0, 0, 8, torch.float64, backend=backend)
+    with pytest.raises(ValueError, match="0 < n < m"):
+        sparsegpt_block_update_int4(W, U, None, 4, 4, 8, torch.float32, backend=backend)
+    if backend == "cpp":  # the kernel's own checks, past the Python wrapper
+        with pytest.raises(ValueError, match="group_size: got 5"):
+            op(W, U, mask, 0, 0, 5, torch.float32)
+        with pytest.raises(TypeError, match="scale_dtype"):
+            op(W, U, mask, 0, 0, 8, torch.float64)
+        with pytest.raises(ValueError, match="mask1: is required"):
+            op(W, U, None, 0, 0, 8, torch.float32)
+
+
 def lazy_inputs(rows, B, L, density, seed=0):
     g = torch.Generator().manual_seed(seed)
     E = torch.randn(rows, B, generator=g)

@@ -20,8 +20,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "simd.h"
@@ -52,20 +54,46 @@ static inline float keep_or_zero(float w, uint8_t keep) {
   return q;
 }
 
+// Joint int4 quantization (sparsegpt_block_update_int4): the outputs and settings the int4
+// variant of the row kernel adds.  scale_kind: 0 float32, 1 float16, 2 bfloat16 scales.
+struct Int4Block {
+  int64_t group = 0;
+  int scale_kind = 0;
+  bool* keep = nullptr;     // [rows, B]
+  int8_t* codes = nullptr;  // [rows, B]
+  float* scales = nullptr;  // [rows, B / group]
+};
+
+// The reference's int4_group_scale: amax / 7 (1 unless amax > 0, so NaN -> 1), rounded to the
+// scale dtype (c10's conversions round to nearest even, as Tensor.to does) and back; a scale
+// that underflows to 0 becomes the dtype's smallest normal.
+static inline float int4_group_scale(float amax, int kind) {
+  float s = amax > 0.0f ? amax / 7.0f : 1.0f;
+  if (kind == 1) s = static_cast<float>(c10::Half(s));
+  if (kind == 2) s = static_cast<float>(c10::BFloat16(s));
+  if (!(s > 0.0f)) s = kind == 1 ? 6.103515625e-05f : std::numeric_limits<float>::min();
+  return s;
+}
+
 // Raw kernel over rows [r0, r1).  W1: row stride ldw, unit column stride.  H: [B, B] with
 // row stride ldh, unit column stride.  mask: [rows, B] contiguous (nullptr when m > 0).
-// Q, E: [rows, B] contiguous; loss: [rows].  On x86-64 GCC also compiles an AVX2 clone
-// (picked at load time); no FMA, so rounding matches the reference's multiply then subtract.
+// Q, E: [rows, B] contiguous; loss: [rows].  kInt4: each kept weight becomes
+// clamp(round(w / s), -8, 7) * s (q4 below), s set per row at each group start from the
+// group's max |w| (kept weights only when m == 0), as the reference's
+// sparsegpt_block_update_int4.  On x86-64 GCC also compiles an AVX2 clone (picked at load
+// time); no FMA, so rounding matches the reference's multiply then subtract.
+template <bool kInt4>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 static void sparsegpt_block_rows(const float* W1, int64_t ldw, const float* H, int64_t ldh, int64_t B,
                                  const bool* mask, int64_t n, int64_t m, float* Q, float* E, float* loss,
-                                 int64_t r0, int64_t r1) {
+                                 int64_t r0, int64_t r1, const Int4Block& q4) {
   std::vector<float> buf(kTileRows * B);
   std::vector<uint8_t> keep(kTileRows * B);
   std::vector<float> dd(B), score(std::max<int64_t>(m, 1));
   for (int64_t j = 0; j < B; ++j) dd[j] = H[j * ldh + j] * H[j * ldh + j];
+  float scale[kTileRows];
 
   for (int64_t t0 = r0; t0 < r1; t0 += kTileRows) {
     const int64_t tr = std::min(kTileRows, r1 - t0);
@@ -91,7 +119,26 @@ static void sparsegpt_block_rows(const float* W1, int64_t ldw, const float* H, i
           for (int64_t k = 0; k < m; ++k) kp[i + k] = rank_in_group(score.data(), m, k) < n ? 1 : 0;
         }
         const float wi = w[i];
-        const float q = keep_or_zero(wi, kp[i]);
+        float q;
+        if constexpr (kInt4) {
+          if (i % q4.group == 0) {
+            float amax = 0.0f;  // NaN-propagating, as torch.amax (|w| * keep: inf * 0 is NaN too)
+            for (int64_t k = i; k < i + q4.group; ++k) {
+              const float v = m == 0 ? std::fabs(w[k]) * static_cast<float>(kp[k]) : std::fabs(w[k]);
+              amax = (v > amax || std::isnan(v)) && !std::isnan(amax) ? v : amax;
+            }
+            scale[r] = int4_group_scale(amax, q4.scale_kind);
+            q4.scales[(t0 + r) * (B / q4.group) + i / q4.group] = scale[r];
+          }
+          const float s = scale[r];
+          float c = std::nearbyint(wi / s);
+          c = c < -8.0f ? -8.0f : (c > 7.0f ? 7.0f : c);
+          c = kp[i] ? c + 0.0f : 0.0f;
+          q4.codes[(t0 + r) * B + i] = std::isnan(c) ? int8_t{0} : static_cast<int8_t>(c);
+          q = c * s;
+        } else {
+          q = keep_or_zero(wi, kp[i]);
+        }
         const float diff = wi - q;
         const float err = diff / d;
         Q[(t0 + r) * B + i] = q;
@@ -100,19 +147,24 @@ static void sparsegpt_block_rows(const float* W1, int64_t ldw, const float* H, i
         for (int64_t j = i + 1; j < B; ++j) w[j] -= err * h[j];
       }
     }
-    for (int64_t r = 0; r < tr; ++r) loss[t0 + r] = static_cast<float>(acc[r] / 2.0);
+    for (int64_t r = 0; r < tr; ++r) {
+      loss[t0 + r] = static_cast<float>(acc[r] / 2.0);
+      if constexpr (kInt4) {
+        for (int64_t j = 0; j < B; ++j) q4.keep[(t0 + r) * B + j] = keep[r * B + j] != 0;
+      }
+    }
   }
 }
 
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_block_update_cpp(
-    const at::Tensor& W1, const at::Tensor& Hinv1, const c10::optional<at::Tensor>& mask1, int64_t n,
-    int64_t m) {
+// The checks both block ops share; returns the contiguous mask (undefined when m > 0).
+static at::Tensor check_block(const char* op, const at::Tensor& W1, const at::Tensor& Hinv1,
+                              const c10::optional<at::Tensor>& mask1, int64_t n, int64_t m) {
   TORCH_CHECK_VALUE(W1.dim() == 2, "W1: expected a 2-D tensor [rows, B], got shape ", W1.sizes());
   TORCH_CHECK_TYPE(W1.scalar_type() == at::kFloat, "W1: dtype ", W1.scalar_type(), " is not supported; expected float32");
   TORCH_CHECK_TYPE(Hinv1.scalar_type() == at::kFloat, "Hinv1: dtype ", Hinv1.scalar_type(),
                    " is not supported; expected float32");
-  TORCH_CHECK_VALUE(W1.device().is_cpu() && Hinv1.device().is_cpu(), "sparsegpt_block_update_cpp: tensors must be on the CPU");
-  const int64_t rows = W1.size(0), B = W1.size(1);
+  TORCH_CHECK_VALUE(W1.device().is_cpu() && Hinv1.device().is_cpu(), op, ": tensors must be on the CPU");
+  const int64_t B = W1.size(1);
   TORCH_CHECK_VALUE(Hinv1.dim() == 2 && Hinv1.size(0) == B && Hinv1.size(1) == B, "Hinv1: shape ", Hinv1.sizes(),
                     " must be (B, B) = (", B, ", ", B, ")");
   TORCH_CHECK_VALUE(m >= 0, "m: got ", m, ", expected 0 (use mask1) or a group size M > 0");
@@ -128,16 +180,16 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_block_update_cpp
     TORCH_CHECK_VALUE(0 < n && n < m, "n: got n=", n, ", m=", m, "; N:M pruning needs 0 < n < m");
     TORCH_CHECK_VALUE(B % m == 0, "W1: the block width (W1.shape[1]) must be a multiple of ", m, ", got ", B);
   }
+  return mask;
+}
 
+// Runs the row kernel over tiles of rows in parallel; Q, E, L are allocated by the caller.
+template <bool kInt4>
+static void run_block(const at::Tensor& W1, const at::Tensor& Hinv1, const at::Tensor& mask, int64_t n, int64_t m,
+                      at::Tensor& Q, at::Tensor& E, at::Tensor& L, const Int4Block& q4) {
+  const int64_t rows = W1.size(0), B = W1.size(1);
   at::Tensor w = W1.stride(1) == 1 ? W1 : W1.contiguous();
   at::Tensor h = Hinv1.stride(1) == 1 ? Hinv1 : Hinv1.contiguous();
-  auto Q = at::empty({rows, B}, W1.options());
-  auto E = at::empty({rows, B}, W1.options());
-  auto L = at::empty({rows}, W1.options());
-  if (rows == 0 || B == 0) {
-    L.zero_();
-    return {Q, E, L};
-  }
   const float* wp = w.data_ptr<float>();
   const float* hp = h.data_ptr<float>();
   const bool* mp = m == 0 ? mask.data_ptr<bool>() : nullptr;
@@ -147,10 +199,48 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_block_update_cpp
   const int64_t ldw = w.stride(0), ldh = h.stride(0);
   const int64_t ntiles = (rows + kTileRows - 1) / kTileRows;
   at::parallel_for(0, ntiles, 1, [&](int64_t t_begin, int64_t t_end) {
-    sparsegpt_block_rows(wp, ldw, hp, ldh, B, mp, n, m, qp, ep, lp, t_begin * kTileRows,
-                         std::min(rows, t_end * kTileRows));
+    sparsegpt_block_rows<kInt4>(wp, ldw, hp, ldh, B, mp, n, m, qp, ep, lp, t_begin * kTileRows,
+                                std::min(rows, t_end * kTileRows), q4);
   });
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> sparsegpt_block_update_cpp(
+    const at::Tensor& W1, const at::Tensor& Hinv1, const c10::optional<at::Tensor>& mask1, int64_t n,
+    int64_t m) {
+  const at::Tensor mask = check_block("sparsegpt_block_update_cpp", W1, Hinv1, mask1, n, m);
+  const int64_t rows = W1.size(0), B = W1.size(1);
+  auto Q = at::empty({rows, B}, W1.options());
+  auto E = at::empty({rows, B}, W1.options());
+  auto L = at::zeros({rows}, W1.options());
+  if (rows > 0 && B > 0) run_block<false>(W1, Hinv1, mask, n, m, Q, E, L, Int4Block{});
   return {Q, E, L};
+}
+
+static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sparsegpt_block_update_int4_cpp(const at::Tensor& W1, const at::Tensor& Hinv1, const c10::optional<at::Tensor>& mask1,
+                                int64_t n, int64_t m, int64_t group_size, at::ScalarType scale_dtype) {
+  const at::Tensor mask = check_block("sparsegpt_block_update_int4_cpp", W1, Hinv1, mask1, n, m);
+  const int64_t rows = W1.size(0), B = W1.size(1);
+  TORCH_CHECK_VALUE(group_size > 0 && B % group_size == 0, "group_size: got ", group_size,
+                    "; it must be a positive int dividing the block width (W1.shape[1]) ", B);
+  TORCH_CHECK_TYPE(scale_dtype == at::kFloat || scale_dtype == at::kHalf || scale_dtype == at::kBFloat16,
+                   "scale_dtype: got ", scale_dtype, ", expected float32, float16 or bfloat16");
+  auto Q = at::empty({rows, B}, W1.options());
+  auto E = at::empty({rows, B}, W1.options());
+  auto L = at::zeros({rows}, W1.options());
+  auto K = at::empty({rows, B}, W1.options().dtype(at::kBool));
+  auto C = at::empty({rows, B}, W1.options().dtype(at::kChar));
+  auto S = at::empty({rows, B / group_size}, W1.options());
+  if (rows > 0 && B > 0) {
+    Int4Block q4;
+    q4.group = group_size;
+    q4.scale_kind = scale_dtype == at::kHalf ? 1 : (scale_dtype == at::kBFloat16 ? 2 : 0);
+    q4.keep = K.data_ptr<bool>();
+    q4.codes = C.data_ptr<int8_t>();
+    q4.scales = S.data_ptr<float>();
+    run_block<true>(W1, Hinv1, mask, n, m, Q, E, L, q4);
+  }
+  return {Q, E, L, K, C, S};
 }
 
 
@@ -308,5 +398,6 @@ static void sparsegpt_lazy_update_cpp(const at::Tensor& W, const at::Tensor& Err
 
 TORCH_LIBRARY_IMPL(sparse_kernels, CPU, m) {
   m.impl("sparsegpt_block_update_cpp", &sparse_kernels::cpu::sparsegpt_block_update_cpp);
+  m.impl("sparsegpt_block_update_int4_cpp", &sparse_kernels::cpu::sparsegpt_block_update_int4_cpp);
   m.impl("sparsegpt_lazy_update_cpp", &sparse_kernels::cpu::sparsegpt_lazy_update_cpp);
 }

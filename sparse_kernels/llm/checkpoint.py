@@ -10,8 +10,12 @@ A checkpoint is a directory:
   and version.  A permuted 2:4 layer (channel permutation) also stores ``in_perm``
   ``[in_features]`` int64, and ``values``/``meta`` hold its weight in permuted column order
   (see :mod:`sparse_kernels.nn`).
-* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (3 when a
-  layer is permuted, else 2)
+* a 2:4 int4 layer (:class:`sparse_kernels.nn.SparseLinearInt4`, format ``"2:4-int4"``) stores
+  ``qvalues`` ``[out, in_pad/4]`` uint8 (the int4 codes + 8, two per byte), ``meta`` as a 2:4
+  layer and ``scales`` ``[out, in_pad/group_size]`` (see docs/FORMAT.md, "2:4 int4"), plus
+  ``in_perm`` when permuted; the JSON records its ``group_size``.
+* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (4 when a
+  layer is 2:4 int4, else 3 when a layer is permuted, else 2)
   (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
   config (when there is one), which layers are ``2:4`` (with their dense shape, original module
   type, bias and, for a permuted layer, ``"in_perm": true``) and which are ``masked``
@@ -55,14 +59,16 @@ import torch
 import torch.nn as nn
 
 FORMAT_NAME = "sparse_kernels.pruned_lm"
-FORMAT_VERSION = 3  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm)
-READ_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm); 4: 2:4 int4 layers
+READ_VERSIONS = (1, 2, 3, 4)
+_VERSION_PERM = 3
 # A checkpoint without permuted layers is written as version 2, so earlier readers still load it;
 # one with them is version 3, which earlier readers refuse by its version (not by a stray tensor).
 _VERSION_WITHOUT_PERM = 2
 CONFIG_NAME = "sparse_kernels.json"
 TENSORS_NAME = "model.safetensors"
 PATTERN_24 = "2:4"
+PATTERN_24_INT4 = "2:4-int4"
 MASKED = "masked"
 _DTYPES = {str(d).replace("torch.", ""): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64,
                                                     torch.int16, torch.int32, torch.int64, torch.int8,
@@ -133,12 +139,17 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def find_sparse_layers(model: nn.Module) -> dict[str, str]:
     """``{name: "2:4"}`` for every SparseLinear with a 2:4 pattern and every nn.Linear/Conv1D whose
-    weight is exactly 2:4 sparse; ``{name: "masked"}`` for SparseLinear layers with a mask."""
+    weight is exactly 2:4 sparse; ``{name: "2:4-int4"}`` for every SparseLinearInt4;
+    ``{name: "masked"}`` for SparseLinear layers with a mask."""
+    from ..nn import SparseLinearInt4
+
     sl = _sparse_linear_cls()
     conv = _conv1d_cls()
     out: dict[str, str] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, sl):
+        if isinstance(mod, SparseLinearInt4):
+            out[name] = PATTERN_24_INT4
+        elif isinstance(mod, sl):
             out[name] = PATTERN_24 if getattr(mod, "pattern", None) == PATTERN_24 else MASKED
         elif isinstance(mod, nn.Linear) or (conv is not None and isinstance(mod, conv)):
             w = as_linear(mod).weight
@@ -149,7 +160,8 @@ def find_sparse_layers(model: nn.Module) -> dict[str, str]:
 
 @torch.no_grad()
 def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
-    """Swap the ``layers`` named ``"2:4"`` for SparseLinear (in place); returns their descriptions.
+    """Swap the ``layers`` named ``"2:4"`` for SparseLinear (in place); returns their descriptions
+    (with those of the ``"2:4-int4"`` layers, which must be SparseLinearInt4 already).
 
     nn.Linear and Conv1D weights must already be 2:4 sparse (a pruned model); SparseLinear
     layers are kept.  ``"masked"`` layers stay as they are (their weights are stored
@@ -158,10 +170,23 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
     dict; :func:`load` rebuilds them).  Raises ValueError if a
     layer named ``"2:4"`` is not 2:4 sparse.
     """
+    from ..nn import SparseLinearInt4
+
     sl = _sparse_linear_cls()
     conv = _conv1d_cls()
     info: dict[str, dict] = {}
     for name, kind in layers.items():
+        if kind == PATTERN_24_INT4:
+            mod = model.get_submodule(name)
+            if not isinstance(mod, SparseLinearInt4):
+                raise ValueError(f"layer {name!r} is listed as {PATTERN_24_INT4} but is a {type(mod).__name__}, not a "
+                                 f"SparseLinearInt4 (sparse_kernels.quantize_int4 makes them)")
+            info[name] = {"format": PATTERN_24_INT4, "in_features": mod.in_features,
+                          "out_features": mod.out_features, "bias": mod.bias is not None,
+                          "module": "SparseLinearInt4", "group_size": mod.group_size}
+            if mod.in_perm is not None:
+                info[name]["in_perm"] = True
+            continue
         if kind != PATTERN_24:
             mod = model.get_submodule(name)
             if isinstance(mod, sl):  # unstructured SparseLinear: stored as its dense (masked) weight
@@ -172,7 +197,7 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
             if getattr(mod, "pattern", None) != PATTERN_24:
                 raise ValueError(f"layer {name!r} is listed as 2:4 but is a SparseLinear with pattern "
                                  f"{mod.pattern!r}; list it as 'masked'")
-            info[name] = {"in_features": mod.in_features, "out_features": mod.out_features,
+            info[name] = {"format": PATTERN_24, "in_features": mod.in_features, "out_features": mod.out_features,
                           "bias": mod.bias is not None, "module": "SparseLinear"}
             if getattr(mod, "in_perm", None) is not None:
                 info[name]["in_perm"] = True
@@ -181,7 +206,7 @@ def to_sparse(model: nn.Module, layers: dict[str, str]) -> dict[str, dict]:
         lin = as_linear(mod)
         if not is_2to4(lin.weight):
             raise ValueError(f"layer {name!r} is listed as 2:4 but its weight is not 2:4 sparse")
-        info[name] = {"in_features": lin.in_features, "out_features": lin.out_features,
+        info[name] = {"format": PATTERN_24, "in_features": lin.in_features, "out_features": lin.out_features,
                       "bias": lin.bias is not None, "module": orig}
         # The weight is already 2:4: its nonzeros are the mask (skips re-ranking every group).
         _replace(model, name, sl.from_dense(lin, pattern=PATTERN_24, mask=lin.weight != 0))
@@ -263,14 +288,17 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     the model was pruned.  The returned dict's ``sizes`` holds the bytes on disk and the dense
     equivalent.
     """
-    from ..nn import check_no_int4
-
-    check_no_int4(model, "sparse_kernels.llm.checkpoint.save")
     os.makedirs(path, exist_ok=True)
     layers = find_sparse_layers(model) if layers is None else dict(layers)
-    bad = {k: v for k, v in layers.items() if v not in (PATTERN_24, MASKED)}
+    bad = {k: v for k, v in layers.items() if v not in (PATTERN_24, PATTERN_24_INT4, MASKED)}
     if bad:
-        raise ValueError(f"save: layer formats must be '2:4' or 'masked', got {bad}")
+        raise ValueError(f"save: layer formats must be '2:4', '2:4-int4' or 'masked', got {bad}")
+    from ..nn import SparseLinearInt4
+
+    int4 = sorted(n for n, mod in model.named_modules() if isinstance(mod, SparseLinearInt4))
+    unlisted = [n for n in int4 if layers.get(n) != PATTERN_24_INT4]
+    if unlisted:  # its buffers would be stored, but load could not rebuild the layer
+        raise ValueError(f"save: layers {unlisted[:3]} are SparseLinearInt4 but not listed as '2:4-int4'")
     sl = _sparse_linear_cls()
     kept = {n: model.get_submodule(n) for n, k in layers.items()
             if k == MASKED and isinstance(model.get_submodule(n), sl)}
@@ -321,7 +349,12 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         tensors[key + ".bitmask"], tensors[key + ".nonzeros"] = enc
         bitmask[key] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "nnz": int(enc[1].numel())}
         masked_bytes += enc[0].numel() + enc[1].numel() * enc[1].element_size()
-    version = FORMAT_VERSION if any(li.get("in_perm") for li in info24.values()) else _VERSION_WITHOUT_PERM
+    if any(li["format"] == PATTERN_24_INT4 for li in info24.values()):
+        version = FORMAT_VERSION
+    elif any(li.get("in_perm") for li in info24.values()):
+        version = _VERSION_PERM
+    else:
+        version = _VERSION_WITHOUT_PERM
     meta = {"format": FORMAT_NAME, "format_version": str(version)}
     tpath = os.path.join(path, TENSORS_NAME)
 
@@ -343,7 +376,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         "model_class": model_class,
         "model_config": model_config,
         "tokenizer_saved": tokenizer is not None,
-        "layers": {n: {"format": PATTERN_24, **li} for n, li in info24.items()},
+        "layers": info24,
         "masked": masked,
         "bitmask": bitmask,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
@@ -492,28 +525,65 @@ def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) 
 
 
 def _check_layer(name: str, li: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Validate one 2:4 layer's values/meta: shapes against the layer, dtypes, meta nibbles; and a
-    permuted layer's ``in_perm`` (int64, a permutation of its input channels)."""
-    from ..nn import check_in_perm
+    """Validate one 2:4 layer's values/meta (or a 2:4 int4 layer's qvalues/meta/scales): shapes
+    against the layer, dtypes, meta nibbles, int4 group size and finite scales; and a permuted
+    layer's ``in_perm`` (int64, a permutation of its input channels)."""
     from ..reference.sparse24 import check_meta
 
-    values, meta = tensors.get(name + ".values"), tensors.get(name + ".meta")
+    if not isinstance(li, dict):
+        raise CheckpointError(f"layer {name!r}: its entry must be a JSON object, got {type(li).__name__}")
+    for k, kind in (("in_features", int), ("out_features", int), ("bias", bool)):
+        v = li.get(k)
+        if not isinstance(v, kind) or (kind is int and (isinstance(v, bool) or v <= 0)):
+            raise CheckpointError(f"layer {name!r}: {k!r} must be a {'positive int' if kind is int else 'bool'}, "
+                                  f"got {v!r}")
+    fmt = li.get("format", PATTERN_24)
+    if fmt not in (PATTERN_24, PATTERN_24_INT4):
+        raise CheckpointError(f"layer {name!r}: format {fmt!r} is not one this sparse_kernels reads "
+                              f"({PATTERN_24!r}, {PATTERN_24_INT4!r})")
+    int4 = fmt == PATTERN_24_INT4
+    what = f"{fmt} layer {name!r}"
+    key = name + (".qvalues" if int4 else ".values")
+    values, meta = tensors.get(key), tensors.get(name + ".meta")
     if values is None or meta is None:
-        raise CheckpointError(f"2:4 layer {name!r}: {name}.values or {name}.meta is missing")
+        raise CheckpointError(f"{what}: {key} or {name}.meta is missing")
     out_f, in_f = li["out_features"], li["in_features"]
-    cols = values.shape[1] * 2 if values.dim() == 2 else -1
+    per = 4 if int4 else 2  # columns per stored element
+    cols = values.shape[1] * per if values.dim() == 2 else -1
     if (values.dim() != 2 or values.shape[0] != out_f or cols != (in_f + 15) // 16 * 16
             or list(meta.shape) != [out_f, cols // 16]):
-        raise CheckpointError(f"2:4 layer {name!r}: values {list(values.shape)} / meta {list(meta.shape)} do not "
-                              f"fit a [{out_f}, {in_f}] weight (values [out, in_pad/2], meta [out, in_pad/16], "
-                              f"in_pad = in_features rounded up to 16)")
-    if meta.dtype != torch.int16 or not values.is_floating_point():
-        raise CheckpointError(f"2:4 layer {name!r}: meta must be int16 and values floating point, got "
-                              f"{_dtype_name(meta.dtype)} and {_dtype_name(values.dtype)}")
+        raise CheckpointError(f"{what}: {key.rsplit('.', 1)[1]} {list(values.shape)} / meta {list(meta.shape)} do "
+                              f"not fit a [{out_f}, {in_f}] weight ({key.rsplit('.', 1)[1]} [out, in_pad/{per}], "
+                              f"meta [out, in_pad/16], in_pad = in_features rounded up to 16)")
+    if meta.dtype != torch.int16 or (values.dtype != torch.uint8 if int4 else not values.is_floating_point()):
+        raise CheckpointError(f"{what}: meta must be int16 and {'qvalues uint8' if int4 else 'values floating point'}, "
+                              f"got {_dtype_name(meta.dtype)} and {_dtype_name(values.dtype)}")
     try:
         check_meta(meta)
     except ValueError as e:
-        raise CheckpointError(f"2:4 layer {name!r}: {e}") from e
+        raise CheckpointError(f"{what}: {e}") from e
+    if int4:
+        _check_int4_scales(name, li, tensors, out_f, cols)
+    _check_perm(name, li, tensors, in_f)
+
+
+def _check_int4_scales(name: str, li: dict, tensors: dict[str, torch.Tensor], out_f: int, cols: int) -> None:
+    g, scales = li.get("group_size"), tensors.get(name + ".scales")
+    if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 16 or cols % g:
+        raise CheckpointError(f"2:4-int4 layer {name!r}: group_size {g!r} must be a positive multiple of 16 dividing "
+                              f"the {cols} padded input features")
+    if scales is None:
+        raise CheckpointError(f"2:4-int4 layer {name!r}: {name}.scales is missing")
+    if list(scales.shape) != [out_f, cols // g] or scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise CheckpointError(f"2:4-int4 layer {name!r}: scales {list(scales.shape)} {_dtype_name(scales.dtype)} must "
+                              f"be float16/bfloat16/float32 [{out_f}, {cols // g}] (one per row and group of {g})")
+    if not bool(torch.isfinite(scales).all()):
+        raise CheckpointError(f"2:4-int4 layer {name!r}: scales must be finite")
+
+
+def _check_perm(name: str, li: dict, tensors: dict[str, torch.Tensor], in_f: int) -> None:
+    from ..nn import check_in_perm
+
     permuted, perm = li.get("in_perm", False), tensors.get(name + ".in_perm")
     if not isinstance(permuted, bool):
         raise CheckpointError(f"2:4 layer {name!r}: its 'in_perm' entry must be true or false, got {permuted!r}")
@@ -562,22 +632,30 @@ def model_from_config(config: dict, *, empty: bool = False) -> nn.Module:
 
 @torch.no_grad()
 def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None = None, device: str = "cpu",
-         verify_hash: bool = True) -> tuple[nn.Module, dict]:
+         verify_hash: bool = True, int4: str = "keep") -> tuple[nn.Module, dict]:
     """Load a checkpoint written by :func:`save`; returns ``(model, config dict)``.
 
     ``model``: a module of the saved architecture to fill (needed when the checkpoint has no
     Hugging Face config); by default the model is rebuilt from the stored config.  The 2:4
     layers come back as SparseLinear.  ``dtype`` casts after loading (default: as stored).
-    ``verify_hash=False`` skips the SHA-256 (the structural checks still run).
+    ``verify_hash=False`` skips the SHA-256 (the structural checks still run).  2:4 int4 layers
+    come back as SparseLinearInt4 with their scales as stored, whatever ``dtype``
+    (``int4="keep"``), or as the 16-bit SparseLinear of their dequantized values
+    (``int4="dequantize"``).
 
     Raises CheckpointError (a ValueError) on any mismatch; see the module docstring.
     """
+    if int4 not in ("keep", "dequantize"):
+        raise ValueError(f"int4: got {int4!r}, expected 'keep' or 'dequantize'")
     cfg = read_config(path)
     tensors = _read_tensors(path, cfg, verify_hash)
     for name, li in cfg["layers"].items():
         _check_layer(name, li, tensors)
-        if li.get("in_perm") and cfg["format_version"] < FORMAT_VERSION:
+        if li.get("in_perm") and cfg["format_version"] < _VERSION_PERM:
             raise CheckpointError(f"2:4 layer {name!r} is recorded as permuted, which needs format_version "
+                                  f"{_VERSION_PERM}; the checkpoint says {cfg['format_version']}")
+        if li.get("format") == PATTERN_24_INT4 and cfg["format_version"] < FORMAT_VERSION:
+            raise CheckpointError(f"layer {name!r} is recorded as {PATTERN_24_INT4}, which needs format_version "
                                   f"{FORMAT_VERSION}; the checkpoint says {cfg['format_version']}")
     for k, target in cfg["aliases"].items():
         if target not in tensors:
@@ -587,6 +665,8 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     m = _skeleton(cfg, model)
     if floats:  # build in the stored dtype so load_state_dict never silently casts
         m = _to_dtype(m, max(set(floats), key=floats.count))
+    from ..nn import SparseLinearInt4
+
     sl = _sparse_linear_cls()
     for name, li in cfg["layers"].items():
         try:
@@ -594,6 +674,14 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         except AttributeError as e:
             raise CheckpointError(f"2:4 layer {name!r} is not a module of {type(m).__name__}") from e
         del old
+        if li.get("format") == PATTERN_24_INT4:
+            q4 = SparseLinearInt4(li["in_features"], li["out_features"], bias=li["bias"], group_size=li["group_size"],
+                                  dtype=tensors[name + ".scales"].dtype, permuted=li.get("in_perm", False))
+            b = tensors.get(name + ".bias")
+            if q4.bias is not None and b is not None and b.dtype != q4.bias.dtype:  # (load(dtype=) keeps the scales)
+                q4.bias = nn.Parameter(torch.zeros_like(b))
+            _replace(m, name, q4)
+            continue
         _replace(m, name, sl(li["in_features"], li["out_features"], bias=li["bias"], pattern=PATTERN_24,
                              dtype=tensors[name + ".values"].dtype,
                              permuted=li.get("in_perm", False)))  # filled by load_state_dict below
@@ -617,9 +705,22 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     for name, pat in unstructured.items():
         _replace(m, name, sl.from_dense(m.get_submodule(name), pattern=pat))
     m = m.to(device)
-    if dtype is not None:
+    if dtype is not None:  # int4 layers keep their scales as stored (the kernels take any float dtype)
+        scales = {n: mod.scales for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)}
         m = _to_dtype(m, dtype)
+        for n, sc in scales.items():
+            m.get_submodule(n)._buffers["scales"] = sc
+    if int4 == "dequantize":
+        for n in [n for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)]:
+            _replace(m, n, _dequantized(m.get_submodule(n), dtype))
     return m.eval(), cfg
+
+
+def _dequantized(mod, dtype):
+    """The 16-bit 2:4 SparseLinear of a SparseLinearInt4 (values rounded to ``dtype``, default the
+    scales' dtype)."""
+    sl = mod.to_sparse()
+    return sl if dtype is None or sl.values.dtype == dtype else sl.to(dtype)
 
 
 def _to_dtype(m: nn.Module, dtype: torch.dtype) -> nn.Module:

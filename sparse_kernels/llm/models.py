@@ -116,15 +116,16 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
     A checkpoint of ours comes back with its 2:4 layers as SparseLinear (see
     :func:`sparse_kernels.llm.checkpoint.load`) and its tokenizer from the checkpoint
     directory (or from its base model when none was saved); a compressed-tensors one with its
-    sparse layers as SparseLinear (:func:`sparse_kernels.llm.compressed_tensors.load`; ``int4``
-    is its option: ``"keep"`` loads int4 2:4 layers as SparseLinearInt4).
+    sparse layers as SparseLinear (:func:`sparse_kernels.llm.compressed_tensors.load`).  ``int4``:
+    ``"keep"`` loads either kind's int4 2:4 layers as SparseLinearInt4, ``"dequantize"`` as 16-bit
+    SparseLinear.
     """
     _offline()
     src = resolve(model)
     if src.kind == "checkpoint":
         from . import checkpoint
 
-        m, info = checkpoint.load(src.path, dtype=dtype, device=device)
+        m, info = checkpoint.load(src.path, dtype=dtype, device=device, int4=int4)
         tok_src = ModelSource(src.name, "hf", src.path) if info.get("tokenizer_saved") else None
         if tok_src is None:
             base = info.get("base_model") or {}

@@ -6,6 +6,11 @@ Backends: reference (the column loop in PyTorch, default everywhere), cpp
 They agree to fp32 rounding (not bit for bit: the order of the rank-1 updates differs).
 The whole-layer algorithm is :func:`sparse_kernels.pruning.sparsegpt_prune`.
 
+``sparsegpt_block_update_int4`` is the same loop with joint int4 quantization (each kept
+weight rounded to a group-scaled int4 value before its error is computed): reference, cpp
+(csrc/cpu/sparsegpt.cpp), cuda (csrc/cuda/sparsegpt.cu; compiled, not yet run on a GPU) and
+triton; :func:`sparse_kernels.pruning.sparsegpt_prune_int4` runs it.
+
 ``sparsegpt_lazy_update(W, Err1, U)`` is the layer's other step, ``W -= Err1 @ U`` in place:
 reference (``addmm_``) and cpp (csrc/cpu/sparsegpt.cpp, which skips Err1's zeros).
 """
@@ -28,6 +33,28 @@ def _fake(W1, Hinv1, mask1, n, m):
 
 
 R.define(NAME, SCHEMA, fake=_fake, reference=ref.sparsegpt_block_update)
+
+INT4_NAME = "sparsegpt_block_update_int4"
+INT4_SCHEMA = ("(Tensor W1, Tensor Hinv1, Tensor? mask1, int n, int m, int group_size, ScalarType scale_dtype) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _fake_int4(W1, Hinv1, mask1, n, m, group_size, scale_dtype):
+    rows, B = W1.shape
+    return (torch.empty_like(W1), torch.empty_like(W1), W1.new_empty(rows), W1.new_empty((rows, B), dtype=torch.bool),
+            W1.new_empty((rows, B), dtype=torch.int8), W1.new_empty((rows, B // group_size)))
+
+
+def _int4_auto(device_type, avail, *args):
+    """cpp on CPU; on a GPU Triton before cuda: the Triton kernel is tested bit for bit under the
+    interpreter, the CUDA one is compiled, not yet run on a GPU (move cuda first once the GPU
+    check's tests pass)."""
+    order = ("triton", "cuda") if device_type == "cuda" else ("cpp",)
+    return next((b for b in order if b in avail), "reference")
+
+
+R.define(INT4_NAME, INT4_SCHEMA, fake=_fake_int4, reference=ref.sparsegpt_block_update_int4,
+         backends=("reference", "cpp", "cuda", "triton"), auto=_int4_auto)
 
 # The lazy update W[:, later] -= Err1 @ Hinv[block, later], in place.  Reference: one addmm_
 # (cuBLAS on GPU, the CPU BLAS); cpp: skips Err1's zeros (err = 0 at every kept weight).
@@ -56,6 +83,17 @@ def _triton_launch(W1, Hinv1, mask1, n, m):
 
 
 R.impl_python(NAME, "triton", _triton_launch, ["cuda"] + (["cpu"] if R.triton_interpreted() else []))
+
+
+def _triton_launch_int4(W1, Hinv1, mask1, n, m, group_size, scale_dtype):
+    from ..triton import on_device
+    from ..triton import sparsegpt as t
+
+    with on_device(W1):
+        return t.sparsegpt_block_update_int4(W1, Hinv1, mask1, n, m, group_size, scale_dtype)
+
+
+R.impl_python(INT4_NAME, "triton", _triton_launch_int4, ["cuda"] + (["cpu"] if R.triton_interpreted() else []))
 
 
 def check_block_args(W1, Hinv1, mask1, n, m) -> None:
@@ -115,6 +153,48 @@ def sparsegpt_block_update(
     """
     check_block_args(W1, Hinv1, mask1, n, m)
     return R.call(NAME, backend, W1.device, W1, Hinv1, mask1, n, m)
+
+
+INT4_SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_int4_block_args(W1, Hinv1, mask1, n, m, group_size, scale_dtype) -> None:
+    check_block_args(W1, Hinv1, mask1, n, m)
+    B = W1.shape[1]
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or B % group_size:
+        raise ValueError(f"group_size: got {group_size!r}; it must be a positive int dividing the block width "
+                         f"(W1.shape[1]) {B}")
+    if scale_dtype not in INT4_SCALE_DTYPES:
+        raise TypeError(f"scale_dtype: got {scale_dtype!r}, expected one of float32, float16, bfloat16")
+
+
+def sparsegpt_block_update_int4(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    mask1: torch.Tensor | None = None,
+    n: int = 0,
+    m: int = 0,
+    group_size: int = 128,
+    scale_dtype: torch.dtype = torch.float32,
+    *,
+    backend: str | None = None,
+):
+    """SparseGPT's column loop over one block with joint int4 quantization; returns
+    ``(Q1, Err1, losses, keep, codes, scales)``.
+
+    Arguments as :func:`sparsegpt_block_update`, plus ``group_size`` (columns per scale; it
+    divides ``W1.shape[1]``) and ``scale_dtype`` (float32, float16 or bfloat16: each scale is
+    rounded to it, as the checkpoint will store it).  The algorithm, and what the outputs are:
+    :func:`sparse_kernels.reference.sparsegpt.sparsegpt_block_update_int4`.  ``backend``:
+    ``auto | reference | cpp | cuda | triton`` (auto: cpp on CPU, Triton on a GPU).  Backends agree to float32 rounding (the cpp kernel
+    does the reference's operations in its order); a weight on a rounding boundary may get the
+    neighbouring code.
+
+    Raises TypeError/ValueError as :func:`sparsegpt_block_update`, and for a ``group_size`` that
+    does not divide the block or an unsupported ``scale_dtype``.
+    """
+    check_int4_block_args(W1, Hinv1, mask1, n, m, group_size, scale_dtype)
+    return R.call(INT4_NAME, backend, W1.device, W1, Hinv1, mask1, n, m, group_size, scale_dtype)
 
 
 def sparsegpt_lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor, *, backend: str | None = None,

@@ -10,9 +10,10 @@ The function is unchanged: the consumer sees the same values in the same order.
 
 Producers that can be permuted: ``nn.Linear`` (weight rows, bias, and a same-shaped
 ``weight_mask`` buffer if present), Hugging Face ``Conv1D`` (weight columns, bias), and
-SparseLinear with the 2:4 or masked pattern (rows of values/meta or weight/mask, bias) -- the
-exact types, without parametrizations, ``torch.nn.utils.prune`` reparametrization or forward
-hooks.  A pair is left as it is when a producer is of another kind (e.g. a bitmask
+SparseLinear with the 2:4 or masked pattern (rows of values/meta or weight/mask, bias) and
+SparseLinearInt4 (rows of qvalues/meta/scales, bias) -- the exact types, without parametrizations, ``torch.nn.utils.prune`` reparametrization or forward
+hooks.  The consumer is a permuted 2:4 SparseLinear or SparseLinearInt4.
+A pair is left as it is when a producer is of another kind (e.g. a bitmask
 SparseLinear, a subclass), the attribute names do not match one of :data:`MLP_PAIRS`, or the
 module holding the consumer has other linear layers besides the pair's (e.g. a second
 up-projection under another name).  Attention projections (q/k/v read the
@@ -45,21 +46,23 @@ def _get(block: nn.Module, path: str):
 
 
 def _is_linear_like(mod) -> bool:
-    from ..nn import SparseLinear
+    from ..nn import SparseLinear, SparseLinearInt4
 
-    return isinstance(mod, (nn.Linear, SparseLinear)) or _is_conv1d(mod)
+    return isinstance(mod, (nn.Linear, SparseLinear, SparseLinearInt4)) or _is_conv1d(mod)
 
 
 def _can_permute_rows(mod) -> bool:
     """Plain layers only: a weight recomputed on every call (``torch.nn.utils.parametrize``,
     ``torch.nn.utils.prune``'s ``weight_orig`` and pre-hook) or a subclass with state of its own
     would not keep the permuted rows."""
-    from ..nn import SparseLinear
+    from ..nn import SparseLinear, SparseLinearInt4
 
     if getattr(mod, "parametrizations", None) is not None or hasattr(mod, "weight_orig"):
         return False
     if mod._forward_pre_hooks or mod._forward_hooks:
         return False
+    if type(mod) is SparseLinearInt4:
+        return True
     if type(mod) is SparseLinear:
         return mod.pattern in ("2:4", None)
     return type(mod) is nn.Linear or _is_conv1d(mod)
@@ -85,11 +88,17 @@ def _out_features(mod) -> int:
 @torch.no_grad()
 def _permute_rows(mod, perm: torch.Tensor) -> None:
     """Output ``j`` of ``mod`` becomes its old output ``perm[j]``."""
-    from ..nn import SparseLinear
+    from ..nn import SparseLinear, SparseLinearInt4
 
     def take(t, dim=0):
         t.data = t.data.index_select(dim, perm.to(t.device))
 
+    if isinstance(mod, SparseLinearInt4):  # rows of codes, meta and scales (a row's groups move with it)
+        for t in (mod.qvalues, mod.meta, mod.scales):
+            take(t)
+        if mod.bias is not None:
+            take(mod.bias)
+        return
     if isinstance(mod, SparseLinear):
         for t in ((mod.values, mod.meta) if mod.pattern == "2:4" else (mod.weight, mod.mask)):
             take(t)
@@ -113,7 +122,7 @@ def fold_permutations(blocks) -> list[str]:
     model: its blocks are found with :func:`sparse_kernels.pruning.find_blocks`) into the
     producing layers, in place.  Returns the names (``"<block index>.<path>"``) of the
     consumers that no longer gather."""
-    from ..nn import SparseLinear
+    from ..nn import SparseLinear, SparseLinearInt4
     from .model import find_blocks
 
     if isinstance(blocks, nn.Module):
@@ -123,7 +132,7 @@ def fold_permutations(blocks) -> list[str]:
         for producers, consumer in MLP_PAIRS:
             cons = _get(block, consumer)
             prods = [_get(block, p) for p in producers]
-            if not isinstance(cons, SparseLinear) or cons.in_perm is None:
+            if not isinstance(cons, (SparseLinear, SparseLinearInt4)) or cons.in_perm is None:
                 continue
             if any(p is None or not _can_permute_rows(p) or _out_features(p) != cons.in_features for p in prods):
                 continue

@@ -184,7 +184,7 @@ class SparseGPTMethod(PruningMethod):
         if options.get("_int4"):
             w_q, mask, loss, codes, scales = sparsegpt_prune_int4(
                 weight, stats.H, spec, options["_int4"], blocksize=options.get("blocksize", 128),
-                percdamp=options.get("percdamp", 0.01), name=name)
+                percdamp=options.get("percdamp", 0.01), backend=options.get("backend"), name=name)
             options["_int4_parts"][name] = (codes, scales)  # for convert: SparseLinearInt4 stores them as they are
             return w_q, mask, loss
         return sparsegpt_prune(
@@ -432,9 +432,9 @@ def prune(
         int4: SparseGPT only: quantize the kept weights to int4 in groups of ``int4`` input
             columns inside SparseGPT's column loop, so its updates compensate the rounding too
             (joint sparsification + quantization, GPTQ-style groups:
-            :func:`~sparse_kernels.pruning.sparsegpt.sparsegpt_prune_int4`; the reference column
-            loop, no fused kernel).  A multiple of 16 dividing ``blocksize`` and every layer's
-            ``in_features``.  With ``convert`` (needs ``"2:4"``), the layers become
+            :func:`~sparse_kernels.pruning.sparsegpt.sparsegpt_prune_int4`; its column loop is the
+            ``sparsegpt_block_update_int4`` op, run on ``backend``).  A multiple of 16 dividing
+            ``blocksize`` and every layer's ``in_features``.  With ``convert`` (needs ``"2:4"``), the layers become
             :class:`sparse_kernels.nn.SparseLinearInt4` holding exactly those codes and scales.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:

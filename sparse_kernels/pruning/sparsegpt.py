@@ -10,6 +10,7 @@ import torch
 from ..ops import _registry as R
 from ..ops import _validate as V
 from ..ops.sparsegpt import LAZY_NAME as _LAZY_OP
+from ..ops.sparsegpt import INT4_NAME as _INT4_OP
 from ..ops.sparsegpt import NAME as _BLOCK_OP
 from ..reference import sparsegpt as ref
 from .patterns import parse_sparsity
@@ -180,7 +181,8 @@ def sparsegpt_prune(
 
 
 def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group_size: int = 128,
-                         blocksize: int = 128, percdamp: float = 0.01, *, name: str | None = None):
+                         blocksize: int = 128, percdamp: float = 0.01, backend: str | None = None, *,
+                         name: str | None = None):
     """SparseGPT with joint int4 quantization, as in the SparseGPT paper's joint
     sparsification + quantization (and GPTQ's groups): in the column loop each kept weight is
     replaced by its int4 value ``clamp(round(w / s), -8, 7) * s`` before the error is computed,
@@ -189,9 +191,11 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
     over the group's current (already updated) weights that the mask keeps (N:M: all of the
     group's weights, the later groups' masks being chosen in the loop), rounded to W's dtype.
 
-    Same arguments as :func:`sparsegpt_prune` (the block loop is the reference column loop in
-    PyTorch: no fused kernel), plus ``group_size``: a positive multiple of 16 dividing
-    ``blocksize`` and ``cols``.  Returns ``(W_q, mask, loss, codes, scales)``: ``codes`` int8
+    Same arguments as :func:`sparsegpt_prune`, plus ``group_size``: a positive multiple of 16
+    dividing ``blocksize`` and ``cols``.  The block loop is the ``sparsegpt_block_update_int4``
+    op (``backend``: ``auto | reference | cpp | cuda | triton``); the lazy update and the inverse
+    factor are :func:`sparsegpt_prune`'s fast path (``backend="reference"``: the paper's
+    factorizations and GEMM).  Returns ``(W_q, mask, loss, codes, scales)``: ``codes`` int8
     ``[rows, cols]`` (``q``, 0 where pruned) and ``scales`` ``[rows, cols / group_size]`` in W's
     dtype, ``W_q = codes * scales`` (per group, in float32, exact) cast to W's dtype (so rounded
     for a float16/bfloat16 W); :class:`sparse_kernels.nn.SparseLinearInt4` stores the codes and
@@ -203,49 +207,30 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
             or blocksize % group_size or cols % group_size):
         raise ValueError(f"group_size: got {group_size!r}; it must be a positive multiple of 16 dividing blocksize "
                          f"{blocksize} and the {cols} columns")
+    chosen_backend = R.select(_INT4_OP, backend, W.device)
+    op = R.get_op(_INT4_OP, chosen_backend)
     what = f" ({name})" if name else ""
-    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what,
-                                  fast_upper_inverse_factor)
-    codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
-    chosen = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)  # the masks the loop chose
-    scales = torch.ones(rows, cols // group_size, dtype=torch.float32, device=W.device)
+    factor = ref.upper_inverse_factor if chosen_backend == "reference" else fast_upper_inverse_factor
+    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
+    lazy = None
+    if chosen_backend != "reference":
+        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, "auto", W.device, spec.ratio))
+    codes = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
+    chosen = torch.empty(rows, cols, dtype=torch.bool, device=W.device)  # the masks the loop chose
+    scales = torch.empty(rows, cols // group_size, dtype=torch.float32, device=W.device)
     at = [0]  # the first column of the block being processed (sparsegpt_layer walks them in order)
 
     def block_update(W1, Hinv1, mask1, n, m):
-        W1 = W1.clone()
-        B = W1.shape[1]
-        Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-        d_all = torch.diagonal(Hinv1)
-        keep = mask1.clone() if m == 0 else torch.zeros_like(W1, dtype=torch.bool)
-        c0 = at[0]
-        s = None
-        for i in range(B):
-            w, d = W1[:, i], Hinv1[i, i]
-            if m > 0 and i % m == 0:
-                score = W1[:, i:i + m] ** 2 / d_all[i:i + m].reshape(1, -1) ** 2
-                keep[:, i:i + m] = ref.keep_top_n(score, n)
-            if i % group_size == 0:
-                grp = W1[:, i:i + group_size].abs()
-                amax = (grp * keep[:, i:i + group_size] if m == 0 else grp).amax(1)
-                s = torch.where(amax > 0, amax / 7, torch.ones_like(amax)).to(W.dtype).to(torch.float32)
-                # a tiny group's scale can round to 0 in a 16-bit dtype: the smallest normal instead
-                s = torch.where(s > 0, s, torch.full_like(s, torch.finfo(W.dtype).tiny))
-                scales[:, (c0 + i) // group_size] = s
-            # + 0.0: a small negative w rounds to -0.0; the stored code 0 means +0.0
-            qi = torch.where(keep[:, i], torch.clamp(torch.round(w / s), -8, 7), torch.zeros_like(w)) + 0.0
-            codes[:, c0 + i] = qi.to(torch.int8)
-            q = qi * s
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d ** 2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        chosen[:, c0:c0 + B] = keep
+        Q1, Err1, losses1, keep1, codes1, scales1 = op(W1, Hinv1, mask1, n, m, group_size, W.dtype)
+        c0, B = at[0], W1.shape[1]
+        chosen[:, c0:c0 + B] = keep1
+        codes[:, c0:c0 + B] = codes1
+        scales[:, c0 // group_size:(c0 + B) // group_size] = scales1
         at[0] += B
-        return Q1, Err1, torch.sum(Losses1, 1) / 2
+        return Q1, Err1, losses1
 
     Wq, _, losses = ref.sparsegpt_layer(Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize,
-                                        block_update=block_update)
+                                        block_update=block_update, lazy_update=lazy)
     return Wq.to(W.dtype), chosen, float(losses.sum()), codes, scales.to(W.dtype)
 
 

@@ -1,9 +1,11 @@
 """Reference SparseGPT (Frantar & Alistarh, 2023), written as the paper's Algorithm 1.
 
-Two functions:
+Functions:
 
 * :func:`sparsegpt_block_update` -- the inner column loop over one block of ``B`` columns,
-  the default (CompositeExplicitAutograd) kernel of ``sparse_kernels::sparsegpt_block_update``.
+  the default (CompositeExplicitAutograd) kernel of ``sparse_kernels::sparsegpt_block_update``;
+  :func:`sparsegpt_block_update_int4` the same loop with joint int4 quantization (the default
+  kernel of ``sparse_kernels::sparsegpt_block_update_int4``).
 * :func:`sparsegpt_layer` -- the whole layer: dead columns, dampening, the upper Cholesky
   factor of ``H^-1``, block masks, the block loop and the lazy update, column loop in
   PyTorch.  The fast path (:func:`sparse_kernels.pruning.sparsegpt_prune`) runs the same
@@ -60,6 +62,62 @@ def sparsegpt_block_update(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.T
         Err1[:, i] = err1
 
     return Q1, Err1, torch.sum(Losses1, 1) / 2
+
+
+def int4_group_scale(amax: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
+    """The joint int4 path's group scale from a group's ``max |w|`` (float32 ``[rows]``):
+    ``amax / 7`` (1 where ``amax`` is not > 0, NaN included), rounded to ``scale_dtype`` (the
+    checkpoint stores it there) and back to float32; a scale that underflows to 0 in a 16-bit
+    dtype becomes that dtype's smallest normal, so ``w / s`` stays finite."""
+    s = torch.where(amax > 0, amax / 7, torch.ones_like(amax)).to(scale_dtype).to(torch.float32)
+    return torch.where(s > 0, s, torch.full_like(s, torch.finfo(scale_dtype).tiny))
+
+
+def sparsegpt_block_update_int4(W1: torch.Tensor, Hinv1: torch.Tensor, mask1: torch.Tensor | None, n: int, m: int,
+                                group_size: int, scale_dtype: torch.dtype):
+    """The column loop with joint int4 quantization (SparseGPT's joint mode, GPTQ's groups).
+
+    As :func:`sparsegpt_block_update`, except that a kept weight becomes its int4 value
+    ``q = clamp(round(w / s), -8, 7) * s`` (round half to even) instead of ``w``, so the error
+    ``(w - q) / d`` also carries the rounding.  The scale ``s`` of a row's group of
+    ``group_size`` columns (``B % group_size == 0``) is set when the loop reaches the group's
+    first column, by :func:`int4_group_scale` from ``max |w|`` over the group's current
+    (already updated) weights: the kept ones when ``m == 0``; all of them for N:M (the later
+    N:M groups' masks are chosen later in the loop).  At an N:M group start the mask is chosen
+    first, as in :func:`sparsegpt_block_update`.
+
+    Returns ``(Q1, Err1, losses, keep, codes, scales)``: the first three as there; ``keep``
+    bool ``[rows, B]`` the mask the loop used (a kept weight can round to 0, so ``Q1`` does not
+    give it back); ``codes`` int8 ``[rows, B]`` (``q / s``, 0 where pruned); ``scales`` float32
+    ``[rows, B / group_size]`` (values of ``scale_dtype``).  ``Q1 == codes * scales`` exactly.
+    """
+    W1 = W1.clone()
+    rows, B = W1.shape
+    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+    codes = torch.zeros(rows, B, dtype=torch.int8, device=W1.device)
+    scales = torch.ones(rows, B // group_size, dtype=torch.float32, device=W1.device)
+    d_all = torch.diagonal(Hinv1)
+    keep = mask1.clone() if m == 0 else torch.zeros_like(W1, dtype=torch.bool)
+    s = None
+    for i in range(B):
+        w, d = W1[:, i], Hinv1[i, i]
+        if m > 0 and i % m == 0:
+            score = W1[:, i:i + m] ** 2 / d_all[i:i + m].reshape(1, -1) ** 2
+            keep[:, i:i + m] = keep_top_n(score, n)
+        if i % group_size == 0:
+            grp = W1[:, i:i + group_size].abs()
+            s = int4_group_scale((grp * keep[:, i:i + group_size] if m == 0 else grp).amax(1), scale_dtype)
+            scales[:, i // group_size] = s
+        # + 0.0: a small negative w rounds to -0.0; the stored code 0 means +0.0
+        qi = torch.where(keep[:, i], torch.clamp(torch.round(w / s), -8, 7), torch.zeros_like(w)) + 0.0
+        codes[:, i] = qi.to(torch.int8)
+        q = qi * s
+        Q1[:, i] = q
+        Losses1[:, i] = (w - q) ** 2 / d ** 2
+        err1 = (w - q) / d
+        W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+        Err1[:, i] = err1
+    return Q1, Err1, torch.sum(Losses1, 1) / 2, keep, codes, scales
 
 
 def sparsegpt_lazy_update(W: torch.Tensor, Err1: torch.Tensor, U: torch.Tensor) -> None:

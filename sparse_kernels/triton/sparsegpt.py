@@ -13,6 +13,12 @@ start the ``m`` scores ``w^2 / d^2`` of the group are ranked (ties to the lower 
 Err1 accumulate in registers and are stored once.  One launch per block replaces the
 reference's several kernels per column.
 
+With ``G > 0`` (``sparsegpt_block_update_int4_triton``) each kept weight becomes its int4 value
+``clamp(round(w / s), -8, 7) * s`` with the row's group scale ``s``, set at each group start
+from the group's max ``|w|`` (conventions: the reference ``sparsegpt_block_update_int4``);
+codes, the keep mask and the scales are stored too.  Rounding is half to even, done exactly
+with ``floor`` (no libdevice call, so the interpreter runs the same code).
+
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.  Tile size: about
 2048 fp32 elements per program (BLOCK_R = 16 rows at B = 128); compiled, not yet tuned on a GPU.
 """
@@ -28,11 +34,12 @@ _TILE = 2048
 
 @triton.jit
 def _sparsegpt_block_kernel(
-    W_ptr, H_ptr, M_ptr, Q_ptr, E_ptr, L_ptr,
+    W_ptr, H_ptr, M_ptr, Q_ptr, E_ptr, L_ptr, K_ptr, C_ptr, S_ptr,
     rows, B,
     stride_wr, stride_wc, stride_hr, stride_hc, stride_mr, stride_mc,
     N: tl.constexpr, M: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+    G: tl.constexpr, SCALE_KIND: tl.constexpr, TINY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -51,6 +58,9 @@ def _sparsegpt_block_kernel(
     q_acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
     e_acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.float32)
     loss = tl.zeros([BLOCK_R], dtype=tl.float32)
+    # joint int4 (G > 0): codes, and the current group's scale per row
+    c_acc = tl.zeros([BLOCK_R, BLOCK_B], dtype=tl.int32)
+    scale = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
 
     for i in range(0, B):
         if M > 0:
@@ -67,7 +77,37 @@ def _sparsegpt_block_kernel(
         wi = tl.sum(tl.where(sel, w, 0.0), axis=1)
         ki = tl.sum(tl.where(sel, keep, 0), axis=1)
         d = tl.load(H_ptr + i * stride_hr + i * stride_hc)
-        q = tl.where(ki != 0, wi, 0.0)
+        if G > 0:
+            if i % G == 0:
+                a = tl.abs(w)
+                if M == 0:
+                    a = a * keep.to(tl.float32)
+                in_grp = (c >= i) & (c < i + G)
+                amax = tl.max(tl.where(in_grp[None, :], a, 0.0), axis=1)
+                # a NaN in the group (|inf| * 0 of a pruned inf too) makes torch.amax NaN, so the
+                # reference's scale 1; tl.max would skip it
+                nan_in = tl.sum(tl.where(in_grp[None, :] & (a != a), 1, 0), axis=1) > 0
+                scale = tl.where((amax > 0) & (~nan_in), tl.div_rn(amax, 7.0), 1.0)
+                if SCALE_KIND == 1:
+                    scale = scale.to(tl.float16).to(tl.float32)
+                if SCALE_KIND == 2:  # to bfloat16, nearest even, in bits (the interpreter's cast truncates)
+                    bits = scale.to(tl.uint32, bitcast=True)
+                    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                    scale = bits.to(tl.float32, bitcast=True)
+                scale = tl.where(scale > 0, scale, TINY)
+                tl.store(S_ptr + r64 * (B // G) + i // G, scale, mask=rmask)
+            # round half to even, exactly: floor, then up past .5 (or at .5 onto an even value)
+            x = tl.div_rn(wi, scale)  # IEEE division, as the reference (GPU `/` is approximate)
+            fl = tl.floor(x)
+            frac = x - fl
+            odd = (fl - 2.0 * tl.floor(fl * 0.5)) != 0
+            code = tl.where((frac > 0.5) | ((frac == 0.5) & odd), fl + 1.0, fl)
+            code = tl.where(x == x, tl.minimum(tl.maximum(code, -8.0), 7.0), x)  # NaN stays NaN, as torch.clamp
+            code = tl.where(ki != 0, code + 0.0, 0.0)
+            c_acc = tl.where(sel, tl.where(code == code, code, 0.0).to(tl.int32)[:, None], c_acc)
+            q = code * scale
+        else:
+            q = tl.where(ki != 0, wi, 0.0)
         diff = wi - q
         err = diff / d
         loss += (diff * diff) / (d * d)
@@ -80,16 +120,24 @@ def _sparsegpt_block_kernel(
     tl.store(Q_ptr + out, q_acc, mask=m2)
     tl.store(E_ptr + out, e_acc, mask=m2)
     tl.store(L_ptr + r64, loss / 2, mask=rmask)
+    if G > 0:
+        tl.store(K_ptr + out, keep.to(tl.uint8), mask=m2)
+        tl.store(C_ptr + out, c_acc.to(tl.int8), mask=m2)
 
 
-def sparsegpt_block_update(W1: torch.Tensor, Hinv1: torch.Tensor, mask1, n: int, m: int):
-    """Launch the kernel; arguments are validated by :func:`sparse_kernels.ops.sparsegpt_block_update`."""
+def _launch(W1, Hinv1, mask1, n, m, group_size=0, scale_dtype=torch.float32):
     rows, B = W1.shape
     Q = torch.empty((rows, B), device=W1.device, dtype=torch.float32)
     E = torch.empty_like(Q)
     L = torch.empty(rows, device=W1.device, dtype=torch.float32)
+    int4 = group_size > 0
+    K = torch.empty((rows, B) if int4 else (0,), device=W1.device, dtype=torch.bool)
+    C = torch.empty((rows, B) if int4 else (0,), device=W1.device, dtype=torch.int8)
+    S = torch.empty((rows, B // group_size) if int4 else (0,), device=W1.device, dtype=torch.float32)
+    outs = (Q, E, L, K, C, S) if int4 else (Q, E, L)
     if rows == 0 or B == 0:
-        return Q, E, L.zero_()
+        L.zero_()
+        return outs
     has_mask = m == 0
     mk = mask1.view(torch.uint8) if has_mask else W1
     smr, smc = (mk.stride(0), mk.stride(1)) if has_mask else (0, 0)
@@ -97,8 +145,23 @@ def sparsegpt_block_update(W1: torch.Tensor, Hinv1: torch.Tensor, mask1, n: int,
     BLOCK_R = max(1, min(64, _TILE // BLOCK_B))
     grid = (triton.cdiv(rows, BLOCK_R),)
     _sparsegpt_block_kernel[grid](
-        W1, Hinv1, mk, Q, E, L, rows, B,
+        W1, Hinv1, mk, Q, E, L, K.view(torch.uint8), C, S, rows, B,
         W1.stride(0), W1.stride(1), Hinv1.stride(0), Hinv1.stride(1), smr, smc,
         N=n if m > 0 else 0, M=m, HAS_MASK=has_mask, BLOCK_R=BLOCK_R, BLOCK_B=BLOCK_B,
+        G=group_size, SCALE_KIND={torch.float16: 1, torch.bfloat16: 2}.get(scale_dtype, 0),
+        TINY=torch.finfo(scale_dtype).tiny,
     )
-    return Q, E, L
+    return outs
+
+
+def sparsegpt_block_update(W1: torch.Tensor, Hinv1: torch.Tensor, mask1, n: int, m: int):
+    """Launch the kernel; arguments are validated by :func:`sparse_kernels.ops.sparsegpt_block_update`."""
+    return _launch(W1, Hinv1, mask1, n, m)
+
+
+def sparsegpt_block_update_int4(W1: torch.Tensor, Hinv1: torch.Tensor, mask1, n: int, m: int, group_size: int,
+                                scale_dtype: torch.dtype):
+    """Launch the kernel with joint int4 quantization (``G = group_size``); arguments are
+    validated by :func:`sparse_kernels.ops.sparsegpt_block_update_int4`.  Returns
+    ``(Q1, Err1, losses, keep, codes, scales)``."""
+    return _launch(W1, Hinv1, mask1, n, m, group_size, scale_dtype)

@@ -11,7 +11,11 @@ Given a directory in compressed-tensors' sparse format (e.g. from ``sparse-kerne
    bit (a quantized checkpoint is dequantized by the library as transformers loads it, and run
    with its activation quantization off, as ours runs);
 3. evaluates the perplexity of our model and of the library's dense one on the same tokens
-   (New Testament, the CLI's windows), and the weight bytes in memory of both.
+   (New Testament, the CLI's windows), and the weight bytes in memory of both;
+4. for a checkpoint that quantizes input activations, also ours with them emulated
+   (``activations="emulate"``) against the library's model with its activation quantization on:
+   the perplexities, and whether our dense load (``convert=False``) with emulated activations
+   gives the library's logits bit for bit on the first window.
 
 Writes JSON to ``--out``.  Without the library only steps 1 and 3 (ours) run.
 """
@@ -107,6 +111,18 @@ def main(argv=None) -> int:
                 if hasattr(mod, "quantization_scheme"):
                     mod.quantization_enabled = True
             doc["ppl_library_dense_activations_quantized"] = evaluate.perplexity(lib, ev, progress=False).ppl
+    if info.quantization and any("input activations" in n for n in info.quantization["not_applied"]):
+        emu, emu_info = ct.load(args.path, activations="emulate")
+        doc["activations_emulated"] = emu_info.quantization["emulated"]
+        doc["ppl_ours_activations_emulated"] = evaluate.perplexity(emu, ev, progress=False).ppl
+        del emu
+        if lib is not None:  # dense layers + emulated activations against the library, bit for bit
+            dense, _ = ct.load(args.path, convert=False, activations="emulate")
+            window = ev[:512].unsqueeze(0)
+            with torch.no_grad():
+                a = dense(input_ids=window, use_cache=False).logits
+                b = lib(input_ids=window, use_cache=False).logits
+            doc["logits_dense_emulated_equal_library_bits"] = _same_bits(a, b)
     write_json(doc, args.out)
     print(json.dumps(doc, indent=1))
     return 0

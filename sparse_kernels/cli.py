@@ -162,7 +162,8 @@ def _load(args, model=None):
     from .llm import models
 
     return models.load_model(args.model if model is None else model, dtype=_dtype(args), device=_device(args),
-                             int4="keep" if getattr(args, "keep_int4", False) else "dequantize")
+                             int4="keep" if getattr(args, "keep_int4", False) else "dequantize",
+                             activations="emulate" if getattr(args, "emulate_activations", False) else "ignore")
 
 
 def _add_int4(p, what):
@@ -172,6 +173,10 @@ def _add_int4(p, what):
     p.add_argument("--keep-int4", action="store_true",
                    help="int4 checkpoints (ours: 2:4-int4 layers; compressed-tensors: marlin-24, pack-quantized): "
                         "load the int4 2:4 layers as SparseLinearInt4, codes as stored, instead of dequantizing them")
+    p.add_argument("--emulate-activations", action="store_true",
+                   help="compressed-tensors checkpoints that quantize activations (FP8-dynamic, W8A8): quantize each "
+                        "layer's input as compressed-tensors does (per token or tensor), for the quantized model's "
+                        "accuracy; without it the layers see unquantized inputs")
 
 
 def _int4(args, model):

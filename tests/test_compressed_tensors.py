@@ -951,9 +951,9 @@ def test_save_int4_model_as_pack_quantized(tmp_path, permute):
         ct.save(mixed, str(tmp_path / "mixed"))
 
 
-def test_library_reads_our_int4_checkpoint(tmp_path):
-    """compressed-tensors <= 0.12 itself dequantizes what we write to our layers' exact weights
-    (runs where such a compressed-tensors is importable)."""
+def _fixture_script():
+    """tests/data/make_compressed_tensors_fixtures.py as a module (its library_decompress), after
+    skipping unless a compressed-tensors with sparse compressors (<= 0.12) is importable."""
     pytest.importorskip("compressed_tensors.compressors.sparse_compressors")
     import importlib.util
 
@@ -961,6 +961,13 @@ def test_library_reads_our_int4_checkpoint(tmp_path):
                                                                     "make_compressed_tensors_fixtures.py"))
     mk = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mk)
+    return mk
+
+
+def test_library_reads_our_int4_checkpoint(tmp_path):
+    """compressed-tensors <= 0.12 itself dequantizes what we write to our layers' exact weights
+    (runs where such a compressed-tensors is importable)."""
+    mk = _fixture_script()
     from sparse_kernels.llm import checkpoint
 
     ids = torch.randint(0, 96, (8, 32), generator=torch.Generator().manual_seed(1))
@@ -978,3 +985,158 @@ def test_library_reads_our_int4_checkpoint(tmp_path):
         for name, mod in m.named_modules():
             if isinstance(mod, sk.SparseLinearInt4):
                 assert_bitexact(lib.get_submodule(name).weight.detach(), mod.dense_weight(), name)
+
+
+# ------------------------------------------------------------------ input activations (emulated)
+def _act(typ="int", strategy="token", symmetric=True, dynamic=True, bits=8):
+    return ct.ActivationArgs.parse("g", dict(type=typ, num_bits=bits, strategy=strategy, symmetric=symmetric,
+                                             dynamic=dynamic))
+
+
+def test_fake_quantize_activation_by_hand():
+    """int8 symmetric per token: scale = max|x| / 127.5 (the library's range / 2), codes rounded
+    half to even and clamped to 127; each token (dims after the first two) has its own scale, a
+    2-D input one scale for all (as compressed-tensors reduces)."""
+    x = torch.tensor([[[1.0, -2.0, 4.0, 0.5], [0.25, 0.0, -0.5, 0.125]]])
+    got = ct.fake_quantize_activation(x, _act())
+    for t in range(2):
+        xs = x[0, t].numpy()
+        s = np.float32(np.abs(xs).max()) / np.float32(127.5)
+        q = np.clip(np.round(xs / s), -128, 127).astype(np.float32)
+        assert_bitexact(got[0, t], torch.from_numpy(q * s), f"token {t}")
+    assert float(got[0, 0, 2]) == float(np.float32(127) * (np.float32(4.0) / np.float32(127.5)))  # clamped 127.5
+    flat = ct.fake_quantize_activation(x[0], _act())  # 2-D: one scale over both rows
+    s = np.float32(4.0) / np.float32(127.5)
+    assert_bitexact(flat[1], torch.from_numpy(np.clip(np.round(x[0, 1].numpy() / s), -128, 127).astype(np.float32) * s),
+                    "2-D input, the whole tensor's scale")
+    # asymmetric: zero point = round(-128 - min / scale), the range [min(x, 0), max(x, 0)]
+    a = ct.fake_quantize_activation(x, _act(symmetric=False))
+    assert float((a - x).abs().max()) <= float((x.amax() - x.amin()) / 255) / 2 + 1e-6
+    # FP8 per tensor: x / (max|x| / 448) rounded to float8_e4m3fn
+    f = ct.fake_quantize_activation(x, _act("float", "tensor"))
+    sf = torch.tensor(4.0) / 448.0
+    assert_bitexact(f, (x / sf).to(torch.float8_e4m3fn).float() * sf, "fp8 per tensor")
+    # static: the given scale (and zero point)
+    st = ct.fake_quantize_activation(x, _act(dynamic=False, strategy="tensor"), torch.tensor([0.5]))
+    assert_bitexact(st, torch.clamp(torch.round(x / 0.5), -128, 127) * 0.5, "static")
+
+
+@pytest.mark.parametrize("a, msg", [
+    (dict(type="float", num_bits=4, dynamic=True, strategy="token"), "float' with 4 bits cannot be emulated"),
+    (dict(type="int", num_bits=8, dynamic=True, strategy="group", group_size=16), "cannot be emulated"),
+    (dict(type="int", num_bits=8, dynamic="local", strategy="token"), "dynamic='local'"),
+    (dict(type="int", num_bits=8, dynamic=False, strategy="token"), "static per tensor"),
+])
+def test_activation_args_refused(a, msg):
+    with pytest.raises(ValueError, match=msg):
+        ct.ActivationArgs.parse("g", a)
+
+
+@pytest.mark.parametrize("fix", [FIXFP8, FIXINT8])
+def test_load_emulates_input_activations(fix):
+    """activations="emulate": every quantized layer gets a pre-hook, the LoadInfo says so, and
+    the logits move (a random 2-layer model: by up to a few tens of percent; the exactness is
+    test_emulated_activations_match_the_library_bit_for_bit's)."""
+    plain, _ = ct.load(fix)
+    emu, info = ct.load(fix, activations="emulate")
+    q = info.quantization
+    assert q["emulated"] == ["group_0 input activations: " + ("float8" if fix == FIXFP8 else "int8")
+                             + " dynamic per token"]
+    assert not any("input activations" in n for n in q["not_applied"])
+    hooked = [n for n, mod in emu.named_modules()
+              if any(isinstance(h, ct.ActivationQuantizer) for h in mod._forward_pre_hooks.values())]
+    assert len(hooked) == 14 and all(".layers." in n for n in hooked)
+    assert "emulated: group_0 input activations" in ct.quantization_note(q)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    a, b = _logits(plain, ids), _logits(emu, ids)
+    rel = float((a - b).norm() / a.norm())
+    assert 0 < rel < 0.5 and bool(torch.isfinite(b).all()), rel
+    with pytest.raises(ValueError, match="activations: got 'on'"):
+        ct.load(fix, activations="on")
+
+
+def test_load_emulates_static_activations_and_needs_their_scales(tmp_path):
+    """A static per-tensor config: the stored input_scale is used (cast to the layer's dtype);
+    without it, a clear error."""
+    d = shutil.copytree(FIXINT8, tmp_path / "static")
+    cfg = json.loads((d / "config.json").read_text())
+    ia = cfg["quantization_config"]["config_groups"]["group_0"]["input_activations"]
+    ia.update(dynamic=False, strategy="tensor")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ct.CompressedTensorsError, match="static input activations need one floating-point .*input_scale"):
+        ct.load(str(d), activations="emulate")
+    t = load_file(str(d / "model.safetensors"))
+    names = sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".weight_scale")})
+    for n in names:
+        t[n + ".input_scale"] = torch.tensor([0.05], dtype=torch.float32)
+    save_file(t, str(d / "model.safetensors"))
+    m, info = ct.load(str(d), activations="emulate")
+    mod = m.get_submodule(names[0])
+    hook = next(h for h in mod._forward_pre_hooks.values() if isinstance(h, ct.ActivationQuantizer))
+    assert hook.scale.dtype == torch.float16 and float(hook.scale) == float(torch.tensor(0.05).half())
+    x = torch.randn(1, 3, mod.in_features, dtype=torch.float16)
+    assert_bitexact(hook(mod, (x,))[0], torch.clamp(torch.round(x / hook.scale), -128, 127) * hook.scale, "static")
+
+
+def test_emulated_activations_match_the_library_bit_for_bit():
+    """Dense layers (convert=False) with emulated input activations against compressed-tensors'
+    own model with its activation quantization on: the same logits, bit for bit (runs where a
+    compressed-tensors <= 0.12 is importable)."""
+    mk = _fixture_script()
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from sparse_kernels.llm import checkpoint
+
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(4))
+    for fix in (FIXFP8, FIXINT8):
+        ours, _ = ct.load(fix, convert=False, activations="emulate")
+        lib = checkpoint.model_from_config(ct.read_config(fix)[0])
+        mk.library_decompress(fix, lib)
+        lib = checkpoint._to_dtype(lib, next(ours.parameters()).dtype)
+        assert_bitexact(_logits(ours, ids), _logits(lib, ids), fix)
+    # every emulated kind against the library's forward_quantize on its own
+    g = torch.Generator().manual_seed(5)
+    for typ, strategy, sym, dyn in [("float", "token", True, True), ("float", "tensor", True, True),
+                                    ("int", "token", False, True), ("int", "tensor", False, True),
+                                    ("int", "tensor", True, False), ("int", "tensor", False, False),
+                                    ("float", "tensor", True, False)]:
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            a = dict(type=typ, num_bits=8, strategy=strategy, symmetric=sym, dynamic=dyn)
+            lin = nn.Linear(64, 4, dtype=dt)
+            lin.quantization_status = "frozen"
+            scale = zp = None
+            if not dyn:
+                scale = torch.tensor([0.03], dtype=dt)
+                lin.input_scale = nn.Parameter(scale, requires_grad=False)
+                if not sym:
+                    zp = torch.tensor([-5], dtype=torch.int8) if typ == "int" else None
+                    lin.input_zero_point = nn.Parameter(zp, requires_grad=False)
+            x = (torch.randn(2, 5, 64, generator=g) * torch.exp(torch.randn(64, generator=g))).to(dt)
+            want = forward_quantize(lin, x, "input", QuantizationArgs(**a))
+            got = ct.fake_quantize_activation(x, ct.ActivationArgs.parse("g", a), scale, zp)
+            assert_bitexact(got, want, f"{a} {dt}")
+
+
+def test_cli_emulate_activations_reaches_the_loader(tmp_path, monkeypatch):
+    """eval/bench --emulate-activations -> models.load_model(activations="emulate") ->
+    compressed_tensors.load(activations="emulate"); without the flag, "ignore"."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_ct_load(path, **kw):
+        seen.append(kw["activations"])
+        raise Stop
+
+    d = shutil.copytree(FIXINT8, tmp_path / "w8a8")
+    (d / "tokenizer.json").write_text("{}")  # the loader checks that a tokenizer is there first
+    monkeypatch.setattr(ct, "load", fake_ct_load)
+    for argv, want in ((["eval", "--model", str(d), "--emulate-activations"], "emulate"),
+                       (["eval", "--model", str(d)], "ignore"),
+                       (["bench", "--model", str(d), "--emulate-activations"], "emulate")):
+        args = cli.build_parser().parse_args(argv)
+        with pytest.raises(Stop):
+            cli._load(args)
+        assert seen[-1] == want, argv

@@ -116,6 +116,7 @@ class _Scheme:
     activations: str | None = None  # what the group quantizes besides weights (not applied)
     symmetric: bool = True
     has_weights: bool = True  # False: a group that quantizes activations only
+    input_acts: dict | None = None  # its input_activations QuantizationArgs (load(activations="emulate"))
 
 
 def _is_quantized(qc: dict) -> bool:
@@ -152,8 +153,10 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
         targets = g.get("targets") or []
         if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
             raise ValueError(f"config group {gname!r}: targets must be a list of strings, got {targets!r}")
+        ia = g.get("input_activations") if isinstance(g.get("input_activations"), dict) else None
         if not isinstance(w, dict):  # activations only: its layers' weights are not quantized
-            out.append(_Scheme(gname, targets, fmt, activations="; ".join(acts) or None, has_weights=False))
+            out.append(_Scheme(gname, targets, fmt, activations="; ".join(acts) or None, has_weights=False,
+                               input_acts=ia))
             continue
         typ, bits, strategy, gs = (str(w.get("type", "int")).lower(), w.get("num_bits", 8), w.get("strategy"),
                                    w.get("group_size"))
@@ -193,7 +196,7 @@ def _schemes(qc: dict) -> tuple[list[_Scheme], list[str]]:
                              f"per group of 128, got {typ}{bits} per {strategy}"
                              f"{f' {gs}' if strategy == 'group' else ''}, symmetric={w.get('symmetric', True)}")
         out.append(_Scheme(gname, targets, fmt, typ, bits, strategy, gs, tuple(block) if block else None,
-                           "; ".join(acts) or None, bool(symmetric)))
+                           "; ".join(acts) or None, bool(symmetric), input_acts=ia))
     kv = qc.get("kv_cache_scheme")
     if isinstance(kv, dict):
         notes.append(f"KV cache: {_describe(kv)}")
@@ -760,7 +763,152 @@ def quantization_note(q: dict) -> str:
              if q["dequantized_layers"] else "",
              f"{q['int4_layers']} int4 2:4 layers kept int4" if q.get("int4_layers") else ""]
     line = f"{q['format']} weights: " + ", ".join(p for p in parts if p)
+    line += f"; emulated: {'; '.join(q['emulated'])}" if q.get("emulated") else ""
     return line + (f"; not applied: {'; '.join(q['not_applied'])}" if q["not_applied"] else "")
+
+
+# ------------------------------------------------------------------ input activations (emulated)
+ACTIVATIONS = ("ignore", "emulate")
+
+
+@dataclass(frozen=True)
+class ActivationArgs:
+    """An input_activations QuantizationArgs that :func:`fake_quantize_activation` emulates."""
+
+    type: str  # "int" | "float"
+    num_bits: int
+    strategy: str  # "token" | "tensor"
+    symmetric: bool
+    dynamic: bool
+
+    @classmethod
+    def parse(cls, group: str, a: dict) -> "ActivationArgs":
+        """From a config group's ``input_activations``; ValueError for what cannot be emulated
+        exactly (FP4, group or block strategies, dynamic="local", more than 8 bits)."""
+        typ, bits = str(a.get("type", "int")).lower(), a.get("num_bits", 8)
+        strategy = str(a.get("strategy") or "tensor").lower()
+        dynamic = a.get("dynamic", False)
+        if (typ, bits) != ("float", 8) and not (typ == "int" and isinstance(bits, int) and 2 <= bits <= 8):
+            raise ValueError(f"config group {group!r}: input activations of type {typ!r} with {bits} bits cannot be "
+                             f"emulated (int with 2..8 bits, or float8_e4m3fn)")
+        if dynamic not in (True, False) or strategy not in (("token", "tensor") if dynamic else ("tensor",)):
+            raise ValueError(f"config group {group!r}: input activations {_describe(a)} (dynamic={dynamic!r}) cannot be "
+                             f"emulated: dynamic per token or tensor, or static per tensor")
+        return cls(typ, bits, strategy, bool(a.get("symmetric", True)), bool(dynamic))
+
+    def range(self, device):
+        """``(q_min, q_max)`` as compressed-tensors' ``calculate_range`` makes them (0-dim tensors)."""
+        if self.type == "float":
+            f = torch.finfo(torch.float8_e4m3fn)
+            return torch.tensor(f.min, device=device), torch.tensor(f.max, device=device)
+        r = 2 ** self.num_bits
+        return torch.tensor(-r / 2, device=device), torch.tensor(r / 2 - 1, device=device)
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self.type == "float" else torch.int8
+
+
+def fake_quantize_activation(x: torch.Tensor, args: ActivationArgs, scale: torch.Tensor | None = None,
+                             zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` quantized and dequantized as compressed-tensors 0.12 does to a layer's input
+    (``forward_quantize``), operation for operation, so bit for bit.  Dynamic: the scale (and an
+    asymmetric zero point) from ``x``'s min/max per token (over the dims after the first two, as
+    the library reduces them: a 2-D input gets one scale) or per tensor, 0 always in range,
+    ``max |x| / (range / 2)`` symmetric or ``(max - min) / range`` asymmetric, at least float32's
+    eps, in ``x``'s dtype.  Static: the stored ``scale`` (and ``zero_point``).  Then
+    ``clamp(x / scale + zp)`` to the type's range, rounded (``torch.round``, or a cast to
+    float8_e4m3fn), and ``(q - zp) * scale`` in the scale's dtype."""
+    q_min, q_max = args.range(x.device)
+    if args.dynamic:
+        dims = tuple(range(2, x.dim())) if args.strategy == "token" else ()
+        if dims:
+            mn, mx = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+        else:
+            mn, mx = torch.aminmax(x)
+        mn, mx = torch.min(mn, torch.zeros_like(mn)), torch.max(mx, torch.zeros_like(mx))
+        width = float(q_max - q_min)
+        eps = torch.finfo(torch.float32).eps
+        if args.symmetric:
+            scale = torch.clamp(torch.max(mn.abs(), mx.abs()) / (width / 2), min=eps)
+            zero_point = torch.zeros(scale.shape, device=x.device, dtype=mn.dtype)
+        else:
+            scale = torch.clamp((mx - mn) / width, min=eps)
+            zero_point = torch.clamp(q_min - (mn / scale), q_min, q_max)
+        if args.type == "int":
+            zero_point = torch.round(zero_point)
+        zero_point = zero_point.to(args.code_dtype)
+        if scale.dim() == 0:
+            scale, zero_point = scale.reshape(1), zero_point.reshape(1)
+    scaled = x / scale
+    if zero_point is not None:
+        scaled += zero_point.to(x.dtype)
+    clamped = torch.clamp(scaled, q_min, q_max)
+    q = clamped.to(torch.float8_e4m3fn).to(clamped.dtype) if args.type == "float" else torch.round(clamped)
+    out = q.to(scale.dtype)
+    if zero_point is not None:
+        out = out - zero_point.to(scale.dtype)
+    return out * scale
+
+
+class ActivationQuantizer:
+    """A forward pre-hook that fake-quantizes a layer's input (:func:`fake_quantize_activation`);
+    what ``load(activations="emulate")`` registers."""
+
+    def __init__(self, args: ActivationArgs, scale: torch.Tensor | None = None,
+                 zero_point: torch.Tensor | None = None):
+        self.args, self.scale, self.zero_point = args, scale, zero_point
+
+    def __call__(self, module, inputs):
+        if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].numel() == 0:
+            return None
+        scale = self.scale
+        if scale is not None and scale.device != inputs[0].device:  # the model moved after loading
+            self.scale = scale = scale.to(inputs[0].device)
+            self.zero_point = None if self.zero_point is None else self.zero_point.to(scale.device)
+        return (fake_quantize_activation(inputs[0], self.args, scale, self.zero_point),) + tuple(inputs[1:])
+
+
+def _layer_dtype(mod: nn.Module) -> torch.dtype:
+    """The dtype a layer computes in (its weight, values or scales)."""
+    for k in ("weight", "values", "scales"):
+        t = getattr(mod, k, None)
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def _emulate_activations(m: nn.Module, act_layers: dict, act_tensors: dict, path: str) -> list[str]:
+    """Register an :class:`ActivationQuantizer` on every layer of ``act_layers`` (name -> scheme);
+    static scales come from ``act_tensors`` (``NAME.input_scale`` / ``NAME.input_zero_point``),
+    cast as compressed-tensors' parameters hold them (the layer's dtype; the code dtype).
+    Returns the config groups emulated."""
+    groups = set()
+    for name, sch in act_layers.items():
+        try:
+            args = ActivationArgs.parse(sch.group, sch.input_acts)
+        except ValueError as e:
+            raise CompressedTensorsError(f"{path}: {e}") from None
+        mod = m.get_submodule(name)
+        scale = zp = None
+        if not args.dynamic:
+            scale = act_tensors.get(name + ".input_scale")
+            if scale is None or not scale.is_floating_point() or scale.numel() != 1:
+                raise CompressedTensorsError(f"{path}: {name}: static input activations need one floating-point "
+                                             f"{name}.input_scale, got {None if scale is None else list(scale.shape)}")
+            scale = scale.reshape(1).to(_layer_dtype(mod))
+            if not args.symmetric:
+                zp = act_tensors.get(name + ".input_zero_point")
+                if zp is None or zp.numel() != 1:
+                    raise CompressedTensorsError(f"{path}: {name}: asymmetric static input activations need one "
+                                                 f"{name}.input_zero_point")
+                zp = zp.reshape(1).to(args.code_dtype)
+            dev = next((t.device for t in mod.parameters()), scale.device)
+            scale = scale.to(dev)
+            zp = None if zp is None else zp.to(dev)
+        mod.register_forward_pre_hook(ActivationQuantizer(args, scale, zp))
+        groups.add(sch.group)
+    return sorted(groups)
 
 
 # ------------------------------------------------------------------ load
@@ -872,7 +1020,8 @@ INT4 = ("dequantize", "keep")
 
 @torch.no_grad()
 def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", convert: bool = True,
-         unstructured: str = "bitmask", int4: str = "dequantize") -> tuple[nn.Module, LoadInfo]:
+         unstructured: str = "bitmask", int4: str = "dequantize",
+         activations: str = "ignore") -> tuple[nn.Module, LoadInfo]:
     """Load a compressed-tensors sparse checkpoint directory as a model with SparseLinear layers.
 
     Args:
@@ -889,6 +1038,12 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
             codes and scales as stored (3 bits a weight instead of 9; the kernel computes
             ``q * scale`` exactly in float32, where compressed-tensors rounds it to the scale's
             dtype).  Other layers are dequantized.
+        activations: ``"ignore"`` runs the layers on unquantized inputs; ``"emulate"`` registers a
+            forward pre-hook (:class:`ActivationQuantizer`) on every layer whose config group
+            quantizes its input activations, which quantizes and dequantizes the input as
+            compressed-tensors does (:func:`fake_quantize_activation`: int or FP8, dynamic per
+            token or tensor, or static per tensor from the stored ``input_scale``), so the model
+            computes what the quantized model computes.  Hooks are not saved with the model.
 
     2:4 layers (``sparse-24-bitmask``; for ``sparse-bitmask``, layers whose bitmask marks at most 2
     of every 4 columns; for ``dense``, targeted layers whose weight is 2:4) become 2:4
@@ -897,8 +1052,9 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
     Quantized weights are dequantized first, bit for bit as compressed-tensors does, to the
     scale's dtype (cast to the model's dtype if its other tensors have another); a targeted layer
     whose dequantized weight is 2:4 then becomes 2:4 SparseLinear, another sparse one follows
-    ``unstructured``.  Activation and KV-cache quantization is not applied (listed in
-    ``LoadInfo.quantization["not_applied"]``).
+    ``unstructured``.  KV-cache and output-activation quantization is not applied, nor input
+    activations' unless ``activations="emulate"`` (listed in
+    ``LoadInfo.quantization["not_applied"]``; the emulated groups in ``["emulated"]``).
 
     Returns ``(model, LoadInfo)``; raises CompressedTensorsError (a ValueError) naming the file or
     layer for anything it cannot read exactly.
@@ -914,6 +1070,8 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         raise ValueError(f"int4: got {int4!r}, expected one of {', '.join(INT4)}")
     if int4 == "keep" and not convert:
         raise ValueError("int4: 'keep' builds SparseLinearInt4 layers; convert=False loads every weight dense")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations: got {activations!r}, expected one of {', '.join(ACTIVATIONS)}")
     cfg, sc, quant = _read_config(path)
     fmt = sc["format"]
     structure = str(sc.get("sparsity_structure") or "unstructured").lower()
@@ -928,6 +1086,11 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         raise CompressedTensorsError(f"{path}: cannot build model_type {cfg.get('model_type')!r} from config.json "
                                      f"({type(e).__name__}: {e})") from e
     info = LoadInfo(path=path, sparsity_config=sc)
+    act_layers, act_tensors = {}, {}
+    if activations == "emulate" and quant is not None:  # matched on the skeleton's own module classes
+        act_layers = {n: sch for n, mod in m.named_modules()
+                      if (sch := _scheme_for(n, mod, quant)) is not None and sch.input_acts}
+        act_tensors = {k: tensors[k] for k in tensors if k.rsplit(".", 1)[-1] in ("input_scale", "input_zero_point")}
     dequantized: set[str] = set()
     if quant is not None:  # quantized weights -> dense dequantized ones, sparse-converted below
         info.quantization, dequantized, kept = _dequantize_layers(m, tensors, compressed, fmt, quant, path,
@@ -1007,6 +1170,11 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
         m = _to_dtype(m, dtype)
         for n, sc in scales.items():
             m.get_submodule(n)._buffers["scales"] = sc
+    if act_layers:
+        emulated = _emulate_activations(m, act_layers, act_tensors, path)
+        q = info.quantization
+        q["emulated"] = [n for n in q["not_applied"] if n.split(" ", 1)[0] in emulated and " input activations: " in n]
+        q["not_applied"] = [n for n in q["not_applied"] if n not in q["emulated"]]
     return m.eval(), info
 
 

@@ -110,7 +110,7 @@ def load_tokenizer(src: ModelSource):
 
 
 def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               int4: str = "dequantize"):
+               int4: str = "dequantize", activations: str = "ignore"):
     """Load ``(model, tokenizer, source)``; the model is in eval mode on ``device``.
 
     A checkpoint of ours comes back with its 2:4 layers as SparseLinear (see
@@ -118,7 +118,8 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
     directory (or from its base model when none was saved); a compressed-tensors one with its
     sparse layers as SparseLinear (:func:`sparse_kernels.llm.compressed_tensors.load`).  ``int4``:
     ``"keep"`` loads either kind's int4 2:4 layers as SparseLinearInt4, ``"dequantize"`` as 16-bit
-    SparseLinear.
+    SparseLinear.  ``activations="emulate"``: a compressed-tensors checkpoint's input-activation
+    quantization is applied as compressed-tensors applies it (see its ``load``).
     """
     _offline()
     src = resolve(model)
@@ -139,7 +140,7 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
         if not any(os.path.isfile(os.path.join(src.path, f)) for f in TOKENIZER_FILES):
             raise FileNotFoundError(f"{src.path}: a compressed-tensors checkpoint without tokenizer files "
                                     f"({', '.join(TOKENIZER_FILES)}); copy the base model's tokenizer into it")
-        m, info = compressed_tensors.load(src.path, dtype=dtype, device=device, int4=int4)
+        m, info = compressed_tensors.load(src.path, dtype=dtype, device=device, int4=int4, activations=activations)
         src.extra = info.as_dict()
         if info.quantization:
             print(compressed_tensors.quantization_note(info.quantization), file=sys.stderr)

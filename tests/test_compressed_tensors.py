@@ -1076,6 +1076,9 @@ def test_load_emulates_static_activations_and_needs_their_scales(tmp_path):
     assert hook.scale.dtype == torch.float16 and float(hook.scale) == float(torch.tensor(0.05).half())
     x = torch.randn(1, 3, mod.in_features, dtype=torch.float16)
     assert_bitexact(hook(mod, (x,))[0], torch.clamp(torch.round(x / hook.scale), -128, 127) * hook.scale, "static")
+    m = m.to(torch.bfloat16)  # the scale follows the layer, as the library's input_scale parameter does
+    y = m(input_ids=torch.randint(0, 64, (1, 8))).logits
+    assert hook.scale.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
 
 
 def test_emulated_activations_match_the_library_bit_for_bit():

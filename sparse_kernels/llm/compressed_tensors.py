@@ -862,10 +862,12 @@ class ActivationQuantizer:
     def __call__(self, module, inputs):
         if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].numel() == 0:
             return None
-        scale = self.scale
-        if scale is not None and scale.device != inputs[0].device:  # the model moved after loading
-            self.scale = scale = scale.to(inputs[0].device)
-            self.zero_point = None if self.zero_point is None else self.zero_point.to(scale.device)
+        scale, dev = self.scale, inputs[0].device
+        if scale is not None and (scale.device != dev or scale.dtype != _layer_dtype(module)):
+            # the model moved or was cast after loading: compressed-tensors' input_scale is a
+            # parameter of the layer and follows it
+            self.scale = scale = scale.to(device=dev, dtype=_layer_dtype(module))
+            self.zero_point = None if self.zero_point is None else self.zero_point.to(dev)
         return (fake_quantize_activation(inputs[0], self.args, scale, self.zero_point),) + tuple(inputs[1:])
 
 

@@ -625,7 +625,8 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
     """Replace every 2:4 :class:`SparseLinear` of ``model`` by :class:`SparseLinearInt4`
     (round-to-nearest int4 of its kept values), in place; ``include``/``exclude`` as in
     :func:`sparsify`.  A layer whose padded ``in_features`` the group size does not divide is
-    skipped (listed with the reason).  Returns the report (bytes before and after)."""
+    skipped (listed with the reason).  A replaced layer's forward pre-hooks move to its int4
+    layer.  Returns the report (bytes before and after)."""
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
                                    or group_size % 16):
         raise ValueError(f"group_size: got {group_size!r}; it must be None (one scale per row) or a positive "
@@ -643,6 +644,10 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
                                          f"input features"))
             continue
         new = SparseLinearInt4.from_sparse(mod, group_size)
+        # forward pre-hooks on the layer's input (e.g. compressed-tensors' emulated activation
+        # quantization) apply to the int4 layer as well
+        new._forward_pre_hooks.update(mod._forward_pre_hooks)
+        new._forward_pre_hooks_with_kwargs.update(mod._forward_pre_hooks_with_kwargs)
         report.bytes_before += mod.nbytes()
         report.bytes_after += new.nbytes()
         parent_name, _, child = name.rpartition(".")

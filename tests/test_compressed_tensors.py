@@ -1026,6 +1026,8 @@ def test_fake_quantize_activation_by_hand():
     (dict(type="int", num_bits=8, dynamic=True, strategy="group", group_size=16), "cannot be emulated"),
     (dict(type="int", num_bits=8, dynamic="local", strategy="token"), "dynamic='local'"),
     (dict(type="int", num_bits=8, dynamic=False, strategy="token"), "static per tensor"),
+    (dict(type="int", num_bits=8, dynamic=True, group_size=16), "per group"),  # no strategy: group, as the library
+    (dict(type="int", num_bits=8, dynamic=True, group_size=-1), "per channel"),
 ])
 def test_activation_args_refused(a, msg):
     with pytest.raises(ValueError, match=msg):
@@ -1143,3 +1145,39 @@ def test_cli_emulate_activations_reaches_the_loader(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             cli._load(args)
         assert seen[-1] == want, argv
+
+
+def test_emulation_survives_int4_and_odd_group_names(tmp_path):
+    """quantize_int4 (eval --int4) keeps the layers' activation hooks; a config group whose name has
+    a space is still reported as emulated; an int4-kept layer's static scale takes the input's
+    dtype (the library gives input_scale the model's dtype, not the int4 scales')."""
+    m, info = ct.load(FIXINT8, activations="emulate")
+    sk.quantize_int4(m, group_size=16)
+    hooked = [n for n, mod in m.named_modules() if isinstance(mod, sk.SparseLinearInt4)
+              and any(isinstance(h, ct.ActivationQuantizer) for h in mod._forward_pre_hooks.values())]
+    assert len(hooked) == 14
+
+    d = shutil.copytree(FIXINT8, tmp_path / "spaced")
+    cfg = json.loads((d / "config.json").read_text())
+    groups = cfg["quantization_config"]["config_groups"]
+    groups["w8a8 group"] = groups.pop("group_0")
+    (d / "config.json").write_text(json.dumps(cfg))
+    _, info = ct.load(str(d), activations="emulate")
+    assert info.quantization["emulated"] == ["w8a8 group input activations: int8 dynamic per token"]
+    assert not any("input activations" in n for n in info.quantization["not_applied"])
+
+    d = shutil.copytree(FIXMARLIN, tmp_path / "int4static")
+    cfg = json.loads((d / "config.json").read_text())
+    g = next(iter(cfg["quantization_config"]["config_groups"].values()))
+    g["input_activations"] = dict(type="int", num_bits=8, strategy="tensor", dynamic=False, symmetric=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    t = load_file(str(d / "model.safetensors"))
+    for n in sorted({k.rsplit(".", 1)[0] for k in t if k.endswith(".scale_packed")}):
+        t[n + ".input_scale"] = torch.tensor([0.05], dtype=torch.float32)
+    save_file(t, str(d / "model.safetensors"))
+    m, _ = ct.load(str(d), dtype=torch.bfloat16, int4="keep", activations="emulate")
+    q = m.model.layers[0].self_attn.q_proj
+    assert isinstance(q, sk.SparseLinearInt4) and q.scales.dtype == torch.float16
+    y = m(input_ids=torch.randint(0, 64, (1, 6))).logits
+    hook = next(h for h in q._forward_pre_hooks.values() if isinstance(h, ct.ActivationQuantizer))
+    assert y.dtype == torch.bfloat16 and hook.scale.dtype == torch.bfloat16

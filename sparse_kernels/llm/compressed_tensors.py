@@ -785,15 +785,18 @@ class ActivationArgs:
     def parse(cls, group: str, a: dict) -> "ActivationArgs":
         """From a config group's ``input_activations``; ValueError for what cannot be emulated
         exactly (FP4, group or block strategies, dynamic="local", more than 8 bits)."""
-        typ, bits = str(a.get("type", "int")).lower(), a.get("num_bits", 8)
-        strategy = str(a.get("strategy") or "tensor").lower()
+        typ, bits, gs = str(a.get("type", "int")).lower(), a.get("num_bits", 8), a.get("group_size")
+        strategy = a.get("strategy")  # QuantizationArgs' rule when unset, as for weights (_schemes)
+        strategy = (str(strategy).lower() if strategy is not None
+                    else "group" if isinstance(gs, int) and gs > 0 else "channel" if gs == -1 else "tensor")
         dynamic = a.get("dynamic", False)
         if (typ, bits) != ("float", 8) and not (typ == "int" and isinstance(bits, int) and 2 <= bits <= 8):
             raise ValueError(f"config group {group!r}: input activations of type {typ!r} with {bits} bits cannot be "
                              f"emulated (int with 2..8 bits, or float8_e4m3fn)")
         if dynamic not in (True, False) or strategy not in (("token", "tensor") if dynamic else ("tensor",)):
-            raise ValueError(f"config group {group!r}: input activations {_describe(a)} (dynamic={dynamic!r}) cannot be "
-                             f"emulated: dynamic per token or tensor, or static per tensor")
+            raise ValueError(f"config group {group!r}: input activations {_describe(dict(a, strategy=strategy))} "
+                             f"(dynamic={dynamic!r}) cannot be emulated: dynamic per token or tensor, or static per "
+                             f"tensor")
         return cls(typ, bits, strategy, bool(a.get("symmetric", True)), bool(dynamic))
 
     def range(self, device):
@@ -863,21 +866,24 @@ class ActivationQuantizer:
         if not inputs or not isinstance(inputs[0], torch.Tensor) or inputs[0].numel() == 0:
             return None
         scale, dev = self.scale, inputs[0].device
-        if scale is not None and (scale.device != dev or scale.dtype != _layer_dtype(module)):
+        want = _layer_dtype(module) or inputs[0].dtype
+        if scale is not None and (scale.device != dev or scale.dtype != want):
             # the model moved or was cast after loading: compressed-tensors' input_scale is a
             # parameter of the layer and follows it
-            self.scale = scale = scale.to(device=dev, dtype=_layer_dtype(module))
+            self.scale = scale = scale.to(device=dev, dtype=want)
             self.zero_point = None if self.zero_point is None else self.zero_point.to(dev)
         return (fake_quantize_activation(inputs[0], self.args, scale, self.zero_point),) + tuple(inputs[1:])
 
 
-def _layer_dtype(mod: nn.Module) -> torch.dtype:
-    """The dtype a layer computes in (its weight, values or scales)."""
-    for k in ("weight", "values", "scales"):
+def _layer_dtype(mod: nn.Module) -> torch.dtype | None:
+    """The dtype of a layer's weight (or 2:4 values), which compressed-tensors gives its
+    ``input_scale``; None for a layer without one (an int4 layer: its scales keep the stored
+    dtype, while the library's weight has the model's dtype, which the input has)."""
+    for k in ("weight", "values"):
         t = getattr(mod, k, None)
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t.dtype
-    return torch.get_default_dtype()
+    return None
 
 
 def _emulate_activations(m: nn.Module, act_layers: dict, act_tensors: dict, path: str) -> list[str]:
@@ -898,7 +904,7 @@ def _emulate_activations(m: nn.Module, act_layers: dict, act_tensors: dict, path
             if scale is None or not scale.is_floating_point() or scale.numel() != 1:
                 raise CompressedTensorsError(f"{path}: {name}: static input activations need one floating-point "
                                              f"{name}.input_scale, got {None if scale is None else list(scale.shape)}")
-            scale = scale.reshape(1).to(_layer_dtype(mod))
+            scale = scale.reshape(1).to(_layer_dtype(mod) or scale.dtype)  # (int4 layers: the input's, per call)
             if not args.symmetric:
                 zp = act_tensors.get(name + ".input_zero_point")
                 if zp is None or zp.numel() != 1:
@@ -1175,7 +1181,7 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
     if act_layers:
         emulated = _emulate_activations(m, act_layers, act_tensors, path)
         q = info.quantization
-        q["emulated"] = [n for n in q["not_applied"] if n.split(" ", 1)[0] in emulated and " input activations: " in n]
+        q["emulated"] = [n for n in q["not_applied"] if any(n.startswith(f"{g} input activations: ") for g in emulated)]
         q["not_applied"] = [n for n in q["not_applied"] if n not in q["emulated"]]
     return m.eval(), info
 

@@ -123,6 +123,9 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
     """
     _offline()
     src = resolve(model)
+    if activations == "emulate" and src.kind != "compressed-tensors":
+        print(f"note: activation emulation applies to compressed-tensors checkpoints; {src.name} ({src.kind}) "
+              f"quantizes no activations", file=sys.stderr)
     if src.kind == "checkpoint":
         from . import checkpoint
 

@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
     p.add_argument("--format", choices=("sparse_kernels", "compressed-tensors"), default="sparse_kernels",
                    help="checkpoint format: ours (default) or compressed-tensors' sparse-24-bitmask / sparse-bitmask "
-                        "(llm-compressor's; readable by compressed-tensors <= 0.12)")
+                        "(llm-compressor's; readable by compressed-tensors <= 0.12), pack-quantized with --int4")
     p.add_argument("--skip", action="append", default=[], metavar="REGEX",
                    help="leave dense every layer whose name inside its block matches REGEX, e.g. self_attn "
                         "(repeatable)")
@@ -305,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model(p, "SmolLM2-135M-Instruct; the dense side")
     p.add_argument("--sparse", default=None,
-                   help="checkpoint of ours for the sparse side (default: the model with magnitude 2:4 applied in "
-                        "memory: speed only, its quality is not measured)")
+                   help="pruned checkpoint (ours or compressed-tensors) for the sparse side (default: the model with "
+                        "magnitude 2:4 applied in memory: speed only, its quality is not measured)")
     p.add_argument("--prompt", default=demo.DEFAULTS["prompt"])
     p.add_argument("--new-tokens", type=_positive(int), default=32)
     p.add_argument("--repeats", type=_positive(int), default=3)

@@ -28,8 +28,9 @@ each weight once, on load, exactly as compressed-tensors does (``(q - zero_point
 scale's dtype, per tensor, channel, group, activation-ordered group or block), so a 2:4 FP8 model
 runs on our 16-bit 2:4 kernels.  ``marlin-24`` (2:4 int4/int8 in Marlin's tiled layout, which
 compressed-tensors writes but cannot read) is unshuffled and dequantized the same way.
-Activation and KV-cache quantization is not emulated: those scales are dropped and listed in
-:attr:`LoadInfo.quantization`.  FP4 (``nvfp4-pack-quantized``) and transforms are refused with a
+Input-activation quantization is emulated with ``load(..., activations="emulate")``
+(:func:`fake_quantize_activation`); otherwise, and always for KV-cache and output activations,
+those scales are dropped and listed in :attr:`LoadInfo.quantization`.  FP4 (``nvfp4-pack-quantized``) and transforms are refused with a
 clear error.
 """
 

@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading dims of x, N, K, group size): batch 1, odd leading dims, N not a multiple of 16 or 64,
 # per-row scales (G = K), K not a multiple of 32 or 64, batch past the 4-row blocks
 SHAPES = [((1,), 37, 48, 16), ((3, 5), 64, 160, 32), ((2, 1, 7), 129, 32, 32), ((9,), 20, 16, 16),
-          ((17,), 70, 96, 48), ((40,), 33, 128, 128)]
+          ((17,), 70, 96, 48), ((40,), 33, 128, 128), ((4,), 24, 256, 64)]
 
 
 def _problem(lead, n, k, g, dtype, device="cpu", bias=True, seed=0, scale_dtype=None):
@@ -421,6 +421,30 @@ def test_sparse_linear_int4_fp16_x_with_large_scales(backend):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_triton_int4_decode_workspace_every_element_written(m):
+    """The split-K decode path (M <= 16): a NaN-filled workspace is overwritten everywhere (a split
+    past K writes zeros), and y matches the exact product."""
+    pytest.importorskip("triton")
+    from sparse_kernels.ops import _registry as R
+
+    if R.why_unavailable("sparse_linear_int4", "triton", "cpu") is not None:
+        pytest.skip("triton on CPU needs TRITON_INTERPRET=1")
+    from sparse_kernels.triton import int4 as T
+    from sparse_kernels.triton.linear import decode_split_k
+
+    x, q, meta, scales, bias = _problem((m,), 40, 320, 64, torch.float32, seed=11)
+    split = decode_split_k(40, 320, x.device)
+    assert split > 1  # (under the interpreter: 3 splits of 64-column steps, the last one short)
+    ws = torch.full((split, m, 40), float("nan"))
+    y = T._sparse_linear_int4_splitk(x, q, meta, scales, bias, 64, workspace=ws)
+    assert not ws.isnan().any(), "workspace elements left unwritten"
+    _check(y, x, q, meta, scales, bias, "split-K")
+    with pytest.raises(ValueError, match="workspace: .*expected a contiguous float32"):
+        T._sparse_linear_int4_splitk(x, q, meta, scales, bias, 64, workspace=torch.empty(split + 1, m, 40))
+
+
+@pytest.mark.triton
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_int4_kernel_compiles_for_gpu(arch):
@@ -440,6 +464,14 @@ def test_triton_int4_kernel_compiles_for_gpu(arch):
                        **{c: "constexpr" for c in ("HAS_BIAS", "IEEE", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
             consts = dict(HAS_BIAS=True, IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
             _gpu_compile(T._sparse_linear_int4_kernel, sig, consts, arch)
+        for bm in (1, 16):  # the split-K decode kernel, each of its configs' BLOCK_K (fp16: as fp32, IEEE)
+            for bk in ((128, 256) if dt != "*fp32" else ()):
+                sig = dict(x_ptr=dt, q_ptr="*u8", meta_ptr="*i16", s_ptr="*bf16", ws_ptr="*fp32", M=i32, N=i32,
+                           K=i32, G=i32, SPLIT_K=i32, M_BUCKET=i32,
+                           **{s: i32 for s in ("sxm", "sxk", "sqn", "sqk", "smn", "smk", "ssn", "ssk")},
+                           **{c: "constexpr" for c in ("IEEE", "UPCAST", "BLOCK_M", "BLOCK_N", "BLOCK_K")})
+                consts = dict(IEEE=ieee, UPCAST=False, BLOCK_M=bm, BLOCK_N=32, BLOCK_K=bk)
+                _gpu_compile(T._sparse_linear_int4_splitk_kernel, sig, consts, arch)
 
 
 def test_sparsegpt_int4_tiny_fp16_groups_and_the_loop_mask():

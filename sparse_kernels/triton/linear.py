@@ -183,6 +183,15 @@ _sl_large = triton.autotune(configs=_LARGE, key=_KEY, prune_configs_by=_PRUNE)(_
 
 # ---------------------------------------------------------------- sparse_linear, decode (M <= 16): split-K
 @triton.jit
+def split_bounds(K, SPLIT_K, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)`` of this program's split (program_id 1): whole BLOCK_K steps, so no step
+    straddles two splits; empty for a split past K."""
+    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = tl.program_id(1) * span
+    return k_lo, tl.minimum(k_lo + span, K)
+
+
+@triton.jit
 def _sparse_linear_splitk_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, M, N, K, SPLIT_K, M_BUCKET,
                                  sxm, sxk, svn, svk, smn, smk,
                                  IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -196,13 +205,10 @@ def _sparse_linear_splitk_kernel(x_ptr, v_ptr, meta_ptr, ws_ptr, M, N, K, SPLIT_
     BLOCK_M == 1: ``w * x`` broadcast and summed over K on the CUDA cores (no dot layout
     conversion of the register-built tile); BLOCK_M == 16: ``tl.dot`` as in the large-M kernel.
     """
-    pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_s * span
-    k_hi = tl.minimum(k_lo + span, K)
+    k_lo, k_hi = split_bounds(K, SPLIT_K, BLOCK_K)
     rm = tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     x_rows = x_ptr + rm[:, None].to(tl.int64) * sxm  # int64: a strided x can have a huge row stride
     v_rows = v_ptr + rn[:, None].to(tl.int64) * svn
     m_rows = meta_ptr + rn[:, None].to(tl.int64) * smn
@@ -274,27 +280,41 @@ def decode_split_k(N, K, device):
     return triton.cdiv(steps, triton.cdiv(steps, split))  # as many splits as that leaves non-empty
 
 
-def _sparse_linear_splitk(x, values, meta, bias, workspace=None):
-    """Decode path (``1 <= M <= 16``, ``N >= 1``).  ``workspace``: optional fp32
-    ``[SPLIT_K, M, N]`` (contiguous) for tests; by default ``torch.empty`` of that shape."""
+def splitk_workspace(x, N, workspace=None):
+    """``(SPLIT_K, workspace)`` of a decode launch on ``x [M, K]``: the given workspace checked
+    (fp32 ``[SPLIT_K, M, N]``, contiguous; tests pass a poisoned one), else ``torch.empty``."""
     M, K = x.shape
-    N = values.shape[0]
-    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     split = decode_split_k(N, K, x.device)
     if workspace is None:
-        workspace = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-    elif tuple(workspace.shape) != (split, M, N) or workspace.dtype != torch.float32 or not workspace.is_contiguous():
+        return split, torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+    if tuple(workspace.shape) != (split, M, N) or workspace.dtype != torch.float32 or not workspace.is_contiguous():
         raise ValueError(f"workspace: got {tuple(workspace.shape)} {workspace.dtype}; "
                          f"expected a contiguous float32 ({split}, {M}, {N})")
-    grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), split)  # noqa: E731
-    _sl_splitk[grid](x, values, meta, workspace, M, N, K, split, _bucket(M),
-                     x.stride(0), x.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
-                     IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype), BLOCK_M=1 if M == 1 else 16)
+    return split, workspace
+
+
+def splitk_reduce(workspace, bias, x):
+    """``y = sum over splits + bias`` (fp32, in order), in x's dtype."""
+    split, M, N = workspace.shape
+    bias = bias.contiguous() if bias is not None else None  # read with unit stride
     y = torch.empty(M, N, device=x.device, dtype=_out_dtype(x.dtype))
     _splitk_reduce_kernel[(M, triton.cdiv(N, _REDUCE_BLOCK))](
         workspace, bias if bias is not None else workspace, y, M, N, split, y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK)
     return y.to(x.dtype)
+
+
+def _sparse_linear_splitk(x, values, meta, bias, workspace=None):
+    """Decode path (``1 <= M <= 16``, ``N >= 1``).  ``workspace``: optional fp32
+    ``[SPLIT_K, M, N]`` (contiguous) for tests; by default ``torch.empty`` of that shape."""
+    M, K = x.shape
+    N = values.shape[0]
+    split, workspace = splitk_workspace(x, N, workspace)
+    grid = lambda meta_: (triton.cdiv(N, meta_["BLOCK_N"]), split)  # noqa: E731
+    _sl_splitk[grid](x, values, meta, workspace, M, N, K, split, _bucket(M),
+                     x.stride(0), x.stride(1), values.stride(0), values.stride(1), meta.stride(0), meta.stride(1),
+                     IEEE=x.dtype == torch.float32, UPCAST=_upcast(x.dtype), BLOCK_M=1 if M == 1 else 16)
+    return splitk_reduce(workspace, bias, x)
 
 
 def _bucket(m):

@@ -23,6 +23,7 @@ examples:
   sparse-kernels prune --method sparsegpt --pattern 2:4 --finetune-steps 200 --output out/smollm2-2of4-ft
   sparse-kernels prune --method structured --sparsity 0.5 --criterion activation --output out/smollm2-ffn50
   sparse-kernels prune --method sparsegpt --pattern 2:4 --format compressed-tensors --output out/smollm2-2of4-ct
+  sparse-kernels prune --method sparsegpt --pattern 2:4 --int4 64 --permute --output out/smollm2-2of4-int4
   sparse-kernels eval --model DIR_OF_AN_LLM_COMPRESSOR_2OF4_MODEL     # compressed-tensors sparse checkpoints load too
   sparse-kernels convert --model DIR_OF_AN_LLM_COMPRESSOR_2OF4_MODEL --format sparse_kernels -o out/ours
   sparse-kernels eval --model out/smollm2-2of4 --tokens 8192 --window 512 --stride 256

@@ -890,7 +890,8 @@ def _layer_dtype(mod: nn.Module) -> torch.dtype | None:
 def _emulate_activations(m: nn.Module, act_layers: dict, act_tensors: dict, path: str) -> list[str]:
     """Register an :class:`ActivationQuantizer` on every layer of ``act_layers`` (name -> scheme);
     static scales come from ``act_tensors`` (``NAME.input_scale`` / ``NAME.input_zero_point``),
-    cast as compressed-tensors' parameters hold them (the layer's dtype; the code dtype).
+    cast as compressed-tensors' parameters hold them (the layer's dtype; the code dtype); the
+    hook moves them to the input's device on its first call.
     Returns the config groups emulated."""
     groups = set()
     for name, sch in act_layers.items():
@@ -912,9 +913,6 @@ def _emulate_activations(m: nn.Module, act_layers: dict, act_tensors: dict, path
                     raise CompressedTensorsError(f"{path}: {name}: asymmetric static input activations need one "
                                                  f"{name}.input_zero_point")
                 zp = zp.reshape(1).to(args.code_dtype)
-            dev = next((t.device for t in mod.parameters()), scale.device)
-            scale = scale.to(dev)
-            zp = None if zp is None else zp.to(dev)
         mod.register_forward_pre_hook(ActivationQuantizer(args, scale, zp))
         groups.add(sch.group)
     return sorted(groups)

@@ -34,3 +34,13 @@ def same_device(**tensors) -> None:
 def multiple(name: str, what: str, value: int, m: int, hint: str = "") -> None:
     if value % m != 0:
         raise ValueError(f"{name}: {what} must be a multiple of {m}, got {value}{hint}")
+
+
+def bias(b, n: int, x: torch.Tensor) -> None:
+    """An optional linear bias: 1-D, x's dtype, ``n`` (output features) long, on x's device."""
+    if b is None:
+        return
+    tensor("bias", b, ndim=1, dtypes=(x.dtype,))
+    if b.shape[0] != n:
+        raise ValueError(f"bias: shape {tuple(b.shape)} does not match the {n} output features; expected ({n},)")
+    same_device(x=x, bias=b)

@@ -121,11 +121,7 @@ def bitmask_linear(x, values, bitmask, row_ptr, bias=None, *, backend=None):
     if values.dtype != x.dtype:
         raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
     n = bitmask.shape[0]
-    if bias is not None:
-        V.tensor("bias", bias, ndim=1, dtypes=(x.dtype,))
-        if bias.shape[0] != n:
-            raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the {n} output features; expected ({n},)")
-        V.same_device(x=x, bias=bias)
+    V.bias(bias, n, x)
     V.same_device(x=x, values=values)
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, 0) would be ambiguous for K == 0
     b = R.choose("bitmask_linear", backend, x2.device)  # its auto rule reads no shape (compile-safe)

@@ -131,11 +131,7 @@ def sparse_linear_int4(x, qvalues, meta, scales, bias=None, *, backend=None):
     n, k = qvalues.shape[0], 4 * qvalues.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"x: last dim is {x.shape[-1]} but the weight has {k} input features")
-    if bias is not None:
-        V.tensor("bias", bias, ndim=1, dtypes=(x.dtype,))
-        if bias.shape[0] != n:
-            raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the {n} output features; expected ({n},)")
-        V.same_device(x=x, bias=bias)
+    V.bias(bias, n, x)
     V.same_device(x=x, qvalues=qvalues)
     x2 = x.reshape(math.prod(x.shape[:-1]), k)
     # auto (cpp on CPU, else the reference) reads no shape: nothing symbolic reaches the choice under compile

@@ -335,15 +335,6 @@ def _flatten(x):
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), x.shape[:-1]
 
 
-def _check_bias(bias, n, x):
-    if bias is None:
-        return
-    V.tensor("bias", bias, ndim=1, dtypes=(x.dtype,))
-    if bias.shape[0] != n:
-        raise ValueError(f"bias: shape {tuple(bias.shape)} does not match the {n} output features; expected ({n},)")
-    V.same_device(x=x, bias=bias)
-
-
 def _check_x(x, k, what):
     V.tensor("x", x, min_ndim=1, dtypes=V.FLOAT_DTYPES)
     if x.shape[-1] != k:
@@ -358,7 +349,7 @@ def _check_sparse_linear_args(x, values, meta, bias, meta_dev):
     if values.dtype != x.dtype:
         raise TypeError(f"values: dtype {values.dtype} does not match x's dtype {x.dtype}; cast one of them")
     V.same_device(x=x, values=values, meta=meta)
-    _check_bias(bias, values.shape[0], x)
+    V.bias(bias, values.shape[0], x)
     if meta_dev is not None:
         V.same_device(x=x, meta_dev=meta_dev)
 
@@ -438,7 +429,7 @@ def masked_linear(x, weight, mask, bias=None, *, backend=None):
         raise TypeError(f"weight: dtype {weight.dtype} does not match x's dtype {x.dtype}; cast one of them")
     _check_mask(mask, weight)
     V.same_device(x=x, weight=weight)
-    _check_bias(bias, weight.shape[0], x)
+    V.bias(bias, weight.shape[0], x)
     x2, lead = _flatten(x)
     y = _call("masked_linear", backend, x2, weight, mask, bias)
     return y.reshape(*lead, weight.shape[0])

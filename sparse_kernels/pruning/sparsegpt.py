@@ -61,7 +61,8 @@ class HessianWarning(RuntimeWarning):
 
 
 def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str, factor=None):
-    """``ref.prepare_hessian`` with the retry policy; returns ``(W, Hinv, percdamp_used)``."""
+    """``ref.prepare_hessian`` with the retry policy; returns ``(W, Hinv, percdamp_used)``.  Called
+    from :func:`_prepare_layer` (warnings point at the caller of sparsegpt_prune*: stacklevel 4)."""
     damp = percdamp
     first_error = None
     while True:
@@ -73,7 +74,7 @@ def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str
                         f"sparsegpt_prune{what}: H + {percdamp:g} * mean(diag H) * I is not positive definite "
                         f"({first_error}); succeeded with percdamp={damp:g}",
                         HessianWarning,
-                        stacklevel=3,
+                        stacklevel=4,
                     )
                 return W2, Hinv, damp
             err = "the inverse factor has non-finite entries"
@@ -89,7 +90,7 @@ def _inverse_factor(W: torch.Tensor, H: torch.Tensor, percdamp: float, what: str
         f"sparsegpt_prune{what}: Cholesky failed up to percdamp={MAX_PERCDAMP:g} ({first_error}); "
         f"falling back to diag(H) (no weight updates)",
         HessianWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
     h = torch.diagonal(H).to(torch.float32).clone()
     W2 = W.clone(memory_format=torch.contiguous_format)  # row-major, as above: the lazy update needs it
@@ -116,6 +117,24 @@ def _check_layer_args(W, H, sparsity, blocksize, percdamp):
     if not isinstance(percdamp, (int, float)) or isinstance(percdamp, bool) or not percdamp >= 0:
         raise ValueError(f"percdamp: got {percdamp!r}, expected a float >= 0")
     return spec
+
+
+def _prepare_layer(block_op: str, W, H, spec, percdamp, backend, name):
+    """What :func:`sparsegpt_prune` and :func:`sparsegpt_prune_int4` share before the block loop:
+    the block op on its selected backend, the float32 ``W`` and the upper inverse factor
+    (:func:`_inverse_factor`), and the lazy-update op.  ``(op, W, Hinv, lazy)``."""
+    chosen = R.select(block_op, backend, W.device)
+    what = f" ({name})" if name else ""
+    # backend="reference" is the published algorithm end to end; the fast path factors H once.
+    factor = ref.upper_inverse_factor if chosen == "reference" else fast_upper_inverse_factor
+    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
+    lazy = None  # backend="reference": the paper's GEMM into a temporary
+    if chosen != "reference":
+        # auto (not SPARSE_KERNELS_BACKEND): the lazy op's rule weighs Err1's nonzero fraction,
+        # the pruned fraction spec.ratio (1 - n/m for N:M); the block op's backend argument does
+        # not name it.
+        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, "auto", W.device, spec.ratio))
+    return R.get_op(block_op, chosen), Wf, Hinv, lazy
 
 
 def sparsegpt_prune(
@@ -162,18 +181,7 @@ def sparsegpt_prune(
     """
     spec = _check_layer_args(W, H, sparsity, blocksize, percdamp)
 
-    chosen = R.select(_BLOCK_OP, backend, W.device)
-    op = R.get_op(_BLOCK_OP, chosen)
-    what = f" ({name})" if name else ""
-    # backend="reference" is the published algorithm end to end; the fast path factors H once.
-    factor = ref.upper_inverse_factor if chosen == "reference" else fast_upper_inverse_factor
-    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
-    lazy = None  # backend="reference": the paper's GEMM into a temporary
-    if chosen != "reference":
-        # auto (not SPARSE_KERNELS_BACKEND): the lazy op's rule weighs Err1's nonzero fraction,
-        # the pruned fraction spec.ratio (1 - n/m for N:M); the block op's backend argument does
-        # not name it.
-        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, "auto", W.device, spec.ratio))
+    op, Wf, Hinv, lazy = _prepare_layer(_BLOCK_OP, W, H, spec, percdamp, backend, name)
     Wf, keep, losses = ref.sparsegpt_layer(
         Wf, Hinv, sparsity=spec.ratio, n=spec.n, m=spec.m, blocksize=blocksize, block_update=op, lazy_update=lazy,
     )
@@ -207,14 +215,7 @@ def sparsegpt_prune_int4(W: torch.Tensor, H: torch.Tensor, sparsity="2:4", group
             or blocksize % group_size or cols % group_size):
         raise ValueError(f"group_size: got {group_size!r}; it must be a positive multiple of 16 dividing blocksize "
                          f"{blocksize} and the {cols} columns")
-    chosen_backend = R.select(_INT4_OP, backend, W.device)
-    op = R.get_op(_INT4_OP, chosen_backend)
-    what = f" ({name})" if name else ""
-    factor = ref.upper_inverse_factor if chosen_backend == "reference" else fast_upper_inverse_factor
-    Wf, Hinv, _ = _inverse_factor(W.detach().to(torch.float32), H.detach(), float(percdamp), what, factor)
-    lazy = None
-    if chosen_backend != "reference":
-        lazy = R.get_op(_LAZY_OP, R.select(_LAZY_OP, "auto", W.device, spec.ratio))
+    op, Wf, Hinv, lazy = _prepare_layer(_INT4_OP, W, H, spec, percdamp, backend, name)
     codes = torch.empty(rows, cols, dtype=torch.int8, device=W.device)
     chosen = torch.empty(rows, cols, dtype=torch.bool, device=W.device)  # the masks the loop chose
     scales = torch.empty(rows, cols // group_size, dtype=torch.float32, device=W.device)

@@ -64,6 +64,15 @@ def _load_int4_step(x_rows, q_rows, m_rows, s_rows, k0, rm, rn, M, N, K, G, sxk,
 
 
 @triton.jit
+def _int4_dot(w, x, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc += w @ x^T`` for the fp32 weight tile ``w``: the fp32 dot for fp32/fp16 x (IEEE) and
+    upcast dtypes, else the tile rounded to x's dtype (bf16) on the tensor cores."""
+    if IEEE or UPCAST:
+        return _dot(w, tl.trans(x.to(tl.float32)), acc, True, False)
+    return _dot(w.to(x.dtype), tl.trans(x), acc, False, False)
+
+
+@triton.jit
 def _sparse_linear_int4_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, M, N, K, G, M_BUCKET,
                                sxm, sxk, sqn, sqk, smn, smk, ssn, ssk, sym, syn,
                                HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -80,10 +89,7 @@ def _sparse_linear_int4_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, bias_ptr, y_ptr, M
     for k0 in range(0, K, BLOCK_K):
         x, w = _load_int4_step(x_rows, q_rows, m_rows, s_rows, k0, rm, rn, M, N, K, G, sxk, sqk, smk, ssk,
                                BLOCK_N, BLOCK_K)
-        if IEEE or UPCAST:
-            acc = _dot(w, tl.trans(x.to(tl.float32)), acc, True, False)
-        else:
-            acc = _dot(w.to(x.dtype), tl.trans(x), acc, False, False)
+        acc = _int4_dot(w, x, acc, IEEE, UPCAST)
     acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -117,10 +123,8 @@ def _sparse_linear_int4_splitk_kernel(x_ptr, q_ptr, meta_ptr, s_ptr, ws_ptr, M, 
                                BLOCK_N, BLOCK_K)
         if BLOCK_M == 1:
             acc += tl.sum(w * x.to(tl.float32), axis=1, keep_dims=True)
-        elif IEEE or UPCAST:
-            acc = _dot(w, tl.trans(x.to(tl.float32)), acc, True, False)
         else:
-            acc = _dot(w.to(x.dtype), tl.trans(x), acc, False, False)
+            acc = _int4_dot(w, x, acc, IEEE, UPCAST)
     acc = tl.trans(acc)
     tl.store(ws_ptr + (tl.program_id(1) * M + rm[:, None]).to(tl.int64) * N + rn[None, :], acc,
              mask=(rm[:, None] < M) & (rn[None, :] < N))

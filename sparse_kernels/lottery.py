@@ -58,7 +58,8 @@ class LotteryTicket:
     """Iterative magnitude pruning with rewinding; see the module docstring for the loop.
 
     Args:
-        model: any ``nn.Module``; its ``nn.Linear`` (and unstructured SparseLinear) layers are pruned.
+        model: any ``nn.Module``; its ``nn.Linear``, ``nn.Conv1d/2d/3d`` (and unstructured SparseLinear)
+            layers are pruned.
         rate: fraction of the *remaining* weights pruned per round, in (0, 1).
         scope: ``"layer"`` or ``"global"`` magnitude ranking.
         rewind_step: 0 = rewind to initialisation; k > 0 = to the weights after k training steps.

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ..ops import _validate as V
+from .layers import layer_input_rows
 from .patterns import keep_largest, keep_largest_nm, parse_sparsity
 
 __all__ = ["wanda_prune", "ria_prune", "wanda_scores", "ria_scores", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
@@ -177,7 +178,7 @@ class ActivationNormAccumulator:
         return out
 
     def hook(self, module, inputs, output) -> None:
-        self.add(inputs[0])
+        self.add(layer_input_rows(module, inputs[0]))
 
     def attach(self, module: torch.nn.Module):
         return module.register_forward_hook(self.hook)

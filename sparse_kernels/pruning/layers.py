@@ -1,14 +1,26 @@
-"""The layers :func:`sparse_kernels.prune` prunes: ``nn.Linear`` and Hugging Face's GPT-2
-``Conv1D`` (weight stored transposed, ``[in, out]``), read and written as ``[out, in]``."""
+"""The layers :func:`sparse_kernels.prune` prunes, each read and written as a 2-D weight
+``[out, in]`` with a matching input ``[tokens, in]``:
+
+* ``nn.Linear``;
+* Hugging Face's GPT-2 ``Conv1D`` (weight stored transposed, ``[in, out]``);
+* ``nn.Conv1d`` / ``nn.Conv2d`` with ``groups=1`` (vision and audio models). The weight
+  ``[out, C, kh, kw]`` is flattened channels-last, ``[out, kh*kw*C]`` (column
+  ``(r*kw + s)*C + c``), the order an implicit-GEMM convolution reduces over in NHWC, so N:M
+  groups run along input channels (as NVIDIA's ASP and TensorRT lay out 2:4 convolutions; it
+  needs ``C % M == 0``). The input is unfolded into the matching patches (im2col, padding mode
+  honoured), one row per output position, so ``rows @ W2d.T`` is the convolution's output.
+  Grouped and depthwise convolutions, transposed ones and ``Conv3d`` are not pruned.
+"""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["prunable_layers"]
+__all__ = ["prunable_layers", "layer_input_rows"]
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -18,20 +30,86 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def _is_conv(m: nn.Module) -> bool:
+    """A ``torch.nn`` convolution :func:`prune` can take: ``nn.Conv1d``/``nn.Conv2d``, ``groups=1``."""
+    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+
+
 def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:
-    """``{name: module}`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` layers inside ``block``."""
+    """``{name: module}`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv1d`` / ``nn.Conv2d``
+    (``groups=1``) layers inside ``block``."""
     out = {}
     for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) or _is_conv1d(mod):
+        if isinstance(mod, nn.Linear) or _is_conv1d(mod) or _is_conv(mod):
             if layer_filter is None or layer_filter(name, mod):
                 out[name] = mod
     return out
 
 
 def _get_weight(layer) -> torch.Tensor:
-    """The weight as ``[out_features, in_features]`` (a view for Linear, a transpose for Conv1D)."""
-    return layer.weight.data.t() if _is_conv1d(layer) else layer.weight.data
+    """The weight as ``[out_features, in_features]``: a view for Linear, a transposed view for
+    Conv1D, a channels-last copy ``[out, kh*kw*C]`` for a convolution (write it back with
+    :func:`_set_weight`, never in place)."""
+    if _is_conv1d(layer):
+        return layer.weight.data.t()
+    if _is_conv(layer):
+        w = layer.weight.data
+        return w.permute(0, *range(2, w.dim()), 1).reshape(w.shape[0], -1)
+    return layer.weight.data
 
 
 def _set_weight(layer, w: torch.Tensor) -> None:
+    if _is_conv(layer):
+        shape, nd = layer.weight.shape, layer.weight.dim()  # [out, C, *kernel]
+        layer.weight.data.copy_(w.reshape(shape[0], *shape[2:], shape[1]).permute(0, nd - 1, *range(1, nd - 1)))
+        return
     _get_weight(layer).copy_(w)
+
+
+def conv_channels(layer) -> int | None:
+    """A convolution's input channels (the span an N:M group must stay within); None otherwise."""
+    return layer.in_channels if _is_conv(layer) else None
+
+
+def layer_input_rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s input ``x`` as rows matching :func:`_get_weight`'s columns: ``x`` itself for a
+    Linear / ``Conv1D`` (any leading shape, ``[..., in]``); for a convolution the unfolded
+    patches ``[batch * positions, kh*kw*C]``, so that ``rows @ _get_weight(layer).T`` is the
+    convolution without its bias."""
+    if not _is_conv(layer):
+        return x
+    one_d = isinstance(layer, nn.Conv1d)
+    if x.dim() == layer.weight.dim() - 1:  # unbatched input
+        x = x.unsqueeze(0)
+    if x.dim() != layer.weight.dim() or x.shape[1] != layer.in_channels:
+        raise ValueError(f"x: a {type(layer).__name__} with {layer.in_channels} input channels got an input of "
+                         f"shape {tuple(x.shape)}")
+    kernel, dilation, stride = layer.kernel_size, layer.dilation, layer.stride
+    pad = _padding(layer)  # F.pad order: last dim first, (left, right) each
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, pad, mode=mode)
+    if one_d:
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = (1, kernel[0]), (1, dilation[0]), (1, stride[0])
+    c, k = layer.in_channels, kernel[0] * kernel[1]
+    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [n, C*k, L], C outermost
+    n, _, positions = cols.shape
+    return cols.view(n, c, k, positions).permute(0, 3, 2, 1).reshape(n * positions, k * c)
+
+
+def _padding(layer) -> list[int]:
+    """The convolution's padding as ``F.pad`` takes it (last spatial dim first, left then right);
+    ``padding='same'`` puts the odd pixel on the right, as PyTorch does."""
+    pad = []
+    for i in reversed(range(len(layer.kernel_size))):
+        if isinstance(layer.padding, str):
+            if layer.padding == "valid":
+                left = right = 0
+            else:  # "same"
+                total = layer.dilation[i] * (layer.kernel_size[i] - 1)
+                left, right = total // 2, total - total // 2
+        else:
+            left = right = layer.padding[i]
+        pad += [left, right]
+    return pad

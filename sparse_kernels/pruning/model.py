@@ -33,7 +33,7 @@ from .calibration import _capture_inputs, _run_block
 from .criteria import (ActivationNormAccumulator, check_alpha, magnitude_prune, magnitude_prune_global, ria_prune,
                        ria_scores, wanda_prune, wanda_scores)
 from .dsnot import ActivationMomentsAccumulator, dsnot_refine, parse_dsnot
-from .layers import _get_weight, _is_conv1d, _set_weight, prunable_layers
+from .layers import _get_weight, _is_conv1d, _set_weight, conv_channels, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
 from .fold import fold_permutations
@@ -66,7 +66,8 @@ def _get_attr(obj, path: str):
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks of a Hugging Face causal LM (or any model with one ``nn.ModuleList``
-    of identical blocks holding Linear layers).  Raises ValueError when none is found."""
+    of identical blocks holding prunable layers: Linear, or a CNN's convolutions).  Raises
+    ValueError when none is found."""
     for path in BLOCK_PATHS:
         blocks = _get_attr(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
@@ -353,6 +354,20 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, 
         setattr(parent, child, new)
 
 
+def _check_conv(where: str, layer, spec: Sparsity, permute: bool, int4, convert) -> None:
+    """What :func:`prune` cannot do with a convolution: raise before anything is pruned."""
+    kind = type(layer).__name__
+    skip = "leave it out with layer_filter"
+    if spec.is_nm and layer.in_channels % spec.m:
+        raise ValueError(f"{where}: a {kind} with {layer.in_channels} input channels cannot take '{spec}': its N:M "
+                         f"groups run along input channels (channels-last, per kernel position), so M={spec.m} must "
+                         f"divide them; {skip} or use an unstructured sparsity")
+    for flag, what in ((permute, "permute"), (int4 is not None, "int4"), (bool(convert), "convert")):
+        if flag:
+            raise ValueError(f"{what}: {where} is a {kind}; {what} applies to Linear layers only (convolutions are "
+                             f"pruned in place, their weights keep their shape); {skip}")
+
+
 # ------------------------------------------------------------------ prune
 @torch.no_grad()
 def prune(
@@ -381,10 +396,15 @@ def prune(
 
     Args:
         model: a Hugging Face causal LM (Llama, Mistral, Qwen2, Gemma, GPT-2, OPT, ...) or any
-            ``nn.Module`` (then give ``blocks``).
+            ``nn.Module`` (then give ``blocks``), a vision model included.  The prunable layers
+            are ``nn.Linear``, GPT-2's ``Conv1D`` and ``nn.Conv1d``/``nn.Conv2d`` with
+            ``groups=1``: a convolution is pruned as its channels-last weight ``[out, kh*kw*C]``
+            against its unfolded input patches (N:M groups along input channels, which M must
+            divide; :mod:`sparse_kernels.pruning.layers`), in place, keeping its shape.
         method: a key of :data:`METHODS`: ``"sparsegpt"``, ``"wanda"``, ``"ria"``, ``"magnitude"``.
         sparsity: float in (0, 1) or ``"N:M"`` (N kept of every M along in_features).
-        calibration: token ids ``LongTensor [n, seqlen]`` (split into ``batch_size`` rows), or
+        calibration: token ids ``LongTensor [n, seqlen]`` (split into ``batch_size`` rows; for a
+            model without a ``config.vocab_size``, any tensor, e.g. images ``[n, C, H, W]``), or
             an iterable of batches (tensor: ``model(batch)``; tuple: ``model(*batch)``; dict:
             ``model(**batch)``).  Required for sparsegpt and wanda; optional for magnitude
             (with it, the report has block output errors).
@@ -511,9 +531,12 @@ def prune(
                    _permute=perm_opts, _dsnot=dsnot_opts, _int4=int4, _int4_parts={}, **method_options)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
-            spec.check_columns(f"blocks[{bi}].{name}", _get_weight(layer).shape[1])
+            where = f"blocks[{bi}].{name}" if name else f"blocks[{bi}]"
+            if conv_channels(layer) is not None:
+                _check_conv(where, layer, spec, perm_opts is not None, int4, convert)
+            spec.check_columns(where, _get_weight(layer).shape[1])
             if int4 is not None and _get_weight(layer).shape[1] % int4:
-                raise ValueError(f"int4: group size {int4} does not divide blocks[{bi}].{name}'s "
+                raise ValueError(f"int4: group size {int4} does not divide {where}'s "
                                  f"{_get_weight(layer).shape[1]} input features")
 
     t_start = time.perf_counter()

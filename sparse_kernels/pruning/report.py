@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .layers import _get_weight
+from .layers import _get_weight, layer_input_rows
 
 __all__ = ["LayerReport", "PruneReport"]
 
@@ -177,7 +177,7 @@ class _OutputError:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or w.shape != self.w0.shape:
             self.applicable = False
             return
-        x = x.detach().to(torch.float32)
+        x = layer_input_rows(module, x.detach()).to(torch.float32)
         w0 = self.w0.to(torch.float32)
         y0 = F.linear(x, w0)
         e = F.linear(x, w0 - w.to(torch.float32))

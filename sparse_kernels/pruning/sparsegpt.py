@@ -13,6 +13,7 @@ from ..ops.sparsegpt import LAZY_NAME as _LAZY_OP
 from ..ops.sparsegpt import INT4_NAME as _INT4_OP
 from ..ops.sparsegpt import NAME as _BLOCK_OP
 from ..reference import sparsegpt as ref
+from .layers import layer_input_rows
 from .patterns import parse_sparsity
 
 __all__ = ["sparsegpt_prune", "sparsegpt_prune_int4", "HessianAccumulator", "HessianWarning"]
@@ -241,7 +242,8 @@ class HessianAccumulator:
     ``add(x)`` takes ``x [..., columns]`` of any leading shape and float dtype; ``n`` counts
     rows (tokens), so ``H`` is twice the mean of ``x x^T`` whatever the batching.  (The
     SparseGPT scripts count sequences instead; that rescales H and the loss, not the result.)
-    :meth:`attach` registers a forward hook that feeds the module's first positional input.
+    :meth:`attach` registers a forward hook that feeds the module's first positional input (a
+    convolution's as its unfolded patches, :func:`sparse_kernels.pruning.layers.layer_input_rows`).
     """
 
     def __init__(self, columns: int, device=None):
@@ -274,7 +276,7 @@ class HessianAccumulator:
         return out
 
     def hook(self, module, inputs, output) -> None:
-        self.add(inputs[0])
+        self.add(layer_input_rows(module, inputs[0]))
 
     def attach(self, module: torch.nn.Module):
         """Register the forward hook on ``module``; returns the handle (call ``.remove()``)."""

@@ -161,7 +161,7 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from .masks import _is_24_sparse_linear, _sparse_linear_cls
 
     cls = _sparse_linear_cls()
-    kinds = (nn.Linear,) + ((cls,) if cls is not None else ())
+    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + ((cls,) if cls is not None else ())
     return [(n, m) for n, m in model.named_modules()
             if (isinstance(m, kinds) or _is_conv1d(m)) and not _is_24_sparse_linear(m)]
 
@@ -175,7 +175,8 @@ class MagnitudePruner:
         scope: ``"layer"`` (each layer reaches the sparsity) or ``"global"`` (one ranking across
             all targeted layers; per-layer sparsities differ, the total is exact).
         include / exclude: fnmatch patterns over module names (default: every ``nn.Linear``, GPT-2
-            ``Conv1D`` and unstructured SparseLinear; 2:4 SparseLinear layers are never targets).
+            ``Conv1D``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` (any groups; the mask has the weight's
+            shape) and unstructured SparseLinear; 2:4 SparseLinear layers are never targets).
         score: ``fn(module) -> tensor of weight's shape`` (higher = keep); default ``|weight|``.
         optimizer: attached to the internal :class:`MaskedTraining` so momentum/Adam state and
             weight decay cannot revive pruned weights (more via :meth:`attach`).

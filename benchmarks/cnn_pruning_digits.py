@@ -1,0 +1,154 @@
+"""One-shot pruning of a small residual CNN: magnitude vs Wanda vs SparseGPT, no fine-tuning.
+
+Data: ``sklearn.datasets.load_digits`` (1797 8x8 images, ships with scikit-learn, no download),
+pixels / 16, a fixed stratified 80/20 train/test split. Model: a stem ``Conv2d(1, C, 3)``, three
+residual blocks of two ``Conv2d(C, C, 3, padding=1)``, global average pooling, ``Linear(C, 10)``;
+trained with Adam (lr 3e-3, batch 64, ``--epochs`` epochs). The six block convolutions are pruned
+(``sparse_kernels.prune(model, method, sparsity, calibration=images, blocks=model.blocks)``),
+the stem (one input channel) and the head stay dense. Calibration: ``--calib`` training images.
+
+Contenders: magnitude (one threshold per layer), magnitude with one threshold per output row
+(Wanda's comparison group), Wanda, SparseGPT. Per seed (initialisation and batch order) and setting, the test accuracy after pruning and the
+blocks' relative output errors (mean over the three blocks) go into ``cnn_pruning_digits.json``
+in ``--out`` (default benchmarks/results/cpu). Usage::
+
+    PYTHONPATH=$PWD python benchmarks/cnn_pruning_digits.py      # 3 seeds, about a minute on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparse_kernels.info import cpu_name  # noqa: E402
+from sparse_kernels.pruning import prune  # noqa: E402
+
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, "2:4", "4:8"]
+# label -> (method, options); "magnitude/row" has Wanda's comparison group (one threshold per output row)
+METHODS = {"magnitude": ("magnitude", {}), "magnitude/row": ("magnitude", {"scope": "row"}),
+           "wanda": ("wanda", {}), "sparsegpt": ("sparsegpt", {})}
+
+
+def load_data(split_seed: int = 0):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=split_seed, stratify=y)
+    img = lambda a: torch.tensor(a / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)  # noqa: E731
+    return img(xtr), torch.tensor(ytr), img(xte), torch.tensor(yte)
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.conv2(torch.relu(self.conv1(x))))
+
+
+class ResCNN(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(3))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def train(model, data, epochs, seed, batch=64, lr=3e-3):
+    xtr, ytr = data[0], data[1]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xtr), generator=g)
+        for i in range(0, len(xtr), batch):
+            idx = perm[i:i + batch]
+            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    model.eval()
+
+
+@torch.no_grad()
+def accuracy(model, data):
+    return (model(data[2]).argmax(1) == data[3]).float().mean().item()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--channels", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
+    args = ap.parse_args()
+    import sklearn
+
+    data = load_data()
+    t0 = time.perf_counter()
+    rows = []
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        dense = ResCNN(args.channels)
+        train(dense, data, args.epochs, seed)
+        rows.append(dict(seed=seed, method="dense", sparsity="0", accuracy=accuracy(dense, data)))
+        calib = data[0][torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(100 + seed))[:args.calib]]
+        for sparsity in SPARSITIES:
+            for label, (method, options) in METHODS.items():
+                model = ResCNN(args.channels)
+                model.load_state_dict(dense.state_dict())
+                model.eval()
+                report = prune(model, method, sparsity, calibration=calib, blocks=list(model.blocks), batch_size=64,
+                               progress=False, **options)
+                err = statistics.mean(report.block_output_error)
+                rows.append(dict(seed=seed, method=label, sparsity=str(sparsity), accuracy=accuracy(model, data),
+                                 block_output_error=err, seconds=report.seconds))
+    secs = time.perf_counter() - t0
+
+    summary = {}
+    for r in rows:
+        key = f"{r['method']} {r['sparsity']}"
+        summary.setdefault(key, []).append(r["accuracy"])
+    summary = {k: dict(acc_mean=statistics.mean(v), acc_min=min(v), acc_max=max(v)) for k, v in summary.items()}
+    env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+               sklearn=sklearn.__version__, python=platform.python_version(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "cnn_pruning_digits.json")
+    with open(path, "w") as f:
+        json.dump(dict(env=env, config=vars(args), summary=summary, rows=rows), f, indent=1)
+
+    print(f"dense: {summary['dense 0']['acc_mean']:.4f} (test accuracy, mean of {args.seeds} seeds)")
+    print(f"{'sparsity':>8} " + " ".join(f"{m:>24}" for m in METHODS) + "   (accuracy mean [min-max]; block error)")
+    for sparsity in SPARSITIES:
+        cells = []
+        for m in METHODS:
+            s = summary[f"{m} {sparsity}"]
+            e = statistics.mean(r["block_output_error"] for r in rows if r["method"] == m and r["sparsity"] == str(sparsity))
+            cells.append(f"{s['acc_mean']:.4f} [{s['acc_min']:.3f}-{s['acc_max']:.3f}] {e:.3f}")
+        print(f"{str(sparsity):>8} " + " ".join(f"{c:>24}" for c in cells))
+    print(f"{secs:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -256,3 +256,32 @@ def test_prune_a_half_precision_channels_last_cnn(dtype):
         groups = _get_weight(b.conv1).reshape(-1, 4)
         assert int((groups != 0).sum(1).max()) <= 2
     assert all(0 < e < 0.5 for e in report.block_output_error)
+
+
+try:
+    import transformers
+except ImportError:
+    transformers = None
+
+
+@pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+def test_hugging_face_vision_models_built_from_a_config():
+    torch.manual_seed(0)
+    images = smooth_images(8, 3, 32, 32)
+    cfg = transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                                 image_size=32, patch_size=8, num_labels=10)
+    vit = transformers.ViTForImageClassification(cfg).eval()
+    report = prune(vit, "sparsegpt", "2:4", calibration=images, progress=False)  # blocks found: encoder.layer
+    assert len(report.layers) == 12 and all(r.sparsity == 0.5 for r in report.layers)
+    assert vit.vit.embeddings.patch_embeddings.projection.weight.ne(0).all()  # outside the blocks
+    cfg = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck",
+                                    num_labels=10)
+    resnet = transformers.ResNetForImageClassification(cfg).eval()
+    blocks = [layer for stage in resnet.resnet.encoder.stages for layer in stage.layers]
+    report = prune(resnet, "wanda", "2:4", calibration=images, blocks=blocks, progress=False)
+    convs = [m for b in blocks for m in b.modules() if isinstance(m, nn.Conv2d)]
+    assert len(report.layers) == len(convs) == 7  # three per bottleneck, one projection shortcut
+    for conv in convs:
+        assert int((_get_weight(conv).reshape(-1, 4) != 0).sum(1).max()) <= 2
+    with torch.no_grad():
+        assert torch.isfinite(resnet(images).logits).all()

@@ -32,11 +32,17 @@ The pruned model computes exactly what the original computes with the same units
 summation order. Structured pruning needs dense ``nn.Linear``/``Conv1D`` layers: run it before
 any 2:4 conversion.
 
+Any other model (CNNs, vision transformers' MLPs, ...): :mod:`.channels` removes the inner
+channels of every producer -> (BatchNorm, depthwise conv, activation) -> consumer chain
+(:func:`prune_channels`, chains found by ``torch.fx``: :func:`find_channel_chains`).
+
 Modules: :mod:`.prune` (:func:`structured_prune`, :class:`StructuredReport`, argument checks),
 :mod:`.scores` (calibration runs, activation/Taylor statistics, unit importance),
 :mod:`.arch` (where each model family keeps its units, and the in-place row/column surgery).
 """
 
+from .channels import CHANNEL_CRITERIA, ChannelChain, ChannelReport, find_channel_chains, prune_channels
 from .prune import CRITERIA, StructuredReport, structured_prune
 
-__all__ = ["CRITERIA", "StructuredReport", "structured_prune"]
+__all__ = ["CRITERIA", "StructuredReport", "structured_prune", "CHANNEL_CRITERIA", "ChannelChain", "ChannelReport",
+           "find_channel_chains", "prune_channels"]

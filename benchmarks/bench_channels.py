@@ -1,0 +1,136 @@
+"""Structured channel pruning of a CNN (``sparse_kernels.structured.prune_channels``): accuracy
+on scikit-learn's digits and CPU inference time of the smaller model.
+
+Accuracy: the residual CNN of ``cnn_pruning_digits.py`` (stem, three blocks of two 3x3
+convolutions with ``--channels`` channels), trained ``--epochs`` epochs per seed. Each block's
+inner channels (conv1's outputs = conv2's inputs; the residual stream keeps its width) are cut by
+25 / 50 / 75% with each criterion (magnitude, activation, wanda; 256 training images as
+calibration), then the test accuracy is taken before and after ``--ft-epochs`` epochs of
+fine-tuning (Adam, lr 1e-3); the dense model fine-tuned as long is the control.
+
+Speed: the same architecture with 64 channels on 32x32 inputs, batch 32, float32, dense against
+each cut: median of ``--repeats`` forward passes under ``torch.inference_mode`` (alternating
+dense and pruned runs so both see the same machine state), torch's default threads.
+
+Writes ``bench_channels.json`` into ``--out`` (default benchmarks/results/cpu). Usage::
+
+    PYTHONPATH=$PWD python benchmarks/bench_channels.py        # about two minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cnn_pruning_digits import ResCNN, accuracy, load_data, train  # noqa: E402
+from sparse_kernels.info import cpu_name  # noqa: E402
+from sparse_kernels.structured import prune_channels  # noqa: E402
+
+CUTS = [0.25, 0.5, 0.75]
+CRITERIA = ["magnitude", "activation", "wanda"]
+
+
+def time_forward(models: dict, x, repeats: int) -> dict:
+    times = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():  # warm-up
+            m(x)
+        for _ in range(repeats):
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--ft-epochs", type=int, default=5)
+    ap.add_argument("--channels", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
+    args = ap.parse_args()
+    import sklearn
+
+    t_start = time.perf_counter()
+    data = load_data()
+    rows = []
+    for seed in range(args.seeds):
+        torch.manual_seed(seed)
+        dense = ResCNN(args.channels)
+        train(dense, data, args.epochs, seed)
+        more = copy.deepcopy(dense)  # the control: the dense model fine-tuned as long as the pruned ones
+        train(more, data, args.ft_epochs, 1000 + seed, lr=1e-3)
+        rows.append(dict(seed=seed, criterion="dense", cut=0.0, accuracy=accuracy(dense, data),
+                         accuracy_ft=accuracy(more, data), params=sum(p.numel() for p in dense.parameters())))
+        calib = data[0][torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(100 + seed))[:256]]
+        for cut in CUTS:
+            for criterion in CRITERIA:
+                model = copy.deepcopy(dense)
+                report = prune_channels(model, cut, calibration=None if criterion == "magnitude" else calib,
+                                        criterion=criterion, batch_size=64)
+                acc = accuracy(model, data)
+                train(model, data, args.ft_epochs, 1000 + seed, lr=1e-3)
+                rows.append(dict(seed=seed, criterion=criterion, cut=cut, accuracy=acc, accuracy_ft=accuracy(model, data),
+                                 params=report.params_after, chains=len(report.chains)))
+
+    summary = {}
+    for r in rows:
+        summary.setdefault(f"{r['criterion']} {r['cut']}", []).append(r)
+    summary = {k: dict(acc_mean=statistics.mean(r["accuracy"] for r in v),
+                       acc_ft_mean=statistics.mean(r["accuracy_ft"] for r in v),
+                       params=v[0]["params"]) for k, v in summary.items()}
+
+    # speed: 64 channels, 32x32 inputs, batch 32
+    torch.manual_seed(0)
+    big = ResCNN(64).eval()
+    x = torch.randn(32, 1, 32, 32)
+    models = {"dense": big}
+    for cut in CUTS:
+        m = copy.deepcopy(big)
+        prune_channels(m, cut)
+        models[f"cut {cut}"] = m
+    with torch.no_grad():
+        ref = big(x)
+        assert all(m(x).shape == ref.shape for m in models.values())
+    times = time_forward(models, x, args.repeats)
+    speed = {k: dict(ms=1e3 * t, speedup=times["dense"] / t, params=sum(p.numel() for p in models[k].parameters()))
+             for k, t in times.items()}
+    secs = time.perf_counter() - t_start
+
+    env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+               sklearn=sklearn.__version__, python=platform.python_version(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench_channels.json")
+    with open(path, "w") as f:
+        json.dump(dict(env=env, config=vars(args), summary=summary, speed=speed, rows=rows), f, indent=1)
+
+    print(f"dense: {summary['dense 0.0']['acc_mean']:.4f} test accuracy ({summary['dense 0.0']['acc_ft_mean']:.4f} "
+          f"after the same fine-tuning), {summary['dense 0.0']['params']} params (mean of {args.seeds} seeds)")
+    print(f"{'cut':>5} " + " ".join(f"{c:>22}" for c in CRITERIA) + "   (accuracy: one-shot -> fine-tuned)")
+    for cut in CUTS:
+        cells = [f"{summary[f'{c} {cut}']['acc_mean']:.4f} -> {summary[f'{c} {cut}']['acc_ft_mean']:.4f}"
+                 for c in CRITERIA]
+        print(f"{cut:>5} " + " ".join(f"{c:>22}" for c in cells))
+    print("forward, 64 channels, 32x32, batch 32, fp32: " + "; ".join(
+        f"{k} {v['ms']:.2f} ms ({v['speedup']:.2f}x, {v['params']} params)" for k, v in speed.items()))
+    print(f"{secs:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

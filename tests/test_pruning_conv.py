@@ -285,3 +285,59 @@ def test_hugging_face_vision_models_built_from_a_config():
         assert int((_get_weight(conv).reshape(-1, 4) != 0).sum(1).max()) <= 2
     with torch.no_grad():
         assert torch.isfinite(resnet(images).logits).all()
+
+
+class _StandardizedConv(nn.Conv2d):  # BiT-style: the forward standardizes the weight
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _KeywordBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(input=x)  # the layer's input as a keyword
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_KeywordBlock()])
+
+    def forward(self, x):
+        return self.blocks[0](x)
+
+
+def test_convolution_subclasses_with_their_own_forward_are_left_alone():
+    block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _StandardizedConv(8, 8, 3, padding=1))
+    assert list(prunable_layers(block)) == ["0"]
+    pruner = MagnitudePruner(nn.Sequential(_StandardizedConv(8, 8, 3), nn.Linear(4, 4)), OneShot(0.5))
+    assert [n for n, _ in pruner.targets] == ["1"]
+
+
+def test_find_blocks_prefers_blocks_with_linear_layers():
+    from sparse_kernels.pruning import find_blocks
+
+    class Audio(nn.Module):  # a conv feature extractor (7 conv layers) and 3 transformer-ish layers
+        def __init__(self):
+            super().__init__()
+            self.features = nn.ModuleList(nn.Conv1d(8, 8, 3) for _ in range(7))
+            self.layers_ = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(3))
+
+    model = Audio()
+    assert find_blocks(model) == list(model.layers_)
+    cnn = _model()
+    assert find_blocks(cnn) == list(cnn.blocks)
+
+
+def test_a_layer_called_with_input_keyword():
+    x = torch.randn(4, 16)
+    for method in ("wanda", "sparsegpt", "magnitude"):
+        torch.manual_seed(0)
+        model = _KeywordCall()
+        report = prune(model, method, 0.5, calibration=x, batch_size=4, progress=False)
+        assert report.layers[0].output_error is not None and 0 < report.layers[0].output_error < 1

@@ -192,3 +192,13 @@ def test_bad_arguments():
     assert untraced == ["Wrapper", "gate"]
     with pytest.raises(ValueError, match="no channel chain found in Untraceable.*torch.fx could not trace Untraceable"):
         prune_channels(Untraceable(), 0.5)
+
+
+def test_layers_with_their_own_forward_are_not_chain_ends():
+    class Scaled(nn.Linear):  # a subclass that changes what the weight means
+        def forward(self, x):
+            return F.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+    assert find_channel_chains(nn.Sequential(Scaled(4, 6), nn.ReLU(), nn.Linear(6, 2))) == []
+    assert find_channel_chains(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Scaled(6, 2))) == []
+    assert find_channel_chains(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))) == [ChannelChain("0", "2")]

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..ops import _validate as V
-from .layers import layer_input_rows
+from .layers import hook_input, layer_input_rows
 from .patterns import keep_largest, keep_largest_nm, parse_sparsity
 
 __all__ = ["wanda_prune", "ria_prune", "wanda_scores", "ria_scores", "magnitude_prune", "magnitude_prune_global", "ActivationNormAccumulator"]
@@ -180,6 +180,9 @@ class ActivationNormAccumulator:
     def hook(self, module, inputs, output) -> None:
         self.add(layer_input_rows(module, inputs[0]))
 
+    def _hook_kw(self, module, args, kwargs, output) -> None:  # returns None: the output stays as it is
+        self.add(layer_input_rows(module, hook_input(module, args, kwargs)))
+
     def attach(self, module: torch.nn.Module):
-        return module.register_forward_hook(self.hook)
+        return module.register_forward_hook(self._hook_kw, with_kwargs=True)
 

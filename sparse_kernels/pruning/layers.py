@@ -9,7 +9,8 @@
   groups run along input channels (as NVIDIA's ASP and TensorRT lay out 2:4 convolutions; it
   needs ``C % M == 0``). The input is unfolded into the matching patches (im2col, padding mode
   honoured), one row per output position, so ``rows @ W2d.T`` is the convolution's output.
-  Grouped and depthwise convolutions, transposed ones and ``Conv3d`` are not pruned.
+  Grouped and depthwise convolutions, transposed ones, ``Conv3d`` and subclasses whose
+  ``forward`` is not the stock one (weight standardization, padding of their own) are not pruned.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["prunable_layers", "layer_input_rows"]
+__all__ = ["prunable_layers", "layer_input_rows", "hook_input"]
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -30,9 +31,32 @@ def _is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and isinstance(w, torch.Tensor) and w.dim() == 2
 
 
+def _stock_conv(m: nn.Module) -> bool:
+    """An ``nn.Conv1d/2d/3d`` (or subclass) that computes the stock convolution of its own
+    ``weight``: subclasses that transform the weight (weight standardization) or the input (their
+    own padding) in ``forward`` are not, and pruning their raw weight would not do what it says."""
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if isinstance(m, cls):
+            t = type(m)
+            return t.forward is cls.forward and t._conv_forward is cls._conv_forward
+    return False
+
+
 def _is_conv(m: nn.Module) -> bool:
-    """A ``torch.nn`` convolution :func:`prune` can take: ``nn.Conv1d``/``nn.Conv2d``, ``groups=1``."""
-    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1
+    """A convolution :func:`prune` can take: a stock ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``."""
+    return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and _stock_conv(m)
+
+
+def hook_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The input tensor of a layer's call, as a forward hook with ``with_kwargs=True`` sees it:
+    the first positional argument, else ``input=``."""
+    if args:
+        return args[0]
+    x = kwargs.get("input")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{type(module).__name__}: called without its input as the first positional argument or "
+                         f"input=, got keywords {sorted(kwargs)}; its inputs cannot be recorded for pruning")
+    return x
 
 
 def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:
@@ -48,8 +72,8 @@ def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], b
 
 def _get_weight(layer) -> torch.Tensor:
     """The weight as ``[out_features, in_features]``: a view for Linear, a transposed view for
-    Conv1D, a channels-last copy ``[out, kh*kw*C]`` for a convolution (write it back with
-    :func:`_set_weight`, never in place)."""
+    Conv1D, the channels-last flattening ``[out, kh*kw*C]`` for a convolution (a copy, or a view
+    of a channels_last weight: never modify it in place, write it back with :func:`_set_weight`)."""
     if _is_conv1d(layer):
         return layer.weight.data.t()
     if _is_conv(layer):

@@ -66,18 +66,22 @@ def _get_attr(obj, path: str):
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The decoder blocks of a Hugging Face causal LM (or any model with one ``nn.ModuleList``
-    of identical blocks holding prunable layers: Linear, or a CNN's convolutions).  Raises
-    ValueError when none is found."""
+    of identical blocks holding prunable layers: the longest list of blocks with Linear layers,
+    else the longest with convolutions only, as in a CNN).  Raises ValueError when none is found."""
     for path in BLOCK_PATHS:
         blocks = _get_attr(model, path)
         if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
             return list(blocks)
-    best = None
+    best, best_key = None, None
     for mod in model.modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             kinds = {type(b) for b in mod}
-            if len(kinds) == 1 and prunable_layers(mod[0]) and (best is None or len(mod) > len(best)):
-                best = mod
+            layers = prunable_layers(mod[0]) if len(kinds) == 1 else {}
+            # blocks holding Linear layers first (a transformer's, not an audio model's conv feature
+            # extractor), then the longest list
+            key = (any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in layers.values()), len(mod))
+            if layers and (best_key is None or key > best_key):
+                best, best_key = mod, key
     if best is None:
         raise ValueError(
             f"blocks: no decoder-block list found in {type(model).__name__} (tried {', '.join(BLOCK_PATHS)} "
@@ -582,7 +586,7 @@ def prune(
             del stats
             err = None
             if inputs is not None:
-                handles = [layers[name].register_forward_hook(mt.hook) for name, mt in meters.items()]
+                handles = [layers[name].register_forward_hook(mt.hook, with_kwargs=True) for name, mt in meters.items()]
                 try:
                     pruned_out = _run_block(block, inputs)
                 finally:

@@ -171,9 +171,9 @@ class _OutputError:
         self.calls = 0
         self.applicable = True
 
-    def hook(self, module, inputs, output) -> None:
+    def hook(self, module, args, kwargs, output) -> None:  # registered with_kwargs=True
         w = _get_weight(module)
-        x = inputs[0] if inputs else None
+        x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or w.shape != self.w0.shape:
             self.applicable = False
             return

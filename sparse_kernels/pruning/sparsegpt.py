@@ -13,7 +13,7 @@ from ..ops.sparsegpt import LAZY_NAME as _LAZY_OP
 from ..ops.sparsegpt import INT4_NAME as _INT4_OP
 from ..ops.sparsegpt import NAME as _BLOCK_OP
 from ..reference import sparsegpt as ref
-from .layers import layer_input_rows
+from .layers import hook_input, layer_input_rows
 from .patterns import parse_sparsity
 
 __all__ = ["sparsegpt_prune", "sparsegpt_prune_int4", "HessianAccumulator", "HessianWarning"]
@@ -278,6 +278,9 @@ class HessianAccumulator:
     def hook(self, module, inputs, output) -> None:
         self.add(layer_input_rows(module, inputs[0]))
 
+    def _hook_kw(self, module, args, kwargs, output) -> None:  # returns None: the output stays as it is
+        self.add(layer_input_rows(module, hook_input(module, args, kwargs)))
+
     def attach(self, module: torch.nn.Module):
         """Register the forward hook on ``module``; returns the handle (call ``.remove()``)."""
-        return module.register_forward_hook(self.hook)
+        return module.register_forward_hook(self._hook_kw, with_kwargs=True)

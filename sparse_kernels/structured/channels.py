@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pruning.layers import _stock_conv
+
 __all__ = ["ChannelChain", "ChannelReport", "find_channel_chains", "prune_channels", "CHANNEL_CRITERIA"]
 
 CHANNEL_CRITERIA = ("magnitude", "activation", "wanda")
@@ -71,7 +73,11 @@ class ChannelChain:
 
 
 def _is_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, _CONVS) and m.groups == 1)
+    """A stock Linear, or a stock convolution with groups=1 (a subclass that transforms its weight
+    or input in ``forward`` would not compute the masked original after the surgery)."""
+    if isinstance(m, nn.Linear):
+        return type(m).forward is nn.Linear.forward
+    return isinstance(m, _CONVS) and m.groups == 1 and _stock_conv(m)
 
 
 def _out_channels(m: nn.Module) -> int:

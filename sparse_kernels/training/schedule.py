@@ -40,7 +40,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..pruning.layers import _is_conv1d
+from ..pruning.layers import _is_conv1d, _stock_conv
 from .masks import MaskedTraining, get_mask, set_mask
 
 
@@ -161,9 +161,9 @@ def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from .masks import _is_24_sparse_linear, _sparse_linear_cls
 
     cls = _sparse_linear_cls()
-    kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) + ((cls,) if cls is not None else ())
+    kinds = (nn.Linear,) + ((cls,) if cls is not None else ())
     return [(n, m) for n, m in model.named_modules()
-            if (isinstance(m, kinds) or _is_conv1d(m)) and not _is_24_sparse_linear(m)]
+            if (isinstance(m, kinds) or _is_conv1d(m) or _stock_conv(m)) and not _is_24_sparse_linear(m)]
 
 
 class MagnitudePruner:
@@ -175,8 +175,8 @@ class MagnitudePruner:
         scope: ``"layer"`` (each layer reaches the sparsity) or ``"global"`` (one ranking across
             all targeted layers; per-layer sparsities differ, the total is exact).
         include / exclude: fnmatch patterns over module names (default: every ``nn.Linear``, GPT-2
-            ``Conv1D``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` (any groups; the mask has the weight's
-            shape) and unstructured SparseLinear; 2:4 SparseLinear layers are never targets).
+            ``Conv1D``, ``nn.Conv1d``/``Conv2d``/``Conv3d`` (any groups, the mask has the weight's
+            shape; not subclasses that transform their weight in ``forward``) and unstructured SparseLinear; 2:4 SparseLinear layers are never targets).
         score: ``fn(module) -> tensor of weight's shape`` (higher = keep); default ``|weight|``.
         optimizer: attached to the internal :class:`MaskedTraining` so momentum/Adam state and
             weight decay cannot revive pruned weights (more via :meth:`attach`).
@@ -204,7 +204,8 @@ class MagnitudePruner:
             exclude = list(exclude)
             targets = [(n, m) for n, m in targets if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
         if not targets:
-            raise ValueError("model: no prunable layers (nn.Linear / unstructured SparseLinear) matched include/exclude")
+            raise ValueError("model: no prunable layers (nn.Linear, nn.Conv1d/2d/3d, unstructured SparseLinear) matched "
+                             "include/exclude")
         self.targets = targets
         self.steps_done = 0
         self._hooks: list[Callable] = []

@@ -8,7 +8,8 @@ trained with Adam (lr 3e-3, batch 64, ``--epochs`` epochs). The six block convol
 the stem (one input channel) and the head stay dense. Calibration: ``--calib`` training images.
 
 Contenders: magnitude (one threshold per layer), magnitude with one threshold per output row
-(Wanda's comparison group), Wanda, SparseGPT. Per seed (initialisation and batch order) and setting, the test accuracy after pruning and the
+(Wanda's comparison group), Wanda, Wanda with one threshold per layer (``scope="layer"``),
+SparseGPT. Per seed (initialisation and batch order) and setting, the test accuracy after pruning and the
 blocks' relative output errors (mean over the three blocks) go into ``cnn_pruning_digits.json``
 in ``--out`` (default benchmarks/results/cpu). Usage::
 
@@ -36,7 +37,7 @@ from sparse_kernels.pruning import prune  # noqa: E402
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, "2:4", "4:8"]
 # label -> (method, options); "magnitude/row" has Wanda's comparison group (one threshold per output row)
 METHODS = {"magnitude": ("magnitude", {}), "magnitude/row": ("magnitude", {"scope": "row"}),
-           "wanda": ("wanda", {}), "sparsegpt": ("sparsegpt", {})}
+           "wanda": ("wanda", {}), "wanda/layer": ("wanda", {"scope": "layer"}), "sparsegpt": ("sparsegpt", {})}
 
 
 def load_data(split_seed: int = 0):

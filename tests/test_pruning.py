@@ -557,3 +557,34 @@ def test_only_one_blocks_statistics_are_alive(method, monkeypatch):
     prune(model, method, 0.5, calibration=torch.randn(3, 8, 16), blocks=model.blocks, progress=False)
     assert [b for b, _ in seen] == [0, 1, 2, 3]
     assert all(n == 0 for _, n in seen), f"stats of earlier blocks alive when each block started: {seen}"
+
+
+def test_wanda_and_ria_comparison_group():
+    torch.manual_seed(0)
+    W = torch.randn(6, 16)
+    norms = torch.rand(16) * 4
+    score = W.abs() * norms.sqrt()
+    for fn, s in ((wanda_prune, score), (lambda *a, **k: sparse_kernels.pruning.ria_prune(*a, **k), None)):
+        _, row = fn(W, norms, 0.5)
+        assert (row.sum(1) == 8).all()  # the paper's: per output row
+        _, layer = fn(W, norms, 0.5, scope="layer")
+        assert int(layer.sum()) == 48 and not (layer.sum(1) == 8).all()
+        if s is not None:  # the 48 largest scores of the layer
+            assert torch.equal(layer, s >= s.flatten().sort().values[48])
+        _, nm = fn(W, norms, "2:4", scope="layer")
+        assert torch.equal(nm, fn(W, norms, "2:4")[1])  # N:M: per group whatever the scope
+        with pytest.raises(ValueError, match="scope: got 'global', expected 'row'"):
+            fn(W, norms, 0.5, scope="global")
+
+
+def test_prune_scope_per_method():
+    torch.manual_seed(0)
+    model, ids = ToyModel(), correlated_inputs(64, 8).view(8, 8, 8)
+    m = copy.deepcopy(model)
+    prune(m, "wanda", 0.5, calibration=ids, scope="layer", progress=False)
+    w = m.blocks[0].up.weight
+    assert int((w == 0).sum()) == w.numel() // 2 and not ((w == 0).sum(1) == w.shape[1] // 2).all()
+    for method, scope, msg in (("sparsegpt", "layer", r"takes no scope \(it chooses its mask per block of columns\)"), ("wanda", "global", "takes 'row', 'layer'"),
+                               ("magnitude", "block", "takes 'layer', 'row', 'global'")):
+        with pytest.raises(ValueError, match=f"scope: method '{method}' {msg}, got '{scope}'"):
+            prune(copy.deepcopy(model), method, 0.5, calibration=ids, scope=scope, progress=False)

@@ -38,10 +38,16 @@ def _check_weight_and_norms(W, act_norm_sq) -> int:
     return cols
 
 
-def _keep_per_row(score, spec):
-    """Keep mask: the largest scores of every row (unstructured) or of every N:M group."""
+def _keep_per_row(score, spec, scope: str = "row"):
+    """Keep mask: the largest scores of every row (unstructured, ``scope="row"``), of the whole
+    layer (``scope="layer"``) or of every N:M group (any scope)."""
+    if scope not in ("row", "layer"):
+        raise ValueError(f"scope: got {scope!r}, expected 'row' (one threshold per output row, the paper's "
+                         f"comparison group) or 'layer' (one threshold for the layer)")
     if spec.is_nm:
         return keep_largest_nm(score, spec.n, spec.m)
+    if scope == "layer":
+        return keep_largest(score, spec.n_pruned(score.numel()))
     return keep_largest(score, spec.n_pruned(score.shape[1]), dim=-1)
 
 
@@ -51,7 +57,7 @@ def check_alpha(alpha) -> None:
         raise ValueError(f"alpha: expected a finite number >= 0, got {alpha!r}")
 
 
-def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
+def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, scope: str = "row"):
     """Wanda: score ``|W_ij| * ||X_j||_2``, pruned per output row (or per N:M group).
 
     Args:
@@ -59,15 +65,17 @@ def wanda_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5):
         act_norm_sq: ``[cols]``, ``sum over calibration tokens of x_j^2`` per input column
             (:class:`ActivationNormAccumulator`); any positive scale gives the same mask.
         sparsity: float in (0, 1) (``round(cols * s)`` zeroed in every row) or ``"N:M"``.
-    Raises TypeError/ValueError for bad dtypes/shapes/specs, negative or NaN norms.
+        scope: the comparison group of an unstructured sparsity: ``"row"`` (the paper's, per
+            output row) or ``"layer"`` (``round(rows * cols * s)`` lowest scores of the layer).
+    Raises TypeError/ValueError for bad dtypes/shapes/specs/scopes, negative or NaN norms.
     """
     cols = _check_weight_and_norms(W, act_norm_sq)
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
-    return _apply(W, _keep_per_row(wanda_scores(W, act_norm_sq), spec))
+    return _apply(W, _keep_per_row(wanda_scores(W, act_norm_sq), spec, scope))
 
 
-def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: float = 0.5):
+def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: float = 0.5, scope: str = "row"):
     """RIA: relative importance times activations, pruned per output row (or per N:M group).
 
     ``score_ij = (|W_ij| / sum_k |W_ik| + |W_ij| / sum_k |W_kj|) * ||X_j||_2 ** alpha``: a
@@ -76,14 +84,14 @@ def ria_prune(W: torch.Tensor, act_norm_sq: torch.Tensor, sparsity=0.5, alpha: f
     softened by ``alpha`` (0.5 in the paper; 0 drops the activations).  A row or column whose
     weights are all zero contributes 0 for that term.
 
-    Args: as :func:`wanda_prune`, plus ``alpha`` (a finite number >= 0).
+    Args: as :func:`wanda_prune` (``scope`` included), plus ``alpha`` (a finite number >= 0).
     Raises TypeError/ValueError for bad dtypes/shapes/specs, negative or NaN norms, a bad alpha.
     """
     cols = _check_weight_and_norms(W, act_norm_sq)
     check_alpha(alpha)
     spec = parse_sparsity(sparsity)
     spec.check_columns("W", cols)
-    return _apply(W, _keep_per_row(ria_scores(W, act_norm_sq, alpha), spec))
+    return _apply(W, _keep_per_row(ria_scores(W, act_norm_sq, alpha), spec, scope))
 
 
 def wanda_scores(W: torch.Tensor, act_norm_sq: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,9 @@ class PruningMethod:
     needs_calibration = True
     #: extra keyword options :func:`prune` accepts for this method (passed on in ``options``)
     option_names: tuple = ()
+    #: the comparison groups ``prune(scope=...)`` accepts for an unstructured sparsity, the default
+    #: first; empty: the method takes no ``scope`` (SparseGPT chooses per block of columns)
+    scopes: tuple = ()
     #: True for criteria that only choose a mask (the kept weights keep their values): DSnoT
     #: (``prune(dsnot=...)``) can refine their masks
     mask_only = False
@@ -201,6 +204,7 @@ class SparseGPTMethod(PruningMethod):
 class WandaMethod(PruningMethod):
     name = "wanda"
     mask_only = True
+    scopes = ("row", "layer")
 
     def make_stats(self, name, layer):
         return ActivationNormAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
@@ -209,7 +213,7 @@ class WandaMethod(PruningMethod):
         return wanda_scores(weight, stats.norm_sq.to(weight.device))
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
-        w, mask = wanda_prune(weight, stats.norm_sq.to(weight.device), spec)
+        w, mask = wanda_prune(weight, stats.norm_sq.to(weight.device), spec, scope=options.get("scope") or "row")
         return w, mask, None
 
 
@@ -219,6 +223,7 @@ class RIAMethod(PruningMethod):
     name = "ria"
     option_names = ("alpha",)
     mask_only = True
+    scopes = ("row", "layer")
 
     def check_options(self, options):
         check_alpha(options.get("alpha", 0.5))
@@ -230,17 +235,19 @@ class RIAMethod(PruningMethod):
         return ria_scores(weight, stats.norm_sq.to(weight.device), options.get("alpha", 0.5))
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
-        w, mask = ria_prune(weight, stats.norm_sq.to(weight.device), spec, alpha=options.get("alpha", 0.5))
+        w, mask = ria_prune(weight, stats.norm_sq.to(weight.device), spec, alpha=options.get("alpha", 0.5),
+                            scope=options.get("scope") or "row")
         return w, mask, None
 
 
 class MagnitudeMethod(PruningMethod):
     name = "magnitude"
     mask_only = True
+    scopes = ("layer", "row", "global")
     needs_calibration = False
 
     def prune_layer(self, name, layer, weight, stats, spec, options):
-        scope = options.get("scope", "layer")
+        scope = options.get("scope") or "layer"
         if scope == "global":
             keep = options["_global_masks"][id(layer)]
             return weight * keep.to(weight.dtype), keep, None
@@ -384,7 +391,7 @@ def prune(
     batch_size: int = 1,
     blocksize: int = 128,
     percdamp: float = 0.01,
-    scope: str = "layer",
+    scope: str | None = None,
     layer_filter: Callable[[str, nn.Module], bool] | None = None,
     device=None,
     convert: bool | str = False,
@@ -416,8 +423,10 @@ def prune(
             Each block is called as ``block(hidden, *args, **kwargs)`` with what the model
             passed to the first block, and must return the hidden states (or a tuple led by them).
         blocksize, percdamp, backend: SparseGPT options (:func:`sparsegpt_prune`).
-        scope: magnitude only: ``"layer"``, ``"row"`` or ``"global"`` (one threshold across all
-            prunable layers of all blocks).
+        scope: the comparison group of an unstructured sparsity. Magnitude: ``"layer"``
+            (default), ``"row"`` or ``"global"`` (one threshold across all prunable layers of all
+            blocks); Wanda and RIA: ``"row"`` (default, the papers') or ``"layer"``; SparseGPT
+            takes none (it chooses per block of columns).  None: the method's default.
         layer_filter: ``f(name, module) -> bool`` selecting layers inside a block (default: all).
         device: where to process each block (moved there and back); None: leave it in place.
         convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``: ``True`` gives
@@ -478,16 +487,21 @@ def prune(
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(sorted(METHODS))}")
     meth = METHODS[method]
     if meth.prune_model is not None:
-        given = [k for k, v in (("owl", owl), ("permute", permute), ("dsnot", dsnot), ("convert", convert)) if v]
+        given = [k for k, v in (("owl", owl), ("permute", permute), ("dsnot", dsnot), ("convert", convert),
+                                ("scope", scope)) if v]
         if given:
             raise ValueError(f"prune: method {method!r} prunes the whole model its own way and takes none of owl, "
-                             f"permute, dsnot, convert; got {', '.join(given)}")
+                             f"permute, dsnot, convert, scope; got {', '.join(given)}")
         return meth.prune_model(model, sparsity, calibration, batch_size=batch_size, **method_options)
     unknown = sorted(set(method_options) - set(meth.option_names))
     if unknown:
         raise TypeError(f"prune: method {method!r} takes no options {unknown}"
                         + (f" (it takes {', '.join(meth.option_names)})" if meth.option_names else ""))
     meth.check_options(method_options)
+    if scope is not None and scope not in meth.scopes:
+        raise ValueError(f"scope: method {method!r} " + (f"takes {', '.join(map(repr, meth.scopes))}" if meth.scopes
+                         else "takes no scope (it chooses its mask per block of columns)") + f", got {scope!r}")
+    scope = scope if scope is not None else (meth.scopes[0] if meth.scopes else None)
     spec = parse_sparsity(sparsity)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: got {batch_size!r}, expected a positive int")

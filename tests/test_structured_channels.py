@@ -156,11 +156,15 @@ def test_bad_arguments():
         prune_channels(net, 0.5, criterion="wanda")
     with pytest.raises(ValueError, match="round_to: expected an int >= 1, got 0"):
         prune_channels(net, 0.5, round_to=0)
+    with pytest.raises(TypeError, match="batch_size: expected an int >= 1, got float"):
+        prune_channels(net, 0.5, batch_size=2.0)
+    with pytest.raises(ValueError, match="chains: empty; give at least one ChannelChain"):
+        prune_channels(net, 0.5, chains=[])
     before = copy.deepcopy(net.state_dict())
     bad = [ChannelChain("b1.conv1", "b1.conv2", ("b1.bn1",)), ChannelChain("b1.conv1", "b2.project")]
     with pytest.raises(ValueError, match=r"chains: .*producer has 24 output channels, the consumer 32 inputs"):
         prune_channels(net, 0.5, chains=bad[1:])
-    with pytest.raises(ValueError, match="chains: a producer is listed twice"):
+    with pytest.raises(ValueError, match="chains: producer 'b1.conv1' is listed twice"):
         prune_channels(net, 0.5, chains=[bad[0], bad[0]])
     with pytest.raises(ValueError, match=r"chains: .* names a module the model does not have"):
         prune_channels(net, 0.5, chains=[ChannelChain("nope", "b1.conv2")])
@@ -202,3 +206,201 @@ def test_layers_with_their_own_forward_are_not_chain_ends():
     assert find_channel_chains(nn.Sequential(Scaled(4, 6), nn.ReLU(), nn.Linear(6, 2))) == []
     assert find_channel_chains(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), Scaled(6, 2))) == []
     assert find_channel_chains(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))) == [ChannelChain("0", "2")]
+
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, state):
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_reparametrized_hooked_or_directly_read_layers_are_not_chain_members():
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import prune as torch_prune
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    base = [ChannelChain("0", "2")]
+    assert find_channel_chains(mlp()) == base
+    m = mlp()
+    parametrizations.weight_norm(m[2])
+    assert find_channel_chains(m) == []
+    m = mlp()
+    torch_prune.l1_unstructured(m[0], "weight", amount=0.5)
+    assert find_channel_chains(m) == []
+    m = mlp()
+    m[2].register_forward_pre_hook(lambda mod, a: None)
+    assert find_channel_chains(m) == []
+    with pytest.raises(ValueError, match=r"chains: .*2 is a Linear with a parametrization, a pruning mask or forward"):
+        prune_channels(m, 0.5, chains=base)
+
+    class Tied(nn.Module):  # the encoder's weight is read again by the decoder
+        def __init__(self):
+            super().__init__()
+            self.enc, self.mid = nn.Linear(4, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return F.linear(self.mid(torch.relu(self.enc(x))), self.enc.weight.t())
+
+    assert find_channel_chains(Tied()) == []
+
+
+def test_attach_mask_follows_the_weight():
+    from sparse_kernels.training import attach_mask
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    attach_mask(m[0], torch.rand(6, 4) > 0.5)
+    attach_mask(m[2], torch.rand(2, 6) > 0.5)
+    x = torch.randn(5, 4)
+    masked = copy.deepcopy(m)
+    report = prune_channels(m, 0.5)
+    with torch.no_grad():
+        masked[2].weight[:, report.chains["0"]["removed"]] = 0
+    assert m[0].weight_mask.shape == m[0].weight.shape == (3, 4) and m[2].weight_mask.shape == (2, 3)
+    assert_close(m(x), masked(x), atol=1e-6, rtol=1e-6)
+
+
+def test_train_only_branches_and_shared_modules():
+    class Aux(nn.Module):  # an auxiliary head that runs in training only (Inception-style)
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.aux = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            h = self.c1(x)
+            out = self.c2(torch.relu(h))
+            return out + self.aux(h).sum() if self.training else out
+
+    model = Aux().eval()
+    assert find_channel_chains(model) == []  # c1 -> c2 holds only in eval mode
+    assert not model.training and not model.c1.training  # modes restored
+
+    class Untraceable(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.b1 = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), shared)
+            self.b2 = nn.Sequential(shared, nn.ReLU(), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.b2(self.b1(x)) if x.sum() > 0 else x
+
+    model = Untraceable(nn.Linear(8, 8))  # one Linear registered in two children
+    assert find_channel_chains(model) == []
+
+
+def test_overlapping_user_chains_are_refused_before_anything_changes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    state = _snapshot(model)
+    # two chains in a row (one module is a consumer and then a producer) are fine ...
+    ok = [ChannelChain("0", "2"), ChannelChain("2", "4")]
+    bad = [ChannelChain("0", "4"), ChannelChain("2", "4")]  # ... two producers of one consumer are not
+    with pytest.raises(ValueError, match="chains: .* both change the same module"):
+        prune_channels(model, 0.5, chains=bad)
+    assert _same(model, state)
+    x = torch.randn(3, 4)
+    masked = copy.deepcopy(model)
+    report = prune_channels(model, 0.5, chains=ok)
+    with torch.no_grad():  # the masked original: both consumers' removed columns zeroed
+        masked[2].weight[:, report.chains["0"]["removed"]] = 0
+        masked[4].weight[:, report.chains["2"]["removed"]] = 0
+    assert model[2].weight.shape == (3, 3)
+    assert_close(model(x), masked(x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_failed_surgery_puts_every_module_back(monkeypatch):
+    from sparse_kernels.structured import channels
+
+    net = _net()
+    state = _snapshot(net)
+    sizes = (net.b1.conv1.out_channels, net.b1.bn1.num_features, net.b2.dw.groups)
+
+    def boom(m, idx):
+        raise RuntimeError("surgery failed")
+
+    monkeypatch.setattr(channels, "_keep_inputs", boom)
+    with pytest.raises(RuntimeError, match="surgery failed"):
+        prune_channels(net, 0.5)
+    assert _same(net, state)
+    assert (net.b1.conv1.out_channels, net.b1.bn1.num_features, net.b2.dw.groups) == sizes
+    x = torch.randn(2, 3, 8, 8)
+    assert net(x).shape == (2, 10)
+
+
+def test_scores_in_float64_and_calibration_forms():
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0, 1.0 - 1e-9, 2.0]], dtype=torch.float64).repeat(2, 1))
+    report = prune_channels(copy.deepcopy(model), 0.34)
+    assert report.chains["0"]["removed"] == [1]  # 1e-9 apart: float32 would tie and take channel 0
+
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 2))
+
+        def forward(self, pixel_values, scale=1.0):
+            return self.mlp(pixel_values) * scale
+
+    torch.manual_seed(0)
+    kw, x = Kw(), torch.randn(5, 4)
+    r1 = prune_channels(copy.deepcopy(kw), 0.5, calibration={"pixel_values": x}, criterion="activation")
+    r2 = prune_channels(copy.deepcopy(kw), 0.5, calibration=[x], criterion="activation")
+    acts = F.gelu(kw.mlp[0](x)).pow(2).sum(0)
+    assert r1.chains == r2.chains and r1.chains["mlp.0"]["removed"] == sorted(acts.argsort()[:3].tolist())
+    r3 = prune_channels(copy.deepcopy(kw), 0.5, calibration=x[0], criterion="activation")  # one unbatched input
+    assert r3.chains["mlp.0"]["kept"] == 3
+
+
+def test_hugging_face_models_built_from_a_config():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    models = {
+        "resnet": transformers.ResNetForImageClassification(transformers.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="bottleneck", num_labels=10)),
+        "vit": transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+            patch_size=8, num_labels=10)),
+        "mobilenet_v2": transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config(
+            image_size=32, depth_multiplier=0.35, num_labels=10, tf_padding=False)),  # see the docs for True
+    }
+    for name, model in models.items():
+        model.eval()
+        masked = copy.deepcopy(model)
+        report = prune_channels(model, 0.5, calibration=x, criterion="wanda")
+        assert report.chains, name
+        for producer, info in report.chains.items():
+            with torch.no_grad():
+                masked.get_submodule(info["consumer"]).weight[:, info["removed"]] = 0
+        with torch.no_grad():
+            assert_close(model(x).logits, masked(x).logits, atol=1e-4, rtol=1e-4)
+        assert report.params_after < report.params_before
+
+
+def test_spatial_padding_is_per_channel_but_channel_padding_is_not():
+    class Padded(nn.Module):
+        def __init__(self, pad):
+            super().__init__()
+            self.pad = pad
+            self.a, self.dw, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.b(self.dw(F.pad(torch.relu(self.a(x)), self.pad)))
+
+    torch.manual_seed(0)
+    model = Padded((1, 1, 1, 1)).eval()
+    assert find_channel_chains(model) == [ChannelChain("a", "b", ("dw",))]
+    x = torch.randn(2, 3, 6, 6)
+    masked = copy.deepcopy(model)
+    report = prune_channels(model, 0.5)
+    with torch.no_grad():
+        masked.b.weight[:, report.chains["a"]["removed"]] = 0
+    assert_close(model(x), masked(x), atol=1e-6, rtol=1e-6)
+    assert find_channel_chains(Padded((1, 1, 1, 1, 0, 0))) == []  # would pad the channel dim

@@ -341,3 +341,20 @@ def test_a_layer_called_with_input_keyword():
         model = _KeywordCall()
         report = prune(model, method, 0.5, calibration=x, batch_size=4, progress=False)
         assert report.layers[0].output_error is not None and 0 < report.layers[0].output_error < 1
+
+
+@pytest.mark.parametrize("device", ["cuda"])
+def test_prune_a_cnn_on_cuda_equals_the_cpu(device):
+    """GPU runs only (skipped without one): the same pruning on CUDA as on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    calib = smooth_images(16, 3, 10, 10)
+    for method, sparsity in (("wanda", "2:4"), ("sparsegpt", 0.5), ("magnitude", 0.7)):
+        cpu, gpu = _model(), _model().to(device)
+        prune(cpu, method, sparsity, calibration=calib, progress=False)
+        prune(gpu, method, sparsity, calibration=calib.to(device), progress=False)
+        for b_cpu, b_gpu in zip(cpu.blocks, gpu.blocks):
+            for name in ("conv1", "conv2"):
+                a, b = getattr(b_cpu, name).weight, getattr(b_gpu, name).weight.cpu()
+                agree = ((a == 0) == (b == 0)).float().mean().item()
+                assert agree >= 0.99, (method, name, agree)

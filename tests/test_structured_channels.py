@@ -404,3 +404,16 @@ def test_spatial_padding_is_per_channel_but_channel_padding_is_not():
         masked.b.weight[:, report.chains["a"]["removed"]] = 0
     assert_close(model(x), masked(x), atol=1e-6, rtol=1e-6)
     assert find_channel_chains(Padded((1, 1, 1, 1, 0, 0))) == []  # would pad the channel dim
+
+
+def test_prune_channels_on_cuda():
+    """GPU runs only (skipped without one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    net, x = _net().cuda(), torch.randn(4, 3, 8, 8, device="cuda")
+    masked = copy.deepcopy(net)
+    report = prune_channels(net, 0.5, calibration=x, criterion="wanda")
+    with torch.no_grad():
+        for info in report.chains.values():
+            masked.get_submodule(info["consumer"]).weight[:, info["removed"]] = 0
+        assert_close(net(x), masked(x), atol=1e-4, rtol=1e-4)

@@ -9,8 +9,10 @@ the stem (one input channel) and the head stay dense. Calibration: ``--calib`` t
 
 Contenders: magnitude (one threshold per layer), magnitude with one threshold per output row
 (Wanda's comparison group), Wanda, Wanda with one threshold per layer (``scope="layer"``),
-SparseGPT. Per seed (initialisation and batch order) and setting, the test accuracy after pruning and the
-blocks' relative output errors (mean over the three blocks) go into ``cnn_pruning_digits.json``
+SparseGPT. Per seed (initialisation and batch order) and setting, the test accuracy after pruning (and, at
+80%, 90% and 2:4, after ``--ft-epochs`` epochs of fine-tuning with the pruned weights kept at
+zero: ``mask_zeros_`` + ``MaskedTraining``, Adam lr 1e-3) and the blocks' relative output errors
+(mean over the three blocks) go into ``cnn_pruning_digits.json``
 in ``--out`` (default benchmarks/results/cpu). Usage::
 
     PYTHONPATH=$PWD python benchmarks/cnn_pruning_digits.py      # 3 seeds, about a minute on 2 cores
@@ -33,8 +35,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_kernels.info import cpu_name  # noqa: E402
 from sparse_kernels.pruning import prune  # noqa: E402
+from sparse_kernels.training import MaskedTraining, mask_zeros_  # noqa: E402
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, "2:4", "4:8"]
+FT_SPARSITIES = ("0.8", "0.9", "2:4")  # also fine-tuned afterwards (--ft-epochs, masks kept)
 # label -> (method, options); "magnitude/row" has Wanda's comparison group (one threshold per output row)
 METHODS = {"magnitude": ("magnitude", {}), "magnitude/row": ("magnitude", {"scope": "row"}),
            "wanda": ("wanda", {}), "wanda/layer": ("wanda", {"scope": "layer"}), "sparsegpt": ("sparsegpt", {})}
@@ -74,9 +78,11 @@ class ResCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def train(model, data, epochs, seed, batch=64, lr=3e-3):
+def train(model, data, epochs, seed, batch=64, lr=3e-3, masked=False):
     xtr, ytr = data[0], data[1]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    if masked:  # pruned weights (weight_mask buffers) stay zero, Adam state included
+        MaskedTraining(model, opt)
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -100,6 +106,7 @@ def main():
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--ft-epochs", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     args = ap.parse_args()
     import sklearn
@@ -121,15 +128,24 @@ def main():
                 report = prune(model, method, sparsity, calibration=calib, blocks=list(model.blocks), batch_size=64,
                                progress=False, **options)
                 err = statistics.mean(report.block_output_error)
-                rows.append(dict(seed=seed, method=label, sparsity=str(sparsity), accuracy=accuracy(model, data),
-                                 block_output_error=err, seconds=report.seconds))
+                acc = accuracy(model, data)
+                acc_ft = None
+                if args.ft_epochs and str(sparsity) in FT_SPARSITIES:  # recovery with the zeros kept
+                    mask_zeros_(model)
+                    train(model, data, args.ft_epochs, 1000 + seed, lr=1e-3, masked=True)
+                    acc_ft = accuracy(model, data)
+                rows.append(dict(seed=seed, method=label, sparsity=str(sparsity), accuracy=acc,
+                                 accuracy_ft=acc_ft, block_output_error=err, seconds=report.seconds))
     secs = time.perf_counter() - t0
 
     summary = {}
     for r in rows:
-        key = f"{r['method']} {r['sparsity']}"
-        summary.setdefault(key, []).append(r["accuracy"])
-    summary = {k: dict(acc_mean=statistics.mean(v), acc_min=min(v), acc_max=max(v)) for k, v in summary.items()}
+        summary.setdefault(f"{r['method']} {r['sparsity']}", []).append(r)
+    summary = {k: dict(acc_mean=statistics.mean(r["accuracy"] for r in v), acc_min=min(r["accuracy"] for r in v),
+                       acc_max=max(r["accuracy"] for r in v),
+                       acc_ft_mean=(statistics.mean(r["accuracy_ft"] for r in v)
+                                    if v[0].get("accuracy_ft") is not None else None))
+               for k, v in summary.items()}
     env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
                sklearn=sklearn.__version__, python=platform.python_version(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -148,6 +164,10 @@ def main():
             e = statistics.mean(r["block_output_error"] for r in rows if r["method"] == m and r["sparsity"] == str(sparsity))
             cells.append(f"{s['acc_mean']:.4f} [{s['acc_min']:.3f}-{s['acc_max']:.3f}] {e:.3f}")
         print(f"{str(sparsity):>8} " + " ".join(f"{c:>24}" for c in cells))
+    if args.ft_epochs:
+        print(f"after {args.ft_epochs} epochs of fine-tuning with the masks kept:")
+        for sparsity in FT_SPARSITIES:
+            print(f"{sparsity:>8} " + " ".join(f"{summary[f'{m} {sparsity}']['acc_ft_mean']:>24.4f}" for m in METHODS))
     print(f"{secs:.0f} s; wrote {path}")
 
 

@@ -358,3 +358,27 @@ def test_prune_a_cnn_on_cuda_equals_the_cpu(device):
                 a, b = getattr(b_cpu, name).weight, getattr(b_gpu, name).weight.cpu()
                 agree = ((a == 0) == (b == 0)).float().mean().item()
                 assert agree >= 0.99, (method, name, agree)
+
+
+def test_prune_then_fine_tune_a_cnn_with_the_zeros_kept():
+    from sparse_kernels.training import MaskedTraining, mask_zeros_
+
+    model = _model()
+    x, y = smooth_images(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    prune(model, "sparsegpt", "2:4", calibration=x, progress=False)
+    names = mask_zeros_(model)
+    assert names == [f"blocks.{i}.{c}" for i in range(3) for c in ("conv1", "conv2")]  # not the dense stem / head
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    MaskedTraining(model, opt)
+    model.train()
+    before = model.blocks[0].conv1.weight.detach().clone()
+    for _ in range(3):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    w = model.blocks[0].conv1.weight
+    assert not torch.equal(w, before)  # it trained
+    for b in model.blocks:
+        for conv in (b.conv1, b.conv2):
+            groups = _get_weight(conv).reshape(-1, 4)
+            assert int((groups != 0).sum(1).max()) <= 2  # still 2:4 along input channels

@@ -19,12 +19,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..pruning.layers import _is_conv1d, _stock_conv
 from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters, remove_mask
 
 
 def mask_zeros_(model: nn.Module, min_fraction: float = 0.1) -> list[str]:
-    """Attach ``weight_mask = weight != 0`` to every unmasked ``nn.Linear`` whose fraction of
-    exact zeros is at least ``min_fraction``. Returns the names of the layers it masked.
+    """Attach ``weight_mask = weight != 0`` to every unmasked ``nn.Linear``, GPT-2 ``Conv1D`` and
+    stock ``nn.Conv1d/2d/3d`` whose fraction of exact zeros is at least ``min_fraction`` (what
+    :func:`sparse_kernels.prune` pruned in place), so that :class:`MaskedTraining` keeps the zeros.
+    Returns the names of the layers it masked.
 
     The default 10% skips dense layers whose few exact zeros come from quantization (a
     GGUF-dequantized SmolLM2's tied ``lm_head`` has over 1% zeros); pruned layers have far more."""
@@ -32,7 +35,7 @@ def mask_zeros_(model: nn.Module, min_fraction: float = 0.1) -> list[str]:
         raise ValueError(f"mask_zeros: expected a fraction in (0, 1], got {min_fraction}")
     names = []
     for name, m in model.named_modules():
-        if type(m) is nn.Linear and get_mask(m, "weight") is None:
+        if (type(m) is nn.Linear or _is_conv1d(m) or _stock_conv(m)) and get_mask(m, "weight") is None:
             nz = m.weight.detach() != 0
             if 1.0 - nz.float().mean().item() >= min_fraction:
                 attach_mask(m, nz)

@@ -394,10 +394,12 @@ class SparsifyReport:
     skipped: list = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    #: which function made the report (``"sparsify"`` or ``"quantize_int4"``), for ``str()``
+    action: str = "sparsify"
 
     def __str__(self):
         ratio = self.bytes_after / self.bytes_before if self.bytes_before else 1.0
-        return (f"sparsify: {len(self.layers)} layers swapped, {len(self.skipped)} skipped, "
+        return (f"{self.action}: {len(self.layers)} layers swapped, {len(self.skipped)} skipped, "
                 f"{self.bytes_before} -> {self.bytes_after} bytes ({ratio:.3f}x)")
 
 
@@ -631,7 +633,7 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
                                    or group_size % 16):
         raise ValueError(f"group_size: got {group_size!r}; it must be None (one scale per row) or a positive "
                          f"multiple of 16")
-    report = SparsifyReport()
+    report = SparsifyReport(action="quantize_int4")
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, SparseLinear) or mod.pattern != "2:4" or name == "":
             continue

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,8 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cnn_pruning_digits import ResCNN, accuracy, load_data, train  # noqa: E402
-from sparse_kernels.info import cpu_name  # noqa: E402
+from cnn_pruning_digits import ResCNN, accuracy, load_data, train, write_json  # noqa: E402
 from sparse_kernels.structured import prune_channels  # noqa: E402
 
 CUTS = [0.25, 0.5, 0.75]
@@ -69,7 +65,6 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     args = ap.parse_args()
-    import sklearn
 
     t_start = time.perf_counter()
     # speed first, in a fresh process state (after the training loops below the same models timed
@@ -119,14 +114,7 @@ def main():
 
     secs = time.perf_counter() - t_start
 
-    env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
-               sklearn=sklearn.__version__, python=platform.python_version(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bench_channels.json")
-    with open(path, "w") as f:
-        json.dump(dict(env=env, config=vars(args), summary=summary, speed=speed, rows=rows), f, indent=1)
+    path = write_json(args, "bench_channels.json", secs, summary=summary, speed=speed, rows=rows)
 
     print(f"dense: {summary['dense 0.0']['acc_mean']:.4f} test accuracy ({summary['dense 0.0']['acc_ft_mean']:.4f} "
           f"after the same fine-tuning), {summary['dense 0.0']['params']} params (mean of {args.seeds} seeds)")

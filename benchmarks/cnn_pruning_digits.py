@@ -100,6 +100,21 @@ def accuracy(model, data):
     return (model(data[2]).argmax(1) == data[3]).float().mean().item()
 
 
+def write_json(args, name: str, secs: float, **payload) -> str:
+    """``args.out/name`` with the machine, versions, date, seconds and load next to ``payload``."""
+    import sklearn
+
+    env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+               sklearn=sklearn.__version__, python=platform.python_version(),
+               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, name)
+    with open(path, "w") as f:
+        json.dump(dict(env=env, config=vars(args), **payload), f, indent=1)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -109,7 +124,6 @@ def main():
     ap.add_argument("--ft-epochs", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     args = ap.parse_args()
-    import sklearn
 
     data = load_data()
     t0 = time.perf_counter()
@@ -146,14 +160,7 @@ def main():
                        acc_ft_mean=(statistics.mean(r["accuracy_ft"] for r in v)
                                     if v[0].get("accuracy_ft") is not None else None))
                for k, v in summary.items()}
-    env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
-               sklearn=sklearn.__version__, python=platform.python_version(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "cnn_pruning_digits.json")
-    with open(path, "w") as f:
-        json.dump(dict(env=env, config=vars(args), summary=summary, rows=rows), f, indent=1)
+    path = write_json(args, "cnn_pruning_digits.json", secs, summary=summary, rows=rows)
 
     print(f"dense: {summary['dense 0']['acc_mean']:.4f} (test accuracy, mean of {args.seeds} seeds)")
     print(f"{'sparsity':>8} " + " ".join(f"{m:>24}" for m in METHODS) + "   (accuracy mean [min-max]; block error)")

@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,8 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cnn_pruning_digits import ResCNN, accuracy, load_data, train  # noqa: E402
-from sparse_kernels.info import cpu_name  # noqa: E402
+from cnn_pruning_digits import ResCNN, accuracy, load_data, train, write_json  # noqa: E402
 from sparse_kernels.pruning import prune  # noqa: E402
 from sparse_kernels.training import NMSparseTraining, mask_zeros_  # noqa: E402
 
@@ -61,7 +57,6 @@ def main():
     ap.add_argument("--decay", type=float, default=2e-4)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
     args = ap.parse_args()
-    import sklearn
 
     t0 = time.perf_counter()
     data = load_data()
@@ -111,14 +106,7 @@ def main():
                              all_24=None if rs[0]["is_24"] is None else all(r["is_24"] for r in rs),
                              last_epoch_flips=(statistics.mean(r["final_flips"] for r in rs)
                                                if rs[0]["final_flips"] is not None else None))
-    env = dict(device=cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
-               sklearn=sklearn.__version__, python=platform.python_version(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               seconds=round(secs, 1), load_avg_1_5_15min=os.getloadavg())
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "nm_training_digits.json")
-    with open(path, "w") as f:
-        json.dump(dict(env=env, config=vars(args), summary=summary, rows=rows), f, indent=1)
+    path = write_json(args, "nm_training_digits.json", secs, summary=summary, rows=rows)
     print(f"{'':16} {'accuracy (mean [min-max])':>28} {'2:4':>5} {'mask flips, last epoch':>24}")
     for kind, s in summary.items():
         fl = "" if s["last_epoch_flips"] is None else f"{s['last_epoch_flips']:.4f}"

@@ -56,6 +56,22 @@ def time_forward(models: dict, x, repeats: int, rounds: int = 3) -> dict:
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
+@torch.no_grad()
+def dead_channels(model, images) -> list[int]:
+    """Per block: the inner channels (conv1's outputs after the ReLU) that are zero on every
+    training image: a cut removes these first whatever the criterion."""
+    dead, hooks = [], []
+    for b in model.blocks:
+        hooks.append(b.conv2.register_forward_pre_hook(
+            lambda m, a: dead.append(int((a[0].amax((0, 2, 3)) <= 0).sum()))))
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return dead
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -93,7 +109,8 @@ def main():
         more = copy.deepcopy(dense)  # the control: the dense model fine-tuned as long as the pruned ones
         train(more, data, args.ft_epochs, 1000 + seed, lr=1e-3)
         rows.append(dict(seed=seed, criterion="dense", cut=0.0, accuracy=accuracy(dense, data),
-                         accuracy_ft=accuracy(more, data), params=sum(p.numel() for p in dense.parameters())))
+                         accuracy_ft=accuracy(more, data), params=sum(p.numel() for p in dense.parameters()),
+                         dead_channels=dead_channels(dense, data[0])))
         calib = data[0][torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(100 + seed))[:256]]
         for cut in CUTS:
             for criterion in CRITERIA:
@@ -108,16 +125,18 @@ def main():
     summary = {}
     for r in rows:
         summary.setdefault(f"{r['criterion']} {r['cut']}", []).append(r)
+    dead = [r["dead_channels"] for r in rows if r["criterion"] == "dense"]
     summary = {k: dict(acc_mean=statistics.mean(r["accuracy"] for r in v),
                        acc_ft_mean=statistics.mean(r["accuracy_ft"] for r in v),
                        params=v[0]["params"]) for k, v in summary.items()}
 
     secs = time.perf_counter() - t_start
 
-    path = write_json(args, "bench_channels.json", secs, summary=summary, speed=speed, rows=rows)
+    path = write_json(args, "bench_channels.json", secs, summary=summary, speed=speed, dead_channels=dead, rows=rows)
 
     print(f"dense: {summary['dense 0.0']['acc_mean']:.4f} test accuracy ({summary['dense 0.0']['acc_ft_mean']:.4f} "
           f"after the same fine-tuning), {summary['dense 0.0']['params']} params (mean of {args.seeds} seeds)")
+    print(f"inner channels never active on the training images (per seed, per block, of {args.channels}): {dead}")
     print(f"{'cut':>5} " + " ".join(f"{c:>22}" for c in CRITERIA) + "   (accuracy: one-shot -> fine-tuned)")
     for cut in CUTS:
         cells = [f"{summary[f'{c} {cut}']['acc_mean']:.4f} -> {summary[f'{c} {cut}']['acc_ft_mean']:.4f}"

@@ -78,14 +78,17 @@ class ResCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def train(model, data, epochs, seed, batch=64, lr=3e-3, masked=False):
+def train(model, data, epochs, seed, batch=64, lr=3e-3, masked=False, opt=None, on_epoch=None):
+    """Adam (or ``opt``) over shuffled mini-batches; ``on_epoch(epoch)`` before each epoch."""
     xtr, ytr = data[0], data[1]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = opt if opt is not None else torch.optim.Adam(model.parameters(), lr=lr)
     if masked:  # pruned weights (weight_mask buffers) stay zero, Adam state included
         MaskedTraining(model, opt)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if on_epoch is not None:
+            on_epoch(epoch)
         perm = torch.randperm(len(xtr), generator=g)
         for i in range(0, len(xtr), batch):
             idx = perm[i:i + batch]

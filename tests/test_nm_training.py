@@ -48,35 +48,59 @@ def _net(seed=0):
 
 
 @pytest.mark.parametrize("decay", [0.0, 2e-4, 0.5])
-def test_forward_is_masked_and_backward_is_straight_through_plus_decay(decay):
+def test_forward_is_masked_backward_straight_through_and_the_step_adds_the_decay(decay):
     model, x = _net(), torch.randn(4, 3, 6, 6)
     ref = copy.deepcopy(model)
-    nm = NMSparseTraining(model, "2:4", decay=decay)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    nm = NMSparseTraining(model, "2:4", optimizer=opt, decay=decay)
     assert nm.layers == ["conv", "fc", "head"] and [n for n, _ in nm.skipped] == ["stem"]
     # the forward: the dense model with every trained weight replaced by its masked copy
     masks = {name: nm_mask(getattr(ref, name).weight, 2, 4) for name in nm.layers}
-    masked_params = {}
     for name, keep in masks.items():
         layer = getattr(ref, name)
-        masked = (layer.weight.detach() * keep).requires_grad_(True)
-        masked_params[name] = masked
-        layer.weight = nn.Parameter(masked)  # a leaf of the masked values
+        layer.weight = nn.Parameter(layer.weight.detach() * keep)  # a leaf of the masked values
     y, y_ref = model(x), ref(x)
     assert_close(y, y_ref, atol=0, rtol=0)
     y.square().sum().backward()
     y_ref.square().sum().backward()
+    before = {}
     for name, keep in masks.items():
         orig = getattr(model, name).parametrizations.weight.original
-        want = getattr(ref, name).weight.grad + decay * orig.detach() * (~keep)
-        assert_close(orig.grad, want, atol=1e-6, rtol=1e-6)  # pruned weights get gradient too
-        assert (orig.grad[~keep] != 0).any()
+        assert_close(orig.grad, getattr(ref, name).weight.grad, atol=1e-6, rtol=1e-6)  # straight through
+        assert (orig.grad[~keep] != 0).any()  # pruned weights get gradient too
+        before[name] = orig.detach().clone()
+    opt.step()  # SR-STE's term joins in the step's pre-hook: W -= lr * (g + decay * W * ~mask)
+    for name, keep in masks.items():
+        orig = getattr(model, name).parametrizations.weight.original
+        want = before[name] - (getattr(ref, name).weight.grad + decay * before[name] * ~keep)
+        assert_close(orig.detach(), want, atol=1e-6, rtol=1e-6)
+
+
+def test_the_decay_is_applied_once_per_step_after_the_grad_scaler_unscales():
+    if not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler missing")
+    model, x = _net(), torch.randn(4, 3, 6, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    nm = NMSparseTraining(model, "2:4", optimizer=opt, decay=0.5, include=["fc"])
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    except Exception as e:  # noqa: BLE001 - a CPU GradScaler is recent
+        pytest.skip(f"no CPU GradScaler here ({e})")
+    w = model.fc.parametrizations.weight.original
+    keep = nm_mask(w, 2, 4)
+    for _ in range(2):  # the layer used twice per step and two accumulated batches: still one decay
+        scaler.scale(model(x).sum() + model(x).sum()).backward()
+    g = w.grad / scaler.get_scale()
+    before = w.detach().clone()
+    scaler.step(opt)
+    assert_close(w.detach(), before - (g + 0.5 * before * ~keep), atol=1e-5, rtol=1e-5)
 
 
 def test_training_moves_masks_then_finalize_leaves_nm_weights():
     model, x, y = _net(), torch.randn(32, 3, 6, 6), torch.randint(0, 4, (32,))
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)  # built before: the parameters stay the same objects
     params_before = {id(p) for p in model.parameters()}
-    nm = NMSparseTraining(model, "2:4", decay=2e-4)
+    nm = NMSparseTraining(model, "2:4", optimizer=opt, decay=2e-4)
     assert {id(p) for p in model.parameters()} == params_before
     first = nm.masks()
     assert nm.flips() == 0.0
@@ -99,13 +123,16 @@ def test_training_moves_masks_then_finalize_leaves_nm_weights():
         w = _get_weight(getattr(model, name))
         assert int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2
     assert {id(p) for p in model.parameters()} == params_before
+    with pytest.raises(RuntimeError, match="flips: finalize\\(\\) was already called"):
+        nm.flips()
+    assert nm.finalize() == names  # again: nothing to do
 
 
 def test_sr_ste_decay_settles_masks_more_than_plain_ste():
     def run(decay):
         model, x, y = _net(1), torch.randn(64, 3, 6, 6), torch.randint(0, 4, (64,))
-        nm = NMSparseTraining(model, "2:4", decay=decay)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        nm = NMSparseTraining(model, "2:4", optimizer=opt, decay=decay)
         nm.flips()
         for _ in range(40):
             F.cross_entropy(model(x), y).backward()
@@ -118,17 +145,42 @@ def test_sr_ste_decay_settles_masks_more_than_plain_ste():
 
 def test_include_exclude_and_refusals():
     model = _net()
-    nm = NMSparseTraining(model, "4:8", exclude=["head"], decay=0.0)
+    nm = NMSparseTraining(model, "4:8", exclude="head", decay=0.0)  # one pattern as a str
     assert nm.layers == ["conv", "fc"]
     with pytest.raises(ValueError, match="include: stem cannot be trained 2:4: in_channels 3 is not a multiple of M=4"):
-        NMSparseTraining(_net(), "2:4", include=["stem", "conv"])
+        NMSparseTraining(_net(), "2:4", include=["stem", "conv"], decay=0.0)
+    with pytest.raises(ValueError, match="include: pattern 'blocks.*' names no Linear or convolution layer"):
+        NMSparseTraining(_net(), "2:4", include=["conv", "blocks.*"], decay=0.0)
+    with pytest.raises(TypeError, match="exclude: expected fnmatch patterns \\(str\\), got int 3"):
+        NMSparseTraining(_net(), "2:4", exclude=[3], decay=0.0)
     with pytest.raises(ValueError, match="pattern: N:M training needs an 'N:M' pattern"):
-        NMSparseTraining(_net(), 0.5)
+        NMSparseTraining(_net(), 0.5, decay=0.0)
     with pytest.raises(ValueError, match=r"decay: expected a finite number >= 0"):
         NMSparseTraining(_net(), "2:4", decay=-1.0)
+    with pytest.raises(ValueError, match=r"optimizer: SR-STE \(decay > 0\) adds decay \* W"):
+        NMSparseTraining(_net(), "2:4")
     with pytest.raises(ValueError, match="model: no layer can be trained 2:4"):
-        NMSparseTraining(nn.Sequential(nn.Linear(3, 3)), "2:4")
+        NMSparseTraining(nn.Sequential(nn.Linear(3, 3)), "2:4", decay=0.0)
     with pytest.raises(ValueError, match="already parametrized"):
-        NMSparseTraining(model, "2:4", include=["conv"])  # conv has NM parametrization from above
+        NMSparseTraining(model, "2:4", include=["conv"], decay=0.0)  # conv has NM parametrization from above
     with pytest.raises(TypeError, match="model: expected an nn.Module"):
-        NMSparseTraining("model", "2:4")
+        NMSparseTraining("model", "2:4", decay=0.0)
+
+
+def test_tied_weights_are_skipped_and_gpt2_conv1d_is_trained():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    wte = model.transformer.wte.weight.detach().clone()
+    nm = NMSparseTraining(model, "2:4", decay=0.0)
+    assert dict(nm.skipped)["lm_head"].startswith("its weight is shared with transformer.wte.weight")
+    assert nm.layers == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                         "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    ids = torch.randint(0, 64, (2, 8))
+    model(ids).logits.sum().backward()
+    nm.finalize()
+    assert torch.equal(model.transformer.wte.weight, wte)  # the tied embedding is untouched
+    for name in nm.layers:  # Conv1D stores [in, out]: groups of 4 along the input rows
+        w = model.get_submodule(name).weight
+        assert int((w.t().reshape(-1, 4) != 0).sum(1).max()) <= 2

@@ -382,3 +382,9 @@ def test_prune_then_fine_tune_a_cnn_with_the_zeros_kept():
         for conv in (b.conv1, b.conv2):
             groups = _get_weight(conv).reshape(-1, 4)
             assert int((groups != 0).sum(1).max()) <= 2  # still 2:4 along input channels
+
+
+def test_training_pruner_include_takes_one_pattern_as_a_string():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Linear(4, 4))
+    assert [n for n, _ in MagnitudePruner(model, OneShot(0.5), include="0").targets] == ["0"]
+    assert [n for n, _ in MagnitudePruner(model, OneShot(0.5), exclude="0").targets] == ["1"]

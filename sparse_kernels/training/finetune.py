@@ -5,8 +5,9 @@ pruning. Pruned weights stay exactly zero (:class:`~sparse_kernels.training.Mask
 
 * layers with a ``weight_mask`` buffer or an unstructured SparseLinear keep their masks;
 * 2:4 SparseLinear layers train their ``values``; the metadata, hence the pattern, is fixed;
-* plain ``nn.Linear`` layers pruned in place (zeros, no mask), as ``prune(...)`` leaves them,
-  get a mask ``weight != 0`` first when at least ``mask_zeros`` (default 10%) of their weights are zero.
+* plain ``nn.Linear`` layers (and GPT-2 ``Conv1D``, stock convolutions) pruned in place (zeros, no
+  mask), as ``prune(...)`` leaves them, get a mask ``weight != 0`` first when at least
+  ``mask_zeros`` (default 10%) of their weights are zero.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..pruning.layers import _is_conv1d, _stock_conv
 from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters, remove_mask
@@ -35,7 +37,8 @@ def mask_zeros_(model: nn.Module, min_fraction: float = 0.1) -> list[str]:
         raise ValueError(f"mask_zeros: expected a fraction in (0, 1], got {min_fraction}")
     names = []
     for name, m in model.named_modules():
-        if (type(m) is nn.Linear or _is_conv1d(m) or _stock_conv(m)) and get_mask(m, "weight") is None:
+        if ((type(m) is nn.Linear or _is_conv1d(m) or _stock_conv(m)) and get_mask(m, "weight") is None
+                and not parametrize.is_parametrized(m, "weight")):  # a mask on a computed weight would do nothing
             nz = m.weight.detach() != 0
             if 1.0 - nz.float().mean().item() >= min_fraction:
                 attach_mask(m, nz)

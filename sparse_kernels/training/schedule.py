@@ -157,6 +157,22 @@ def bottom_k_mask(scores: torch.Tensor, k: int, pruned: torch.Tensor | None = No
     return keep.view(scores.shape)
 
 
+def pattern_list(name: str, value) -> list[str] | None:
+    """``include``/``exclude`` arguments: None, one fnmatch pattern (a str) or an iterable of them."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    try:
+        out = list(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an fnmatch pattern or a list of them, got {type(value).__name__}") from None
+    bad = [p for p in out if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{name}: expected fnmatch patterns (str), got {type(bad[0]).__name__} {bad[0]!r}")
+    return out
+
+
 def _default_targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from .masks import _is_24_sparse_linear, _sparse_linear_cls
 
@@ -197,11 +213,10 @@ class MagnitudePruner:
         self.model, self.schedule, self.scope = model, schedule, scope
         self.score = score or (lambda m: m.weight.detach().abs())
         targets = _default_targets(model)
+        include, exclude = pattern_list("include", include), pattern_list("exclude", exclude)
         if include is not None:
-            include = list(include)
             targets = [(n, m) for n, m in targets if any(fnmatch.fnmatchcase(n, p) for p in include)]
         if exclude is not None:
-            exclude = list(exclude)
             targets = [(n, m) for n, m in targets if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
         if not targets:
             raise ValueError("model: no prunable layers (nn.Linear, nn.Conv1d/2d/3d, unstructured SparseLinear) matched "

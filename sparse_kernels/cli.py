@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole FFN channels (--sparsity of them), heads, layers; saves a smaller dense model")
     p.add_argument("--ria-alpha", type=float, default=0.5,
                    help="ria: exponent of the activation norm in the score (default 0.5)")
+    p.add_argument("--scope", choices=("layer", "row", "global"), default=None,
+                   help="comparison group of an unstructured --sparsity: magnitude layer (default) | row | global; "
+                        "wanda/ria row (default, the papers') | layer; sparsegpt takes none")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--sparsity", type=_sparsity, help="unstructured: fraction of weights zeroed, e.g. 0.5")
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
@@ -363,6 +366,13 @@ def cmd_prune(args) -> int:
         raise SystemExit(f"prune: {e}") from None
     if args.method == "ria" and not (0 <= args.ria_alpha < float("inf")):
         raise SystemExit(f"prune: --ria-alpha must be a finite number >= 0, got {args.ria_alpha}")
+    if args.scope is not None:
+        from .pruning.model import METHODS
+
+        allowed = METHODS[args.method].scopes
+        if args.scope not in allowed:
+            raise SystemExit(f"prune: --scope {args.scope} does not apply to --method {args.method} "
+                             + (f"(it takes {', '.join(allowed)})" if allowed else "(it takes no --scope)"))
     owl = None
     if args.owl:
         if args.method == "structured" or args.sparsity is None:
@@ -423,6 +433,8 @@ def cmd_prune(args) -> int:
     if args.method == "structured":
         return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
     extra = {"alpha": args.ria_alpha} if args.method == "ria" else {}
+    if args.scope is not None:
+        extra["scope"] = args.scope
     permute = {"rounds": args.permute_rounds} if args.permute else False
     # permuted 2:4 weights are 2:4 only in the permuted order: keep them as SparseLinear layers
     # holding the permutation (the checkpoint stores them so)

@@ -651,6 +651,19 @@ def test_cli_prune_ria(tiny_model_dir, tmp_path, capsys):
         cli.main(["prune", "--model", str(d), "--method", "ria", "--ria-alpha", "-1", "-o", str(out), "--no-progress"])
 
 
+def test_cli_prune_scope(tiny_model_dir, tmp_path, capsys):
+    d, text = tiny_model_dir
+    out = tmp_path / "wanda_layer"
+    assert _prune_small(d, text, out, "--method", "wanda", "--scope", "layer", "--sparsity", "0.5") == 0
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert cfg["pruning"]["scope"] == "layer"
+    for scope, method, what in (("global", "wanda", "it takes row, layer"), ("row", "sparsegpt", "it takes no --scope"),
+                                ("layer", "structured", "it takes no --scope")):
+        with pytest.raises(SystemExit, match=f"--scope {scope} does not apply to --method {method} \\({what}\\)"):
+            cli.main(["prune", "--model", str(d), "--method", method, "--scope", scope, "--sparsity", "0.5",
+                      "-o", str(out), "--no-progress"])
+
+
 def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_path, capsys):
     d, text = tiny_model_dir
     out = tmp_path / "mlp_only"

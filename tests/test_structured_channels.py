@@ -368,6 +368,8 @@ def test_hugging_face_models_built_from_a_config():
         "vit": transformers.ViTForImageClassification(transformers.ViTConfig(
             hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
             patch_size=8, num_labels=10)),
+        "convnext": transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+            num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)),  # pwconv1 -> GELU -> pwconv2
         "mobilenet_v2": transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config(
             image_size=32, depth_multiplier=0.35, num_labels=10, tf_padding=False)),  # see the docs for True
     }

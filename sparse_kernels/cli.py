@@ -373,6 +373,11 @@ def cmd_prune(args) -> int:
         if args.scope not in allowed:
             raise SystemExit(f"prune: --scope {args.scope} does not apply to --method {args.method} "
                              + (f"(it takes {', '.join(allowed)})" if allowed else "(it takes no --scope)"))
+        if args.sparsity is None:
+            raise SystemExit("prune: --scope chooses the comparison group of an unstructured --sparsity; an N:M "
+                             "--pattern picks per group of M (give --sparsity, or drop --scope)")
+        if args.owl and args.scope == "global":
+            raise SystemExit("prune: --owl cannot be combined with --scope global (one threshold across all blocks)")
     owl = None
     if args.owl:
         if args.method == "structured" or args.sparsity is None:
@@ -433,8 +438,12 @@ def cmd_prune(args) -> int:
     if args.method == "structured":
         return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
     extra = {"alpha": args.ria_alpha} if args.method == "ria" else {}
-    if args.scope is not None:
-        extra["scope"] = args.scope
+    if args.sparsity is not None:  # the comparison group used (recorded in the checkpoint too)
+        from .pruning.model import METHODS
+
+        scope = args.scope or (METHODS[args.method].scopes[0] if METHODS[args.method].scopes else None)
+        if scope is not None:
+            extra["scope"] = scope
     permute = {"rounds": args.permute_rounds} if args.permute else False
     # permuted 2:4 weights are 2:4 only in the permuted order: keep them as SparseLinear layers
     # holding the permutation (the checkpoint stores them so)

@@ -76,3 +76,26 @@ def test_a_failing_forward_restores_every_statistic_and_bad_input():
         recalibrate_batchnorm(model, [])
     with pytest.raises(ValueError, match="batch_size: expected a positive int, got 0"):
         recalibrate_batchnorm(model, torch.randn(2, 3, 5, 5), batch_size=0)
+
+
+def test_batches_weigh_by_their_size_a_single_row_is_merged_and_iterables_are_lazy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    x = torch.randn(9, 3) * 2 + 1
+    recalibrate_batchnorm(model, x, batch_size=4)  # chunks 4, 4, 1 -> 4, 5 (one row cannot be normalized)
+    with torch.no_grad():
+        h = model[0](x)
+    assert_close(model[1].running_mean, h.mean(0), atol=1e-5, rtol=1e-5)  # the mean over all rows
+    assert int(model[1].num_batches_tracked) == 2
+    calls = []
+
+    def gen():
+        for chunk in x.split(3):
+            calls.append("yield")
+            yield {"input": chunk}
+
+    model.register_forward_pre_hook(lambda m, a, kw: calls.append("forward"), with_kwargs=True)
+    recalibrate_batchnorm(model, gen())
+    assert calls == ["yield", "forward"] * 3  # read one batch at a time
+    with pytest.raises(ValueError, match="calibration: empty"):
+        recalibrate_batchnorm(model, iter([]))

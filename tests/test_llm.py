@@ -662,6 +662,15 @@ def test_cli_prune_scope(tiny_model_dir, tmp_path, capsys):
         with pytest.raises(SystemExit, match=f"--scope {scope} does not apply to --method {method} \\({what}\\)"):
             cli.main(["prune", "--model", str(d), "--method", method, "--scope", scope, "--sparsity", "0.5",
                       "-o", str(out), "--no-progress"])
+    with pytest.raises(SystemExit, match="--scope chooses the comparison group of an unstructured --sparsity"):
+        cli.main(["prune", "--model", str(d), "--method", "wanda", "--scope", "layer", "--pattern", "2:4",
+                  "-o", str(out), "--no-progress"])
+    with pytest.raises(SystemExit, match="--owl cannot be combined with --scope global"):
+        cli.main(["prune", "--model", str(d), "--method", "magnitude", "--scope", "global", "--sparsity", "0.5",
+                  "--owl", "-o", str(out), "--no-progress"])
+    out2 = tmp_path / "wanda_default"  # the default comparison group is recorded too
+    assert _prune_small(d, text, out2, "--method", "wanda", "--sparsity", "0.5") == 0
+    assert json.loads((out2 / checkpoint.CONFIG_NAME).read_text())["pruning"]["scope"] == "row"
 
 
 def test_cli_prune_skip_leaves_the_matching_layers_dense(tiny_model_dir, tmp_path, capsys):

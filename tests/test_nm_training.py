@@ -184,3 +184,39 @@ def test_tied_weights_are_skipped_and_gpt2_conv1d_is_trained():
     for name in nm.layers:  # Conv1D stores [in, out]: groups of 4 along the input rows
         w = model.get_submodule(name).weight
         assert int((w.t().reshape(-1, 4) != 0).sum(1).max()) <= 2
+
+
+def test_each_optimizer_decays_only_its_own_weights_and_fused_steps_under_a_scaler():
+    model, x = _net(), torch.randn(4, 3, 6, 6)
+    opt_a = torch.optim.SGD([p for n, p in model.named_parameters() if n.startswith("fc.")], lr=1.0)
+    opt_b = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("fc.")], lr=1.0)
+    nm = NMSparseTraining(model, "2:4", optimizer=opt_a, decay=0.5, include=["fc", "head"])
+    nm.attach(opt_b)
+    model(x).sum().backward()
+    w = {name: getattr(model, name).parametrizations.weight.original for name in ("fc", "head")}
+    before = {k: v.detach().clone() for k, v in w.items()}
+    grads = {k: v.grad.clone() for k, v in w.items()}
+    opt_b.step()  # holds head only
+    opt_a.step()  # holds fc only
+    for name in ("fc", "head"):  # exactly one decay each
+        keep = nm_mask(before[name], 2, 4)
+        assert_close(w[name].detach(), before[name] - (grads[name] + 0.5 * before[name] * ~keep), atol=1e-6, rtol=1e-6)
+    nm.finalize()
+    with pytest.raises(RuntimeError, match="attach: finalize\\(\\) was already called"):
+        nm.attach(opt_a)
+
+    try:
+        fused = torch.optim.SGD(_net().parameters(), lr=1.0, fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    except Exception as e:  # noqa: BLE001 - fused CPU SGD and a CPU GradScaler are recent
+        pytest.skip(f"no fused CPU SGD / CPU GradScaler here ({e})")
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, fused=True)
+    NMSparseTraining(model, "2:4", optimizer=opt, decay=0.5, include=["fc"])
+    wf = model.fc.parametrizations.weight.original
+    scaler.scale(model(x).sum()).backward()
+    g = wf.grad / scaler.get_scale()
+    b = wf.detach().clone()
+    scaler.step(opt)  # the fused step unscales inside: the decay was scaled alike
+    assert_close(wf.detach(), b - (g + 0.5 * b * ~nm_mask(b, 2, 4)), atol=1e-5, rtol=1e-5)
+    del fused

@@ -577,6 +577,14 @@ def test_wanda_and_ria_comparison_group():
             fn(W, norms, 0.5, scope="global")
 
 
+def test_register_method_checks_scopes():
+    class Bad(PruningMethod):
+        scopes = "row"
+
+    with pytest.raises(TypeError, match="Bad.scopes must be a tuple of str"):
+        register_method("bad", Bad())
+
+
 def test_prune_scope_per_method():
     torch.manual_seed(0)
     model, ids = ToyModel(), correlated_inputs(64, 8).view(8, 8, 8)

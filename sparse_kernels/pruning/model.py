@@ -108,8 +108,10 @@ class PruningMethod:
     #: extra keyword options :func:`prune` accepts for this method (passed on in ``options``)
     option_names: tuple = ()
     #: the comparison groups ``prune(scope=...)`` accepts for an unstructured sparsity, the default
-    #: first; empty: the method takes no ``scope`` (SparseGPT chooses per block of columns)
+    #: first (a tuple of str); empty: the method takes no ``scope``
     scopes: tuple = ()
+    #: why the method takes no scope, for the error message (SparseGPT: per block of columns)
+    scope_note: str = ""
     #: True for criteria that only choose a mask (the kept weights keep their values): DSnoT
     #: (``prune(dsnot=...)``) can refine their masks
     mask_only = False
@@ -180,6 +182,7 @@ class PruningMethod:
 
 class SparseGPTMethod(PruningMethod):
     name = "sparsegpt"
+    scope_note = "it chooses its mask per block of columns"
 
     def make_stats(self, name, layer):
         return HessianAccumulator(_get_weight(layer).shape[1], device=layer.weight.device)
@@ -279,6 +282,9 @@ def register_method(name: str, method: PruningMethod) -> None:
     """Make ``prune(model, method=name)`` use ``method`` (replaces a previous registration)."""
     if not isinstance(method, PruningMethod):
         raise TypeError(f"method: expected a PruningMethod instance, got {type(method).__name__}")
+    if not isinstance(method.scopes, tuple) or not all(isinstance(x, str) for x in method.scopes):
+        raise TypeError(f"method: {type(method).__name__}.scopes must be a tuple of str (the default first), "
+                        f"got {method.scopes!r}")
     METHODS[name] = method
 
 
@@ -500,7 +506,8 @@ def prune(
     meth.check_options(method_options)
     if scope is not None and scope not in meth.scopes:
         raise ValueError(f"scope: method {method!r} " + (f"takes {', '.join(map(repr, meth.scopes))}" if meth.scopes
-                         else "takes no scope (it chooses its mask per block of columns)") + f", got {scope!r}")
+                         else "takes no scope" + (f" ({meth.scope_note})" if meth.scope_note else ""))
+                         + f", got {scope!r}")
     scope = scope if scope is not None else (meth.scopes[0] if meth.scopes else None)
     spec = parse_sparsity(sparsity)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:

@@ -18,20 +18,25 @@ from torch import nn
 __all__ = ["recalibrate_batchnorm"]
 
 
-def _batches(calibration, batch_size: int) -> list:
+def _batches(calibration, batch_size: int):
+    """Yield the batches lazily (a DataLoader is not read ahead); a tensor is split into
+    ``batch_size`` rows, a last chunk of one row merged into the one before (BatchNorm1d cannot
+    normalize a single row)."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
             raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
-        return list(calibration.split(batch_size))
+        chunks = list(calibration.split(batch_size))
+        if len(chunks) > 1 and chunks[-1].shape[0] == 1:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        yield from chunks
+        return
     if isinstance(calibration, dict):
-        return [calibration]
+        yield calibration
+        return
     if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
         raise TypeError(f"calibration: expected a tensor, a dict of keyword arguments or an iterable of batches, "
                         f"got {type(calibration).__name__}")
-    out = list(calibration)
-    if not out:
-        raise ValueError("calibration: empty; give at least one batch")
-    return out
+    yield from calibration
 
 
 @torch.no_grad()
@@ -43,43 +48,65 @@ def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -
             running statistics.
         calibration: inputs: a tensor (split into ``batch_size`` rows, each called as
             ``model(batch)``), a dict of keyword arguments (one batch), or an iterable of batches
-            (tensor, tuple of args or dict of kwargs).
+            (tensor: ``model(batch)``; tuple: ``model(*batch)``, so give a labelled DataLoader
+            as ``(x for x, _ in loader)``; dict: ``model(**batch)``), read lazily. Tensors are
+            moved to the model's device.
         batch_size: rows per forward pass for a tensor ``calibration``.
 
-    Every batch counts equally (a cumulative average: ``momentum=None`` while it runs); each
-    layer's ``momentum`` and every module's train/eval mode are restored afterwards. A layer no
-    batch reached keeps its statistics (with a warning); if a forward pass fails, every layer
-    gets its statistics back. Returns the number of BatchNorm layers re-estimated. Raises
-    ValueError when the model has none.
+    The statistics are the average over all batches weighted by the values each batch gives the
+    layer (a short last batch counts for what it holds); each layer's ``momentum`` and every
+    module's train/eval mode are restored afterwards. A layer no batch reached keeps its
+    statistics (with a warning); if a forward pass fails, every layer gets its statistics back.
+    Returns the number of BatchNorm layers re-estimated. Raises ValueError when the model has
+    none, when a lazy BatchNorm is not initialized yet, or when ``calibration`` is empty.
     """
+    from torch.nn.parameter import is_lazy
+
+    from ..pruning.calibration import _to
+
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not bns:
         raise ValueError(f"model: {type(model).__name__} has no BatchNorm layer that tracks running statistics")
+    if any(is_lazy(m.running_mean) for m in bns):
+        raise ValueError("model: a lazy BatchNorm is not initialized yet; run one forward pass first")
     batches = _batches(calibration, batch_size)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
     saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    seen = {id(m): 0 for m in bns}
+
+    def weigh(m, args):  # momentum = this batch's share of all the values seen so far
+        n = args[0].numel() // max(args[0].shape[1] if args[0].dim() > 1 else args[0].shape[0], 1)
+        seen[id(m)] += n
+        m.momentum = n / seen[id(m)]
+
     p0 = next(model.parameters(), None)
+    handles = [m.register_forward_pre_hook(weigh) for m in bns]
     reached = None
+    count = 0
     try:
         model.eval()
         for m in bns:
             m.reset_running_stats()
-            m.momentum = None
             m.train()
         for b in batches:
-            if p0 is not None and isinstance(b, torch.Tensor):
-                b = b.to(p0.device)
+            count += 1
+            if p0 is not None:
+                b = _to(b, p0.device)
             if isinstance(b, dict):
                 model(**b)
             elif isinstance(b, (tuple, list)):
                 model(*b)
             else:
                 model(b)
+        if count == 0:
+            raise ValueError("calibration: empty; give at least one batch")
         reached = [int(m.num_batches_tracked) > 0 for m in bns]
     finally:
+        for h in handles:
+            h.remove()
         for m, f in flags:
             m.training = f
         for m, mom in momenta:

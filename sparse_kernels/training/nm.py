@@ -8,9 +8,11 @@ gets the gradient of the masked one everywhere, so pruned weights keep learning 
 change. With ``decay > 0`` it is SR-STE (Zhou et al., 2021, "Learning N:M fine-grained structured
 sparse neural networks from scratch"): the pruned weights' gradient also gets ``decay * W``,
 which pulls them towards zero and settles the mask (the paper's ``lambda_W``, 2e-4 with SGD);
-``decay=0`` is the plain STE. The decay term is added by a step pre-hook on the optimizer, once
-per step, after a ``GradScaler`` has unscaled the gradients (added in the backward pass it would
-be scaled away by AMP, and counted again for every use of the layer and every accumulated batch).
+``decay=0`` is the plain STE. The decay term is added by a step pre-hook on the optimizer that
+holds the weight, once per step, after a ``GradScaler`` has unscaled the gradients (scaled
+alike for a fused optimizer, which unscales inside its step); added in the backward pass it
+would be scaled away by AMP and counted again for every use of the layer and every accumulated
+batch. Like torch's own coupled ``weight_decay``, it comes after any gradient clipping.
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     nm = NMSparseTraining(model, "2:4", optimizer=opt, decay=2e-4)
@@ -185,22 +187,32 @@ class NMSparseTraining:
             self.attach(optimizer)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> "NMSparseTraining":
-        """Apply the SR-STE decay before every step of ``optimizer`` (no-op for ``decay=0``)."""
+        """Apply the SR-STE decay before every step of ``optimizer`` to the trained weights it
+        holds (no-op for ``decay=0``). Several optimizers may be attached, each for its own."""
+        self._check_live("attach")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if self.decay:
-            self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._decay()))
+            self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kwargs: self._decay(opt)))
         return self
 
     @torch.no_grad()
-    def _decay(self) -> None:
+    def _decay(self, optimizer) -> None:
         if self._final:
             return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        # a fused optimizer under a GradScaler unscales inside step(), after this hook: the
+        # gradients are still scaled here, so the term is scaled alike (GradScaler sets grad_scale)
+        scale = getattr(optimizer, "grad_scale", None)
         for _, mod in self._modules():
             w = mod.parametrizations.weight.original
-            if w.grad is not None:
-                keep = nm_mask(w, self.n, self.m, _is_conv1d(mod))
-                w.grad.add_(w * (~keep).to(w.dtype), alpha=self.decay)
+            if w.grad is None or id(w) not in held:
+                continue
+            keep = nm_mask(w, self.n, self.m, _is_conv1d(mod))
+            term = w * (~keep).to(w.dtype) * self.decay
+            if isinstance(scale, torch.Tensor):
+                term = term * scale.to(term.dtype)
+            w.grad.add_(term)
 
     def _modules(self):
         return [(name, self.model.get_submodule(name)) for name in self.layers]

@@ -99,3 +99,17 @@ def test_batches_weigh_by_their_size_a_single_row_is_merged_and_iterables_are_la
     assert calls == ["yield", "forward"] * 3  # read one batch at a time
     with pytest.raises(ValueError, match="calibration: empty"):
         recalibrate_batchnorm(model, iter([]))
+
+
+def test_recalibrate_batchnorm_on_cuda():
+    """GPU runs only (skipped without one): CPU calibration moved to the model's device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = Net().cuda().eval()
+    x = torch.randn(8, 3, 5, 5)
+    with pytest.warns(UserWarning, match="saw no batch"):
+        recalibrate_batchnorm(model, [x[:4], {"x": x[4:]}])
+    with torch.no_grad():
+        h = model.conv(x.cuda())
+    assert_close(model.bn.running_mean, h.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)

@@ -220,3 +220,36 @@ def test_each_optimizer_decays_only_its_own_weights_and_fused_steps_under_a_scal
     scaler.step(opt)  # the fused step unscales inside: the decay was scaled alike
     assert_close(wf.detach(), b - (g + 0.5 * b * ~nm_mask(b, 2, 4)), atol=1e-5, rtol=1e-5)
     del fused
+
+
+def test_finalized_2to4_linear_layers_convert_to_sparse_linear():
+    import sparse_kernels as sk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+    x, y = torch.randn(16, 32), torch.randn(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nm = NMSparseTraining(model, "2:4", optimizer=opt)
+    for _ in range(5):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    nm.finalize()
+    want = model(x).detach()
+    report = sk.sparsify(model, pattern="2:4")
+    assert len(report.layers) == 2
+    assert_close(model(x).detach(), want, atol=1e-5, rtol=1e-5)  # the 2:4 weights survive compression as they are
+
+
+def test_nm_training_on_cuda():
+    """GPU runs only (skipped without one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model, x = _net().cuda(), torch.randn(4, 3, 6, 6, device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nm = NMSparseTraining(model, "2:4", optimizer=opt)
+    model(x).sum().backward()
+    opt.step()
+    nm.finalize()
+    w = _get_weight(model.conv)
+    assert w.is_cuda and int((w.reshape(-1, 4) != 0).sum(1).max()) <= 2

@@ -19,6 +19,7 @@ from .nn import SparseLinear, SparseLinearInt4, quantize_int4, sparsify
 from .interop import (from_compressed_tensors_24, from_torch_cutlass, to_compressed_tensors_24, to_semi_structured,
                       to_torch_cutlass)
 from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
+from .storage import load_sparse, save_sparse
 from . import lottery, structured, training  # noqa: F401  (training-time and structured pruning)
 
 __version__ = "0.1.0"
@@ -42,6 +43,8 @@ __all__ = [
     "bitmask_linear",
     "compress_bitmask",
     "decompress_bitmask",
+    "save_sparse",
+    "load_sparse",
     "compress_2to4_int4",
     "decompress_2to4_int4",
     "sparse_linear_int4",

@@ -1,0 +1,293 @@
+"""Any model's state_dict stored compressed, and read back bit for bit: :func:`save_sparse`,
+:func:`load_sparse`.
+
+For models the LLM checkpoint format (:mod:`sparse_kernels.llm.checkpoint`) does not cover
+(vision models, anything that is not a Hugging Face causal LM): a pruned model keeps its dense
+modules, and this stores each of its pruned tensors in the smallest of
+
+* ``"2:4"``: every group of 4 along the input dimension holds at most 2 nonzeros: the 2:4
+  format's ``values`` and ``meta`` (docs/FORMAT.md), 9/16 of the dense bytes for 16-bit
+  tensors. A convolution weight ``[out, C, *kernel]`` is read channels-last,
+  ``[out, kernel..., C]``, the layout :func:`sparse_kernels.prune` gives N:M convolutions;
+* ``"bitmask"``: any pattern: the nonzeros, one bit per element and a row offset per row
+  (:func:`sparse_kernels.compress_bitmask` of the same 2-D view);
+* ``"dense"``: as it is (tensors that are not float16/bfloat16/float32 with 2 or more
+  dimensions, or where neither format saves bytes);
+
+and ``"alias"`` for a tensor that is another entry's storage (tied weights). A stored entry
+must decompress to the original bits (NaN and inf included), with one exception: a zero comes
+back as ``+0.0`` whatever its sign (pruning writes ``w * 0``, which is ``-0.0`` for a negative
+``w``; the two compare and compute alike but for the sign of ``1/x``). An entry that would not
+round-trip is stored dense. Dense entries keep every bit. One safetensors
+file, written atomically; its metadata key ``sparse_kernels`` holds a JSON description of every
+entry, validated on load (:class:`SparseStateError`, naming the entry, for anything that does
+not fit).
+
+    report = save_sparse(model, "pruned.safetensors")
+    model.load_state_dict(load_sparse("pruned.safetensors"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+__all__ = ["save_sparse", "load_sparse", "SparseStateError", "StorageReport"]
+
+FORMAT_VERSION = 1
+_META_KEY = "sparse_kernels"
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class SparseStateError(ValueError):
+    """A file :func:`load_sparse` cannot trust: not ours, another version, or an entry whose
+    tensors do not describe the tensor it claims."""
+
+
+@dataclass
+class StorageReport:
+    """What :func:`save_sparse` wrote: per entry its format and stored bytes; totals."""
+
+    path: str
+    formats: dict = field(default_factory=dict)
+    dense_bytes: int = 0
+    stored_bytes: int = 0
+    file_bytes: int = 0
+
+    def __str__(self) -> str:
+        counts = {}
+        for f in self.formats.values():
+            counts[f] = counts.get(f, 0) + 1
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        return (f"save_sparse: {self.path}: {kinds}; tensors {self.dense_bytes} -> {self.stored_bytes} bytes "
+                f"({self.stored_bytes / max(self.dense_bytes, 1):.3f}x), file {self.file_bytes} bytes")
+
+
+def _view2d(t: torch.Tensor) -> torch.Tensor:
+    """``[out, in]`` as it is; ``[out, C, *kernel]`` channels-last, ``[out, prod(kernel) * C]``."""
+    if t.dim() == 2:
+        return t
+    return t.permute(0, *range(2, t.dim()), 1).reshape(t.shape[0], -1)
+
+
+def _from_view2d(v: torch.Tensor, shape) -> torch.Tensor:
+    if len(shape) == 2:
+        return v.reshape(shape)
+    nd = len(shape)
+    return v.reshape(shape[0], *shape[2:], shape[1]).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _nbytes(*ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bits, except that a zero may come back with the other sign."""
+    return bool(((_bits(a) == _bits(b)) | ((a == 0) & (b == 0))).all())
+
+
+def _try_24(v: torch.Tensor):
+    from .ops import sparse24
+
+    rows, cols = v.shape
+    if cols % 16:
+        return None
+    nonzero = v != 0  # NaN counts as a value; -0.0 as a zero
+    if int(nonzero.view(rows, cols // 4, 4).sum(-1).max()) > 2:
+        return None
+    values, meta = sparse24.compress_2to4(torch.where(nonzero, v, torch.zeros((), dtype=v.dtype)))
+    return {"values": values, "meta": meta} if _same(sparse24.decompress_2to4(values, meta), v) else None
+
+
+def _try_bitmask(v: torch.Tensor):
+    from .ops import bitmask
+
+    values, mask, row_ptr = bitmask.compress_bitmask(v, v != 0)
+    if not _same(bitmask.decompress_bitmask(values, mask, row_ptr, v.shape[1]), v):  # pragma: no cover - defensive
+        return None
+    return {"values": values, "bitmask": mask, "row_ptr": row_ptr}
+
+
+def _state(obj) -> dict:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in obj.items()):
+        return obj
+    raise TypeError(f"obj: expected an nn.Module or a dict of str -> tensor (a state_dict), got {type(obj).__name__}")
+
+
+def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
+    """Write ``obj``'s state_dict (an ``nn.Module`` or the dict itself) to ``path``, each pruned
+    tensor in the smallest format of ``formats`` that round-trips it bit for bit (zeros up to
+    their sign; module docstring). Atomic: ``path`` is complete or untouched. Returns a :class:`StorageReport`."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:  # pragma: no cover - an optional dependency
+        raise ImportError("save_sparse needs safetensors (pip install safetensors)") from e
+    from .llm.checkpoint import _atomic_write
+
+    if isinstance(formats, str):
+        formats = (formats,)
+    bad = [f for f in formats if f not in ("2:4", "bitmask")]
+    if bad:
+        raise ValueError(f"formats: unknown {bad[0]!r}; expected a subset of ('2:4', 'bitmask')")
+    state = _state(obj)
+    tensors, entries = {}, {}
+    report = StorageReport(path=path)
+    seen: dict[tuple, str] = {}
+    for key, t in state.items():
+        if "::" in key:
+            raise ValueError(f"obj: key {key!r} contains '::', which this format uses to name an entry's parts")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
+        report.dense_bytes += _nbytes(t)
+        if ident is not None and ident in seen:
+            entries[key] = {"format": "alias", "of": seen[ident]}
+            report.formats[key] = "alias"
+            continue
+        if ident is not None:
+            seen[ident] = key
+        parts = None
+        if t.dtype in _FLOAT and t.dim() >= 2 and t.numel() and t.shape[0]:
+            v = _view2d(t).contiguous()
+            best = _nbytes(t)
+            for fmt in formats:
+                cand = _try_24(v) if fmt == "2:4" else _try_bitmask(v)
+                if cand is not None and _nbytes(*cand.values()) < best:
+                    parts, best, chosen = cand, _nbytes(*cand.values()), fmt
+        if parts is None:
+            tensors[key] = t.contiguous()
+            entries[key] = {"format": "dense"}
+            report.formats[key] = "dense"
+            report.stored_bytes += _nbytes(t)
+            continue
+        for name, p in parts.items():
+            tensors[f"{key}::{name}"] = p.contiguous()
+        entries[key] = {"format": chosen, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        report.formats[key] = chosen
+        report.stored_bytes += _nbytes(*parts.values())
+    meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "entries": entries})}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    report.file_bytes = os.path.getsize(path)
+    return report
+
+
+def _fail(key: str, what: str):
+    raise SparseStateError(f"{key}: {what}")
+
+
+def _shape(key: str, entry: dict) -> tuple:
+    shape = entry.get("shape")
+    if (not isinstance(shape, list) or len(shape) < 2 or not all(isinstance(s, int) and s > 0 for s in shape)):
+        _fail(key, f"shape {shape!r} is not a list of 2 or more positive ints")
+    return tuple(shape)
+
+
+def _rebuild(key: str, entry: dict, parts: dict) -> torch.Tensor:
+    from .ops import bitmask, sparse24
+
+    fmt = entry["format"]
+    shape = _shape(key, entry)
+    dtype = _DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        _fail(key, f"dtype {entry.get('dtype')!r} is not float16, bfloat16 or float32")
+    rows, cols = shape[0], math.prod(shape[1:])
+    want = {"2:4": ("values", "meta"), "bitmask": ("values", "bitmask", "row_ptr")}[fmt]
+    missing = [n for n in want if n not in parts]
+    if missing or len(parts) != len(want):
+        _fail(key, f"a {fmt} entry needs the tensors {', '.join(want)}; the file has {', '.join(sorted(parts)) or 'none'}")
+    if parts["values"].dtype != dtype:
+        _fail(key, f"values are {parts['values'].dtype}, the entry says {dtype}")
+    try:
+        if fmt == "2:4":
+            values, meta = parts["values"], parts["meta"]
+            if tuple(values.shape) != (rows, cols // 2) or tuple(meta.shape) != (rows, cols // 16) or cols % 16:
+                _fail(key, f"values {tuple(values.shape)} / meta {tuple(meta.shape)} do not fit a {rows} x {cols} "
+                           f"2:4 weight (values [rows, cols/2], meta [rows, cols/16], cols % 16 == 0)")
+            v = sparse24.decompress_2to4(values, meta)  # validates the meta nibbles
+        else:
+            values, mask, row_ptr = parts["values"], parts["bitmask"], parts["row_ptr"]
+            if (values.dim() != 1 or tuple(mask.shape) != (rows, (cols + 7) // 8) or mask.dtype != torch.uint8
+                    or tuple(row_ptr.shape) != (rows + 1,) or row_ptr.dtype != torch.int64):
+                _fail(key, f"values {tuple(values.shape)} / bitmask {tuple(mask.shape)} {mask.dtype} / row_ptr "
+                           f"{tuple(row_ptr.shape)} {row_ptr.dtype} do not fit a {rows} x {cols} bitmask weight")
+            v = bitmask.decompress_bitmask(values, mask, row_ptr, cols)  # checks popcounts against row_ptr
+    except SparseStateError:
+        raise
+    except (ValueError, TypeError) as e:
+        _fail(key, f"the {fmt} tensors are inconsistent ({e})")
+    return _from_view2d(v, shape)
+
+
+def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = True) -> dict:
+    """Read a :func:`save_sparse` file back into a state_dict of dense tensors (bit-exact but for
+    the sign of zeros in compressed entries, on the CPU). With ``model``, also ``model.load_state_dict(state, strict=strict)``. Raises
+    :class:`SparseStateError` (a ValueError) for a file that is not ours, another format version,
+    or an entry that does not describe its tensor; FileNotFoundError for a missing file."""
+    try:
+        from safetensors import safe_open
+    except ImportError as e:  # pragma: no cover - an optional dependency
+        raise ImportError("load_sparse needs safetensors (pip install safetensors)") from e
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"path: no file at {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own errors for a corrupt file
+        raise SparseStateError(f"path: {path!r} is not a readable safetensors file ({e})") from None
+    if _META_KEY not in meta:
+        raise SparseStateError(f"path: {path!r} has no {_META_KEY!r} metadata; it was not written by save_sparse")
+    try:
+        desc = json.loads(meta[_META_KEY])
+        version, entries = desc["format_version"], desc["entries"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise SparseStateError(f"path: the {_META_KEY!r} metadata is not valid ({e})") from None
+    if version != FORMAT_VERSION:
+        raise SparseStateError(f"path: format version {version!r}; this sparse_kernels reads version {FORMAT_VERSION}")
+    if not isinstance(entries, dict):
+        raise SparseStateError("path: the entries are not a dict")
+    parts: dict[str, dict] = {}
+    for name, t in stored.items():
+        key, sep, part = name.rpartition("::")
+        if sep:
+            parts.setdefault(key, {})[part] = t
+    used = set()
+    state = {}
+    for key, entry in entries.items():
+        fmt = entry.get("format") if isinstance(entry, dict) else None
+        if fmt == "dense":
+            if key not in stored:
+                _fail(key, "a dense entry whose tensor is missing from the file")
+            state[key] = stored[key]
+            used.add(key)
+        elif fmt in ("2:4", "bitmask"):
+            state[key] = _rebuild(key, entry, parts.get(key, {}))
+            used.update(f"{key}::{n}" for n in parts.get(key, {}))
+        elif fmt != "alias":
+            _fail(key, f"unknown format {fmt!r} (expected dense, 2:4, bitmask or alias)")
+    for key, entry in entries.items():
+        if entry.get("format") == "alias":
+            src = entry.get("of")
+            if src not in state:
+                _fail(key, f"an alias of {src!r}, which the file does not hold")
+            state[key] = state[src]
+    extra = sorted(set(stored) - used)
+    if extra:
+        raise SparseStateError(f"path: tensors {extra[:3]} belong to no entry")
+    state = {k: state[k] for k in entries}  # the saved order
+    if model is not None:
+        model.load_state_dict(state, strict=strict)
+    return state

@@ -10,7 +10,7 @@ against the model (zeros up to their sign). Medians of ``--repeats`` save / load
 
 Writes ``sparse_state_sizes.json`` into ``--out`` (default benchmarks/results/cpu). Usage::
 
-    PYTHONPATH=$PWD python benchmarks/sparse_state_sizes.py      # about a minute on 2 cores
+    PYTHONPATH=$PWD python benchmarks/sparse_state_sizes.py      # a few seconds on 2 cores
 """
 
 from __future__ import annotations

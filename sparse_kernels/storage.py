@@ -12,9 +12,12 @@ modules, and this stores each of its pruned tensors in the smallest of
 * ``"bitmask"``: any pattern: the nonzeros, one bit per element and a row offset per row
   (:func:`sparse_kernels.compress_bitmask` of the same 2-D view);
 * ``"dense"``: as it is (tensors that are not float16/bfloat16/float32 with 2 or more
-  dimensions, or where neither format saves bytes);
+  dimensions, or where neither format saves bytes). A tensor of 3 or more dimensions is read
+  as a convolution weight: a 3-D tensor that is 2:4 along its last dimension (a stacked MoE
+  weight, say) is stored as a bitmask, not 2:4;
 
-and ``"alias"`` for a tensor that is another entry's storage (tied weights). A stored entry
+and ``"alias"`` for a tensor that is another entry's tensor (tied weights: the same storage,
+offset, shape and strides). A stored entry
 must decompress to the original bits (NaN and inf included), with one exception: a zero comes
 back as ``+0.0`` whatever its sign (pruning writes ``w * 0``, which is ``-0.0`` for a negative
 ``w``; the two compare and compute alike but for the sign of ``1/x``). An entry that would not
@@ -56,6 +59,7 @@ class StorageReport:
 
     path: str
     formats: dict = field(default_factory=dict)
+    #: the bytes of the state_dict's distinct tensors (a tied weight counted once)
     dense_bytes: int = 0
     stored_bytes: int = 0
     file_bytes: int = 0
@@ -91,45 +95,77 @@ def _nbytes(*ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
+_MAGNITUDE = {2: 0x7FFF, 4: 0x7FFFFFFF}
+
+
+def _nonzero(v: torch.Tensor) -> torch.Tensor:
+    """Elements to store: every bit pattern but a zero of either sign (NaN, inf and subnormals
+    included, whatever ``torch.set_flush_denormal`` says)."""
+    return (_bits(v) & _MAGNITUDE[v.element_size()]) != 0
+
+
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bits, except that a zero may come back with the other sign."""
-    return bool(((_bits(a) == _bits(b)) | ((a == 0) & (b == 0))).all())
+    return bool(((_bits(a) == _bits(b)) | (~_nonzero(a) & ~_nonzero(b))).all())
 
 
-def _try_24(v: torch.Tensor):
-    from .ops import sparse24
-
+def _sizes(v: torch.Tensor, nonzero: torch.Tensor, formats) -> dict:
+    """The bytes each applicable format would take (computed, nothing compressed yet)."""
     rows, cols = v.shape
-    if cols % 16:
-        return None
-    nonzero = v != 0  # NaN counts as a value; -0.0 as a zero
-    if int(nonzero.view(rows, cols // 4, 4).sum(-1).max()) > 2:
-        return None
-    values, meta = sparse24.compress_2to4(torch.where(nonzero, v, torch.zeros((), dtype=v.dtype)))
-    return {"values": values, "meta": meta} if _same(sparse24.decompress_2to4(values, meta), v) else None
+    elt, out = v.element_size(), {}
+    if "2:4" in formats and cols % 16 == 0 and int(nonzero.view(rows, cols // 4, 4).sum(-1).max()) <= 2:
+        out["2:4"] = rows * cols // 2 * elt + rows * cols // 16 * 2
+    if "bitmask" in formats:
+        out["bitmask"] = int(nonzero.sum()) * elt + rows * ((cols + 7) // 8) + (rows + 1) * 8
+    return out
 
 
-def _try_bitmask(v: torch.Tensor):
-    from .ops import bitmask
+def _compress(fmt: str, v: torch.Tensor, nonzero: torch.Tensor):
+    """The format's tensors for ``v``, or None when they would not give ``v`` back."""
+    from .ops import bitmask, sparse24
 
-    values, mask, row_ptr = bitmask.compress_bitmask(v, v != 0)
-    if not _same(bitmask.decompress_bitmask(values, mask, row_ptr, v.shape[1]), v):  # pragma: no cover - defensive
-        return None
-    return {"values": values, "bitmask": mask, "row_ptr": row_ptr}
+    if fmt == "2:4":
+        values, meta = sparse24.compress_2to4(torch.where(nonzero, v, torch.zeros((), dtype=v.dtype)))
+        parts, back = {"values": values, "meta": meta}, sparse24.decompress_2to4(values, meta)
+    else:
+        values, mask, row_ptr = bitmask.compress_bitmask(v, nonzero)
+        parts = {"values": values, "bitmask": mask, "row_ptr": row_ptr}
+        back = bitmask.decompress_bitmask(values, mask, row_ptr, v.shape[1])
+    return parts if _same(back, v) else None
 
 
 def _state(obj) -> dict:
     if isinstance(obj, nn.Module):
-        return obj.state_dict()
-    if isinstance(obj, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in obj.items()):
-        return obj
-    raise TypeError(f"obj: expected an nn.Module or a dict of str -> tensor (a state_dict), got {type(obj).__name__}")
+        state = obj.state_dict()
+    elif isinstance(obj, dict):
+        state = obj
+    else:
+        raise TypeError(f"obj: expected an nn.Module or a dict of str -> tensor (a state_dict), got "
+                        f"{type(obj).__name__}")
+    for k, t in state.items():
+        if not isinstance(k, str):
+            raise TypeError(f"obj: keys must be str, got {type(k).__name__} {k!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"obj: entry {k!r} is a {type(t).__name__} (extra state?), not a tensor; save_sparse "
+                            f"stores tensors only")
+    return state
+
+
+def _identity(t: torch.Tensor):
+    """Two entries with this identity are the same tensor (tied weights): taken on the original
+    tensor, wherever it lives, so no temporary copy's address can be reused by another."""
+    if not t.numel():
+        return None
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()),
+            t.dtype, t.is_conj(), t.is_neg())
 
 
 def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
     """Write ``obj``'s state_dict (an ``nn.Module`` or the dict itself) to ``path``, each pruned
     tensor in the smallest format of ``formats`` that round-trips it bit for bit (zeros up to
-    their sign; module docstring). Atomic: ``path`` is complete or untouched. Returns a :class:`StorageReport`."""
+    their sign; module docstring). The sizes are computed before anything is compressed, and
+    only the chosen format is built and checked, one tensor at a time. Atomic: ``path`` is
+    complete or untouched. Returns a :class:`StorageReport`."""
     try:
         from safetensors.torch import save_file
     except ImportError as e:  # pragma: no cover - an optional dependency
@@ -145,30 +181,40 @@ def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
     tensors, entries = {}, {}
     report = StorageReport(path=path)
     seen: dict[tuple, str] = {}
+    written: set = set()  # storages a dense entry already holds (safetensors refuses shared memory)
     for key, t in state.items():
         if "::" in key:
             raise ValueError(f"obj: key {key!r} contains '::', which this format uses to name an entry's parts")
         t = t.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype) if t.numel() else None
-        report.dense_bytes += _nbytes(t)
+        ident = _identity(t)
         if ident is not None and ident in seen:
             entries[key] = {"format": "alias", "of": seen[ident]}
             report.formats[key] = "alias"
             continue
         if ident is not None:
             seen[ident] = key
-        parts = None
+        report.dense_bytes += _nbytes(t)
+        t = t.resolve_conj().resolve_neg()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        parts = chosen = None
         if t.dtype in _FLOAT and t.dim() >= 2 and t.numel() and t.shape[0]:
             v = _view2d(t).contiguous()
-            best = _nbytes(t)
-            for fmt in formats:
-                cand = _try_24(v) if fmt == "2:4" else _try_bitmask(v)
-                if cand is not None and _nbytes(*cand.values()) < best:
-                    parts, best, chosen = cand, _nbytes(*cand.values()), fmt
+            nonzero = _nonzero(v)
+            for fmt, size in sorted(_sizes(v, nonzero, formats).items(), key=lambda kv: kv[1]):
+                if size >= _nbytes(t):
+                    break
+                parts = _compress(fmt, v, nonzero)
+                if parts is not None:
+                    chosen = fmt
+                    break
+            del v, nonzero
         if parts is None:
-            tensors[key] = t.contiguous()
+            dense = t.contiguous()
+            if dense.untyped_storage().data_ptr() in written:
+                dense = dense.clone()
+            written.add(dense.untyped_storage().data_ptr())
+            tensors[key] = dense
             entries[key] = {"format": "dense"}
             report.formats[key] = "dense"
             report.stored_bytes += _nbytes(t)
@@ -190,7 +236,8 @@ def _fail(key: str, what: str):
 
 def _shape(key: str, entry: dict) -> tuple:
     shape = entry.get("shape")
-    if (not isinstance(shape, list) or len(shape) < 2 or not all(isinstance(s, int) and s > 0 for s in shape)):
+    if (not isinstance(shape, list) or len(shape) < 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
         _fail(key, f"shape {shape!r} is not a list of 2 or more positive ints")
     return tuple(shape)
 
@@ -200,7 +247,7 @@ def _rebuild(key: str, entry: dict, parts: dict) -> torch.Tensor:
 
     fmt = entry["format"]
     shape = _shape(key, entry)
-    dtype = _DTYPES.get(entry.get("dtype"))
+    dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         _fail(key, f"dtype {entry.get('dtype')!r} is not float16, bfloat16 or float32")
     rows, cols = shape[0], math.prod(shape[1:])
@@ -255,7 +302,7 @@ def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = Tru
         version, entries = desc["format_version"], desc["entries"]
     except (ValueError, KeyError, TypeError) as e:
         raise SparseStateError(f"path: the {_META_KEY!r} metadata is not valid ({e})") from None
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise SparseStateError(f"path: format version {version!r}; this sparse_kernels reads version {FORMAT_VERSION}")
     if not isinstance(entries, dict):
         raise SparseStateError("path: the entries are not a dict")
@@ -278,11 +325,11 @@ def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = Tru
             used.update(f"{key}::{n}" for n in parts.get(key, {}))
         elif fmt != "alias":
             _fail(key, f"unknown format {fmt!r} (expected dense, 2:4, bitmask or alias)")
-    for key, entry in entries.items():
+    for key, entry in entries.items():  # an alias names a stored (non-alias) entry: order does not matter
         if entry.get("format") == "alias":
             src = entry.get("of")
-            if src not in state:
-                _fail(key, f"an alias of {src!r}, which the file does not hold")
+            if not isinstance(src, str) or src not in state:
+                _fail(key, f"an alias of {src!r}, which is not a stored entry of the file")
             state[key] = state[src]
     extra = sorted(set(stored) - used)
     if extra:

@@ -177,3 +177,41 @@ def test_corrupt_files_are_refused_with_the_entry_named(tmp_path):
         load_sparse(path)
     with pytest.raises(FileNotFoundError, match="path: no file at"):
         load_sparse(str(tmp_path / "missing.safetensors"))
+
+
+def test_aliases_views_subnormals_and_file_mode(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randn(32, 32)
+    w[w.abs() < 0.7] = 0
+    base = torch.randn(64, 16)
+    state = {
+        "w": w, "w_tied": w,  # the same tensor: an alias
+        "w_flat": w.view(-1, 16),  # the same storage, another shape: its own entry
+        "half": base[:32],  # a slice of a bigger storage ...
+        "other_half": base[32:],  # ... and the rest of it: two entries, not aliases
+        "neg": torch._neg_view(w),  # a lazily negated view: stored as its values
+    }
+    path = str(tmp_path / "a.safetensors")
+    report = save_sparse(state, path)
+    assert report.formats["w_tied"] == "alias" and report.formats["half"] != "alias"
+    assert report.formats["other_half"] != "alias" and report.formats["neg"] != "alias"
+    back = load_sparse(path)
+    for k, v in state.items():
+        assert_round_trip(back[k], v.resolve_neg(), k)
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~_umask())
+    # subnormals are values, also with denormals flushed (bits decide what is a zero)
+    tiny = torch.full((8, 16), 1e-40) * (torch.rand(8, 16) > 0.5)
+    torch.set_flush_denormal(True)  # where the CPU supports it, 1e-40 != 0 is False now
+    try:
+        save_sparse({"tiny": tiny}, path)
+    finally:
+        torch.set_flush_denormal(False)
+    assert_bitexact(load_sparse(path)["tiny"], tiny, "subnormals")
+    with pytest.raises(TypeError, match="obj: entry 'x' is a dict"):
+        save_sparse({"x": {"a": 1}}, path)
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m

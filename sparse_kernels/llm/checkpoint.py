@@ -236,6 +236,9 @@ def _atomic_write(path: str, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp made it 0600: give it the mode a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
         _fsync_dir(d)
     except BaseException:

@@ -160,6 +160,10 @@ def test_bad_arguments():
         prune_channels(net, 0.5, batch_size=2.0)
     with pytest.raises(ValueError, match="chains: empty; give at least one ChannelChain"):
         prune_channels(net, 0.5, chains=[])
+    with pytest.raises(TypeError, match="calibration: expected a tensor, a dict of keyword arguments or an iterable"):
+        prune_channels(net, 0.5, calibration=5, criterion="wanda")
+    with pytest.raises(ValueError, match="calibration: empty"):
+        prune_channels(net, 0.5, calibration=iter([]), criterion="activation")
     before = copy.deepcopy(net.state_dict())
     bad = [ChannelChain("b1.conv1", "b1.conv2", ("b1.bn1",)), ChannelChain("b1.conv1", "b2.project")]
     with pytest.raises(ValueError, match=r"chains: .*producer has 24 output channels, the consumer 32 inputs"):

@@ -47,6 +47,41 @@ def _batches(model, calibration, batch_size: int):
         yield b
 
 
+def iter_batches(calibration, batch_size: int):
+    """Model inputs from ``calibration`` for models that are not language models (no token-id
+    checks), read lazily: a tensor split into ``batch_size`` rows (a last chunk of one row joins
+    the one before: BatchNorm cannot normalize a single row), a dict (one batch of keyword
+    arguments), or any iterable of batches. Raises TypeError for anything else and ValueError
+    for an empty tensor; the caller counts the batches of an iterable."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() == 0 or calibration.shape[0] == 0:
+            raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
+        chunks = list(calibration.split(batch_size))
+        if len(chunks) > 1 and chunks[-1].shape[0] == 1:
+            chunks[-2:] = [torch.cat(chunks[-2:])]
+        yield from chunks
+        return
+    if isinstance(calibration, dict):
+        yield calibration
+        return
+    if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
+        raise TypeError(f"calibration: expected a tensor, a dict of keyword arguments or an iterable of batches, "
+                        f"got {type(calibration).__name__}")
+    yield from calibration
+
+
+def run_batches(model, batches) -> int:
+    """Call ``model`` on each batch (moved to its device), under ``no_grad``; returns how many.
+    A tensor is ``model(batch)``, a tuple ``model(*batch)``, a dict ``model(**batch)``."""
+    p0 = next(model.parameters(), None)
+    n = 0
+    with torch.no_grad():
+        for b in batches:
+            _call(model, b if p0 is None else _to(b, p0.device), {})
+            n += 1
+    return n
+
+
 def _call(model, batch, extra: dict):
     if isinstance(batch, dict):
         return model(**batch, **extra)

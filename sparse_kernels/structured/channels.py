@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..pruning.calibration import iter_batches, run_batches
 from ..pruning.layers import _stock_conv
 
 __all__ = ["ChannelChain", "ChannelReport", "find_channel_chains", "prune_channels", "CHANNEL_CRITERIA"]
@@ -365,32 +366,6 @@ def _check_roles(resolved: dict) -> None:
                              f"another's consumer, nothing more")
 
 
-def _batches(calibration, batch_size: int) -> list:
-    if calibration is None:
-        return []
-    if isinstance(calibration, torch.Tensor):
-        if calibration.dim() == 0 or calibration.shape[0] == 0:
-            raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
-        return list(calibration.split(batch_size))
-    if isinstance(calibration, dict):  # one batch of keyword arguments
-        return [calibration]
-    if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
-        raise TypeError(f"calibration: expected a tensor, a dict of keyword arguments or an iterable of batches, "
-                        f"got {type(calibration).__name__}")
-    out = list(calibration)
-    if not out:
-        raise ValueError("calibration: empty; give at least one batch")
-    return out
-
-
-def _call(model, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
 def _input_norms(model: nn.Module, consumers: dict, batches) -> dict:
     """``{producer name: sum over inputs and positions of x_j^2}`` (float64) for each consumer."""
     sums, handles = {}, []
@@ -409,12 +384,9 @@ def _input_norms(model: nn.Module, consumers: dict, batches) -> dict:
 
     for name, q in consumers.items():
         handles.append(q.register_forward_pre_hook(hook(name, isinstance(q, nn.Linear))))
-    device = next(model.parameters()).device
     try:
-        for b in batches:
-            if isinstance(b, torch.Tensor):
-                b = b.to(device)
-            _call(model, b)
+        if run_batches(model, batches) == 0:
+            raise ValueError("calibration: empty; give at least one batch")
     finally:
         for h in handles:
             h.remove()
@@ -494,9 +466,9 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
             raise ValueError(f"chains: producer {c.producer!r} is listed twice")
         resolved[c.producer] = (c, *r)
     _check_roles(resolved)
-    batches = _batches(calibration, batch_size)
-    if criterion != "magnitude" and not batches:
+    if criterion != "magnitude" and calibration is None:
         raise ValueError(f"calibration: criterion={criterion!r} needs calibration inputs")
+    batches = None if calibration is None else iter_batches(calibration, batch_size)
 
     params_before = sum(p.numel() for p in model.parameters())
     norms = {}

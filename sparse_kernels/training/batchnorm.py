@@ -18,27 +18,6 @@ from torch import nn
 __all__ = ["recalibrate_batchnorm"]
 
 
-def _batches(calibration, batch_size: int):
-    """Yield the batches lazily (a DataLoader is not read ahead); a tensor is split into
-    ``batch_size`` rows, a last chunk of one row merged into the one before (BatchNorm1d cannot
-    normalize a single row)."""
-    if isinstance(calibration, torch.Tensor):
-        if calibration.dim() == 0 or calibration.shape[0] == 0:
-            raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
-        chunks = list(calibration.split(batch_size))
-        if len(chunks) > 1 and chunks[-1].shape[0] == 1:
-            chunks[-2:] = [torch.cat(chunks[-2:])]
-        yield from chunks
-        return
-    if isinstance(calibration, dict):
-        yield calibration
-        return
-    if isinstance(calibration, (str, bytes)) or not hasattr(calibration, "__iter__"):
-        raise TypeError(f"calibration: expected a tensor, a dict of keyword arguments or an iterable of batches, "
-                        f"got {type(calibration).__name__}")
-    yield from calibration
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -> int:
     """Reset and re-estimate the running statistics of every BatchNorm layer of ``model``.
@@ -62,7 +41,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -
     """
     from torch.nn.parameter import is_lazy
 
-    from ..pruning.calibration import _to
+    from ..pruning.calibration import iter_batches, run_batches
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
@@ -71,7 +50,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -
         raise ValueError(f"model: {type(model).__name__} has no BatchNorm layer that tracks running statistics")
     if any(is_lazy(m.running_mean) for m in bns):
         raise ValueError("model: a lazy BatchNorm is not initialized yet; run one forward pass first")
-    batches = _batches(calibration, batch_size)
+    batches = iter_batches(calibration, batch_size)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
     saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
@@ -82,26 +61,14 @@ def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -
         seen[id(m)] += n
         m.momentum = n / seen[id(m)]
 
-    p0 = next(model.parameters(), None)
     handles = [m.register_forward_pre_hook(weigh) for m in bns]
     reached = None
-    count = 0
     try:
         model.eval()
         for m in bns:
             m.reset_running_stats()
             m.train()
-        for b in batches:
-            count += 1
-            if p0 is not None:
-                b = _to(b, p0.device)
-            if isinstance(b, dict):
-                model(**b)
-            elif isinstance(b, (tuple, list)):
-                model(*b)
-            else:
-                model(b)
-        if count == 0:
+        if run_batches(model, batches) == 0:
             raise ValueError("calibration: empty; give at least one batch")
         reached = [int(m.num_batches_tracked) > 0 for m in bns]
     finally:

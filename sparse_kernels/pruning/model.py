@@ -85,7 +85,8 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     if best is None:
         raise ValueError(
             f"blocks: no decoder-block list found in {type(model).__name__} (tried {', '.join(BLOCK_PATHS)} "
-            f"and any nn.ModuleList of identical blocks); pass blocks=[...] explicitly"
+            f"and any nn.ModuleList of identical blocks); pass blocks=[...] explicitly (a CNN whose stages are "
+            f"nn.Sequential: every residual block in forward order, e.g. [*model.layer1, *model.layer2, ...])"
         )
     return list(best)
 

@@ -20,7 +20,6 @@ Writes ``bench_channels.json`` into ``--out`` (default benchmarks/results/cpu). 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -31,7 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cnn_pruning_digits import ResCNN, accuracy, load_data, train, write_json  # noqa: E402
+from cnn_pruning_digits import digits_args, ResCNN, accuracy, load_data, train, write_json  # noqa: E402
 from sparse_kernels.structured import prune_channels  # noqa: E402
 
 CUTS = [0.25, 0.5, 0.75]
@@ -73,14 +72,7 @@ def dead_channels(model, images) -> list[int]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--ft-epochs", type=int, default=5)
-    ap.add_argument("--channels", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
-    args = ap.parse_args()
+    args = digits_args(__doc__, **{"--repeats": (int, 30)}).parse_args()
 
     t_start = time.perf_counter()
     # speed first, in a fresh process state (after the training loops below the same models timed
@@ -111,7 +103,7 @@ def main():
         rows.append(dict(seed=seed, criterion="dense", cut=0.0, accuracy=accuracy(dense, data),
                          accuracy_ft=accuracy(more, data), params=sum(p.numel() for p in dense.parameters()),
                          dead_channels=dead_channels(dense, data[0])))
-        calib = data[0][torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(100 + seed))[:256]]
+        calib = data[0][torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(100 + seed))[:args.calib]]
         for cut in CUTS:
             for criterion in CRITERIA:
                 model = copy.deepcopy(dense)

@@ -14,7 +14,6 @@ Writes ``bn_recalibration_digits.json`` into ``--out`` (default benchmarks/resul
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -26,7 +25,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cnn_pruning_digits import accuracy, load_data, train, write_json  # noqa: E402
+from cnn_pruning_digits import digits_args, accuracy, load_data, train, write_json  # noqa: E402
 from sparse_kernels.pruning import prune  # noqa: E402
 from sparse_kernels.training import recalibrate_batchnorm  # noqa: E402
 
@@ -59,13 +58,7 @@ class ResCNNBN(nn.Module):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--channels", type=int, default=32)
-    ap.add_argument("--calib", type=int, default=256)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
-    args = ap.parse_args()
+    args = digits_args(__doc__).parse_args()
 
     t0 = time.perf_counter()
     data = load_data()

@@ -103,6 +103,21 @@ def accuracy(model, data):
     return (model(data[2]).argmax(1) == data[3]).float().mean().item()
 
 
+def digits_args(doc: str, *, seeds: int = 3, **extra) -> argparse.ArgumentParser:
+    """The digits benchmarks' common options (--seeds, --epochs, --channels, --calib, --ft-epochs,
+    --out) plus ``extra`` ({"--name": (type, default)})."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--seeds", type=int, default=seeds)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--channels", type=int, default=32)
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--ft-epochs", type=int, default=5)
+    for name, (typ, default) in extra.items():
+        ap.add_argument(name, type=typ, default=default)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
+    return ap
+
+
 def write_json(args, name: str, secs: float, **payload) -> str:
     """``args.out/name`` with the machine, versions, date, seconds and load next to ``payload``."""
     import sklearn
@@ -119,14 +134,7 @@ def write_json(args, name: str, secs: float, **payload) -> str:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--channels", type=int, default=32)
-    ap.add_argument("--calib", type=int, default=256)
-    ap.add_argument("--ft-epochs", type=int, default=5)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
-    args = ap.parse_args()
+    args = digits_args(__doc__).parse_args()
 
     data = load_data()
     t0 = time.perf_counter()

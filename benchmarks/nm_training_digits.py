@@ -23,7 +23,6 @@ Writes ``nm_training_digits.json`` into ``--out`` (default benchmarks/results/cp
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
 import statistics
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cnn_pruning_digits import ResCNN, accuracy, load_data, train, write_json  # noqa: E402
+from cnn_pruning_digits import digits_args, ResCNN, accuracy, load_data, train, write_json  # noqa: E402
 from sparse_kernels.pruning import prune  # noqa: E402
 from sparse_kernels.training import NMSparseTraining, mask_zeros_  # noqa: E402
 
@@ -53,13 +52,7 @@ def nm_24(model) -> bool:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--ft-epochs", type=int, default=5)
-    ap.add_argument("--decay", type=float, default=2e-4)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu"))
-    args = ap.parse_args()
+    args = digits_args(__doc__, seeds=5, **{"--decay": (float, 2e-4)}).parse_args()
 
     t0 = time.perf_counter()
     data = load_data()
@@ -71,7 +64,7 @@ def main():
 
     for seed in range(args.seeds):
         torch.manual_seed(seed)
-        init = ResCNN(32)
+        init = ResCNN(args.channels)
         dense = copy.deepcopy(init)
         train(dense, data, args.epochs, seed)
         record(seed, "dense", dense)

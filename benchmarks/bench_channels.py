@@ -4,9 +4,9 @@ on scikit-learn's digits and CPU inference time of the smaller model.
 Accuracy: the residual CNN of ``cnn_pruning_digits.py`` (stem, three blocks of two 3x3
 convolutions with ``--channels`` channels), trained ``--epochs`` epochs per seed. Each block's
 inner channels (conv1's outputs = conv2's inputs; the residual stream keeps its width) are cut by
-25 / 50 / 75% with each criterion (magnitude, activation, wanda; 256 training images as
-calibration), then the test accuracy is taken before and after ``--ft-epochs`` epochs of
-fine-tuning (Adam, lr 1e-3); the dense model fine-tuned as long is the control.
+25 / 50 / 75% with each criterion (magnitude, activation, wanda; and wanda with
+``scope="global"``: one ranking over the three blocks; 256 training images as calibration),
+then the test accuracy is taken before and after ``--ft-epochs`` epochs of fine-tuning (Adam, lr 1e-3); the dense model fine-tuned as long is the control.
 
 Speed: the same architecture with 64 channels on 32x32 inputs, batch 32, float32, dense against
 each cut: under ``torch.inference_mode``, three rounds, each timing every model in turn (3
@@ -34,7 +34,7 @@ from cnn_pruning_digits import digits_args, ResCNN, accuracy, load_data, train, 
 from sparse_kernels.structured import prune_channels  # noqa: E402
 
 CUTS = [0.25, 0.5, 0.75]
-CRITERIA = ["magnitude", "activation", "wanda"]
+CRITERIA = ["magnitude", "activation", "wanda", "wanda/global"]  # /global: prune_channels(scope="global")
 
 
 def time_forward(models: dict, x, repeats: int, rounds: int = 3) -> dict:
@@ -105,14 +105,16 @@ def main():
                          dead_channels=dead_channels(dense, data[0])))
         calib = data[0][torch.randperm(len(data[0]), generator=torch.Generator().manual_seed(100 + seed))[:args.calib]]
         for cut in CUTS:
-            for criterion in CRITERIA:
+            for label in CRITERIA:
+                criterion, _, scope = label.partition("/")
                 model = copy.deepcopy(dense)
                 report = prune_channels(model, cut, calibration=None if criterion == "magnitude" else calib,
-                                        criterion=criterion, batch_size=64)
+                                        criterion=criterion, batch_size=64, scope=scope or "chain")
                 acc = accuracy(model, data)
                 train(model, data, args.ft_epochs, 1000 + seed, lr=1e-3)
-                rows.append(dict(seed=seed, criterion=criterion, cut=cut, accuracy=acc, accuracy_ft=accuracy(model, data),
-                                 params=report.params_after, chains=len(report.chains)))
+                rows.append(dict(seed=seed, criterion=label, cut=cut, accuracy=acc, accuracy_ft=accuracy(model, data),
+                                 params=report.params_after, chains=len(report.chains),
+                                 kept=[r["kept"] for r in report.chains.values()]))
 
     summary = {}
     for r in rows:

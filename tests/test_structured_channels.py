@@ -423,3 +423,28 @@ def test_prune_channels_on_cuda():
         for info in report.chains.values():
             masked.get_submodule(info["consumer"]).weight[:, info["removed"]] = 0
         assert_close(net(x), masked(x), atol=1e-4, rtol=1e-4)
+
+
+def test_global_scope_ranks_normalized_scores_over_all_chains():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():  # chain "0": two weak channels; chain "2": six weak ones, at another scale
+        model[2].weight.copy_(torch.tensor([1, 1, 1, 1, 1, 1, 0.01, 0.01]).repeat(8, 1))
+        model[4].weight.copy_(100 * torch.tensor([1, 1, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01]).repeat(2, 1))
+    x = torch.randn(5, 4)
+    masked = copy.deepcopy(model)
+    report = prune_channels(model, 0.5, scope="global")
+    removed = {p: r["removed"] for p, r in report.chains.items()}
+    assert removed == {"0": [6, 7], "2": [2, 3, 4, 5, 6, 7]} and report.scope == "global"  # 8 of 16 in all
+    with torch.no_grad():
+        masked[2].weight[:, removed["0"]] = 0
+        masked[4].weight[:, removed["2"]] = 0
+    assert_close(model(x), masked(x), atol=1e-6, rtol=1e-6)
+    # per chain, the same model loses half of each chain instead
+    report = prune_channels(copy.deepcopy(masked), 0.5)
+    assert [len(r["removed"]) for r in report.chains.values()] == [4, 4]
+    # round_to keeps multiples (and at least round_to) in every chain
+    report = prune_channels(copy.deepcopy(masked), 0.9, scope="global", round_to=4)
+    assert all(r["kept"] % 4 == 0 and r["kept"] >= 4 for r in report.chains.values())
+    with pytest.raises(ValueError, match="scope: expected 'chain'"):
+        prune_channels(copy.deepcopy(masked), 0.5, scope="layer")

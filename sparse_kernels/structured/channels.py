@@ -25,7 +25,8 @@ that touches them (not done here).
 :func:`find_channel_chains` finds the chains with ``torch.fx`` (symbolic tracing of the model in
 eval and in train mode, or of its children, recursively, where the model does not trace).
 :func:`prune_channels` scores the channels of every chain, removes the same fraction from each
-and returns a :class:`ChannelReport`. Criteria (the lowest score goes first; ties go to the
+(or, ``scope="global"``, the lowest over all chains after normalizing each chain's scores by
+their mean) and returns a :class:`ChannelReport`. Criteria (the lowest score goes first; ties go to the
 lower index; float64):
 
 * ``"magnitude"``: ``||consumer[:, j]||^2``, the squared weights that read channel j (the
@@ -309,6 +310,7 @@ class ChannelReport:
     sparsity: float
     chains: dict = field(default_factory=dict)
     untraced: list = field(default_factory=list)
+    scope: str = "chain"
     params_before: int = 0
     params_after: int = 0
     seconds: float = 0.0
@@ -402,6 +404,31 @@ def _n_remove(c: int, s: float, round_to: int) -> int:
     return max(0, c - min(keep, c))
 
 
+def _global_counts(scores: dict, sparsity: float, round_to: int) -> dict:
+    """How many channels each chain loses under one ranking over all chains: each chain's scores
+    divided by their mean, the ``round(sparsity * total)`` lowest removed (ties: chain order,
+    then index), then each chain's kept count rounded to a multiple of ``round_to`` (at least
+    ``round_to``, at most its channels)."""
+    flat, owner = [], []
+    for name, sc in scores.items():
+        mean = sc.mean()
+        flat.append(sc / mean if mean > 0 else torch.zeros_like(sc))
+        owner += [name] * len(sc)
+    flat = torch.cat(flat)
+    k = int(round(sparsity * flat.numel()))
+    removed = {name: 0 for name in scores}
+    for i in torch.sort(flat, stable=True).indices[:k].tolist():
+        removed[owner[i]] += 1
+    out = {}
+    for name, sc in scores.items():
+        c = len(sc)
+        keep = max(c - removed[name], 1)
+        if round_to > 1:
+            keep = min(c, max(round_to, int(round(keep / round_to)) * round_to))
+        out[name] = c - keep
+    return out
+
+
 def _check_int(name: str, v, low: int) -> None:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"{name}: expected an int >= {low}, got {type(v).__name__}")
@@ -411,7 +438,7 @@ def _check_int(name: str, v, low: int) -> None:
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, criterion: str = "magnitude",
-                   chains=None, round_to: int = 1, batch_size: int = 8) -> ChannelReport:
+                   chains=None, round_to: int = 1, batch_size: int = 8, scope: str = "chain") -> ChannelReport:
     """Remove ``sparsity`` of the channels of every channel chain of ``model``, in place.
 
     Args:
@@ -427,6 +454,10 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
         criterion: ``"magnitude" | "activation" | "wanda"`` (module docstring).
         chains: the chains to prune (:class:`ChannelChain`); default :func:`find_channel_chains`
             of ``model``. The report's ``untraced`` lists the modules that search could not trace.
+        scope: ``"chain"`` (default): the same fraction from every chain; ``"global"``: the
+            ``round(sparsity * total)`` channels with the lowest scores over all chains, each
+            chain's scores first divided by their mean (so chains of different scales compare),
+            every chain keeping at least ``round_to`` channels (and a multiple of it).
 
     Returns a :class:`ChannelReport`. Everything is checked and every chain's channels chosen
     before the model changes, and a surgery that fails puts every module back. Raises
@@ -445,6 +476,9 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
     if criterion not in CHANNEL_CRITERIA:
         raise ValueError(f"criterion: unknown {criterion!r}; expected one of {', '.join(CHANNEL_CRITERIA)}")
     _check_int("round_to", round_to, 1)
+    if scope not in ("chain", "global"):
+        raise ValueError(f"scope: expected 'chain' (the same fraction from every chain) or 'global' (one ranking "
+                         f"over all chains), got {scope!r}")
     _check_int("batch_size", batch_size, 1)
     untraced: list = []
     if chains is None:
@@ -481,7 +515,7 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
             for m, f in flags:
                 m.training = f
     # choose every chain's channels first (scores in float64; ties go to the lower index)
-    plans = {}
+    scores = {}
     for name, (chain, p, q, through) in resolved.items():
         c = _out_channels(p)
         w = q.weight.detach().double().transpose(0, 1).reshape(c, -1).pow(2).sum(1)  # ||consumer[:, j]||^2
@@ -491,8 +525,13 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
             score = norms[name]
         else:
             score = norms[name].to(w.device).sqrt() * w.sqrt()
-        k = _n_remove(c, sparsity, round_to)
-        order = torch.sort(score.cpu(), stable=True).indices
+        scores[name] = score.cpu()
+    counts = (_global_counts(scores, sparsity, round_to) if scope == "global"
+              else {name: _n_remove(len(sc), sparsity, round_to) for name, sc in scores.items()})
+    plans = {}
+    for name, score in scores.items():
+        c, k = len(score), counts[name]
+        order = torch.sort(score, stable=True).indices
         plans[name] = (c, k, sorted(order[:k].tolist()), torch.tensor(sorted(order[k:].tolist()), dtype=torch.long))
     snapshot = _Snapshot({id(m): m for _, p, q, through in resolved.values() for m in (p, q, *through)}.values())
     try:
@@ -507,7 +546,7 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
     except BaseException:
         snapshot.restore()
         raise
-    report = ChannelReport(criterion=criterion, sparsity=float(sparsity), untraced=untraced)
+    report = ChannelReport(criterion=criterion, sparsity=float(sparsity), untraced=untraced, scope=scope)
     for name, (chain, p, q, through) in resolved.items():
         c, k, removed, _ = plans[name]
         report.chains[name] = dict(consumer=chain.consumer, through=list(chain.through), channels=c,

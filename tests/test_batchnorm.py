@@ -113,3 +113,15 @@ def test_recalibrate_batchnorm_on_cuda():
     with torch.no_grad():
         h = model.conv(x.cuda())
     assert_close(model.bn.running_mean, h.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+
+
+def test_prune_report_points_to_recalibration_when_convolutions_feed_batchnorm():
+    from sparse_kernels import prune
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    report = prune(model, "magnitude", 0.5, blocks=[model], layer_filter=lambda n, m: n == "conv", progress=False)
+    assert report.notes and "recalibrate_batchnorm" in str(report)
+    other = Net().eval()
+    report = prune(other, "magnitude", 0.5, blocks=[other], layer_filter=lambda n, m: n == "fc", progress=False)
+    assert report.notes == []  # no convolution pruned: nothing to say

@@ -642,4 +642,10 @@ def prune(
         if hf_cache is not None:
             model.config.use_cache = hf_cache
     report.seconds = time.perf_counter() - t_start
+    if any(conv_channels(l) is not None for b in blocks for l in prunable_layers(b, layer_filter).values()):
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if bns:
+            report.notes.append(f"{len(bns)} BatchNorm layers keep the dense model's running statistics; re-estimate "
+                                f"them for the pruned weights: sparse_kernels.training.recalibrate_batchnorm(model, "
+                                f"calibration) (docs/PRUNING.md, 'BatchNorm after pruning')")
     return report

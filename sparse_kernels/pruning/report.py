@@ -65,6 +65,8 @@ class PruneReport:
     #: with ``permute=`` and ``convert=``: the consumers whose permutation was folded into the
     #: layers before them (``"<block>.<path>"``, :func:`sparse_kernels.pruning.fold.fold_permutations`)
     folded_permutations: list = field(default_factory=list)
+    #: advice about the pruned model (e.g. BatchNorm statistics to re-estimate), printed last
+    notes: list = field(default_factory=list)
 
     @property
     def overall_sparsity(self) -> float:
@@ -100,6 +102,7 @@ class PruneReport:
         if self.owl is not None:
             lines.append(f"OWL (m={self.owl['m']:g}, lmbda={self.owl['lmbda']:g}) block sparsity: "
                          + ", ".join(f"{v:.4f}" for v in self.owl["block_sparsity"]))
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 

@@ -78,8 +78,9 @@ class ResCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def train(model, data, epochs, seed, batch=64, lr=3e-3, masked=False, opt=None, on_epoch=None):
-    """Adam (or ``opt``) over shuffled mini-batches; ``on_epoch(epoch)`` before each epoch."""
+def train(model, data, epochs, seed, batch=64, lr=3e-3, masked=False, opt=None, on_epoch=None, on_step=None):
+    """Adam (or ``opt``) over shuffled mini-batches; ``on_epoch(epoch)`` before each epoch,
+    ``on_step()`` after each optimizer step."""
     xtr, ytr = data[0], data[1]
     opt = opt if opt is not None else torch.optim.Adam(model.parameters(), lr=lr)
     if masked:  # pruned weights (weight_mask buffers) stay zero, Adam state included
@@ -95,6 +96,8 @@ def train(model, data, epochs, seed, batch=64, lr=3e-3, masked=False, opt=None, 
             nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
             opt.step()
             opt.zero_grad()
+            if on_step is not None:
+                on_step()
     model.eval()
 
 

@@ -38,6 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_kernels.lottery import LotteryTicket  # noqa: E402
 from sparse_kernels.info import cpu_name  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cnn_pruning_digits import accuracy, train as digits_train  # noqa: E402
+
 
 def load_data(split_seed: int = 0):
     from sklearn.datasets import load_digits
@@ -55,22 +58,10 @@ def lenet(seed: int) -> nn.Module:
 
 
 def train(model, ticket, data, epochs, seed, batch=60, lr=1.2e-3):
-    xtr, ytr, xte, yte = data
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ticket.attach(opt)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xtr), generator=g)
-        for i in range(0, len(xtr), batch):
-            idx = perm[i:i + batch]
-            nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
-            opt.step()
-            opt.zero_grad()
-            ticket.step()
-    model.eval()
-    with torch.no_grad():
-        return (model(xte).argmax(1) == yte).float().mean().item()
+    digits_train(model, data, epochs, seed, batch=batch, opt=opt, on_step=ticket.step)
+    return accuracy(model, data)
 
 
 def new_ticket(model, args):

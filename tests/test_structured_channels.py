@@ -448,3 +448,19 @@ def test_global_scope_ranks_normalized_scores_over_all_chains():
     assert all(r["kept"] % 4 == 0 and r["kept"] >= 4 for r in report.chains.values())
     with pytest.raises(ValueError, match="scope: expected 'chain'"):
         prune_channels(copy.deepcopy(masked), 0.5, scope="layer")
+
+
+def test_non_finite_scores_and_bad_calibration_are_refused_before_any_change():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[2].weight[0, 1] = float("inf")
+    state = _snapshot(model)
+    for scope in ("chain", "global"):
+        with pytest.raises(ValueError, match="chain '0' has non-finite magnitude scores"):
+            prune_channels(model, 0.5, scope=scope)
+    assert _same(model, state)
+    good = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(TypeError, match="calibration: expected a tensor"):
+        prune_channels(good, 0.5, calibration=5)  # checked even where magnitude does not use it
+    report = prune_channels(good, 0.5, scope="global")
+    assert "scope=global: removed 3 of 6 channels (0.500)" in str(report)

@@ -49,25 +49,25 @@ def _batches(model, calibration, batch_size: int):
 
 def iter_batches(calibration, batch_size: int):
     """Model inputs from ``calibration`` for models that are not language models (no token-id
-    checks), read lazily: a tensor split into ``batch_size`` rows (a last chunk of one row joins
-    the one before: BatchNorm cannot normalize a single row), a dict (one batch of keyword
-    arguments), or any iterable of batches. Raises TypeError for anything else and ValueError
-    for an empty tensor; the caller counts the batches of an iterable."""
+    checks): a tensor split into ``batch_size`` rows (a last chunk of one row joins the one
+    before: BatchNorm cannot normalize a single row), a dict (one batch of keyword arguments), or
+    any iterable of batches, read lazily (a tuple or list is a sequence of batches, as in
+    :func:`sparse_kernels.prune`; give positional arguments as a list of tuples). The argument is
+    checked now (TypeError for anything else, ValueError for an empty tensor); the caller counts
+    the batches of an iterable."""
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() == 0 or calibration.shape[0] == 0:
             raise ValueError(f"calibration: needs at least one sample, got shape {tuple(calibration.shape)}")
         chunks = list(calibration.split(batch_size))
         if len(chunks) > 1 and chunks[-1].shape[0] == 1:
             chunks[-2:] = [torch.cat(chunks[-2:])]
-        yield from chunks
-        return
+        return iter(chunks)
     if isinstance(calibration, dict):
-        yield calibration
-        return
+        return iter([calibration])
     if isinstance(calibration, (str, bytes)) or not isinstance(calibration, Iterable):
         raise TypeError(f"calibration: expected a tensor, a dict of keyword arguments or an iterable of batches, "
                         f"got {type(calibration).__name__}")
-    yield from calibration
+    return iter(calibration)
 
 
 def run_batches(model, batches) -> int:

@@ -645,7 +645,8 @@ def prune(
     if any(conv_channels(l) is not None for b in blocks for l in prunable_layers(b, layer_filter).values()):
         bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if bns:
-            report.notes.append(f"{len(bns)} BatchNorm layers keep the dense model's running statistics; re-estimate "
-                                f"them for the pruned weights: sparse_kernels.training.recalibrate_batchnorm(model, "
-                                f"calibration) (docs/PRUNING.md, 'BatchNorm after pruning')")
+            report.notes.append(f"the model's BatchNorm layers ({len(bns)}) keep the dense model's running "
+                                f"statistics; re-estimate them for the pruned weights: sparse_kernels.training."
+                                f"recalibrate_batchnorm(model, calibration) (docs/PRUNING.md, 'BatchNorm after "
+                                f"pruning')")
     return report

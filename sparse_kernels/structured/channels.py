@@ -321,8 +321,10 @@ class ChannelReport:
 
     def __str__(self) -> str:
         n = sum(len(c["removed"]) for c in self.chains.values())
-        return (f"prune_channels: criterion={self.criterion} sparsity={self.sparsity}: removed {n} channels in "
-                f"{len(self.chains)} chains; params {self.params_before} -> {self.params_after} "
+        total = sum(c["channels"] for c in self.chains.values())
+        return (f"prune_channels: criterion={self.criterion} sparsity={self.sparsity} scope={self.scope}: removed "
+                f"{n} of {total} channels ({n / max(total, 1):.3f}) in {len(self.chains)} chains; params "
+                f"{self.params_before} -> {self.params_after} "
                 f"({self.params_after / max(self.params_before, 1):.3f}x); {self.seconds:.2f}s")
 
 
@@ -411,7 +413,7 @@ def _global_counts(scores: dict, sparsity: float, round_to: int) -> dict:
     ``round_to``, at most its channels)."""
     flat, owner = [], []
     for name, sc in scores.items():
-        mean = sc.mean()
+        mean = sc.mean()  # finite (checked by the caller); an all-zero chain ranks first
         flat.append(sc / mean if mean > 0 else torch.zeros_like(sc))
         owner += [name] * len(sc)
     flat = torch.cat(flat)
@@ -444,9 +446,10 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
     Args:
         model: any ``nn.Module``; it keeps its identity and shrinks. Its parameters are new
             tensors afterwards: build the optimizer (and ``MaskedTraining``) after pruning.
-        sparsity: the fraction of each chain's channels to remove, in [0, 1); a chain of ``c``
-            channels keeps ``c - round(sparsity * c)``, rounded to a multiple of ``round_to``
-            (at least ``round_to``, at least one channel).
+        sparsity: the fraction of channels to remove, in [0, 1): of each chain (``scope="chain"``:
+            a chain of ``c`` channels keeps ``c - round(sparsity * c)``, rounded to a multiple of
+            ``round_to``, at least ``round_to``, at least one channel) or of all chains together
+            (``scope="global"``).
         calibration: inputs for ``criterion="activation"`` / ``"wanda"``: a tensor (split into
             ``batch_size`` rows, each called as ``model(batch)``), a dict of keyword arguments
             (one batch), or an iterable of batches (tensor, tuple of args or dict of kwargs).
@@ -457,7 +460,9 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
         scope: ``"chain"`` (default): the same fraction from every chain; ``"global"``: the
             ``round(sparsity * total)`` channels with the lowest scores over all chains, each
             chain's scores first divided by their mean (so chains of different scales compare),
-            every chain keeping at least ``round_to`` channels (and a multiple of it).
+            then every chain's kept count rounded to a multiple of ``round_to`` (at least
+            ``round_to``, at least one channel): the total removed is then only close to
+            ``sparsity``; the report prints the fraction reached.
 
     Returns a :class:`ChannelReport`. Everything is checked and every chain's channels chosen
     before the model changes, and a surgery that fails puts every module back. Raises
@@ -471,8 +476,7 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise TypeError(f"sparsity: expected a float, got {type(sparsity).__name__}")
     if not (0.0 <= sparsity < 1.0) or math.isnan(sparsity):
-        raise ValueError(f"sparsity: must be in [0, 1) (the fraction of each chain's channels to remove), "
-                         f"got {sparsity}")
+        raise ValueError(f"sparsity: must be in [0, 1) (the fraction of channels to remove), got {sparsity}")
     if criterion not in CHANNEL_CRITERIA:
         raise ValueError(f"criterion: unknown {criterion!r}; expected one of {', '.join(CHANNEL_CRITERIA)}")
     _check_int("round_to", round_to, 1)
@@ -526,6 +530,9 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
         else:
             score = norms[name].to(w.device).sqrt() * w.sqrt()
         scores[name] = score.cpu()
+        if not bool(torch.isfinite(scores[name]).all()):
+            raise ValueError(f"calibration: chain {name!r} has non-finite {criterion} scores (NaN or inf in its "
+                             f"consumer's weight or inputs); nothing was removed")
     counts = (_global_counts(scores, sparsity, round_to) if scope == "global"
               else {name: _n_remove(len(sc), sparsity, round_to) for name, sc in scores.items()})
     plans = {}

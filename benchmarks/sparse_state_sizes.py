@@ -1,8 +1,8 @@
 """File sizes of a pruned vision model stored with ``save_sparse`` against its dense safetensors.
 
-Model: Hugging Face ``ResNetForImageClassification`` built from the default ``ResNetConfig``
-(ResNet-50's shape, 25.6 M parameters; random weights, no download: sizes depend on the
-pattern, not the values). Its bottleneck blocks' convolutions are pruned by magnitude (2:4
+Model: Hugging Face ``ResNetForImageClassification`` built from ``ResNetConfig(num_labels=1000)``
+(ResNet-50: 25.6 M parameters with its 1000-class head; random weights, no download: sizes
+depend on the pattern, not the values). Its bottleneck blocks' convolutions are pruned by magnitude (2:4
 along input channels, or 50% / 70% unstructured; the stem and the classifier stay dense), the
 model is cast to ``--dtype``, then written twice: ``safetensors.torch.save_file`` of the
 state_dict (dense) and ``save_sparse``. Each file is read back with ``load_sparse`` and checked
@@ -38,7 +38,7 @@ def resnet50():
     import transformers
 
     torch.manual_seed(0)
-    return transformers.ResNetForImageClassification(transformers.ResNetConfig()).eval()
+    return transformers.ResNetForImageClassification(transformers.ResNetConfig(num_labels=1000)).eval()
 
 
 def timed(fn, repeats):
@@ -95,7 +95,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "sparse_state_sizes.json")
     with open(path, "w") as f:
-        json.dump(dict(env=env, config=vars(args), model="HF ResNetForImageClassification(ResNetConfig()), "
+        json.dump(dict(env=env, config=vars(args), model="HF ResNetForImageClassification(ResNetConfig(num_labels=1000)), "
                        "bottleneck convolutions pruned by magnitude", rows=rows), f, indent=1)
     print(f"ResNet-50 shape, {args.dtype}:")
     for r in rows:

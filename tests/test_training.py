@@ -310,3 +310,27 @@ def test_finetune_after_prune_convert_keeps_24_pattern():
     for m, meta, v in zip(sls, metas, values):
         assert_bitexact(m.meta, meta, "meta")
         assert not torch.equal(m.values.detach(), v)
+
+
+def test_mask_zeros_keeps_a_pruned_gpt2_conv1d_sparse_through_training():
+    transformers = pytest.importorskip("transformers")
+    from sparse_kernels import prune
+    from sparse_kernels.training import MaskedTraining, mask_zeros_
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64,
+                                                                 n_positions=16))
+    ids = torch.randint(0, 64, (2, 8))
+    prune(model, "magnitude", 0.5, progress=False)
+    names = mask_zeros_(model)
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+                     "transformer.h.0.mlp.c_proj"]  # GPT-2's Conv1D layers (before: none, and training revived them)
+    zeros = {n: model.get_submodule(n).weight == 0 for n in names}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    MaskedTraining(model, opt)
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, z in zeros.items():
+        assert bool((model.get_submodule(n).weight[z] == 0).all()), n

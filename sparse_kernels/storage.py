@@ -12,9 +12,10 @@ modules, and this stores each of its pruned tensors in the smallest of
 * ``"bitmask"``: any pattern: the nonzeros, one bit per element and a row offset per row
   (:func:`sparse_kernels.compress_bitmask` of the same 2-D view);
 * ``"dense"``: as it is (tensors that are not float16/bfloat16/float32 with 2 or more
-  dimensions, or where neither format saves bytes). A tensor of 3 or more dimensions is read
-  as a convolution weight: a 3-D tensor that is 2:4 along its last dimension (a stacked MoE
-  weight, say) is stored as a bitmask, not 2:4;
+  dimensions, or where neither format saves bytes). A tensor of 3 or more dimensions is tried
+  both as a convolution weight (channels-last) and as stacked matrices ``[..., in]`` (a
+  Mixture-of-Experts weight ``[E, out, in]``: groups along its last dimension); the entry's
+  ``"view"`` records which;
 
 and ``"alias"`` for a tensor that is another entry's tensor (tied weights: the same storage,
 offset, shape and strides). A stored entry
@@ -73,15 +74,19 @@ class StorageReport:
                 f"({self.stored_bytes / max(self.dense_bytes, 1):.3f}x), file {self.file_bytes} bytes")
 
 
-def _view2d(t: torch.Tensor) -> torch.Tensor:
-    """``[out, in]`` as it is; ``[out, C, *kernel]`` channels-last, ``[out, prod(kernel) * C]``."""
+def _view2d(t: torch.Tensor, view: str = "channels_last") -> torch.Tensor:
+    """``[out, in]`` as it is. 3+ dims: ``"channels_last"`` reads ``[out, C, *kernel]`` as
+    ``[out, prod(kernel) * C]`` (a convolution); ``"rows"`` reads ``[..., in]`` as
+    ``[prod(leading), in]`` (stacked matrices, e.g. a Mixture-of-Experts weight ``[E, out, in]``)."""
     if t.dim() == 2:
         return t
+    if view == "rows":
+        return t.reshape(-1, t.shape[-1])
     return t.permute(0, *range(2, t.dim()), 1).reshape(t.shape[0], -1)
 
 
-def _from_view2d(v: torch.Tensor, shape) -> torch.Tensor:
-    if len(shape) == 2:
+def _from_view2d(v: torch.Tensor, shape, view: str = "channels_last") -> torch.Tensor:
+    if len(shape) == 2 or view == "rows":
         return v.reshape(shape)
     nd = len(shape)
     return v.reshape(shape[0], *shape[2:], shape[1]).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
@@ -199,16 +204,22 @@ def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
             t = t.cpu()
         parts = chosen = None
         if t.dtype in _FLOAT and t.dim() >= 2 and t.numel() and t.shape[0]:
-            v = _view2d(t).contiguous()
-            nonzero = _nonzero(v)
-            for fmt, size in sorted(_sizes(v, nonzero, formats).items(), key=lambda kv: kv[1]):
+            # every (size, format, view) that applies, smallest first: a 3+-dim tensor is tried as a
+            # convolution (channels-last) and as stacked matrices (rows)
+            options = []
+            for view in ("channels_last", "rows") if t.dim() > 2 else ("channels_last",):
+                v = _view2d(t, view).contiguous()
+                nonzero = _nonzero(v)
+                options += [(size, fmt, view) for fmt, size in _sizes(v, nonzero, formats).items()]
+                del v, nonzero
+            for size, fmt, view in sorted(options, key=lambda o: o[0]):
                 if size >= _nbytes(t):
                     break
-                parts = _compress(fmt, v, nonzero)
+                v = _view2d(t, view).contiguous()
+                parts = _compress(fmt, v, _nonzero(v))
                 if parts is not None:
-                    chosen = fmt
+                    chosen, chosen_view = fmt, view
                     break
-            del v, nonzero
         if parts is None:
             dense = t.contiguous()
             if dense.untyped_storage().data_ptr() in written:
@@ -222,6 +233,8 @@ def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
         for name, p in parts.items():
             tensors[f"{key}::{name}"] = p.contiguous()
         entries[key] = {"format": chosen, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+        if t.dim() > 2:
+            entries[key]["view"] = chosen_view
         report.formats[key] = chosen
         report.stored_bytes += _nbytes(*parts.values())
     meta = {_META_KEY: json.dumps({"format_version": FORMAT_VERSION, "entries": entries})}
@@ -250,7 +263,10 @@ def _rebuild(key: str, entry: dict, parts: dict) -> torch.Tensor:
     dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry.get("dtype"), str) else None
     if dtype is None:
         _fail(key, f"dtype {entry.get('dtype')!r} is not float16, bfloat16 or float32")
-    rows, cols = shape[0], math.prod(shape[1:])
+    view = entry.get("view", "channels_last")
+    if view not in ("channels_last", "rows") or (view == "rows" and len(shape) < 3):
+        _fail(key, f"view {view!r} is not 'channels_last' or 'rows' (the latter for 3+ dims)")
+    rows, cols = (math.prod(shape[:-1]), shape[-1]) if view == "rows" else (shape[0], math.prod(shape[1:]))
     want = {"2:4": ("values", "meta"), "bitmask": ("values", "bitmask", "row_ptr")}[fmt]
     missing = [n for n in want if n not in parts]
     if missing or len(parts) != len(want):
@@ -275,7 +291,7 @@ def _rebuild(key: str, entry: dict, parts: dict) -> torch.Tensor:
         raise
     except (ValueError, TypeError) as e:
         _fail(key, f"the {fmt} tensors are inconsistent ({e})")
-    return _from_view2d(v, shape)
+    return _from_view2d(v, shape, view)
 
 
 def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = True) -> dict:

@@ -85,10 +85,19 @@ def test_the_2to4_view_of_a_convolution_is_channels_last(tmp_path):
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep[:, :2] = True
     w24 = (groups * keep).reshape(8, 3, 3, 16).permute(0, 3, 1, 2).contiguous()  # 2:4 along channels only
-    report = save_sparse({"w": w24, "plain": w24.permute(0, 2, 3, 1).contiguous()}, str(tmp_path / "c.safetensors"))
-    assert report.formats["w"] == "2:4"
-    assert report.formats["plain"] == "bitmask"  # the same values, but its channels-last view is not 2:4
-    assert_round_trip(load_sparse(str(tmp_path / "c.safetensors"))["w"], w24, "conv weight")
+    plain = w24.permute(0, 2, 3, 1).contiguous()  # the same values stored [out, kh, kw, C]
+    path = str(tmp_path / "c.safetensors")
+    report = save_sparse({"w": w24, "plain": plain}, path)
+    assert report.formats == {"w": "2:4", "plain": "2:4"}
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        entries = json.loads(f.metadata()["sparse_kernels"])["entries"]
+    assert entries["w"]["view"] == "channels_last"  # its last dim (3) cannot hold groups of 16
+    assert entries["plain"]["view"] == "rows"  # its channels are already last
+    back = load_sparse(path)
+    assert_round_trip(back["w"], w24, "conv weight")
+    assert_round_trip(back["plain"], plain, "rows view")
 
 
 def test_dense_when_nothing_is_saved_and_keys_checked(tmp_path):
@@ -215,3 +224,28 @@ def _umask():
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+def test_stacked_expert_weights_are_stored_2to4_along_their_last_dimension(tmp_path):
+    torch.manual_seed(0)
+    w = torch.randn(4, 8, 32, dtype=torch.bfloat16)  # [experts, out, in], 2:4 along `in`
+    from sparse_kernels.pruning import magnitude_prune
+
+    w = magnitude_prune(w.reshape(-1, 32), "2:4")[0].reshape(4, 8, 32)
+    conv = torch.randn(8, 16, 3, dtype=torch.bfloat16)  # a Conv1d weight, 2:4 along channels
+    conv = _from_view(magnitude_prune(_view2d(conv), "2:4")[0], conv.shape)
+    path = str(tmp_path / "moe.safetensors")
+    report = save_sparse({"experts": w, "conv1d": conv}, path)
+    assert report.formats == {"experts": "2:4", "conv1d": "2:4"}
+    back = load_sparse(path)
+    assert_round_trip(back["experts"], w, "experts")
+    assert_round_trip(back["conv1d"], conv, "conv1d")
+    _rewrite(path, None, lambda d: d["entries"]["experts"].__setitem__("view", "diagonal"))
+    with pytest.raises(SparseStateError, match="experts: view 'diagonal' is not"):
+        load_sparse(path)
+
+
+def _from_view(v, shape):
+    from sparse_kernels.storage import _from_view2d
+
+    return _from_view2d(v, tuple(shape))

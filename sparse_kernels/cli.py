@@ -366,10 +366,12 @@ def cmd_prune(args) -> int:
         raise SystemExit(f"prune: {e}") from None
     if args.method == "ria" and not (0 <= args.ria_alpha < float("inf")):
         raise SystemExit(f"prune: --ria-alpha must be a finite number >= 0, got {args.ria_alpha}")
-    if args.scope is not None:
-        from .pruning.model import METHODS
+    from .pruning.model import METHODS
 
-        allowed = METHODS[args.method].scopes
+    allowed = METHODS[args.method].scopes
+    # the comparison group used by an unstructured --sparsity (passed on and recorded in the checkpoint)
+    scope = args.scope or (allowed[0] if allowed and args.sparsity is not None else None)
+    if args.scope is not None:
         if args.scope not in allowed:
             raise SystemExit(f"prune: --scope {args.scope} does not apply to --method {args.method} "
                              + (f"(it takes {', '.join(allowed)})" if allowed else "(it takes no --scope)"))
@@ -438,12 +440,8 @@ def cmd_prune(args) -> int:
     if args.method == "structured":
         return _prune_structured(args, m, tok, calib, dense_ppl, ev if args.eval_tokens else None)
     extra = {"alpha": args.ria_alpha} if args.method == "ria" else {}
-    if args.sparsity is not None:  # the comparison group used (recorded in the checkpoint too)
-        from .pruning.model import METHODS
-
-        scope = args.scope or (METHODS[args.method].scopes[0] if METHODS[args.method].scopes else None)
-        if scope is not None:
-            extra["scope"] = scope
+    if scope is not None:
+        extra["scope"] = scope
     permute = {"rounds": args.permute_rounds} if args.permute else False
     # permuted 2:4 weights are 2:4 only in the permuted order: keep them as SparseLinear layers
     # holding the permutation (the checkpoint stores them so)

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .pruning.layers import channels_last_2d, from_channels_last_2d
+
 __all__ = ["save_sparse", "load_sparse", "SparseStateError", "StorageReport"]
 
 FORMAT_VERSION = 1
@@ -78,18 +80,15 @@ def _view2d(t: torch.Tensor, view: str = "channels_last") -> torch.Tensor:
     """``[out, in]`` as it is. 3+ dims: ``"channels_last"`` reads ``[out, C, *kernel]`` as
     ``[out, prod(kernel) * C]`` (a convolution); ``"rows"`` reads ``[..., in]`` as
     ``[prod(leading), in]`` (stacked matrices, e.g. a Mixture-of-Experts weight ``[E, out, in]``)."""
-    if t.dim() == 2:
-        return t
-    if view == "rows":
+    if t.dim() > 2 and view == "rows":
         return t.reshape(-1, t.shape[-1])
-    return t.permute(0, *range(2, t.dim()), 1).reshape(t.shape[0], -1)
+    return channels_last_2d(t)
 
 
 def _from_view2d(v: torch.Tensor, shape, view: str = "channels_last") -> torch.Tensor:
     if len(shape) == 2 or view == "rows":
         return v.reshape(shape)
-    nd = len(shape)
-    return v.reshape(shape[0], *shape[2:], shape[1]).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
+    return from_channels_last_2d(v, shape).contiguous()
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

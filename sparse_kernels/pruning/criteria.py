@@ -185,12 +185,9 @@ class ActivationNormAccumulator:
         out.norm_sq, out.nsamples = self.norm_sq[perm.to(self.norm_sq.device)], self.nsamples
         return out
 
-    def hook(self, module, inputs, output) -> None:
-        self.add(layer_input_rows(module, inputs[0]))
-
-    def _hook_kw(self, module, args, kwargs, output) -> None:  # returns None: the output stays as it is
+    def hook(self, module, args, kwargs, output) -> None:  # registered with_kwargs=True; returns None
         self.add(layer_input_rows(module, hook_input(module, args, kwargs)))
 
     def attach(self, module: torch.nn.Module):
-        return module.register_forward_hook(self._hook_kw, with_kwargs=True)
+        return module.register_forward_hook(self.hook, with_kwargs=True)
 

@@ -42,6 +42,26 @@ def _stock_conv(m: nn.Module) -> bool:
     return False
 
 
+def _stock_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear`` (or subclass) whose ``forward`` is the stock one."""
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
+
+
+def channels_last_2d(w: torch.Tensor) -> torch.Tensor:
+    """A weight as a 2-D matrix: ``[out, in]`` as it is; a convolution's ``[out, C, *kernel]``
+    flattened channels-last, ``[out, prod(kernel) * C]`` (column ``(position) * C + c``), so that
+    groups of consecutive columns run along input channels at one kernel position."""
+    return w if w.dim() == 2 else w.permute(0, *range(2, w.dim()), 1).reshape(w.shape[0], -1)
+
+
+def from_channels_last_2d(v: torch.Tensor, shape) -> torch.Tensor:
+    """The inverse of :func:`channels_last_2d` for a weight of ``shape`` (a view where it can be)."""
+    if len(shape) == 2:
+        return v.reshape(shape)
+    nd = len(shape)
+    return v.reshape(shape[0], *shape[2:], shape[1]).permute(0, nd - 1, *range(1, nd - 1))
+
+
 def _is_conv(m: nn.Module) -> bool:
     """A convolution :func:`prune` can take: a stock ``nn.Conv1d``/``nn.Conv2d`` with ``groups=1``."""
     return isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.groups == 1 and _stock_conv(m)
@@ -77,15 +97,13 @@ def _get_weight(layer) -> torch.Tensor:
     if _is_conv1d(layer):
         return layer.weight.data.t()
     if _is_conv(layer):
-        w = layer.weight.data
-        return w.permute(0, *range(2, w.dim()), 1).reshape(w.shape[0], -1)
+        return channels_last_2d(layer.weight.data)
     return layer.weight.data
 
 
 def _set_weight(layer, w: torch.Tensor) -> None:
     if _is_conv(layer):
-        shape, nd = layer.weight.shape, layer.weight.dim()  # [out, C, *kernel]
-        layer.weight.data.copy_(w.reshape(shape[0], *shape[2:], shape[1]).permute(0, nd - 1, *range(1, nd - 1)))
+        layer.weight.data.copy_(from_channels_last_2d(w, layer.weight.shape))
         return
     _get_weight(layer).copy_(w)
 

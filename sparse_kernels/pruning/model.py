@@ -555,10 +555,12 @@ def prune(
                              f"convert=True, got {spec} and convert={convert!r}")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=bool(convert),
                    _permute=perm_opts, _dsnot=dsnot_opts, _int4=int4, _int4_parts={}, **method_options)
+    has_conv = False  # a convolution among the layers to prune (for the BatchNorm note at the end)
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             where = f"blocks[{bi}].{name}" if name else f"blocks[{bi}]"
             if conv_channels(layer) is not None:
+                has_conv = True
                 _check_conv(where, layer, spec, perm_opts is not None, int4, convert)
             spec.check_columns(where, _get_weight(layer).shape[1])
             if int4 is not None and _get_weight(layer).shape[1] % int4:
@@ -642,8 +644,10 @@ def prune(
         if hf_cache is not None:
             model.config.use_cache = hf_cache
     report.seconds = time.perf_counter() - t_start
-    if any(conv_channels(l) is not None for b in blocks for l in prunable_layers(b, layer_filter).values()):
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if has_conv:
+        from ..training.batchnorm import tracking_batchnorms
+
+        bns = tracking_batchnorms(model)
         if bns:
             report.notes.append(f"the model's BatchNorm layers ({len(bns)}) keep the dense model's running "
                                 f"statistics; re-estimate them for the pruned weights: sparse_kernels.training."

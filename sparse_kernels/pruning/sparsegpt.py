@@ -275,12 +275,9 @@ class HessianAccumulator:
         out.H, out.nsamples = self.H.index_select(0, p).index_select(1, p), self.nsamples
         return out
 
-    def hook(self, module, inputs, output) -> None:
-        self.add(layer_input_rows(module, inputs[0]))
-
-    def _hook_kw(self, module, args, kwargs, output) -> None:  # returns None: the output stays as it is
+    def hook(self, module, args, kwargs, output) -> None:  # registered with_kwargs=True; returns None
         self.add(layer_input_rows(module, hook_input(module, args, kwargs)))
 
     def attach(self, module: torch.nn.Module):
         """Register the forward hook on ``module``; returns the handle (call ``.remove()``)."""
-        return module.register_forward_hook(self._hook_kw, with_kwargs=True)
+        return module.register_forward_hook(self.hook, with_kwargs=True)

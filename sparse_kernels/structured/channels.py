@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..pruning.calibration import iter_batches, run_batches
-from ..pruning.layers import _stock_conv
+from ..pruning.layers import _stock_conv, _stock_linear
 
 __all__ = ["ChannelChain", "ChannelReport", "find_channel_chains", "prune_channels", "CHANNEL_CRITERIA"]
 
@@ -95,7 +95,7 @@ def _is_layer(m: nn.Module) -> bool:
     if not _plain(m):
         return False
     if isinstance(m, nn.Linear):
-        return type(m).forward is nn.Linear.forward
+        return _stock_linear(m)
     return isinstance(m, _CONVS) and m.groups == 1 and _stock_conv(m)
 
 

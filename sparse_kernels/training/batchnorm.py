@@ -18,6 +18,12 @@ from torch import nn
 __all__ = ["recalibrate_batchnorm"]
 
 
+def tracking_batchnorms(model: nn.Module) -> list:
+    """The BatchNorm layers of ``model`` that keep running statistics (what
+    :func:`recalibrate_batchnorm` re-estimates)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -> int:
     """Reset and re-estimate the running statistics of every BatchNorm layer of ``model``.
@@ -45,7 +51,7 @@ def recalibrate_batchnorm(model: nn.Module, calibration, batch_size: int = 32) -
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    bns = tracking_batchnorms(model)
     if not bns:
         raise ValueError(f"model: {type(model).__name__} has no BatchNorm layer that tracks running statistics")
     if any(is_lazy(m.running_mean) for m in bns):

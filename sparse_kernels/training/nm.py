@@ -37,15 +37,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..pruning.layers import _is_conv1d, _stock_conv
+from ..pruning.layers import _is_conv1d, _stock_conv, _stock_linear, channels_last_2d, from_channels_last_2d
 from ..pruning.patterns import keep_largest_nm, parse_sparsity
 from .schedule import pattern_list
 
 __all__ = ["NMSparseTraining", "nm_mask"]
-
-
-def _channels_last(w: torch.Tensor) -> torch.Tensor:
-    return w if w.dim() == 2 else w.permute(0, *range(2, w.dim()), 1).reshape(w.shape[0], -1)
 
 
 def nm_mask(weight: torch.Tensor, n: int, m: int, transposed: bool = False) -> torch.Tensor:
@@ -55,12 +51,8 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, transposed: bool = False) -> t
     weight stored ``[in, out]`` (GPT-2's ``Conv1D``)."""
     if transposed:
         return nm_mask(weight.t(), n, m).t()
-    score = _channels_last(weight.detach().abs())
-    keep = keep_largest_nm(score, n, m)
-    if weight.dim() == 2:
-        return keep
-    shape = weight.shape
-    return keep.reshape(shape[0], *shape[2:], shape[1]).permute(0, weight.dim() - 1, *range(1, weight.dim() - 1))
+    keep = keep_largest_nm(channels_last_2d(weight.detach().abs()), n, m)
+    return from_channels_last_2d(keep, weight.shape)
 
 
 class _MaskedSTE(torch.autograd.Function):
@@ -87,7 +79,7 @@ class _NMParametrization(nn.Module):
 def _eligible(mod: nn.Module, m: int) -> str | None:
     """None if ``mod`` can take N:M (groups of ``m``) training, else why not."""
     if isinstance(mod, nn.Linear):
-        if type(mod).forward is not nn.Linear.forward:
+        if not _stock_linear(mod):
             return "a Linear subclass with its own forward"
         return None if mod.in_features % m == 0 else f"in_features {mod.in_features} is not a multiple of M={m}"
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

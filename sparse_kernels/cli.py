@@ -423,7 +423,7 @@ def cmd_prune(args) -> int:
         calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
                                          source=args.calibration_source)
     names = demo.block_layer_names(m, skip=args.skip)
-    if not names and args.method != "structured":
+    if not demo.block_layer_names(m, skip=args.skip, experts=True) and args.method != "structured":
         raise SystemExit(f"prune: --skip {' '.join(args.skip)} leaves no layer to prune")
     if args.format == "compressed-tensors":
         from .pruning.layers import _is_conv1d
@@ -486,6 +486,11 @@ def cmd_prune(args) -> int:
                   _mib(s["file_bytes"]), _mib(s["dense_tensor_bytes"]),
                   s.get("masked_layers_ratio") if kind == checkpoint.MASKED else s["sparse_layers_ratio"]]],
                 title=f"\npruned and saved to {args.output}"))
+    if s.get("experts_dense_bytes"):
+        print(f"expert parameters: {len(cfg['experts'])} stored bitmask-compressed, "
+              f"{_mib(s['experts_bytes']):.2f} MiB against {_mib(s['experts_dense_bytes']):.2f} MiB dense")
+    for note in rep.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -513,6 +518,12 @@ def _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense
                 [[src.name, args.method, pattern, len(names), rep.overall_sparsity, rep.seconds, dense_ppl, ppl,
                   sc["format"], _mib(disk), _mib(bench.tensor_bytes(m))]],
                 title=f"\npruned and saved (compressed-tensors) to {args.output}"))
+    if any(r.calibration_tokens is not None or "[" in r.name for r in rep.layers):
+        print("note: the pruned expert parameters of this mixture-of-experts model are written dense "
+              "(compressed-tensors' sparsity formats address Linear layers): the default --format stores them "
+              "compressed")
+    for note in rep.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -567,6 +578,10 @@ def cmd_bench(args) -> int:
         sm = copy.deepcopy(m)
         demo.prune_model(sm, "magnitude", "2:4", None, progress=False)
         checkpoint.to_sparse(sm, {n: checkpoint.PATTERN_24 for n in names})
+        from .nn import sparsify
+        from .pruning.experts import is_experts_module
+
+        sparsify(sm, "2:4", include=lambda name, mod: is_experts_module(mod))  # MoE experts -> SparseExperts
         label = "sparse (magnitude 2:4, speed only)" + (f" int4 g{args.int4}" if args.int4 else "")
     _int4(args, sm)
     both = {f"dense {src.name}": m, label: sm}

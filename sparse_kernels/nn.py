@@ -423,8 +423,14 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
     :func:`sparse_kernels.pruning.permutation.find_permutation` options): first search each
     layer's input-channel permutation that keeps the most ``|w|`` under 2:4, and store the layer
     permuted (``in_perm``); layers whose ``in_features`` is not a multiple of 4 stay unpermuted.
+
+    Mixture-of-experts models: with ``pattern="2:4"`` (and no ``permute``) each transformers
+    experts module (3-D expert weights) matched by ``include``/``exclude`` becomes a
+    :class:`SparseExperts` keeping the 2 largest |w| of every group of 4 of each expert's matrix;
+    with other patterns they are listed in ``skipped``.
     """
     _check_pattern(pattern)
+    from .pruning.experts import is_experts_module
     from .pruning.permutation import find_permutation, parse_permute, search_options
 
     perm_opts = parse_permute(permute)
@@ -435,6 +441,20 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
                          "sparse_kernels.pruning.fold_permutations(model)")
     report = SparsifyReport()
     for name, mod in list(model.named_modules()):
+        if name and is_experts_module(mod) and (include is None or _matches(include, name, mod)) and not (
+                exclude is not None and _matches(exclude, name, mod)):
+            if pattern != "2:4" or perm_opts is not None:
+                report.skipped.append((name, "an experts module: SparseExperts holds 2:4 experts without a "
+                                             "permutation"))
+                continue
+            new = SparseExperts.from_experts(mod, backend=backend, prune=True)
+            new.train(mod.training)
+            report.bytes_before += sum(t.numel() * t.element_size() for t in mod.parameters(recurse=False))
+            report.bytes_after += new.nbytes()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            report.layers.append(name)
+            continue
         if not isinstance(mod, nn.Linear):
             continue
         if name == "":
@@ -656,3 +676,112 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
         report.layers.append(name)
     return report
+
+
+# ---------------------------------------------------------------- mixture-of-experts
+class SparseExperts(nn.Module):
+    """The routed experts of a Hugging Face transformers MoE block with 2:4 weights.
+
+    Built from a transformers experts module (3-D ``gate_up_proj`` / ``up_proj`` / ``down_proj``
+    parameters, :mod:`sparse_kernels.pruning.experts`) whose every expert matrix is 2:4 along its
+    input (what ``prune(..., sparsity="2:4")`` leaves): for each such parameter ``P`` it stores
+    parameter ``P_values [E, out, in/2]`` and buffer ``P_meta [E, out, in/16]`` int16 (the 2:4
+    format of each expert's ``[out, in]`` matrix, whatever the module's ``is_transposed``), keeps
+    the biases (``P_bias``), the activation and gate (the module's own ``_apply_gate``: SwiGLU,
+    gpt-oss's clamped gate, ...) and its configuration attributes, and computes what the module's
+    eager loop computes: for each expert that tokens were routed to,
+    ``down(gate(gate_up(x)))`` with :func:`sparse_kernels.sparse_linear` (fp32 accumulation),
+    scaled by the routing weight and summed per token. A 16-bit expert weight takes 9/16 of its
+    dense bytes. ``values`` is trainable (the pattern, in ``meta``, is fixed).
+
+    Args of :meth:`from_experts`: the experts module, ``backend`` for ``sparse_linear``,
+    ``prune`` (keep the 2 largest |w| of every group of 4 instead of requiring 2:4).
+    """
+
+    def __init__(self):  # use from_experts
+        super().__init__()
+        self.params: list = []
+        self.backend = None
+        self._gate_fn = None
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, backend=None, prune: bool = False) -> "SparseExperts":
+        from .pruning.experts import EXPERT_PARAMS, is_experts_module
+
+        if not isinstance(experts, nn.Module) or not is_experts_module(experts):
+            raise TypeError(f"experts: expected a transformers experts module with 3-D expert parameters "
+                            f"(gate_up_proj / down_proj), got {type(experts).__name__}")
+        if backend is not None:
+            R.requested_backend(backend)
+        mod = cls()
+        mod.backend = backend
+        mod.source_class = type(experts).__name__
+        for k, v in vars(experts).items():  # configuration: num_experts, has_gate, has_bias, alpha, limit, ...
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str)):
+                setattr(mod, k, v)
+        for name, child in experts.named_children():  # act_fn, post_expert_norm
+            mod.add_module(name, child)
+        mod._gate_fn = getattr(type(experts), "_apply_gate", None)
+        for name in EXPERT_PARAMS:
+            p = getattr(experts, name, None)
+            if not isinstance(p, torch.Tensor) or p.dim() != 3:
+                continue
+            w = p.detach().transpose(1, 2) if experts.is_transposed else p.detach()  # [E, out, in]
+            e, out_f, in_f = w.shape
+            if in_f % 16:
+                raise ValueError(f"experts: {name}'s experts have {in_f} input features; the 2:4 kernels need a "
+                                 f"multiple of 16")
+            try:
+                values, meta = compress_2to4(w.reshape(e * out_f, in_f).contiguous(), prune=prune)
+            except ValueError as err:
+                raise ValueError(f"experts: {name} is not 2:4 along its input features ({err}; rows count "
+                                 f"expert by expert, {out_f} per expert); prune it to 2:4 first or pass "
+                                 f"prune=True") from None
+            mod.register_parameter(name + "_values", nn.Parameter(values.reshape(e, out_f, in_f // 2)))
+            mod.register_buffer(name + "_meta", meta.reshape(e, out_f, in_f // 16))
+            b = getattr(experts, name + "_bias", None)
+            mod.register_parameter(name + "_bias", None if b is None else nn.Parameter(b.detach().clone()))
+            mod.params.append(name)
+        mod.num_experts = int(getattr(mod, mod.params[0] + "_values").shape[0])
+        return mod
+
+    def nbytes(self) -> int:
+        """Bytes of the stored expert weights (values, meta, biases)."""
+        return sum(t.numel() * t.element_size() for t in list(self.parameters(recurse=False))
+                   + list(self.buffers(recurse=False)))
+
+    def dense_param(self, name: str) -> torch.Tensor:
+        """The dense 3-D parameter ``name`` in the source module's layout (``[E, in, out]`` where it
+        was ``is_transposed``)."""
+        v, m = getattr(self, name + "_values").detach(), getattr(self, name + "_meta")
+        e, out_f, half = v.shape
+        w = decompress_2to4(v.reshape(e * out_f, half), m.reshape(e * out_f, -1)).reshape(e, out_f, half * 2)
+        return w.transpose(1, 2).contiguous() if getattr(self, "is_transposed", False) else w
+
+    def _linear(self, name, x, e):
+        b = getattr(self, name + "_bias")
+        return L.sparse_linear(x, getattr(self, name + "_values")[e], getattr(self, name + "_meta")[e],
+                               None if b is None else b[e], backend=self.backend)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        out = torch.zeros_like(hidden_states)
+        first = "gate_up_proj" if "gate_up_proj" in self.params else "up_proj"
+        hit = torch.unique(top_k_index).tolist()  # one host sync, as the eager loop's nonzero()
+        for e in hit:
+            if e < 0 or e >= self.num_experts:  # expert-parallel sentinels
+                continue
+            token_idx, pos = torch.where(top_k_index == e)
+            h = self._linear(first, hidden_states[token_idx], e)
+            h = self._gate_fn(self, h) if getattr(self, "has_gate", True) and self._gate_fn is not None \
+                else self.act_fn(h)
+            y = self._linear("down_proj", h, e)
+            if getattr(self, "has_post_expert_norm", False):
+                y = self.post_expert_norm(y)
+            y = y * top_k_weights[token_idx, pos, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        shapes = ", ".join(f"{n}=[{self.num_experts}, {getattr(self, n + '_values').shape[1]}, "
+                           f"{getattr(self, n + '_values').shape[2] * 2}]" for n in self.params)
+        return f"{self.source_class}, 2:4, {shapes}, backend={self.backend or 'auto'}"

@@ -29,6 +29,13 @@ def quick_start() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+def tiny_moe():
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=256, num_local_experts=4, num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
 def tiny_llama():
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -71,7 +78,7 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     unstructured_model = nn.Sequential(nn.Linear(256, 256))
     with torch.no_grad():
         unstructured_model[0].weight.mul_(torch.rand(256, 256) > 0.5)
-    ns = dict(model=None, token_ids=torch.randint(0, 256, (4, 32)), cnn=CNN().eval(),
+    ns = dict(model=None, moe_model=tiny_moe(), token_ids=torch.randint(0, 256, (4, 32)), cnn=CNN().eval(),
               images=torch.randn(8, 3, 12, 12), w_unstructured=w_unstructured, x=torch.randn(3, 256),
               unstructured_model=unstructured_model)
     tree = ast.parse(code)
@@ -88,3 +95,4 @@ def test_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert "quantize_int4: 14 layers swapped" in out  # the printed reports
     assert "sparsify: 14 layers swapped" in out and "prune: method=sparsegpt sparsity=2:4 layers=14" in out
     assert os.path.isdir(tmp_path / "out" / "2of4-ct")
+    assert type(ns["moe_model"].model.layers[1].mlp.experts).__name__ == "SparseExperts"

@@ -14,8 +14,9 @@ A checkpoint is a directory:
   ``qvalues`` ``[out, in_pad/4]`` uint8 (the int4 codes + 8, two per byte), ``meta`` as a 2:4
   layer and ``scales`` ``[out, in_pad/group_size]`` (see docs/FORMAT.md, "2:4 int4"), plus
   ``in_perm`` when permuted; the JSON records its ``group_size``.
-* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (4 when a
-  layer is 2:4 int4, else 3 when a layer is permuted, else 2)
+* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (5 when it
+  holds compressed expert parameters, else 4 when a layer is 2:4 int4, else 3 when a layer is
+  permuted, else 2)
   (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
   config (when there is one), which layers are ``2:4`` (with their dense shape, original module
   type, bias and, for a permuted layer, ``"in_perm": true``) and which are ``masked``
@@ -29,6 +30,12 @@ A checkpoint is a directory:
   and count.  Load rebuilds ``W`` bit for bit except that ``-0.0`` comes back as ``+0.0`` (equal
   values; pruning's ``W * mask`` leaves about half of the zeros negative).  At 50% that is
   0.53x of a float32 weight's bytes and 0.56x of a 16-bit one (as 2:4), instead of 1x.
+* the 3-D expert parameters of a mixture-of-experts model (``gate_up_proj`` / ``down_proj`` of a
+  transformers experts module, :mod:`sparse_kernels.pruning.experts`) with at least 10% zeros
+  (pruned in place by :func:`sparse_kernels.prune`) are stored bitmask-compressed the same way,
+  as the 2-D matrix ``[E * rows, cols]``; their ``bitmask`` entry adds ``tensor_shape`` (the
+  3-D shape to restore) and ``experts`` in the JSON records each one's sparsity (format version
+  5, written only when there is such a parameter).
 * optionally the tokenizer files (``tokenizer.save_pretrained``).
 
 Writes are atomic: each file is written to a temporary name in the same directory, flushed
@@ -59,9 +66,12 @@ import torch
 import torch.nn as nn
 
 FORMAT_NAME = "sparse_kernels.pruned_lm"
-FORMAT_VERSION = 4  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm); 4: 2:4 int4 layers
-READ_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm); 4: 2:4 int4 layers;
+#                    5: pruned 3-D expert parameters bitmask-compressed
+READ_VERSIONS = (1, 2, 3, 4, 5)
 _VERSION_PERM = 3
+_VERSION_INT4 = 4
+_VERSION_EXPERTS = 5
 # A checkpoint without permuted layers is written as version 2, so earlier readers still load it;
 # one with them is version 3, which earlier readers refuse by its version (not by a stray tensor).
 _VERSION_WITHOUT_PERM = 2
@@ -317,6 +327,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         for n, mod in kept.items():
             _replace(model, n, mod)
     tensors, aliases = _unique_tensors(sd)
+    _densify_sparse_experts(model, tensors)
     model_class, model_config = _hf_config(model)
     dense_bytes = sparse_bytes = sparse_dense_bytes = 0
     for k, v in tensors.items():
@@ -352,8 +363,11 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         tensors[key + ".bitmask"], tensors[key + ".nonzeros"] = enc
         bitmask[key] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "nnz": int(enc[1].numel())}
         masked_bytes += enc[0].numel() + enc[1].numel() * enc[1].element_size()
-    if any(li["format"] == PATTERN_24_INT4 for li in info24.values()):
-        version = FORMAT_VERSION
+    experts, experts_bytes, experts_dense_bytes = _compress_experts(model, tensors, bitmask)
+    if experts:
+        version = _VERSION_EXPERTS
+    elif any(li["format"] == PATTERN_24_INT4 for li in info24.values()):
+        version = _VERSION_INT4
     elif any(li.get("in_perm") for li in info24.values()):
         version = _VERSION_PERM
     else:
@@ -382,6 +396,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         "layers": info24,
         "masked": masked,
         "bitmask": bitmask,
+        "experts": experts,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "aliases": aliases,
         "tensors_file": TENSORS_NAME,
@@ -397,6 +412,9 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
             "masked_layers_bytes": masked_bytes,
             "masked_layers_dense_bytes": masked_dense_bytes,
             "masked_layers_ratio": (masked_bytes / masked_dense_bytes) if masked_dense_bytes else None,
+            "experts_bytes": experts_bytes,
+            "experts_dense_bytes": experts_dense_bytes,
+            "experts_ratio": (experts_bytes / experts_dense_bytes) if experts_dense_bytes else None,
             "file_vs_dense_ratio": file_bytes / dense_bytes if dense_bytes else None,
         },
     }
@@ -407,6 +425,76 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
 
     _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
     return cfg
+
+
+def _is_24_experts(mod: nn.Module) -> bool:
+    """Every expert matrix ``[out, in]`` of the transformers experts module ``mod`` is 2:4 along
+    ``in`` (at most 2 nonzeros in each group of 4; ``in`` a multiple of 16, as the kernels need)."""
+    from ..pruning.experts import EXPERT_PARAMS
+
+    found = False
+    for pname in EXPERT_PARAMS:
+        p = getattr(mod, pname, None)
+        if not isinstance(p, torch.Tensor) or p.dim() != 3:
+            continue
+        w = p.detach().transpose(1, 2) if mod.is_transposed else p.detach()
+        if w.shape[-1] % 16 or ((w.reshape(-1, 4) != 0).sum(-1) > 2).any():
+            return False
+        found = True
+    return found
+
+
+def _densify_sparse_experts(model: nn.Module, tensors: dict) -> None:
+    """In ``tensors``, replace each :class:`sparse_kernels.nn.SparseExperts`' ``P_values``/``P_meta``
+    by the dense 3-D parameter ``P`` of the transformers module it came from (the layout the
+    model's config rebuilds; :func:`_compress_experts` then stores it compressed and :func:`load`
+    turns it back into SparseExperts)."""
+    from ..nn import SparseExperts
+
+    for mname, mod in model.named_modules():
+        if isinstance(mod, SparseExperts):
+            for pname in mod.params:
+                key = f"{mname}.{pname}" if mname else pname
+                tensors.pop(key + "_values", None)
+                tensors.pop(key + "_meta", None)
+                tensors[key] = mod.dense_param(pname).cpu()
+
+
+def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[dict, int, int]:
+    """Bitmask-compress, in ``tensors``, every stored 3-D expert parameter with at least 10% zeros
+    (recorded in ``bitmask`` with its ``tensor_shape``), and every parameter of a SparseExperts or
+    of an experts module whose every expert matrix is 2:4 along its input (recorded with
+    ``"pattern": "2:4"``, so :func:`load` rebuilds them as SparseExperts); returns
+    ``({key: {"sparsity"[, "pattern"]}}, bytes stored, dense bytes)`` over those parameters."""
+    from ..nn import SparseExperts
+    from ..pruning.experts import EXPERT_PARAMS, is_experts_module
+
+    experts, stored, dense = {}, 0, 0
+    for mname, mod in model.named_modules():
+        sparse = isinstance(mod, SparseExperts) or (is_experts_module(mod) and _is_24_experts(mod))
+        if not (sparse or is_experts_module(mod)):
+            continue
+        for pname in EXPERT_PARAMS:
+            key = f"{mname}.{pname}" if mname else pname
+            w = tensors.get(key)
+            if not isinstance(w, torch.Tensor) or w.dim() != 3 or not w.is_floating_point():
+                continue
+            sparsity = float((w == 0).float().mean())
+            if sparsity < 0.1 and not sparse:
+                continue
+            experts[key] = {"sparsity": sparsity, **({"pattern": PATTERN_24} if sparse else {})}
+            nbytes = w.numel() * w.element_size()
+            dense += nbytes
+            enc = _encode_bitmask(w.reshape(-1, w.shape[-1]))
+            if enc is None:
+                stored += nbytes
+                continue
+            del tensors[key]
+            tensors[key + ".bitmask"], tensors[key + ".nonzeros"] = enc
+            bitmask[key] = {"shape": [w.shape[0] * w.shape[1], w.shape[2]], "dtype": _dtype_name(w.dtype),
+                            "nnz": int(enc[1].numel()), "tensor_shape": list(w.shape)}
+            stored += enc[0].numel() + enc[1].numel() * enc[1].element_size()
+    return experts, stored, dense
 
 
 # ---------------------------------------------------------------- load
@@ -472,7 +560,7 @@ def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Te
         if list(t.shape) != list(spec["shape"]) or _dtype_name(t.dtype) != spec["dtype"]:
             raise CheckpointError(f"{tpath}: tensor {k!r} is {_dtype_name(t.dtype)}{list(t.shape)}, the manifest "
                                   f"says {spec['dtype']}{spec['shape']}")
-    _decode_bitmasks(tpath, cfg.get("bitmask", {}), tensors)
+    _decode_bitmasks(tpath, cfg.get("bitmask", {}), tensors, cfg["format_version"])
     return tensors
 
 
@@ -491,8 +579,9 @@ def _encode_bitmask(w: torch.Tensor):
     return bitmask, nonzeros
 
 
-def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Rebuild each bitmask-compressed tensor in place of its two stored parts (validated first)."""
+def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor], version: int) -> None:
+    """Rebuild each bitmask-compressed tensor in place of its two stored parts (validated first);
+    an entry with a ``tensor_shape`` (a 3-D expert parameter, format version 5) is reshaped to it."""
     from ..ops.linear import unpack_mask
 
     if not isinstance(specs, dict):
@@ -524,6 +613,17 @@ def _decode_bitmasks(tpath: str, specs: dict, tensors: dict[str, torch.Tensor]) 
             raise CheckpointError(f"{where}: the bitmask marks {n_set} elements but {count} are stored")
         w = torch.zeros(rows, cols, dtype=dtype)
         w[present] = nz
+        if "tensor_shape" in spec:
+            shape = spec["tensor_shape"]
+            if version < _VERSION_EXPERTS:
+                raise CheckpointError(f"{where}: a tensor_shape needs format_version {_VERSION_EXPERTS}; the checkpoint "
+                                      f"says {version}")
+            if (not isinstance(shape, list) or len(shape) != 3
+                    or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+                    or shape[0] * shape[1] != rows or shape[2] != cols):
+                raise CheckpointError(f"{where}: tensor_shape {shape!r} does not match the stored [{rows}, {cols}] "
+                                      f"(expected three positive ints [E, rows, cols] with E * rows = {rows})")
+            w = w.reshape(shape)
         tensors[key] = w
 
 
@@ -657,9 +757,9 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         if li.get("in_perm") and cfg["format_version"] < _VERSION_PERM:
             raise CheckpointError(f"2:4 layer {name!r} is recorded as permuted, which needs format_version "
                                   f"{_VERSION_PERM}; the checkpoint says {cfg['format_version']}")
-        if li.get("format") == PATTERN_24_INT4 and cfg["format_version"] < FORMAT_VERSION:
+        if li.get("format") == PATTERN_24_INT4 and cfg["format_version"] < _VERSION_INT4:
             raise CheckpointError(f"layer {name!r} is recorded as {PATTERN_24_INT4}, which needs format_version "
-                                  f"{FORMAT_VERSION}; the checkpoint says {cfg['format_version']}")
+                                  f"{_VERSION_INT4}; the checkpoint says {cfg['format_version']}")
     for k, target in cfg["aliases"].items():
         if target not in tensors:
             raise CheckpointError(f"alias {k!r} points at {target!r}, which is not stored")
@@ -707,6 +807,7 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         raise CheckpointError(f"{path}: the stored tensors do not fit the model: {e}") from e
     for name, pat in unstructured.items():
         _replace(m, name, sl.from_dense(m.get_submodule(name), pattern=pat))
+    _rebuild_sparse_experts(m, cfg.get("experts", {}), path)
     m = m.to(device)
     if dtype is not None:  # int4 layers keep their scales as stored (the kernels take any float dtype)
         scales = {n: mod.scales for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)}
@@ -717,6 +818,26 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         for n in [n for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)]:
             _replace(m, n, _dequantized(m.get_submodule(n), dtype))
     return m.eval(), cfg
+
+
+def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str) -> None:
+    """Turn each experts module whose parameters are recorded with ``"pattern": "2:4"`` back into
+    a SparseExperts (CheckpointError when they are not 2:4, or the entry names no such module)."""
+    from ..nn import SparseExperts
+
+    if not isinstance(experts, dict):
+        raise CheckpointError(f"{path}: the manifest's 'experts' entry is not a mapping")
+    modules = sorted({k.rpartition(".")[0] for k, v in experts.items()
+                      if isinstance(v, dict) and v.get("pattern") == PATTERN_24})
+    for name in modules:
+        try:
+            mod = m.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{path}: 2:4 experts {name!r} is not a module of {type(m).__name__}") from e
+        try:
+            _replace(m, name, SparseExperts.from_experts(mod))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: 2:4 experts {name!r} cannot be rebuilt: {e}") from e
 
 
 def _dequantized(mod, dtype):

@@ -70,16 +70,18 @@ def prune_model(model, method: str, pattern: str, calibration, *, progress: bool
                  layer_filter=skip_filter(skip), **method_options)
 
 
-def block_layer_names(model, skip=None) -> list[str]:
-    """Qualified names of the prunable layers inside the decoder blocks (what ``prune`` prunes,
-    less those ``skip`` matches)."""
+def block_layer_names(model, skip=None, experts: bool = False) -> list[str]:
+    """Qualified names of the prunable layer modules inside the decoder blocks (what ``prune``
+    prunes, less those ``skip`` matches); with ``experts``, the expert matrices of
+    mixture-of-experts modules too (``"...experts.gate_up_proj[3]"``: no module of that name)."""
     from ..pruning import find_blocks, prunable_layers
 
     blocks = {id(b) for b in find_blocks(model)}
     names = []
     for bname, mod in model.named_modules():
         if id(mod) in blocks:
-            names += [f"{bname}.{n}" for n in prunable_layers(mod, skip_filter(skip))]
+            names += [f"{bname}.{n}" for n, layer in prunable_layers(mod, skip_filter(skip)).items()
+                      if experts or isinstance(layer, torch.nn.Module)]
     return names
 
 

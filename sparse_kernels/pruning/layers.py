@@ -10,7 +10,11 @@
   needs ``C % M == 0``). The input is unfolded into the matching patches (im2col, padding mode
   honoured), one row per output position, so ``rows @ W2d.T`` is the convolution's output.
   Grouped and depthwise convolutions, transposed ones, ``Conv3d`` and subclasses whose
-  ``forward`` is not the stock one (weight standardization, padding of their own) are not pruned.
+  ``forward`` is not the stock one (weight standardization, padding of their own) are not pruned;
+* each expert's matrix of a transformers mixture-of-experts module (3-D ``gate_up_proj`` /
+  ``down_proj`` parameters): an :class:`~sparse_kernels.pruning.experts.ExpertMatrix` stand-in
+  named ``"<module>.<param>[<expert>]"``, whose hooks see the rows routed to that expert
+  (:mod:`sparse_kernels.pruning.experts`).
 """
 
 from __future__ import annotations
@@ -81,12 +85,21 @@ def hook_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:
     """``{name: module}`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv1d`` / ``nn.Conv2d``
-    (``groups=1``) layers inside ``block``."""
+    (``groups=1``) layers inside ``block``, and ``{"<module>.<param>[<e>]": ExpertMatrix}`` for
+    the experts of its mixture-of-experts modules (``layer_filter`` sees those too); an MoE block's
+    routing Linear layers are left out (:func:`~sparse_kernels.pruning.experts.router_layers`)."""
+    from .experts import expert_matrices, router_layers
+
     out = {}
+    routers = router_layers(block)  # MoE routing layers stay dense
     for name, mod in block.named_modules():
-        if isinstance(mod, nn.Linear) or _is_conv1d(mod) or _is_conv(mod):
+        if (isinstance(mod, nn.Linear) or _is_conv1d(mod) or _is_conv(mod)) and name not in routers:
             if layer_filter is None or layer_filter(name, mod):
                 out[name] = mod
+        for key, mat in expert_matrices(mod).items():
+            full = f"{name}.{key}" if name else key
+            if layer_filter is None or layer_filter(full, mat):
+                out[full] = mat
     return out
 
 
@@ -98,6 +111,8 @@ def _get_weight(layer) -> torch.Tensor:
         return layer.weight.data.t()
     if _is_conv(layer):
         return channels_last_2d(layer.weight.data)
+    if not isinstance(layer, nn.Module):  # an ExpertMatrix: its property is a view into the 3-D parameter
+        return layer.weight
     return layer.weight.data
 
 

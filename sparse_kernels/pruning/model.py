@@ -33,6 +33,7 @@ from .calibration import _capture_inputs, _run_block
 from .criteria import (ActivationNormAccumulator, check_alpha, magnitude_prune, magnitude_prune_global, ria_prune,
                        ria_scores, wanda_prune, wanda_scores)
 from .dsnot import ActivationMomentsAccumulator, dsnot_refine, parse_dsnot
+from .experts import ExpertMatrix, is_experts_module, route_all_experts, router_layers
 from .layers import _get_weight, _is_conv1d, _set_weight, conv_channels, prunable_layers
 from .owl import outlier_ratio, owl_sparsities, parse_owl
 from .patterns import Sparsity, parse_sparsity
@@ -166,17 +167,25 @@ class PruningMethod:
             t0 = time.perf_counter()
             w = _get_weight(layer)
             perm = gain = None
-            if options.get("_permute") is not None:
+            st = stats.get(name)
+            tokens = getattr(st, "nsamples", None)
+            if isinstance(layer, ExpertMatrix) and tokens == 0:
+                # an expert no calibration token reached: its statistics are all zero (SparseGPT would
+                # zero every column, Wanda rank nothing); prune it by |W| instead (prune's notes list it)
+                w_new, mask = magnitude_prune(w, spec, scope="layer")
+                loss = swaps = None
+            elif options.get("_permute") is not None:
                 w_new, mask, loss, perm, gain, swaps = self._prune_permuted(name, layer, w, stats.get(name), spec,
                                                                             options)
             else:
-                w_new, mask, loss, swaps = self._prune_one(name, layer, w, stats.get(name), spec, options)
+                w_new, mask, loss, swaps = self._prune_one(name, layer, w, st, spec, options)
             _set_weight(layer, w_new)
             reports.append(LayerReport(
                 block=block_index, name=name, shape=tuple(w.shape),
                 sparsity=1.0 - mask.float().mean().item(), loss=loss,
                 seconds=time.perf_counter() - t0, mask=mask if keep else None,
                 perm=perm, permutation_gain=gain, dsnot_swaps=swaps,
+                calibration_tokens=tokens if isinstance(layer, ExpertMatrix) else None,
             ))
         return reports
 
@@ -293,7 +302,7 @@ for _m in (SparseGPTMethod(), WandaMethod(), RIAMethod(), MagnitudeMethod(), Str
     register_method(_m.name, _m)
 
 
-def _owl_ratios(blocks, inputs, layer_filter, device, m: float) -> list[float]:
+def _owl_ratios(blocks, inputs, layer_filter, device, m: float, all_experts: bool = False) -> list[float]:
     """OWL's pre-pass: the calibration through the *dense* blocks, one at a time, each block's
     Wanda scores ``|W| * ||X_j||`` over all its prunable layers reduced to its outlier ratio
     (:func:`sparse_kernels.pruning.owl.outlier_ratio`).  ``inputs`` is left as it was."""
@@ -303,7 +312,7 @@ def _owl_ratios(blocks, inputs, layer_filter, device, m: float) -> list[float]:
         if device is not None:
             block.to(device)
         layers = prunable_layers(block, layer_filter)
-        stats, out = _collect_stats(WandaMethod(), block, layers, inputs)
+        stats, out = _collect_stats(WandaMethod(), block, layers, inputs, all_experts=all_experts)
 
         def scores(layers=layers, stats=stats):  # one layer's scores alive at a time
             for name, layer in layers.items():
@@ -318,11 +327,13 @@ def _owl_ratios(blocks, inputs, layer_filter, device, m: float) -> list[float]:
     return ratios
 
 
-def _collect_stats(meth: PruningMethod, block, layers: dict, inputs, moments: bool = False):
+def _collect_stats(meth: PruningMethod, block, layers: dict, inputs, moments: bool = False, all_experts: bool = False):
     """Run ``inputs`` through ``block`` with each layer's statistics hooked; returns
     ``(stats, dense_out)``.  ``moments``: collect :class:`ActivationMomentsAccumulator` for every
-    layer instead (DSnoT; it holds Wanda's statistic too).  A function of its own so that no loop
-    variable keeps a statistics object of this block alive into the next one."""
+    layer instead (DSnoT; it holds Wanda's statistic too).  ``all_experts``: the block's
+    mixture-of-experts modules send every token to every expert for this pass (their output
+    unchanged: :mod:`.experts`).  A function of its own so that no loop variable keeps a
+    statistics object of this block alive into the next one."""
     stats, handles = {}, []
     try:
         for name, layer in layers.items():
@@ -331,7 +342,9 @@ def _collect_stats(meth: PruningMethod, block, layers: dict, inputs, moments: bo
             if st is not None:
                 stats[name] = st
                 handles.append(st.attach(layer))
-        return stats, _run_block(block, inputs)
+        experts = [m for m in block.modules() if is_experts_module(m)] if all_experts else []
+        with route_all_experts(experts):
+            return stats, _run_block(block, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -351,6 +364,8 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, 
 
     pattern = "2:4" if spec.m == 4 and spec.n <= 2 else unstructured
     for name, layer in layers.items():
+        if isinstance(layer, ExpertMatrix):  # stays in its 3-D parameter, pruned in place
+            continue
         if _is_conv1d(layer):
             lin = nn.Linear(layer.weight.shape[0], layer.weight.shape[1], bias=layer.bias is not None,
                             device=layer.weight.device, dtype=layer.weight.dtype)
@@ -370,6 +385,47 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, 
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         setattr(parent, child, new)
+
+
+def _convert_experts(block: nn.Module, layers: dict) -> int:
+    """Replace each experts module of ``block`` whose every expert matrix is in ``layers`` (pruned
+    2:4) by a :class:`sparse_kernels.nn.SparseExperts`; returns how many."""
+    from ..nn import SparseExperts
+    from .experts import expert_matrices
+
+    pruned = {id(layer) for layer in layers.values()}
+    done = 0
+    for name, mod in list(block.named_modules()):
+        mats = expert_matrices(mod)
+        if mats and all(id(mat) in pruned for mat in mats.values()):
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name) if parent_name else block
+            setattr(parent, child, SparseExperts.from_experts(mod))
+            done += 1
+    return done
+
+
+def _experts_notes(report: PruneReport, n_experts: int, all_experts: bool, convert, converted: int) -> list[str]:
+    """What :func:`prune` says about the ``n_experts`` expert matrices it pruned."""
+    rows = [r for r in report.layers if r.calibration_tokens is not None]
+    notes = [f"{n_experts} expert matrices pruned in place (3-D parameters)"]
+    if rows:
+        toks = sorted(r.calibration_tokens for r in rows)
+        notes[0] += (f"; calibration tokens per expert matrix: min {toks[0]}, median {toks[len(toks) // 2]}, "
+                     f"max {toks[-1]}" + (" (every token sent to every expert)" if all_experts
+                                          else " (routed tokens only)"))
+        starved = [f"{r.block}.{r.name}" for r in rows if r.calibration_tokens == 0]
+        if starved:
+            notes.append(f"{len(starved)} expert matrices got no calibration token and were pruned by magnitude "
+                         f"(not quantized, with int4=): " + ", ".join(starved[:8])
+                         + (" ..." if len(starved) > 8 else "")
+                         + ("" if all_experts else " (calibrate_all_experts=True sends every token to every expert)"))
+    if converted:
+        notes.append(f"convert: {converted} experts modules became SparseExperts (2:4 values + meta per expert)")
+    elif convert:
+        notes.append("convert: the expert matrices stay dense-shaped in their 3-D parameters (SparseExperts holds "
+                     "2:4 experts only, int4 ones not yet); sparse_kernels.save_sparse stores them compressed")
+    return notes
 
 
 def _check_conv(where: str, layer, spec: Sparsity, permute: bool, int4, convert) -> None:
@@ -408,6 +464,7 @@ def prune(
     permute=False,
     dsnot=False,
     int4: int | None = None,
+    calibrate_all_experts: bool = True,
     **method_options,
 ) -> PruneReport:
     """Prune ``model`` in place, block by block; returns a :class:`PruneReport`.
@@ -480,6 +537,17 @@ def prune(
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
             fraction of each FFN's channels to remove and the model shrinks in place).
+
+        calibrate_all_experts: mixture-of-experts models (transformers' 3-D expert weights: each
+            expert's matrix is pruned as a layer, :mod:`sparse_kernels.pruning.experts`).  True
+            (default, as llm-compressor calibrates): every calibration token reaches every expert
+            while the statistics are collected (with weight 0 where the router did not pick it, so
+            the block's output is the routed one); False: each expert sees only its routed tokens,
+            and an expert that gets none is pruned by magnitude (listed in the report's notes).
+            Expert matrices are pruned in place; with ``convert=True`` and a 2:4 pattern (without
+            ``int4``) each experts module whose experts were all pruned becomes a
+            :class:`sparse_kernels.nn.SparseExperts` (2:4 values + meta per expert); other
+            patterns leave them in their 3-D parameters.  ``permute`` refuses them.
 
     Returns a :class:`PruneReport`: per layer the sparsity, SparseGPT's loss (its own
     objective; None for other methods), the relative output error
@@ -555,10 +623,20 @@ def prune(
                              f"convert=True, got {spec} and convert={convert!r}")
     options = dict(blocksize=blocksize, percdamp=percdamp, backend=backend, scope=scope, _keep_masks=bool(convert),
                    _permute=perm_opts, _dsnot=dsnot_opts, _int4=int4, _int4_parts={}, **method_options)
+    if not isinstance(calibrate_all_experts, bool):
+        raise TypeError(f"calibrate_all_experts: expected a bool, got {type(calibrate_all_experts).__name__}")
     has_conv = False  # a convolution among the layers to prune (for the BatchNorm note at the end)
+    n_experts = experts_converted = 0  # expert matrices among them; experts modules made SparseExperts
+    routers = [f"{bi}.{n}" for bi, b in enumerate(blocks) for n in sorted(router_layers(b))]
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
             where = f"blocks[{bi}].{name}" if name else f"blocks[{bi}]"
+            if isinstance(layer, ExpertMatrix):
+                n_experts += 1
+                if perm_opts is not None:
+                    raise ValueError(f"permute: {where} is an expert's matrix inside a 3-D parameter, which cannot hold "
+                                     f"an input permutation (there is no sparse experts layer); prune without "
+                                     f"permute, or leave the experts out with layer_filter")
             if conv_channels(layer) is not None:
                 has_conv = True
                 _check_conv(where, layer, spec, perm_opts is not None, int4, convert)
@@ -588,7 +666,7 @@ def prune(
             inputs = _capture_inputs(model, blocks[0], calibration, batch_size, device)
         block_specs = [spec] * len(blocks)
         if owl_opts is not None:
-            ratios = _owl_ratios(blocks, inputs, layer_filter, device, owl_opts["m"])
+            ratios = _owl_ratios(blocks, inputs, layer_filter, device, owl_opts["m"], calibrate_all_experts)
             targets = owl_sparsities(ratios, spec.ratio, owl_opts["lmbda"])
             block_specs = [parse_sparsity(t) for t in targets]
             report.owl = dict(owl_opts, outlier_ratio=ratios, block_sparsity=targets)
@@ -602,7 +680,8 @@ def prune(
             stats = {}
             dense_out = None
             if inputs is not None:
-                stats, dense_out = _collect_stats(meth, block, layers, inputs, moments=dsnot_opts is not None)
+                stats, dense_out = _collect_stats(meth, block, layers, inputs, moments=dsnot_opts is not None,
+                                                  all_experts=calibrate_all_experts)
             # this block's original weights, for the per-layer output error (freed below)
             meters = {name: _OutputError(_get_weight(layer).detach().clone())
                       for name, layer in layers.items()} if inputs is not None else {}
@@ -630,6 +709,8 @@ def prune(
                                options["_int4_parts"])
                 for r in layer_reports:
                     r.mask = None
+                if block_specs[bi].m == 4 and block_specs[bi].n <= 2 and convert is True and int4 is None:
+                    experts_converted += _convert_experts(block, layers)
                 if perm_opts is not None and perm_opts.get("fold", True):
                     report.folded_permutations += [f"{bi}.{n.split('.', 1)[1]}" for n in fold_permutations([block])]
             options["_int4_parts"].clear()
@@ -644,6 +725,11 @@ def prune(
         if hf_cache is not None:
             model.config.use_cache = hf_cache
     report.seconds = time.perf_counter() - t_start
+    if n_experts:
+        report.notes += _experts_notes(report, n_experts, calibrate_all_experts, convert, experts_converted)
+    if routers:
+        report.notes.append(f"{len(routers)} MoE routing layers left dense: " + ", ".join(routers[:4])
+                            + (" ..." if len(routers) > 4 else ""))
     if has_conv:
         from ..training.batchnorm import tracking_batchnorms
 

@@ -32,7 +32,9 @@ class LayerReport:
     relative rise of the N:M-kept importance that the input-channel permutation bought.
     ``perm`` (int64 ``[in_features]``, with ``permute=``): the permutation, ``W_pruned[:, perm]``
     is N:M.  ``dsnot_swaps`` (``prune(dsnot=...)`` only): how many grow/drop pairs DSnoT applied
-    to the layer's mask.  ``mask`` is kept only while :func:`prune` converts the layers.
+    to the layer's mask.  ``calibration_tokens`` (expert matrices of mixture-of-experts models
+    only): how many calibration rows that expert multiplied in the statistics pass (0: it was
+    pruned by magnitude).  ``mask`` is kept only while :func:`prune` converts the layers.
     """
 
     block: int
@@ -46,6 +48,7 @@ class LayerReport:
     permutation_gain: float | None = None
     perm: torch.Tensor | None = field(default=None, repr=False)
     dsnot_swaps: int | None = None
+    calibration_tokens: int | None = None
 
 
 @dataclass

@@ -7,7 +7,8 @@ pruning. Pruned weights stay exactly zero (:class:`~sparse_kernels.training.Mask
 * 2:4 SparseLinear layers train their ``values``; the metadata, hence the pattern, is fixed;
 * plain ``nn.Linear`` layers (and GPT-2 ``Conv1D``, stock convolutions) pruned in place (zeros, no
   mask), as ``prune(...)`` leaves them, get a mask ``weight != 0`` first when at least
-  ``mask_zeros`` (default 10%) of their weights are zero.
+  ``mask_zeros`` (default 10%) of their weights are zero; so do the 3-D expert parameters of
+  mixture-of-experts modules (``gate_up_proj_mask``, ``down_proj_mask``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..pruning.experts import EXPERT_PARAMS, is_experts_module
 from ..pruning.layers import _is_conv1d, _stock_conv
 from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters, remove_mask
 
@@ -28,8 +30,10 @@ from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters, rem
 def mask_zeros_(model: nn.Module, min_fraction: float = 0.1) -> list[str]:
     """Attach ``weight_mask = weight != 0`` to every unmasked ``nn.Linear``, GPT-2 ``Conv1D`` and
     stock ``nn.Conv1d/2d/3d`` whose fraction of exact zeros is at least ``min_fraction`` (what
-    :func:`sparse_kernels.prune` pruned in place), so that :class:`MaskedTraining` keeps the zeros.
-    Returns the names of the layers it masked.
+    :func:`sparse_kernels.prune` pruned in place), so that :class:`MaskedTraining` keeps the zeros;
+    likewise ``<param>_mask`` for the 3-D expert parameters of mixture-of-experts modules
+    (:mod:`sparse_kernels.pruning.experts`).  Returns the names of the layers it masked (an
+    expert parameter as ``"<module>.<param>"``).
 
     The default 10% skips dense layers whose few exact zeros come from quantization (a
     GGUF-dequantized SmolLM2's tied ``lm_head`` has over 1% zeros); pruned layers have far more."""
@@ -43,6 +47,15 @@ def mask_zeros_(model: nn.Module, min_fraction: float = 0.1) -> list[str]:
             if 1.0 - nz.float().mean().item() >= min_fraction:
                 attach_mask(m, nz)
                 names.append(name)
+        elif is_experts_module(m):
+            for pname in EXPERT_PARAMS:
+                p = getattr(m, pname, None)
+                if (isinstance(p, torch.Tensor) and p.dim() == 3 and get_mask(m, pname) is None
+                        and not parametrize.is_parametrized(m, pname)):
+                    nz = p.detach() != 0
+                    if 1.0 - nz.float().mean().item() >= min_fraction:
+                        attach_mask(m, nz, pname)
+                        names.append(f"{name}.{pname}" if name else pname)
     return names
 
 
@@ -157,8 +170,16 @@ def finetune(model: nn.Module, token_batches, steps: int, lr: float = 1e-5, *, b
             bar.close()
     n_masked = len({q for q, _, _ in masked_parameters(model)})
     if not keep_masks:
-        for name in added:
-            remove_mask(model.get_submodule(name))
+        for name in added:  # a layer's name, or "<experts module>.<param>" for an expert parameter
+            if not name:  # the model itself is the masked layer
+                remove_mask(model)
+                continue
+            parent, _, last = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            if isinstance(getattr(owner, last, None), nn.Module):
+                remove_mask(getattr(owner, last))
+            else:
+                remove_mask(owner, last)
     tail = max(1, steps // 10)
     return {
         "steps": steps,

@@ -487,7 +487,8 @@ def cmd_prune(args) -> int:
                   s.get("masked_layers_ratio") if kind == checkpoint.MASKED else s["sparse_layers_ratio"]]],
                 title=f"\npruned and saved to {args.output}"))
     if s.get("experts_dense_bytes"):
-        print(f"expert parameters: {len(cfg['experts'])} stored bitmask-compressed, "
+        print(f"expert parameters: {sum(k in cfg['bitmask'] for k in cfg['experts'])} of {len(cfg['experts'])} "
+              f"stored bitmask-compressed, "
               f"{_mib(s['experts_bytes']):.2f} MiB against {_mib(s['experts_dense_bytes']):.2f} MiB dense")
     for note in rep.notes:
         print(f"note: {note}")
@@ -567,6 +568,9 @@ def cmd_bench(args) -> int:
 
     m, tok, src = _load(args)
     names = demo.block_layer_names(m)
+    from .pruning.experts import is_experts_module
+
+    moe = [n for n, mod in m.named_modules() if is_experts_module(mod)]  # their bytes count as pruned layers
     rows = []
 
     if args.sparse:
@@ -579,16 +583,17 @@ def cmd_bench(args) -> int:
         demo.prune_model(sm, "magnitude", "2:4", None, progress=False)
         checkpoint.to_sparse(sm, {n: checkpoint.PATTERN_24 for n in names})
         from .nn import sparsify
-        from .pruning.experts import is_experts_module
 
         sparsify(sm, "2:4", include=lambda name, mod: is_experts_module(mod))  # MoE experts -> SparseExperts
         label = "sparse (magnitude 2:4, speed only)" + (f" int4 g{args.int4}" if args.int4 else "")
     _int4(args, sm)
+    if args.int4 and moe:
+        label += " (experts 16-bit)"
     both = {f"dense {src.name}": m, label: sm}
     gens = bench.compare_generation(both, tok, args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
     for lab, model in both.items():
         g = gens[lab]
-        rows.append([lab, _mib(bench.tensor_bytes(model)), _mib(bench.linear_bytes(model, names)),
+        rows.append([lab, _mib(bench.tensor_bytes(model)), _mib(bench.linear_bytes(model, names + moe)),
                      g.tokens_per_s, g.p20, g.p80, g.text.replace("\n", " ")[:48]])
     print(table(["model", "weights MiB", "pruned layers MiB", "tok/s", "p20", "p80", "continuation"], rows,
                 title=f"\ngreedy generation of {args.new_tokens} tokens, median of {args.repeats} (runs interleaved)"))

@@ -682,30 +682,41 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
 class SparseExperts(nn.Module):
     """The routed experts of a Hugging Face transformers MoE block with 2:4 weights.
 
-    Built from a transformers experts module (3-D ``gate_up_proj`` / ``up_proj`` / ``down_proj``
-    parameters, :mod:`sparse_kernels.pruning.experts`) whose every expert matrix is 2:4 along its
-    input (what ``prune(..., sparsity="2:4")`` leaves): for each such parameter ``P`` it stores
-    parameter ``P_values [E, out, in/2]`` and buffer ``P_meta [E, out, in/16]`` int16 (the 2:4
-    format of each expert's ``[out, in]`` matrix, whatever the module's ``is_transposed``), keeps
-    the biases (``P_bias``), the activation and gate (the module's own ``_apply_gate``: SwiGLU,
-    gpt-oss's clamped gate, ...) and its configuration attributes, and computes what the module's
-    eager loop computes: for each expert that tokens were routed to,
+    Built by :meth:`from_experts` from a transformers experts module (3-D ``gate_up_proj`` /
+    ``up_proj`` / ``down_proj`` parameters, :mod:`sparse_kernels.pruning.experts`) whose every
+    expert matrix is 2:4 along its input (what ``prune(..., sparsity="2:4")`` leaves): for each
+    such parameter ``P`` it stores parameter ``P_values [E, out, in_pad/2]`` and buffer
+    ``P_meta [E, out, in_pad/16]`` int16 (the 2:4 format of each expert's ``[out, in]`` matrix,
+    whatever the module's ``is_transposed``; ``in_pad`` = ``in`` rounded up to 16, the input is
+    zero-padded as in :class:`SparseLinear`), keeps the biases (``P_bias``), copies of the
+    activation, gate (the module's own ``_apply_gate``: SwiGLU, gpt-oss's clamped gate, ...),
+    post-expert norm and configuration attributes, and computes what transformers' experts
+    implementations compute: for each expert that tokens were routed to,
     ``down(gate(gate_up(x)))`` with :func:`sparse_kernels.sparse_linear` (fp32 accumulation),
-    scaled by the routing weight and summed per token. A 16-bit expert weight takes 9/16 of its
-    dense bytes. ``values`` is trainable (the pattern, in ``meta``, is fixed).
+    scaled by the routing weight and summed per token in fp32. A 16-bit expert weight takes 9/16
+    of its dense bytes. ``values`` is trainable (the pattern, in ``meta``, is fixed).
 
-    Args of :meth:`from_experts`: the experts module, ``backend`` for ``sparse_linear``,
-    ``prune`` (keep the 2 largest |w| of every group of 4 instead of requiring 2:4).
+    Build one with :meth:`from_experts` (also to load a state_dict into: from the transformers
+    module of the same shapes); ``dense_param(P)`` gives the parameter back in the source layout.
     """
+
+    #: names the module sets itself (a source attribute of that name is not copied)
+    _OWN = ("params", "backend", "source_class", "num_experts", "in_features", "training", "config")
 
     def __init__(self):  # use from_experts
         super().__init__()
         self.params: list = []
+        self.in_features: dict = {}
         self.backend = None
         self._gate_fn = None
 
     @classmethod
     def from_experts(cls, experts: nn.Module, backend=None, prune: bool = False) -> "SparseExperts":
+        """``experts``: a transformers experts module; ``backend`` for ``sparse_linear``; ``prune``:
+        keep the 2 largest |w| of every group of 4 instead of requiring 2:4 (ValueError naming the
+        parameter otherwise)."""
+        import copy
+
         from .pruning.experts import EXPERT_PARAMS, is_experts_module
 
         if not isinstance(experts, nn.Module) or not is_experts_module(experts):
@@ -716,11 +727,12 @@ class SparseExperts(nn.Module):
         mod = cls()
         mod.backend = backend
         mod.source_class = type(experts).__name__
-        for k, v in vars(experts).items():  # configuration: num_experts, has_gate, has_bias, alpha, limit, ...
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str)):
-                setattr(mod, k, v)
-        for name, child in experts.named_children():  # act_fn, post_expert_norm
-            mod.add_module(name, child)
+        for k, v in vars(experts).items():  # configuration: has_gate, has_bias, alpha, limit, act_fn functions, ...
+            if k.startswith("_") or k in cls._OWN or isinstance(v, (torch.Tensor, nn.Module)):
+                continue
+            setattr(mod, k, v if callable(v) else copy.deepcopy(v))
+        for name, child in experts.named_children():  # act_fn, post_expert_norm (copies: not shared)
+            mod.add_module(name, copy.deepcopy(child))
         mod._gate_fn = getattr(type(experts), "_apply_gate", None)
         for name in EXPERT_PARAMS:
             p = getattr(experts, name, None)
@@ -728,21 +740,34 @@ class SparseExperts(nn.Module):
                 continue
             w = p.detach().transpose(1, 2) if experts.is_transposed else p.detach()  # [E, out, in]
             e, out_f, in_f = w.shape
-            if in_f % 16:
-                raise ValueError(f"experts: {name}'s experts have {in_f} input features; the 2:4 kernels need a "
-                                 f"multiple of 16")
+            in_pad = (in_f + 15) // 16 * 16
+            w = F.pad(w, (0, in_pad - in_f)).reshape(e * out_f, in_pad).contiguous()
             try:
-                values, meta = compress_2to4(w.reshape(e * out_f, in_f).contiguous(), prune=prune)
+                values, meta = compress_2to4(w, prune=prune)
             except ValueError as err:
                 raise ValueError(f"experts: {name} is not 2:4 along its input features ({err}; rows count "
                                  f"expert by expert, {out_f} per expert); prune it to 2:4 first or pass "
                                  f"prune=True") from None
-            mod.register_parameter(name + "_values", nn.Parameter(values.reshape(e, out_f, in_f // 2)))
-            mod.register_buffer(name + "_meta", meta.reshape(e, out_f, in_f // 16))
+            mod.register_parameter(name + "_values", nn.Parameter(values.reshape(e, out_f, in_pad // 2)))
+            mod.register_buffer(name + "_meta", meta.reshape(e, out_f, in_pad // 16))
             b = getattr(experts, name + "_bias", None)
             mod.register_parameter(name + "_bias", None if b is None else nn.Parameter(b.detach().clone()))
             mod.params.append(name)
+            mod.in_features[name] = in_f
+        if "down_proj" not in mod.params or not ({"gate_up_proj", "up_proj"} & set(mod.params)):
+            raise ValueError(f"experts: {type(experts).__name__} has {mod.params}; SparseExperts needs down_proj and "
+                             f"gate_up_proj or up_proj")
         mod.num_experts = int(getattr(mod, mod.params[0] + "_values").shape[0])
+        mod.train(experts.training)
+        try:  # one token through expert 0: what forward needs (act_fn, gate attributes) is all there
+            first = "gate_up_proj" if "gate_up_proj" in mod.params else "up_proj"
+            x = torch.zeros(1, mod.in_features[first], dtype=values.dtype, device=values.device)
+            with torch.no_grad():
+                mod(x, torch.zeros(1, 1, dtype=torch.long, device=x.device), torch.ones(1, 1, dtype=x.dtype,
+                                                                                         device=x.device))
+        except Exception as err:  # noqa: BLE001 - any failure means the copy cannot run
+            raise TypeError(f"experts: {type(experts).__name__}'s forward cannot be reproduced from what SparseExperts "
+                            f"copies ({type(err).__name__}: {err})") from None
         return mod
 
     def nbytes(self) -> int:
@@ -756,32 +781,37 @@ class SparseExperts(nn.Module):
         v, m = getattr(self, name + "_values").detach(), getattr(self, name + "_meta")
         e, out_f, half = v.shape
         w = decompress_2to4(v.reshape(e * out_f, half), m.reshape(e * out_f, -1)).reshape(e, out_f, half * 2)
-        return w.transpose(1, 2).contiguous() if getattr(self, "is_transposed", False) else w
+        w = w[:, :, :self.in_features[name]]
+        return w.transpose(1, 2).contiguous() if getattr(self, "is_transposed", False) else w.contiguous()
 
     def _linear(self, name, x, e):
         b = getattr(self, name + "_bias")
-        return L.sparse_linear(x, getattr(self, name + "_values")[e], getattr(self, name + "_meta")[e],
-                               None if b is None else b[e], backend=self.backend)
+        values = getattr(self, name + "_values")
+        pad = values.shape[-1] * 2 - x.shape[-1]
+        if pad:
+            x = F.pad(x, (0, pad))
+        return L.sparse_linear(x, values[e], getattr(self, name + "_meta")[e], None if b is None else b[e],
+                               backend=self.backend)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        out = torch.zeros_like(hidden_states)
+        out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
         first = "gate_up_proj" if "gate_up_proj" in self.params else "up_proj"
-        hit = torch.unique(top_k_index).tolist()  # one host sync, as the eager loop's nonzero()
-        for e in hit:
+        for e in torch.unique(top_k_index).tolist():  # one host sync, as the eager loop's nonzero()
             if e < 0 or e >= self.num_experts:  # expert-parallel sentinels
                 continue
             token_idx, pos = torch.where(top_k_index == e)
             h = self._linear(first, hidden_states[token_idx], e)
-            h = self._gate_fn(self, h) if getattr(self, "has_gate", True) and self._gate_fn is not None \
-                else self.act_fn(h)
+            if getattr(self, "has_gate", True) and first == "gate_up_proj" and self._gate_fn is not None:
+                h = self._gate_fn(self, h)
+            else:
+                h = self.act_fn(h)
             y = self._linear("down_proj", h, e)
             if getattr(self, "has_post_expert_norm", False):
                 y = self.post_expert_norm(y)
-            y = y * top_k_weights[token_idx, pos, None]
-            out.index_add_(0, token_idx, y.to(out.dtype))
-        return out
+            out.index_add_(0, token_idx, y.float() * top_k_weights[token_idx, pos, None].float())
+        return out.to(hidden_states.dtype)
 
     def extra_repr(self) -> str:
         shapes = ", ".join(f"{n}=[{self.num_experts}, {getattr(self, n + '_values').shape[1]}, "
-                           f"{getattr(self, n + '_values').shape[2] * 2}]" for n in self.params)
+                           f"{self.in_features[n]}]" for n in self.params)
         return f"{self.source_class}, 2:4, {shapes}, backend={self.backend or 'auto'}"

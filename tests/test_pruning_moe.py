@@ -476,7 +476,7 @@ def test_cli_prunes_an_moe_model_directory(tmp_path, capsys):
                      "--seqlen", "32", "--calibration-source", str(text), "--finetune-steps", "2",
                      "--finetune-seqlen", "32", "--eval-tokens", "0", "-o", str(out), "--no-progress"]) == 0
     o = capsys.readouterr().out
-    assert "pruned and saved to" in o and "expert parameters: 4 stored bitmask-compressed" in o
+    assert "pruned and saved to" in o and "expert parameters: 4 of 4 stored bitmask-compressed" in o
     assert "note: 16 expert matrices pruned in place" in o
     cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
     assert cfg["format_version"] == 5 and len(cfg["experts"]) == 4 and len(cfg["layers"]) == 8
@@ -541,6 +541,17 @@ def test_sparsify_swaps_experts_modules():
         keep = sk.mask_2to4(w.reshape(-1, w.shape[-1])).reshape(w.shape)
         assert_bitexact(se.dense_param(n), torch.where(keep, w, 0.0))
     assert rep.bytes_after < 0.6 * rep.bytes_before
+    masked = tiny("qwen3_moe")  # the same model with its experts masked in place computes the same
+    with torch.no_grad():
+        for n in ("gate_up_proj", "down_proj"):
+            p = getattr(experts_of(masked.model.layers[0]), n)
+            p.copy_(torch.where(sk.mask_2to4(p.reshape(-1, p.shape[-1])).reshape(p.shape), p, 0.0))
+        for name, lin in [(n, mod) for n, mod in masked.named_modules() if isinstance(mod, torch.nn.Linear)
+                          and not n.startswith("model.layers.1.")]:
+            # (a new parameter: lm_head may share its weight with the embedding, which sparsify leaves dense)
+            lin.weight = torch.nn.Parameter(torch.where(sk.mask_2to4(lin.weight), lin.weight, 0.0))
+        ids = calib()
+        assert_close(m(ids).logits, masked(ids).logits, atol=1e-4, rtol=1e-4)
     rep = sk.sparsify(tiny("qwen3_moe"), None)
     assert any("an experts module" in why for _, why in rep.skipped)
 
@@ -648,3 +659,125 @@ def test_finetune_still_unmasks_a_model_that_is_itself_a_linear():
 
     finetune(lin, [torch.randn(2, 16), torch.randn(2, 16)], steps=2, loss_fn=loss)
     assert not hasattr(lin, "weight_mask")
+
+
+# ------------------------------------------------------------------ SparseExperts across families
+EXPERTS_CLASSES = [  # model type, experts class: gated, gate-less, post-norm, custom gates, function act_fn
+    ("mixtral", "MixtralExperts"), ("qwen2_moe", "Qwen2MoeExperts"), ("deepseek_v3", "DeepseekV3Experts"),
+    ("gpt_oss", "GptOssExperts"), ("lfm2_moe", "Lfm2MoeExperts"), ("nemotron_h", "NemotronHExperts"),
+    ("muse_spark", "MuseSparkExperts"), ("openai_privacy_filter", "OpenAIPrivacyFilterExperts"),
+]
+
+
+def experts_module(model_type, cls_name, hidden=48, inter=40, experts=4):
+    """A standalone transformers experts module with random weights (sizes that are not multiples of 16)."""
+    import importlib
+
+    try:
+        cls = getattr(importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}"), cls_name)
+    except (ImportError, AttributeError):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls_name}")
+    cfg = transformers.AutoConfig.for_model(model_type)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for k, v in dict(hidden_size=hidden, intermediate_size=inter, moe_intermediate_size=inter, num_local_experts=experts,
+                     num_experts=experts, n_routed_experts=experts, moe_latent_size=None).items():
+        if hasattr(cfg, k):
+            setattr(cfg, k, v)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    mod = cls(cfg)
+    for p in mod.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return mod, cfg
+
+
+@pytest.mark.parametrize("model_type,cls_name", EXPERTS_CLASSES, ids=[c[0] for c in EXPERTS_CLASSES])
+def test_sparse_experts_equal_transformers_implementations_in_every_family(model_type, cls_name):
+    from sparse_kernels.nn import SparseExperts
+
+    ex, cfg = experts_module(model_type, cls_name)
+    se = SparseExperts.from_experts(ex, prune=True)
+    with torch.no_grad():  # the same 2:4 weights in the transformers module
+        for name in se.params:
+            getattr(ex, name).copy_(se.dense_param(name))
+    hidden = se.in_features["gate_up_proj" if "gate_up_proj" in se.params else "up_proj"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, hidden, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
+    weights = torch.softmax(torch.randn(11, 2, generator=g), -1)
+    with torch.no_grad():
+        got = se(x, index, weights)
+        for impl in ("eager", "batched_mm"):
+            cfg._experts_implementation = impl
+            assert_close(got, ex(x, index, weights), f"{model_type} vs {impl}", atol=2e-5, rtol=1e-5)
+    # a state_dict round trip into another SparseExperts of the same module, and a copy that shares nothing
+    other = SparseExperts.from_experts(ex)
+    other.load_state_dict({k: v * 1 for k, v in se.state_dict().items()})
+    dup = copy.deepcopy(se).half()
+    assert next(ex.parameters()).dtype == torch.float32 and se.down_proj_values.dtype == torch.float32
+    with torch.no_grad():
+        assert_bitexact(other(x, index, weights), got)
+        assert torch.isfinite(dup(x.half(), index, weights.half())).all()
+
+
+def test_experts_whose_sizes_are_not_multiples_of_16_convert_padded():
+    from sparse_kernels.nn import SparseExperts
+
+    cfg = transformers.AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=96,
+                                            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40)
+    m = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = calib()
+    ref = copy.deepcopy(m)
+    rep = prune(m, method="wanda", sparsity="2:4", calibration=ids, progress=False, convert=True)
+    prune(ref, method="wanda", sparsity="2:4", calibration=ids, progress=False)
+    se = m.model.layers[1].mlp.experts
+    assert isinstance(se, SparseExperts) and se.down_proj_values.shape == (4, 64, 24)  # 40 -> 48 columns
+    assert se.in_features["down_proj"] == 40 and se.dense_param("down_proj").shape == (4, 64, 40)
+    assert any("2 experts modules became SparseExperts" in n for n in rep.notes)
+    with torch.no_grad():
+        assert_close(m(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_compressed_tensors_save_writes_sparse_experts_as_their_dense_parameters(tmp_path):
+    from sparse_kernels.llm import compressed_tensors as ct
+
+    m = tiny("mixtral")
+    ids = calib()
+    prune(m, method="wanda", sparsity="2:4", calibration=ids, progress=False, convert=True)
+    with torch.no_grad():
+        want = m(ids).logits
+    ct.save(m, str(tmp_path / "ct"))
+    m2, _ = ct.load(str(tmp_path / "ct"))
+    for blk, blk2 in zip(m.model.layers, m2.model.layers):
+        for name in ("gate_up_proj", "down_proj"):
+            assert_bitexact(getattr(blk2.mlp.experts, name).detach(), blk.mlp.experts.dense_param(name))
+    with torch.no_grad():
+        assert_close(m2(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_refuses_bad_experts_entries(tmp_path):
+    import json
+
+    from sparse_kernels.llm import checkpoint
+
+    m = tiny("mixtral", layers=1)
+    prune(m, method="magnitude", sparsity="2:4", progress=False)
+    path = tmp_path / "ck"
+    checkpoint.save(m, str(path))
+    cfg_path = path / checkpoint.CONFIG_NAME
+    good = json.loads(cfg_path.read_text())
+    key = "model.layers.0.mlp.experts.down_proj"
+    cases = [({key: {"sparsity": 0.5, "pattern": "1:4"}}, r"unknown pattern \{'model.layers.0.mlp.experts.down_proj'"),
+             ({key: 3}, "not a mapping of objects"),
+             ({"model.layers.0.mlp.gate.weight": {"pattern": "2:4"}}, "2:4 experts 'model.layers.0.mlp.gate' cannot"),
+             ({"model.layers.0.mlp.nowhere.down_proj": {"pattern": "2:4"}}, "is not a module of")]
+    for experts, msg in cases:
+        bad = dict(good, experts={**good["experts"], **experts})
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises(checkpoint.CheckpointError, match=msg):
+            checkpoint.load(str(path))
+    cfg_path.write_text(json.dumps(good))
+    m2, _ = checkpoint.load(str(path), dtype=torch.bfloat16)  # a dtype cast keeps the experts sparse
+    assert type(m2.model.layers[0].mlp.experts).__name__ == "SparseExperts"
+    assert m2.model.layers[0].mlp.experts.gate_up_proj_values.dtype == torch.bfloat16

@@ -429,7 +429,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
 
 def _is_24_experts(mod: nn.Module) -> bool:
     """Every expert matrix ``[out, in]`` of the transformers experts module ``mod`` is 2:4 along
-    ``in`` (at most 2 nonzeros in each group of 4; ``in`` a multiple of 16, as the kernels need)."""
+    ``in`` (at most 2 nonzeros in each group of 4; ``in`` a multiple of 4)."""
     from ..pruning.experts import EXPERT_PARAMS
 
     found = False
@@ -438,7 +438,7 @@ def _is_24_experts(mod: nn.Module) -> bool:
         if not isinstance(p, torch.Tensor) or p.dim() != 3:
             continue
         w = p.detach().transpose(1, 2) if mod.is_transposed else p.detach()
-        if w.shape[-1] % 16 or ((w.reshape(-1, 4) != 0).sum(-1) > 2).any():
+        if w.shape[-1] % 4 or ((w.reshape(-1, 4) != 0).sum(-1) > 2).any():
             return False
         found = True
     return found
@@ -479,7 +479,7 @@ def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[d
             w = tensors.get(key)
             if not isinstance(w, torch.Tensor) or w.dim() != 3 or not w.is_floating_point():
                 continue
-            sparsity = float((w == 0).float().mean())
+            sparsity = 1.0 - int(torch.count_nonzero(w)) / max(w.numel(), 1)
             if sparsity < 0.1 and not sparse:
                 continue
             experts[key] = {"sparsity": sparsity, **({"pattern": PATTERN_24} if sparse else {})}
@@ -807,7 +807,7 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         raise CheckpointError(f"{path}: the stored tensors do not fit the model: {e}") from e
     for name, pat in unstructured.items():
         _replace(m, name, sl.from_dense(m.get_submodule(name), pattern=pat))
-    _rebuild_sparse_experts(m, cfg.get("experts", {}), path)
+    _rebuild_sparse_experts(m, cfg.get("experts", {}), path, cfg["format_version"])
     m = m.to(device)
     if dtype is not None:  # int4 layers keep their scales as stored (the kernels take any float dtype)
         scales = {n: mod.scales for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)}
@@ -820,13 +820,19 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     return m.eval(), cfg
 
 
-def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str) -> None:
+def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str, version: int) -> None:
     """Turn each experts module whose parameters are recorded with ``"pattern": "2:4"`` back into
     a SparseExperts (CheckpointError when they are not 2:4, or the entry names no such module)."""
     from ..nn import SparseExperts
 
-    if not isinstance(experts, dict):
-        raise CheckpointError(f"{path}: the manifest's 'experts' entry is not a mapping")
+    if not isinstance(experts, dict) or not all(isinstance(v, dict) for v in experts.values()):
+        raise CheckpointError(f"{path}: the manifest's 'experts' entry is not a mapping of objects")
+    if experts and version < _VERSION_EXPERTS:
+        raise CheckpointError(f"{path}: an 'experts' entry needs format_version {_VERSION_EXPERTS}; the checkpoint "
+                              f"says {version}")
+    bad = {k: v["pattern"] for k, v in experts.items() if v.get("pattern", PATTERN_24) != PATTERN_24}
+    if bad:
+        raise CheckpointError(f"{path}: expert parameters with an unknown pattern {bad} (only '2:4' is written)")
     modules = sorted({k.rpartition(".")[0] for k, v in experts.items()
                       if isinstance(v, dict) and v.get("pattern") == PATTERN_24})
     for name in modules:

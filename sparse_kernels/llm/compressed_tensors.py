@@ -1398,6 +1398,7 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     for k, v in model.state_dict().items():
         if not k.startswith(skip):
             sd[k] = v
+    ckpt._densify_sparse_experts(model, sd)  # SparseExperts: the dense 3-D parameters the config rebuilds
     sd, _aliases = ckpt._unique_tensors({k: v.detach().cpu().contiguous() for k, v in sd.items()})
     n_sparse = sum(mod.out_features * mod.in_features for mod in layers.values())
     zeros = sum(int((mod.dense_weight() == 0).sum()) for mod in layers.values())

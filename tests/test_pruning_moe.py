@@ -781,3 +781,22 @@ def test_checkpoint_refuses_bad_experts_entries(tmp_path):
     m2, _ = checkpoint.load(str(path), dtype=torch.bfloat16)  # a dtype cast keeps the experts sparse
     assert type(m2.model.layers[0].mlp.experts).__name__ == "SparseExperts"
     assert m2.model.layers[0].mlp.experts.gate_up_proj_values.dtype == torch.bfloat16
+
+
+def test_sparsegpt_on_concatenated_gate_and_up_equals_pruning_them_apart():
+    """An expert's gate_up_proj is one [2I, H] matrix. With an N:M pattern SparseGPT is
+    row-independent given H, so pruning [gate; up] gives the weights of pruning gate and up
+    separately, bit for bit; unstructured, it ranks each column block over all rows, so there the
+    concatenation changes the mask (as magnitude's layer scope does)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) @ (torch.randn(64, 64, generator=g) / 8 + torch.eye(64))
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    gate, up = torch.randn(48, 64, generator=g), torch.randn(48, 64, generator=g)
+    for sparsity in ("2:4", "4:8", 0.5):
+        cat = sparsegpt_prune(torch.cat([gate, up]), acc.H, sparsity, blocksize=32)[0]
+        apart = torch.cat([sparsegpt_prune(w, acc.H, sparsity, blocksize=32)[0] for w in (gate, up)])
+        if sparsity == 0.5:
+            assert not torch.equal(cat, apart)
+        else:
+            assert_bitexact(cat, apart, sparsity)

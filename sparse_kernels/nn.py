@@ -447,13 +447,7 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
                 report.skipped.append((name, "an experts module: SparseExperts holds 2:4 experts without a "
                                              "permutation"))
                 continue
-            new = SparseExperts.from_experts(mod, backend=backend, prune=True)
-            new.train(mod.training)
-            report.bytes_before += sum(t.numel() * t.element_size() for t in mod.parameters(recurse=False))
-            report.bytes_after += new.nbytes()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-            report.layers.append(name)
+            _swap(model, name, mod, SparseExperts.from_experts(mod, backend=backend, prune=True), report)
             continue
         if not isinstance(mod, nn.Linear):
             continue
@@ -475,13 +469,18 @@ def sparsify(model: nn.Module, pattern="2:4", include=None, exclude=None, backen
             new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend, in_perm=perm)
         else:
             new = SparseLinear.from_dense(mod, pattern=pattern, backend=backend)
-        new.train(mod.training)
-        report.bytes_before += sum(t.numel() * t.element_size() for t in mod.parameters(recurse=False))
-        report.bytes_after += new.nbytes()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        report.layers.append(name)
+        _swap(model, name, mod, new, report)
     return report
+
+
+def _swap(model: nn.Module, name: str, old: nn.Module, new: nn.Module, report: SparsifyReport) -> None:
+    """Put ``new`` in place of the submodule ``name`` (``old``), in its training mode, and count it."""
+    new.train(old.training)
+    report.bytes_before += sum(t.numel() * t.element_size() for t in old.parameters(recurse=False))
+    report.bytes_after += new.nbytes()
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    report.layers.append(name)
 
 
 # ---------------------------------------------------------------- 2:4 int4

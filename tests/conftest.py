@@ -142,3 +142,20 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(isinstance(v, str) and v == "triton" for v in params.values()):
             item.add_marker(pytest.mark.triton)
+
+
+def save_word_model_dir(d, model, extra_words: str = "", n_words: int = 2000):
+    """A local Hugging Face model directory for the CLI tests: ``model`` saved in ``d`` with a
+    word-level tokenizer, plus ``text.txt`` (``n_words`` words of that vocabulary) next to it.
+    Returns the text file's path.  Needs ``tokenizers`` and ``transformers``."""
+    import tokenizers
+    import transformers
+
+    words = ["[UNK]", "</s>"] + ("and the of to in that he shall unto for i his a lord they be " + extra_words).split()
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
+    model.save_pretrained(d)
+    text = d.parent / f"{d.name}_text.txt"
+    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(n_words)))
+    return text

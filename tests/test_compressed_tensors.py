@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import sparse_kernels as sk
-from conftest import assert_bitexact, assert_matmul_close
+from conftest import assert_bitexact, assert_matmul_close, save_word_model_dir
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -428,15 +428,9 @@ def test_save_rejects_what_the_format_cannot_hold(tmp_path):
 
 
 def test_cli_prune_to_compressed_tensors_then_eval(tmp_path, capsys):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     d = tmp_path / "tiny"
-    words = ["[UNK]", "</s>"] + "and the of to in that he shall unto for i his a lord they be".split()
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
-    _tiny_llama().save_pretrained(d)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(2000)))
+    text = save_word_model_dir(d, _tiny_llama())
     out = tmp_path / "ct"
     assert cli.main(["prune", "--model", str(d), "--method", "wanda", "--pattern", "2:4", "--format",
                      "compressed-tensors", "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text),

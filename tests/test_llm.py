@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import assert_bitexact, requires_cuda
+from conftest import assert_bitexact, requires_cuda, save_word_model_dir
 from sparse_kernels.llm import evaluate
 from sparse_kernels.llm.evaluate import window_spans
 
@@ -552,17 +552,9 @@ def test_smollm2_sparsegpt_beats_magnitude_at_2to4():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama + a word-level tokenizer saved as a local Hugging Face model directory."""
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     d = tmp_path_factory.mktemp("tiny")
-    words = ["[UNK]", "</s>"] + "and the of to in that he shall unto for i his a lord they be is him not them it".split()
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>")
-    fast.save_pretrained(d)
-    _tiny_llama().save_pretrained(d)
-    text = d / "text.txt"
-    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(3000)))
-    return d, text
+    return d, save_word_model_dir(d, _tiny_llama(), "is him not them it", n_words=3000)
 
 
 def test_cli_prune_eval_bench_on_a_local_model(tiny_model_dir, tmp_path, capsys):

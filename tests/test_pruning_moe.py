@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import assert_bitexact, assert_close, devices
+from conftest import assert_bitexact, assert_close, devices, save_word_model_dir
 from sparse_kernels.pruning import ActivationNormAccumulator, HessianAccumulator, prune, sparsegpt_prune, wanda_prune
 from sparse_kernels.pruning.sparsegpt import sparsegpt_prune_int4
 from sparse_kernels.pruning.criteria import magnitude_prune
@@ -459,18 +459,12 @@ def test_cli_prunes_an_moe_model_directory(tmp_path, capsys):
     their zeros kept, stored compressed, and the checkpoint evaluates."""
     import json
 
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from sparse_kernels import cli
     from sparse_kernels.llm import checkpoint
 
     d = tmp_path / "moe"
-    words = ["[UNK]", "</s>"] + "and the of to in that he shall unto for i his a lord they be".split()
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", eos_token="</s>").save_pretrained(d)
-    tiny("mixtral").save_pretrained(d)
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(words[2 + (i * 7) % (len(words) - 2)] for i in range(2000)))
+    text = save_word_model_dir(d, tiny("mixtral"))
     out = tmp_path / "pruned"
     assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "4",
                      "--seqlen", "32", "--calibration-source", str(text), "--finetune-steps", "2",

@@ -48,6 +48,13 @@ def calib(n=3, seqlen=12, seed=1):
     return torch.randint(0, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+KEYS = ("gate_up_proj[{e}].gate", "gate_up_proj[{e}].up", "down_proj[{e}]")  # every gated family here
+
+
+def keys(e):
+    return [k.format(e=e) for k in KEYS]
+
+
 def experts_of(block):
     return next(m for m in block.modules() if is_experts_module(m))
 
@@ -87,16 +94,22 @@ def test_expert_matrices_are_views_of_the_parameters(family):
     m = tiny(family)
     ex = experts_of(m.model.layers[0])
     mats = expert_matrices(ex)
-    assert len(mats) == 8 and set(mats) == {f"{p}[{e}]" for p in ("gate_up_proj", "down_proj") for e in range(4)}
+    assert len(mats) == 12 and set(mats) == {k for e in range(4) for k in keys(e)}
     assert expert_matrices(ex)["down_proj[2]"] is mats["down_proj[2]"]  # one object per matrix
     for key, mat in mats.items():
         p = getattr(ex, mat.param)
-        expect = p[mat.index].T if ex.is_transposed else p[mat.index]
-        assert_bitexact(_get_weight(mat), expect.detach(), key)
-    # writing through the view changes the model
-    w = _get_weight(mats["gate_up_proj[1]"])
-    w.copy_(torch.full_like(w, 0.25))
-    assert (ex.gate_up_proj[1] == 0.25).all() and not (ex.gate_up_proj[0] == 0.25).all()
+        full = p[mat.index].T if ex.is_transposed else p[mat.index]  # [out, in]
+        rows = {None: slice(None), "gate": slice(0, None, 2), "up": slice(1, None, 2)} if family == "gpt_oss" else \
+            {None: slice(None), "gate": slice(0, full.shape[0] // 2), "up": slice(full.shape[0] // 2, None)}
+        assert_bitexact(_get_weight(mat), full[rows[mat.part]].detach(), key)
+    # the gate and up parts together are the whole matrix; writing through a view changes the model
+    gate, up = _get_weight(mats["gate_up_proj[1].gate"]), _get_weight(mats["gate_up_proj[1].up"])
+    assert gate.shape == up.shape and gate.shape[0] * 2 == ex.gate_up_proj.shape[2 if ex.is_transposed else 1]
+    gate.copy_(torch.full_like(gate, 0.25))
+    up.copy_(torch.full_like(up, 0.5))
+    whole = ex.gate_up_proj[1].T if ex.is_transposed else ex.gate_up_proj[1]
+    assert (whole == 0.25).sum() == (whole == 0.5).sum() == whole.numel() // 2
+    assert not (ex.gate_up_proj[0] == 0.25).any()
     names = prunable_layers(m.model.layers[0])
     assert "mlp.experts.down_proj[3]" in names and "self_attn.q_proj" in names
 
@@ -126,11 +139,12 @@ def test_hooks_see_exactly_the_routed_rows(family):
     for e in range(4):
         want = [routed_rows(h, idx, e) for h, idx, _ in calls]
         want = [w for w in want if w.shape[0]]
-        got = seen.get(f"gate_up_proj[{e}]", [])
-        assert len(got) == len(want)
-        for (x, out), w in zip(got, want):
-            assert_bitexact(x, w, f"gate_up_proj[{e}] input")
-            assert_close(out, x @ _get_weight(mats[f"gate_up_proj[{e}]"]).T, atol=1e-5, rtol=1e-5)
+        for part in ("gate", "up"):
+            got = seen.get(f"gate_up_proj[{e}].{part}", [])
+            assert len(got) == len(want)
+            for (x, out), w in zip(got, want):
+                assert_bitexact(x, w, f"gate_up_proj[{e}].{part} input")
+                assert_close(out, x @ _get_weight(mats[f"gate_up_proj[{e}].{part}"]).T, atol=1e-5, rtol=1e-5)
         got = seen.get(f"down_proj[{e}]", [])
         for (x, _), w in zip(got, want):
             assert_close(x, gated(ex, w, e), atol=1e-6, rtol=1e-5)
@@ -167,14 +181,13 @@ def test_prune_first_block_experts_equal_the_layer_ops_on_the_routed_rows(family
     dense = {k: _get_weight(mat).clone() for k, mat in expert_matrices(ex).items()}
     expect = {}
     for e in range(4):
-        for param in ("gate_up_proj", "down_proj"):
-            key = f"{param}[{e}]"
+        for key in keys(e):
             cols = dense[key].shape[1]
             acc = ActivationNormAccumulator(cols) if method == "wanda" else HessianAccumulator(cols)
             for h, idx, _ in calls:
                 x = routed_rows(h, idx, e)
                 if x.shape[0]:
-                    acc.add(x if param == "gate_up_proj" else gated(ex, x, e))
+                    acc.add(gated(ex, x, e) if key.startswith("down") else x)
             if method == "sparsegpt":
                 expect[key] = sparsegpt_prune(dense[key], acc.H, "2:4")[0]
             elif method == "sparsegpt-int4":
@@ -195,8 +208,8 @@ def test_prune_first_block_experts_equal_the_layer_ops_on_the_routed_rows(family
         g = got.reshape(got.shape[0], -1, 4)
         assert ((g != 0).sum(-1) <= 2).all(), key
     rows = [r for r in rep.layers if "[" in r.name]
-    assert len(rows) == 16 and all(r.calibration_tokens > 0 for r in rows)
-    assert any("16 expert matrices pruned in place" in n for n in rep.notes)
+    assert len(rows) == 24 and all(r.calibration_tokens > 0 for r in rows)
+    assert any("24 expert matrices pruned in place" in n for n in rep.notes)
     assert all(r.output_error is not None for r in rows)
 
 
@@ -204,12 +217,12 @@ def test_calibrate_all_experts_uses_every_token():
     m = tiny("mixtral", layers=1)
     ids = calib()
     ex, calls = expert_inputs(m, ids)
-    dense = _get_weight(expert_matrices(ex)["gate_up_proj[3]"]).clone()
+    dense = _get_weight(expert_matrices(ex)["gate_up_proj[3].up"]).clone()
     acc = ActivationNormAccumulator(dense.shape[1])
     for h, _, _ in calls:
         acc.add(h)
     rep = prune(m, method="wanda", sparsity=0.5, calibration=ids, progress=False)  # the default: all experts
-    assert_bitexact(_get_weight(expert_matrices(ex)["gate_up_proj[3]"]), wanda_prune(dense, acc.norm_sq, 0.5)[0])
+    assert_bitexact(_get_weight(expert_matrices(ex)["gate_up_proj[3].up"]), wanda_prune(dense, acc.norm_sq, 0.5)[0])
     assert {r.calibration_tokens for r in rep.layers if "[" in r.name} == {ids.numel()}
     assert any("every token sent to every expert" in n for n in rep.notes)
 
@@ -228,15 +241,14 @@ def test_an_expert_no_token_reaches_is_pruned_by_magnitude():
     rep = prune(m, method="sparsegpt", sparsity=0.5, calibration=calib(), progress=False, calibrate_all_experts=False)
     rows = {r.name: r for r in rep.layers}
     for e in (2, 3):
-        for param in ("gate_up_proj", "down_proj"):
-            key = f"{param}[{e}]"
+        for key in keys(e):
             assert rows[f"mlp.experts.{key}"].calibration_tokens == 0
             assert rows[f"mlp.experts.{key}"].loss is None
             want = magnitude_prune(dense[key], 0.5, scope="layer")[0]
             assert_bitexact(_get_weight(expert_matrices(ex)[key]), want, key)
-    assert rows["mlp.experts.gate_up_proj[0]"].calibration_tokens == 36
+    assert rows["mlp.experts.gate_up_proj[0].gate"].calibration_tokens == 36
     note = next(n for n in rep.notes if "no calibration token" in n)
-    assert note.startswith("4 expert matrices") and "0.mlp.experts.down_proj[3]" in note
+    assert note.startswith("6 expert matrices") and "0.mlp.experts.down_proj[3]" in note
 
 
 @pytest.mark.parametrize("device", devices())
@@ -259,7 +271,7 @@ def test_prune_whole_moe_models(device, method, sparsity):
             if mod.has_bias:  # biases are left alone
                 assert_bitexact(mod.gate_up_proj_bias.detach(),
                                 before[next(n for n, p in m.named_parameters() if p is mod.gate_up_proj_bias)])
-        assert len([r for r in rep.layers if "[" in r.name]) == 16, family
+        assert len([r for r in rep.layers if "[" in r.name]) == 24, family
         assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in experts)
         assert all(e is not None and e < 1 for e in rep.block_output_error)
 
@@ -276,7 +288,7 @@ def test_moe_options_owl_dsnot_global_and_filters():
     rep = prune(m, method="wanda", sparsity="2:4", calibration=calib(), progress=False,
                 layer_filter=lambda name, mod: not (isinstance(mod, ExpertMatrix) and mod.param == "down_proj"))
     assert_bitexact(experts_of(m.model.layers[0]).down_proj.detach(), keep)
-    assert len([r for r in rep.layers if "[" in r.name]) == 8
+    assert len([r for r in rep.layers if "[" in r.name]) == 16
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -353,7 +365,7 @@ def test_sparse_experts_refusals():
 def test_moe_refusals():
     m = tiny("mixtral")
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    with pytest.raises(ValueError, match=r"permute: blocks\[0\]\.mlp\.experts\.gate_up_proj\[0\] is an expert"):
+    with pytest.raises(ValueError, match=r"permute: blocks\[0\]\.mlp\.experts\.gate_up_proj\[0\]\.gate is an expert"):
         prune(m, method="wanda", sparsity="2:4", calibration=calib(), permute=True, progress=False)
     with pytest.raises(TypeError, match="calibrate_all_experts: expected a bool, got str"):
         prune(m, method="wanda", sparsity="2:4", calibration=calib(), calibrate_all_experts="yes", progress=False)
@@ -471,7 +483,7 @@ def test_cli_prunes_an_moe_model_directory(tmp_path, capsys):
                      "--finetune-seqlen", "32", "--eval-tokens", "0", "-o", str(out), "--no-progress"]) == 0
     o = capsys.readouterr().out
     assert "pruned and saved to" in o and "expert parameters: 4 of 4 stored bitmask-compressed" in o
-    assert "note: 16 expert matrices pruned in place" in o
+    assert "note: 24 expert matrices pruned in place" in o
     cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
     assert cfg["format_version"] == 5 and len(cfg["experts"]) == 4 and len(cfg["layers"]) == 8
     assert {v["pattern"] for v in cfg["experts"].values()} == {"2:4"}  # still 2:4 after fine-tuning

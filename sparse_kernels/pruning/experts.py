@@ -65,12 +65,24 @@ class ExpertMatrix:
 
     Not an ``nn.Module``: it stands in for a layer inside :func:`sparse_kernels.prune` (weight,
     forward hooks). ``weight`` is a view into the parameter (a transposed view for
-    ``is_transposed`` modules); copying into it changes the model."""
+    ``is_transposed`` modules); copying into it changes the model. ``part`` (``"gate"`` or
+    ``"up"``) selects the gate or the up rows of a gated ``gate_up_proj`` (the first and second
+    half, or the even and odd rows where the module is not ``is_concatenated``), so that they are
+    pruned as the separate ``gate_proj`` and ``up_proj`` layers of a dense model are."""
 
-    def __init__(self, module: nn.Module, param: str, index: int):
+    def __init__(self, module: nn.Module, param: str, index: int, part: str | None = None):
         self._module = weakref.ref(module)  # (the per-module cache must not keep the module alive)
-        self.param, self.index = param, index
+        self.param, self.index, self.part = param, index, part
         self.transposed = bool(module.is_transposed)
+        self.interleaved = not getattr(module, "is_concatenated", True)
+
+    def rows(self, n: int):
+        """The rows (output features) of the full matrix, out of ``n``, that this part holds."""
+        if self.part is None:
+            return slice(None)
+        if self.interleaved:
+            return slice(0, None, 2) if self.part == "gate" else slice(1, None, 2)
+        return slice(0, n // 2) if self.part == "gate" else slice(n // 2, n)
 
     @property
     def module(self) -> nn.Module:
@@ -82,12 +94,13 @@ class ExpertMatrix:
     @property
     def weight(self) -> torch.Tensor:
         w = getattr(self.module, self.param).data[self.index]
-        return w.t() if self.transposed else w
+        w = w.t() if self.transposed else w
+        return w[self.rows(w.shape[0])]
 
     @property
     def bias(self):
         b = getattr(self.module, self.param + "_bias", None)
-        return None if b is None else b.data[self.index]
+        return None if b is None else b.data[self.index][self.rows(b.shape[1])]
 
     def register_forward_hook(self, hook, *, with_kwargs: bool = False):
         """``hook(matrix, args, kwargs, output)`` (``with_kwargs``) or ``hook(matrix, args, output)``
@@ -97,7 +110,8 @@ class ExpertMatrix:
 
     def __repr__(self) -> str:
         out, inp = self.weight.shape
-        return f"ExpertMatrix({type(self.module).__name__}.{self.param}[{self.index}], out={out}, in={inp})"
+        part = f".{self.part}" if self.part else ""
+        return f"ExpertMatrix({type(self.module).__name__}.{self.param}[{self.index}]{part}, out={out}, in={inp})"
 
 
 # one ExpertMatrix per (module, param, index), so that identities hold across calls
@@ -105,7 +119,8 @@ _MATRICES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDiction
 
 
 def expert_matrices(module: nn.Module) -> dict:
-    """``{"<param>[<e>]": ExpertMatrix}`` for every expert of ``module``'s 3-D parameters."""
+    """``{"<param>[<e>]": ExpertMatrix}`` for every expert of ``module``'s 3-D parameters; a gated
+    ``gate_up_proj`` gives two, ``"gate_up_proj[<e>].gate"`` and ``"gate_up_proj[<e>].up"``."""
     if not is_experts_module(module):
         return {}
     cache = _MATRICES.setdefault(module, {})
@@ -114,11 +129,13 @@ def expert_matrices(module: nn.Module) -> dict:
         p = getattr(module, name, None)
         if not isinstance(p, torch.Tensor) or p.dim() != 3:
             continue
+        split = name == "gate_up_proj" and getattr(module, "has_gate", True)
         for e in range(p.shape[0]):
-            key = f"{name}[{e}]"
-            if key not in cache:
-                cache[key] = ExpertMatrix(module, name, e)
-            out[key] = cache[key]
+            for part in (("gate", "up") if split else (None,)):
+                key = f"{name}[{e}]" + (f".{part}" if part else "")
+                if key not in cache:
+                    cache[key] = ExpertMatrix(module, name, e, part)
+                out[key] = cache[key]
     return out
 
 
@@ -242,10 +259,11 @@ class _ExpertsTap:
                     x, out = x[finite], out[finite]
             for matrix, hook, with_kwargs in list(self.hooks.values()):
                 if matrix.param == name and matrix.index == index:
+                    y = out[..., matrix.rows(out.shape[-1])]  # this part's output features
                     if with_kwargs:
-                        hook(matrix, (x,), {}, out)
+                        hook(matrix, (x,), {}, y)
                     else:
-                        hook(matrix, (x,), out)
+                        hook(matrix, (x,), y)
             return
 
 

@@ -13,8 +13,9 @@
   ``forward`` is not the stock one (weight standardization, padding of their own) are not pruned;
 * each expert's matrix of a transformers mixture-of-experts module (3-D ``gate_up_proj`` /
   ``down_proj`` parameters): an :class:`~sparse_kernels.pruning.experts.ExpertMatrix` stand-in
-  named ``"<module>.<param>[<expert>]"``, whose hooks see the rows routed to that expert
-  (:mod:`sparse_kernels.pruning.experts`).
+  named ``"<module>.<param>[<expert>]"`` (a gated ``gate_up_proj`` as two,
+  ``"...gate_up_proj[<expert>].gate"`` and ``".up"``), whose hooks see the rows routed to that
+  expert (:mod:`sparse_kernels.pruning.experts`).
 """
 
 from __future__ import annotations
@@ -85,8 +86,9 @@ def hook_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
 
 def prunable_layers(block: nn.Module, layer_filter: Callable[[str, nn.Module], bool] | None = None) -> dict:
     """``{name: module}`` of the ``nn.Linear`` / GPT-2 ``Conv1D`` / ``nn.Conv1d`` / ``nn.Conv2d``
-    (``groups=1``) layers inside ``block``, and ``{"<module>.<param>[<e>]": ExpertMatrix}`` for
-    the experts of its mixture-of-experts modules (``layer_filter`` sees those too); an MoE block's
+    (``groups=1``) layers inside ``block``, and ``{"<module>.<param>[<e>]": ExpertMatrix}`` (a
+    gated ``gate_up_proj``: ``[<e>].gate`` and ``[<e>].up``) for the experts of its
+    mixture-of-experts modules (``layer_filter`` sees those too); an MoE block's
     routing Linear layers are left out (:func:`~sparse_kernels.pruning.experts.router_layers`)."""
     from .experts import expert_matrices, router_layers
 

@@ -478,8 +478,7 @@ def _swap(model: nn.Module, name: str, old: nn.Module, new: nn.Module, report: S
     new.train(old.training)
     report.bytes_before += sum(t.numel() * t.element_size() for t in old.parameters(recurse=False))
     report.bytes_after += new.nbytes()
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.set_submodule(name, new)
     report.layers.append(name)
 
 
@@ -671,8 +670,7 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
         new._forward_pre_hooks_with_kwargs.update(mod._forward_pre_hooks_with_kwargs)
         report.bytes_before += mod.nbytes()
         report.bytes_after += new.nbytes()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        model.set_submodule(name, new)
         report.layers.append(name)
     return report
 
@@ -716,7 +714,7 @@ class SparseExperts(nn.Module):
         parameter otherwise)."""
         import copy
 
-        from .pruning.experts import EXPERT_PARAMS, is_experts_module
+        from .pruning.experts import expert_params, is_experts_module, out_in
 
         if not isinstance(experts, nn.Module) or not is_experts_module(experts):
             raise TypeError(f"experts: expected a transformers experts module with 3-D expert parameters "
@@ -733,11 +731,8 @@ class SparseExperts(nn.Module):
         for name, child in experts.named_children():  # act_fn, post_expert_norm (copies: not shared)
             mod.add_module(name, copy.deepcopy(child))
         mod._gate_fn = getattr(type(experts), "_apply_gate", None)
-        for name in EXPERT_PARAMS:
-            p = getattr(experts, name, None)
-            if not isinstance(p, torch.Tensor) or p.dim() != 3:
-                continue
-            w = p.detach().transpose(1, 2) if experts.is_transposed else p.detach()  # [E, out, in]
+        for name, p in expert_params(experts).items():
+            w = out_in(experts, p.detach())
             e, out_f, in_f = w.shape
             in_pad = (in_f + 15) // 16 * 16
             w = F.pad(w, (0, in_pad - in_f)).reshape(e * out_f, in_pad).contiguous()
@@ -780,8 +775,9 @@ class SparseExperts(nn.Module):
         v, m = getattr(self, name + "_values").detach(), getattr(self, name + "_meta")
         e, out_f, half = v.shape
         w = decompress_2to4(v.reshape(e * out_f, half), m.reshape(e * out_f, -1)).reshape(e, out_f, half * 2)
-        w = w[:, :, :self.in_features[name]]
-        return w.transpose(1, 2).contiguous() if getattr(self, "is_transposed", False) else w.contiguous()
+        from .pruning.experts import out_in
+
+        return out_in(self, w[:, :, :self.in_features[name]]).contiguous()
 
     def _linear(self, name, x, e):
         b = getattr(self, name + "_bias")

@@ -430,18 +430,14 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
 def _is_24_experts(mod: nn.Module) -> bool:
     """Every expert matrix ``[out, in]`` of the transformers experts module ``mod`` is 2:4 along
     ``in`` (at most 2 nonzeros in each group of 4; ``in`` a multiple of 4)."""
-    from ..pruning.experts import EXPERT_PARAMS
+    from ..pruning.experts import expert_params, out_in
 
-    found = False
-    for pname in EXPERT_PARAMS:
-        p = getattr(mod, pname, None)
-        if not isinstance(p, torch.Tensor) or p.dim() != 3:
-            continue
-        w = p.detach().transpose(1, 2) if mod.is_transposed else p.detach()
+    params = expert_params(mod)
+    for p in params.values():
+        w = out_in(mod, p.detach())
         if w.shape[-1] % 4 or ((w.reshape(-1, 4) != 0).sum(-1) > 2).any():
             return False
-        found = True
-    return found
+    return bool(params)
 
 
 def _densify_sparse_experts(model: nn.Module, tensors: dict) -> None:
@@ -471,8 +467,9 @@ def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[d
 
     experts, stored, dense = {}, 0, 0
     for mname, mod in model.named_modules():
-        sparse = isinstance(mod, SparseExperts) or (is_experts_module(mod) and _is_24_experts(mod))
-        if not (sparse or is_experts_module(mod)):
+        dense_experts = is_experts_module(mod)
+        sparse = isinstance(mod, SparseExperts) or (dense_experts and _is_24_experts(mod))
+        if not (sparse or dense_experts):
             continue
         for pname in EXPERT_PARAMS:
             key = f"{mname}.{pname}" if mname else pname

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ExpertMatrix", "expert_matrices", "is_experts_module", "router_layers"]
+__all__ = ["ExpertMatrix", "expert_matrices", "expert_params", "is_experts_module", "out_in", "router_layers"]
 
 #: the 3-D parameters of a transformers experts module that are pruned
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
@@ -54,10 +54,25 @@ _LINEAR = {F.linear, torch._C._nn.linear}
 _MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm}
 
 
+def expert_params(m: nn.Module) -> dict:
+    """``{name: tensor}`` of ``m``'s 3-D expert parameters (of :data:`EXPERT_PARAMS`), in that order."""
+    out = {}
+    for name in EXPERT_PARAMS:
+        p = getattr(m, name, None)
+        if isinstance(p, torch.Tensor) and p.dim() == 3:
+            out[name] = p
+    return out
+
+
 def is_experts_module(m: nn.Module) -> bool:
     """A transformers ``use_experts_implementation`` module with 3-D expert parameters."""
-    return isinstance(getattr(m, "is_transposed", None), bool) and any(
-        isinstance(p, torch.Tensor) and p.dim() == 3 for p in (getattr(m, n, None) for n in EXPERT_PARAMS))
+    return isinstance(getattr(m, "is_transposed", None), bool) and bool(expert_params(m))
+
+
+def out_in(module: nn.Module, p: torch.Tensor) -> torch.Tensor:
+    """The experts ``[E, out, in]`` of ``module``'s 3-D parameter ``p`` (a transposed view where the
+    module stores ``[E, in, out]``, ``is_transposed``)."""
+    return p.transpose(1, 2) if module.is_transposed else p
 
 
 class ExpertMatrix:
@@ -73,7 +88,6 @@ class ExpertMatrix:
     def __init__(self, module: nn.Module, param: str, index: int, part: str | None = None):
         self._module = weakref.ref(module)  # (the per-module cache must not keep the module alive)
         self.param, self.index, self.part = param, index, part
-        self.transposed = bool(module.is_transposed)
         self.interleaved = not getattr(module, "is_concatenated", True)
 
     def rows(self, n: int):
@@ -93,8 +107,7 @@ class ExpertMatrix:
 
     @property
     def weight(self) -> torch.Tensor:
-        w = getattr(self.module, self.param).data[self.index]
-        w = w.t() if self.transposed else w
+        w = out_in(self.module, getattr(self.module, self.param).data)[self.index]
         return w[self.rows(w.shape[0])]
 
     @property
@@ -125,10 +138,7 @@ def expert_matrices(module: nn.Module) -> dict:
         return {}
     cache = _MATRICES.setdefault(module, {})
     out = {}
-    for name in EXPERT_PARAMS:
-        p = getattr(module, name, None)
-        if not isinstance(p, torch.Tensor) or p.dim() != 3:
-            continue
+    for name, p in expert_params(module).items():
         split = name == "gate_up_proj" and getattr(module, "has_gate", True)
         for e in range(p.shape[0]):
             for part in (("gate", "up") if split else (None,)):
@@ -233,9 +243,8 @@ class _ExpertsTap:
 
     def dispatch(self, w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, linear: bool) -> None:
         m = self.module()
-        for name in EXPERT_PARAMS:
-            p = getattr(m, name, None)
-            if not isinstance(p, torch.Tensor) or p.dim() != 3 or tuple(w.shape) != tuple(p.shape[1:]):
+        for name, p in expert_params(m).items():
+            if tuple(w.shape) != tuple(p.shape[1:]):
                 continue
             if (w.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
                     or tuple(w.stride()) != tuple(p.stride()[1:])):
@@ -309,8 +318,7 @@ def _route_all(module, args, kwargs):
         raise ValueError(f"calibrate_all_experts: {type(module).__name__}.forward is not called as (hidden_states, "
                          f"expert indices, expert weights); pass calibrate_all_experts=False")
     index, weights = bound.arguments[names[1]], bound.arguments[names[2]]
-    experts = next(getattr(module, n).shape[0] for n in EXPERT_PARAMS if isinstance(getattr(module, n, None),
-                                                                                  torch.Tensor))
+    experts = next(iter(expert_params(module).values())).shape[0]
     if (not isinstance(index, torch.Tensor) or not isinstance(weights, torch.Tensor) or index.dim() != 2
             or weights.shape != index.shape or index.is_floating_point()):
         raise ValueError(f"calibrate_all_experts: {type(module).__name__} was called with expert indices and weights "
@@ -333,8 +341,7 @@ def router_layers(block: nn.Module) -> set:
         experts = [c for c in mod.children() if is_experts_module(c)]
         if not experts:
             continue
-        counts = {1} | {next(getattr(c, n).shape[0] for n in EXPERT_PARAMS
-                             if isinstance(getattr(c, n, None), torch.Tensor)) for c in experts}
+        counts = {1} | {next(iter(expert_params(c).values())).shape[0] for c in experts}
         for child_name, child in mod.named_children():
             if isinstance(child, nn.Linear) and child.out_features in counts:
                 out.add(f"{name}.{child_name}" if name else child_name)

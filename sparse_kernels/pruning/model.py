@@ -397,10 +397,8 @@ def _convert_experts(block: nn.Module, layers: dict) -> int:
     done = 0
     for name, mod in list(block.named_modules()):
         mats = expert_matrices(mod)
-        if mats and all(id(mat) in pruned for mat in mats.values()):
-            parent_name, _, child = name.rpartition(".")
-            parent = block.get_submodule(parent_name) if parent_name else block
-            setattr(parent, child, SparseExperts.from_experts(mod))
+        if name and mats and all(id(mat) in pruned for mat in mats.values()):  # (a block cannot replace itself)
+            block.set_submodule(name, SparseExperts.from_experts(mod))
             done += 1
     return done
 

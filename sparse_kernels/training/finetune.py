@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..pruning.experts import EXPERT_PARAMS, is_experts_module
+from ..pruning.experts import expert_params, is_experts_module
 from ..pruning.layers import _is_conv1d, _stock_conv
 from .masks import MaskedTraining, attach_mask, get_mask, masked_parameters, remove_mask
 
@@ -41,21 +41,19 @@ def mask_zeros_(model: nn.Module, min_fraction: float = 0.1) -> list[str]:
         raise ValueError(f"mask_zeros: expected a fraction in (0, 1], got {min_fraction}")
     names = []
     for name, m in model.named_modules():
-        if ((type(m) is nn.Linear or _is_conv1d(m) or _stock_conv(m)) and get_mask(m, "weight") is None
-                and not parametrize.is_parametrized(m, "weight")):  # a mask on a computed weight would do nothing
-            nz = m.weight.detach() != 0
-            if 1.0 - nz.float().mean().item() >= min_fraction:
-                attach_mask(m, nz)
-                names.append(name)
+        if type(m) is nn.Linear or _is_conv1d(m) or _stock_conv(m):
+            params = {"weight": m.weight}
         elif is_experts_module(m):
-            for pname in EXPERT_PARAMS:
-                p = getattr(m, pname, None)
-                if (isinstance(p, torch.Tensor) and p.dim() == 3 and get_mask(m, pname) is None
-                        and not parametrize.is_parametrized(m, pname)):
-                    nz = p.detach() != 0
-                    if 1.0 - nz.float().mean().item() >= min_fraction:
-                        attach_mask(m, nz, pname)
-                        names.append(f"{name}.{pname}" if name else pname)
+            params = expert_params(m)
+        else:
+            continue
+        for pname, p in params.items():
+            # (a mask on a computed weight would do nothing)
+            if get_mask(m, pname) is None and not parametrize.is_parametrized(m, pname):
+                nz = p.detach() != 0
+                if 1.0 - nz.float().mean().item() >= min_fraction:
+                    attach_mask(m, nz, pname)
+                    names.append(name if pname == "weight" else f"{name}.{pname}" if name else pname)
     return names
 
 

@@ -73,6 +73,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--skip-dense", action="store_true", help="no rows for the dense SmolLM2")
+    ap.add_argument("--mask-agreement", type=int, default=0, metavar="L",
+                    help="instead: keep the first L blocks, prune SmolLM2 and the MoE (every token to every "
+                         "expert) with each config, and record per block how far the MoE's masks and weights "
+                         "are from SmolLM2's")
     ap.add_argument("--out", default="benchmarks/results/cpu/moe_smollm2.json")
     args = ap.parse_args(argv)
     from sparse_kernels import prune
@@ -80,6 +84,8 @@ def main(argv=None) -> int:
 
     configs = [tuple(c.split(":", 1)) for c in args.configs.split(",")]
     llama, src, calib, ev, snap, dense = smollm2_setup(args.eval_tokens)
+    if args.mask_agreement:
+        return mask_agreement(llama, src, calib, snap, dense, configs, args, argv)
     rows = []
     extra = {}
 
@@ -122,6 +128,45 @@ def main(argv=None) -> int:
             models.restore(moe, moe_snap)
             run(moe, kind, method, sparsity, all_experts)
     record()
+    return 0
+
+
+def mask_agreement(llama, src, calib, snap, dense, configs, args, argv) -> int:
+    """Per block, the fraction of mask entries and the relative weight difference between the
+    dense model's pruned layers and the upcycled MoE's (expert 0; the experts stay identical when
+    every token reaches every expert), on the first ``--mask-agreement`` blocks."""
+    from sparse_kernels import prune
+    from sparse_kernels.llm import models
+
+    n = args.mask_agreement
+    full, full_n = llama.model.layers, llama.config.num_hidden_layers
+    rows = []
+    for method, sparsity in configs:
+        models.restore(llama, snap)
+        moe = upcycle_to_mixtral(llama, args.experts, args.top_k)
+        for m in (llama, moe):
+            m.model.layers = m.model.layers[:n]
+            m.config.num_hidden_layers = n
+            prune(m, method=method, sparsity=sparsity if ":" in sparsity else float(sparsity),
+                  calibration=None if method == "magnitude" else calib, progress=False)
+        for i, (d, e) in enumerate(zip(llama.model.layers, moe.model.layers)):
+            inter = d.mlp.gate_proj.weight.shape[0]
+            gu, down = e.mlp.experts.gate_up_proj[0], e.mlp.experts.down_proj[0]
+            pairs = [(f"self_attn.{p}", getattr(d.self_attn, p).weight, getattr(e.self_attn, p).weight)
+                     for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+            pairs += [("mlp.gate", d.mlp.gate_proj.weight, gu[:inter]), ("mlp.up", d.mlp.up_proj.weight, gu[inter:]),
+                      ("mlp.down", d.mlp.down_proj.weight, down)]
+            for name, a, b in pairs:
+                rows.append({"method": method, "sparsity": sparsity, "block": i, "layer": name,
+                             "mask_agreement": round(((a != 0) == (b != 0)).double().mean().item(), 6),
+                             "rel_weight_diff": float(f"{((a - b).norm() / a.norm()).item():.3g}")})
+                print(json.dumps(rows[-1]), flush=True)
+        del moe
+        llama.model.layers, llama.config.num_hidden_layers = full, full_n
+        models.restore(llama, snap)
+    write_json(smollm2_doc(f"Mask agreement between pruning {src.name} and pruning its upcycled MoE "
+                           f"({args.experts} experts, top-{args.top_k}, every token to every expert), "
+                           f"first {n} blocks; fp32, CPU", "moe_smollm2.py", argv, args.eval_tokens, dense, rows), args.out)
     return 0
 
 

@@ -15,7 +15,7 @@ from .ops.sparse24 import compress_2to4, decompress_2to4, mask_2to4
 from .ops.linear import masked_linear, pack_mask, sparse_linear, unpack_mask
 from .ops.bitmask import bitmask_linear, compress_bitmask, decompress_bitmask
 from .ops.int4 import compress_2to4_int4, decompress_2to4_int4, sparse_linear_int4
-from .nn import SparseExperts, SparseLinear, SparseLinearInt4, quantize_int4, sparsify
+from .nn import SparseExperts, SparseExpertsInt4, SparseLinear, SparseLinearInt4, quantize_int4, sparsify
 from .interop import (from_compressed_tensors_24, from_torch_cutlass, to_compressed_tensors_24, to_semi_structured,
                       to_torch_cutlass)
 from .pruning import prune  # noqa: F401  (sparse_kernels.pruning has the per-layer functions)
@@ -51,6 +51,7 @@ __all__ = [
     "SparseLinear",
     "SparseLinearInt4",
     "SparseExperts",
+    "SparseExpertsInt4",
     "quantize_int4",
     "sparsify",
     "prune",

@@ -642,28 +642,31 @@ class SparseLinearInt4(_StoredLinear):
 
 
 def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, exclude=None) -> SparsifyReport:
-    """Replace every 2:4 :class:`SparseLinear` of ``model`` by :class:`SparseLinearInt4`
-    (round-to-nearest int4 of its kept values), in place; ``include``/``exclude`` as in
-    :func:`sparsify`.  A layer whose padded ``in_features`` the group size does not divide is
-    skipped (listed with the reason).  A replaced layer's forward pre-hooks move to its int4
-    layer.  Returns the report (bytes before and after)."""
+    """Replace every 2:4 :class:`SparseLinear` of ``model`` by :class:`SparseLinearInt4` and every
+    :class:`SparseExperts` by :class:`SparseExpertsInt4` (round-to-nearest int4 of their kept
+    values), in place; ``include``/``exclude`` as in :func:`sparsify`.  A module whose padded input
+    features the group size does not divide is skipped (listed with the reason).  A replaced
+    module's forward pre-hooks move to its int4 module.  Returns the report (bytes before and
+    after)."""
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
                                    or group_size % 16):
         raise ValueError(f"group_size: got {group_size!r}; it must be None (one scale per row) or a positive "
                          f"multiple of 16")
     report = SparsifyReport(action="quantize_int4")
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, SparseLinear) or mod.pattern != "2:4" or name == "":
+        linear = isinstance(mod, SparseLinear) and mod.pattern == "2:4"
+        if not (linear or type(mod) is SparseExperts) or name == "":
             continue
         if include is not None and not _matches(include, name, mod):
             continue
         if exclude is not None and _matches(exclude, name, mod):
             continue
-        if group_size is not None and mod.in_padded % group_size:
-            report.skipped.append((name, f"group_size {group_size} does not divide its {mod.in_padded} (padded) "
-                                         f"input features"))
+        pads = [mod.in_padded] if linear else [getattr(mod, n + "_meta").shape[-1] * 16 for n in mod.params]
+        if group_size is not None and any(p % group_size for p in pads):
+            report.skipped.append((name, f"group_size {group_size} does not divide its {'/'.join(map(str, pads))} "
+                                         f"(padded) input features"))
             continue
-        new = SparseLinearInt4.from_sparse(mod, group_size)
+        new = (SparseLinearInt4 if linear else SparseExpertsInt4).from_sparse(mod, group_size)
         # forward pre-hooks on the layer's input (e.g. compressed-tensors' emulated activation
         # quantization) apply to the int4 layer as well
         new._forward_pre_hooks.update(mod._forward_pre_hooks)
@@ -676,6 +679,14 @@ def quantize_int4(model: nn.Module, group_size: int | None = 128, include=None, 
 
 
 # ---------------------------------------------------------------- mixture-of-experts
+def _check_experts_module(experts) -> None:
+    from .pruning.experts import is_experts_module
+
+    if not isinstance(experts, nn.Module) or not is_experts_module(experts):
+        raise TypeError(f"experts: expected a transformers experts module with 3-D expert parameters "
+                        f"(gate_up_proj / down_proj), got {type(experts).__name__}")
+
+
 class SparseExperts(nn.Module):
     """The routed experts of a Hugging Face transformers MoE block with 2:4 weights.
 
@@ -698,7 +709,7 @@ class SparseExperts(nn.Module):
     """
 
     #: names the module sets itself (a source attribute of that name is not copied)
-    _OWN = ("params", "backend", "source_class", "num_experts", "in_features", "training", "config")
+    _OWN = ("params", "backend", "source_class", "num_experts", "in_features", "training", "config", "group_size")
 
     def __init__(self):  # use from_experts
         super().__init__()
@@ -708,29 +719,35 @@ class SparseExperts(nn.Module):
         self._gate_fn = None
 
     @classmethod
-    def from_experts(cls, experts: nn.Module, backend=None, prune: bool = False) -> "SparseExperts":
-        """``experts``: a transformers experts module; ``backend`` for ``sparse_linear``; ``prune``:
-        keep the 2 largest |w| of every group of 4 instead of requiring 2:4 (ValueError naming the
-        parameter otherwise)."""
+    def _shell(cls, src: nn.Module, backend) -> "SparseExperts":
+        """A module of this class without weights, with ``src``'s configuration: ``src`` is a
+        transformers experts module (its attributes, children and ``_apply_gate``) or a
+        SparseExperts (its copies of them)."""
         import copy
 
-        from .pruning.experts import expert_params, is_experts_module, out_in
-
-        if not isinstance(experts, nn.Module) or not is_experts_module(experts):
-            raise TypeError(f"experts: expected a transformers experts module with 3-D expert parameters "
-                            f"(gate_up_proj / down_proj), got {type(experts).__name__}")
         if backend is not None:
             R.requested_backend(backend)
         mod = cls()
         mod.backend = backend
-        mod.source_class = type(experts).__name__
-        for k, v in vars(experts).items():  # configuration: has_gate, has_bias, alpha, limit, act_fn functions, ...
-            if k.startswith("_") or k in cls._OWN or isinstance(v, (torch.Tensor, nn.Module)):
+        mod.source_class = src.source_class if isinstance(src, SparseExperts) else type(src).__name__
+        for k, v in vars(src).items():  # configuration: has_gate, has_bias, alpha, limit, act_fn functions, ...
+            if k.startswith("_") or k in SparseExperts._OWN or isinstance(v, (torch.Tensor, nn.Module)):
                 continue
             setattr(mod, k, v if callable(v) else copy.deepcopy(v))
-        for name, child in experts.named_children():  # act_fn, post_expert_norm (copies: not shared)
+        for name, child in src.named_children():  # act_fn, post_expert_norm (copies: not shared)
             mod.add_module(name, copy.deepcopy(child))
-        mod._gate_fn = getattr(type(experts), "_apply_gate", None)
+        mod._gate_fn = src._gate_fn if isinstance(src, SparseExperts) else getattr(type(src), "_apply_gate", None)
+        return mod
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, backend=None, prune: bool = False) -> "SparseExperts":
+        """``experts``: a transformers experts module; ``backend`` for ``sparse_linear``; ``prune``:
+        keep the 2 largest |w| of every group of 4 instead of requiring 2:4 (ValueError naming the
+        parameter otherwise)."""
+        from .pruning.experts import expert_params, out_in
+
+        _check_experts_module(experts)
+        mod = SparseExperts._shell(experts, backend)
         for name, p in expert_params(experts).items():
             w = out_in(experts, p.detach())
             e, out_f, in_f = w.shape
@@ -744,25 +761,38 @@ class SparseExperts(nn.Module):
                                  f"prune=True") from None
             mod.register_parameter(name + "_values", nn.Parameter(values.reshape(e, out_f, in_pad // 2)))
             mod.register_buffer(name + "_meta", meta.reshape(e, out_f, in_pad // 16))
-            b = getattr(experts, name + "_bias", None)
-            mod.register_parameter(name + "_bias", None if b is None else nn.Parameter(b.detach().clone()))
-            mod.params.append(name)
+            mod._add_bias(name, getattr(experts, name + "_bias", None))
             mod.in_features[name] = in_f
-        if "down_proj" not in mod.params or not ({"gate_up_proj", "up_proj"} & set(mod.params)):
-            raise ValueError(f"experts: {type(experts).__name__} has {mod.params}; SparseExperts needs down_proj and "
-                             f"gate_up_proj or up_proj")
-        mod.num_experts = int(getattr(mod, mod.params[0] + "_values").shape[0])
-        mod.train(experts.training)
-        try:  # one token through expert 0: what forward needs (act_fn, gate attributes) is all there
-            first = "gate_up_proj" if "gate_up_proj" in mod.params else "up_proj"
-            x = torch.zeros(1, mod.in_features[first], dtype=values.dtype, device=values.device)
+        return mod._finish(experts)
+
+    def _add_bias(self, name: str, b) -> None:
+        self.register_parameter(name + "_bias", None if b is None else nn.Parameter(b.detach().clone()))
+        self.params.append(name)
+
+    def _finish(self, src: nn.Module) -> "SparseExperts":
+        """Check the parameter set, take ``src``'s training mode, and run one token through expert
+        0, so that what forward needs (act_fn, gate attributes) is known to be there."""
+        if "down_proj" not in self.params or not ({"gate_up_proj", "up_proj"} & set(self.params)):
+            raise ValueError(f"experts: {self.source_class} has {self.params}; {type(self).__name__} needs "
+                             f"down_proj and gate_up_proj or up_proj")
+        meta = getattr(self, self.params[0] + "_meta")
+        self.num_experts = int(meta.shape[0])
+        self.train(src.training)
+        first = "gate_up_proj" if "gate_up_proj" in self.params else "up_proj"
+        dtype = self._dtype()
+        try:
+            x = torch.zeros(1, self.in_features[first], dtype=dtype, device=meta.device)
             with torch.no_grad():
-                mod(x, torch.zeros(1, 1, dtype=torch.long, device=x.device), torch.ones(1, 1, dtype=x.dtype,
-                                                                                         device=x.device))
+                self(x, torch.zeros(1, 1, dtype=torch.long, device=x.device), torch.ones(1, 1, dtype=dtype,
+                                                                                        device=x.device))
         except Exception as err:  # noqa: BLE001 - any failure means the copy cannot run
-            raise TypeError(f"experts: {type(experts).__name__}'s forward cannot be reproduced from what SparseExperts "
-                            f"copies ({type(err).__name__}: {err})") from None
-        return mod
+            raise TypeError(f"experts: {self.source_class}'s forward cannot be reproduced from what "
+                            f"{type(self).__name__} copies ({type(err).__name__}: {err})") from None
+        return self
+
+    def _dtype(self) -> torch.dtype:
+        """The dtype the experts compute in (that of the stored values)."""
+        return getattr(self, self.params[0] + "_values").dtype
 
     def nbytes(self) -> int:
         """Bytes of the stored expert weights (values, meta, biases)."""
@@ -779,13 +809,16 @@ class SparseExperts(nn.Module):
 
         return out_in(self, w[:, :, :self.in_features[name]]).contiguous()
 
-    def _linear(self, name, x, e):
+    def _bias(self, name, x, e):
         b = getattr(self, name + "_bias")
+        return None if b is None else b[e] if b.dtype == x.dtype else b[e].to(x.dtype)
+
+    def _linear(self, name, x, e):
         values = getattr(self, name + "_values")
         pad = values.shape[-1] * 2 - x.shape[-1]
         if pad:
             x = F.pad(x, (0, pad))
-        return L.sparse_linear(x, values[e], getattr(self, name + "_meta")[e], None if b is None else b[e],
+        return L.sparse_linear(x, values[e], getattr(self, name + "_meta")[e], self._bias(name, x, e),
                                backend=self.backend)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
@@ -806,7 +839,158 @@ class SparseExperts(nn.Module):
             out.index_add_(0, token_idx, y.float() * top_k_weights[token_idx, pos, None].float())
         return out.to(hidden_states.dtype)
 
+    def _pattern(self) -> str:
+        return "2:4"
+
     def extra_repr(self) -> str:
-        shapes = ", ".join(f"{n}=[{self.num_experts}, {getattr(self, n + '_values').shape[1]}, "
+        shapes = ", ".join(f"{n}=[{self.num_experts}, {getattr(self, n + '_meta').shape[1]}, "
                            f"{self.in_features[n]}]" for n in self.params)
-        return f"{self.source_class}, 2:4, {shapes}, backend={self.backend or 'auto'}"
+        return f"{self.source_class}, {self._pattern()}, {shapes}, backend={self.backend or 'auto'}"
+
+
+class SparseExpertsInt4(SparseExperts):
+    """:class:`SparseExperts` whose kept values are int4 codes times a float scale per row and group
+    of ``group_size`` input columns, as :class:`SparseLinearInt4` per expert: for each expert
+    parameter ``P``, buffers ``P_qvalues [E, out, in_pad/4]`` uint8, ``P_meta [E, out, in_pad/16]``
+    int16 and ``P_scales [E, out, in_pad/group_size]`` (``group_size=None``: one scale per row),
+    parameter ``P_bias``.  Forward is :class:`SparseExperts`' on
+    :func:`sparse_kernels.sparse_linear_int4` (the exact weight ``(code - 8) * scale``, fp32
+    accumulation).  For inference: the weights are frozen (grads flow to the input and biases).
+
+    Build with :meth:`from_sparse` (round-to-nearest of a 2:4 SparseExperts; what
+    :func:`quantize_int4` does), :meth:`from_codes` (exact codes and scales: what
+    ``prune(..., int4=G, convert=True)`` builds from SparseGPT's joint quantization);
+    :meth:`to_sparse` gives the 16-bit SparseExperts back.  A 16-bit expert weight takes about 1/3
+    of the bytes of its 16-bit 2:4 form (codes and meta; scales add 2 bytes per row and group).
+    """
+
+    @classmethod
+    def _allocate(cls, src: nn.Module, shapes: dict, biases: dict, group_size, dtype, device,
+                  backend) -> "SparseExpertsInt4":
+        """The shell of ``src`` with zero-code buffers for ``shapes`` (``{P: (E, out, in)}``)."""
+        mod = cls._shell(src, backend)
+        for name, (e, out_f, in_f) in shapes.items():
+            in_pad = (in_f + 15) // 16 * 16
+            g = in_pad if group_size is None else group_size
+            if isinstance(g, bool) or not isinstance(g, int) or g <= 0 or g % 16 or in_pad % g:
+                raise ValueError(f"group_size: got {group_size!r}; it must be None (one scale per row) or a positive "
+                                 f"multiple of 16 dividing the padded input features of {name} ({in_pad})")
+            mod.register_buffer(name + "_qvalues", torch.full((e, out_f, in_pad // 4), 0x88, dtype=torch.uint8,
+                                                              device=device))
+            mod.register_buffer(name + "_meta", torch.full((e, out_f, in_pad // 16), 0x4444, dtype=torch.int16,
+                                                           device=device))
+            mod.register_buffer(name + "_scales", torch.ones(e, out_f, in_pad // g, dtype=dtype, device=device))
+            mod._add_bias(name, biases.get(name))
+            mod.in_features[name] = in_f
+        mod.group_size = group_size
+        return mod
+
+    @classmethod
+    def from_sparse(cls, experts: SparseExperts, group_size: int | None = 128) -> "SparseExpertsInt4":
+        """Round-to-nearest symmetric int4 of a 2:4 SparseExperts' kept values (scale = max |v| / 7
+        per row and group, in the values' dtype); meta, biases and configuration are kept."""
+        from .reference.int4 import quantize_values
+
+        if not isinstance(experts, SparseExperts) or isinstance(experts, SparseExpertsInt4):
+            raise TypeError(f"experts: expected a 16-bit SparseExperts, got {type(experts).__name__}")
+        shapes, biases = {}, {}
+        for n in experts.params:
+            v = getattr(experts, n + "_values")
+            shapes[n] = (v.shape[0], v.shape[1], experts.in_features[n])
+            biases[n] = getattr(experts, n + "_bias")
+        v = getattr(experts, experts.params[0] + "_values")
+        mod = cls._allocate(experts, shapes, biases, group_size, v.dtype, v.device, experts.backend)
+        for n in experts.params:
+            v = getattr(experts, n + "_values").detach()
+            e, out_f, half = v.shape
+            q, s = quantize_values(v.reshape(e * out_f, half), half * 2 // mod._groups(n))
+            getattr(mod, n + "_qvalues").copy_(q.reshape(e, out_f, -1))
+            getattr(mod, n + "_meta").copy_(getattr(experts, n + "_meta"))
+            getattr(mod, n + "_scales").copy_(s.reshape(e, out_f, -1))
+        return mod._finish(experts)
+
+    @classmethod
+    def from_codes(cls, experts: nn.Module, codes: dict, scales: dict, backend=None) -> "SparseExpertsInt4":
+        """The experts whose weights are ``codes * scales`` exactly: ``experts`` a transformers experts
+        module (configuration and biases; its weights are not read), and for each of its expert
+        parameters ``P``, ``codes[P]`` integer ``[E, out, in]`` in ``-8..7``, 2:4 along ``in`` (a
+        multiple of 16), and ``scales[P]`` ``[E, out, in / G]`` (their dtype is the experts'), one
+        group size ``G`` for all.  ValueError naming the parameter for codes out of range or not
+        2:4, or scales that do not fit."""
+        from .pruning.experts import expert_params
+
+        _check_experts_module(experts)
+        params = expert_params(experts)
+        if not isinstance(codes, dict) or not isinstance(scales, dict) or set(codes) != set(params) \
+                or set(scales) != set(params):
+            raise ValueError(f"codes, scales: expected dicts with the keys {sorted(params)}, got "
+                             f"{sorted(codes) if isinstance(codes, dict) else type(codes).__name__} and "
+                             f"{sorted(scales) if isinstance(scales, dict) else type(scales).__name__}")
+        flat, groups = {}, set()
+        for n in params:
+            c, s = codes[n], scales[n]
+            if not isinstance(c, torch.Tensor) or c.dim() != 3 or not isinstance(s, torch.Tensor) or s.dim() != 3 \
+                    or c.shape[:2] != s.shape[:2]:
+                raise ValueError(f"codes[{n!r}], scales[{n!r}]: expected 3-D tensors [E, out, in] and [E, out, groups], "
+                                 f"got {tuple(getattr(c, 'shape', ()))} and {tuple(getattr(s, 'shape', ()))}")
+            try:
+                flat[n] = SparseLinearInt4.from_codes(c.reshape(-1, c.shape[-1]), s.reshape(-1, s.shape[-1]))
+            except (TypeError, ValueError) as err:
+                raise type(err)(f"{n}: {err}") from None
+            groups.add(flat[n].group_size)
+        if len(groups) != 1:
+            raise ValueError(f"scales: one group size for every expert parameter, got {sorted(groups)}")
+        shapes = {n: tuple(codes[n].shape) for n in params}
+        biases = {n: getattr(experts, n + "_bias", None) for n in params}
+        s0 = scales[next(iter(params))]
+        mod = cls._allocate(experts, shapes, biases, groups.pop(), s0.dtype, s0.device, backend)
+        for n, lin in flat.items():
+            e, out_f = shapes[n][:2]
+            for part in ("qvalues", "meta", "scales"):
+                getattr(mod, f"{n}_{part}").copy_(getattr(lin, part).reshape(e, out_f, -1))
+        return mod._finish(experts)
+
+    def _groups(self, name: str) -> int:
+        """Scale groups per row of parameter ``name``."""
+        return getattr(self, name + "_scales").shape[-1]
+
+    def _dtype(self) -> torch.dtype:
+        return getattr(self, self.params[0] + "_scales").dtype
+
+    def to_sparse(self) -> SparseExperts:
+        """The 16-bit 2:4 SparseExperts with the dequantized values (in the scales' dtype)."""
+        from .reference.int4 import dequantize_values
+
+        se = SparseExperts._shell(self, self.backend)
+        for n in self.params:
+            q, s = getattr(self, n + "_qvalues"), getattr(self, n + "_scales")
+            e, out_f = q.shape[:2]
+            v = dequantize_values(q.reshape(e * out_f, -1), s.reshape(e * out_f, -1)).to(s.dtype)
+            se.register_parameter(n + "_values", nn.Parameter(v.reshape(e, out_f, -1)))
+            se.register_buffer(n + "_meta", getattr(self, n + "_meta").clone())
+            se._add_bias(n, getattr(self, n + "_bias"))
+            se.in_features[n] = self.in_features[n]
+        return se._finish(self)
+
+    def dense_param(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense 3-D parameter ``name`` in the source module's layout, in ``dtype`` (default:
+        the scales' dtype; float32 is exact)."""
+        from .pruning.experts import out_in
+        from .reference.int4 import decompress_2to4_int4
+
+        q, m, s = (getattr(self, f"{name}_{p}") for p in ("qvalues", "meta", "scales"))
+        e, out_f = q.shape[:2]
+        w = decompress_2to4_int4(q.reshape(e * out_f, -1), m.reshape(e * out_f, -1), s.reshape(e * out_f, -1),
+                                 dtype or s.dtype).reshape(e, out_f, -1)
+        return out_in(self, w[:, :, :self.in_features[name]]).contiguous()
+
+    def _linear(self, name, x, e):
+        q = getattr(self, name + "_qvalues")
+        pad = q.shape[-1] * 4 - x.shape[-1]
+        if pad:
+            x = F.pad(x, (0, pad))
+        return I4.sparse_linear_int4(x, q[e], getattr(self, name + "_meta")[e], getattr(self, name + "_scales")[e],
+                                     self._bias(name, x, e), backend=self.backend)
+
+    def _pattern(self) -> str:
+        return f"2:4 int4, group_size={self.group_size}"

@@ -206,7 +206,7 @@ def test_flipped_byte_fails_hash(saved, tmp_path):
         checkpoint.load(str(ck))
 
 
-@pytest.mark.parametrize("version", [6, 0, "1", "2", True, None])
+@pytest.mark.parametrize("version", [7, 0, "1", "2", True, None])
 def test_bad_format_version(saved, tmp_path, version):
     ck = _copy(saved[0], tmp_path / "c")
     cfg = json.loads((ck / checkpoint.CONFIG_NAME).read_text())

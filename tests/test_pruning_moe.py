@@ -806,3 +806,240 @@ def test_sparsegpt_on_concatenated_gate_and_up_equals_pruning_them_apart():
             assert not torch.equal(cat, apart)
         else:
             assert_bitexact(cat, apart, sparsity)
+
+
+# ------------------------------------------------------------------ 2:4 int4 experts
+@pytest.mark.parametrize("model_type,cls_name", EXPERTS_CLASSES, ids=[c[0] for c in EXPERTS_CLASSES])
+def test_int4_experts_equal_transformers_with_their_dequantized_weights(model_type, cls_name):
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    ex, cfg = experts_module(model_type, cls_name)
+    se = SparseExperts.from_experts(ex, prune=True)
+    q = SparseExpertsInt4.from_sparse(se, 16)  # in_features 48 / 40 -> padded 48: groups of 16 divide both
+    with torch.no_grad():
+        for name in q.params:
+            getattr(ex, name).copy_(q.dense_param(name))
+            # the codes round the 16-bit values: at most half a step of the group's scale away
+            err = (q.dense_param(name) - se.dense_param(name)).abs()
+            step = getattr(q, name + "_scales").repeat_interleave(16, -1)[..., :q.in_features[name]]
+            from sparse_kernels.pruning.experts import out_in
+            assert (out_in(q, err) <= step / 2 + 1e-6).all(), name
+    hidden = q.in_features["gate_up_proj" if "gate_up_proj" in q.params else "up_proj"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, hidden, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
+    weights = torch.softmax(torch.randn(11, 2, generator=g), -1)
+    with torch.no_grad():
+        got = q(x, index, weights)
+        for impl in ("eager", "batched_mm"):
+            cfg._experts_implementation = impl
+            assert_close(got, ex(x, index, weights), f"{model_type} vs {impl}", atol=2e-5, rtol=1e-5)
+        back = q.to_sparse()  # the 16-bit experts of the dequantized values
+        assert type(back) is SparseExperts and back.training == q.training
+        assert_close(back(x, index, weights), got, atol=2e-5, rtol=1e-5)
+    # the stored bytes: per weight 1/4 byte of codes (2 per kept value of 2) + 1/8 of meta, a scale per 16
+    want = sum(e * o * (math.ceil(i / 16) * 16) * (0.25 + 0.125 + 4 / 16)
+               for e, o, i in ((4, getattr(q, n + "_meta").shape[1], q.in_features[n]) for n in q.params))
+    want += sum(b.numel() * 4 for n in q.params if (b := getattr(q, n + "_bias")) is not None)
+    assert q.nbytes() == want
+    assert not any(p.requires_grad for n, p in q.named_parameters(recurse=False) if not n.endswith("_bias"))
+    other = SparseExpertsInt4.from_sparse(SparseExperts.from_experts(ex), 16)  # a state_dict round trip
+    other.load_state_dict({k: v.clone() for k, v in q.state_dict().items()})
+    with torch.no_grad():
+        assert_bitexact(other(x, index, weights), got)
+    assert "2:4 int4, group_size=16" in repr(q)
+
+
+def test_int4_experts_refuse_bad_input():
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    ex, _ = experts_module("mixtral", "MixtralExperts", hidden=64, inter=32)
+    se = SparseExperts.from_experts(ex, prune=True)
+    with pytest.raises(ValueError, match=r"group_size: got 64; .* down_proj \(32\)"):
+        SparseExpertsInt4.from_sparse(se, 64)
+    with pytest.raises(TypeError, match="expected a 16-bit SparseExperts, got MixtralExperts"):
+        SparseExpertsInt4.from_sparse(ex)
+    q = SparseExpertsInt4.from_sparse(se, 16)
+    with pytest.raises(TypeError, match="expected a 16-bit SparseExperts, got SparseExpertsInt4"):
+        SparseExpertsInt4.from_sparse(q)
+    codes = {"gate_up_proj": torch.zeros(4, 64, 64, dtype=torch.int8), "down_proj": torch.zeros(4, 64, 32,
+                                                                                                 dtype=torch.int8)}
+    scales = {"gate_up_proj": torch.ones(4, 64, 4), "down_proj": torch.ones(4, 64, 2)}
+    assert SparseExpertsInt4.from_codes(ex, codes, scales).group_size == 16
+    with pytest.raises(ValueError, match=r"codes, scales: expected dicts with the keys \['down_proj', 'gate_up_proj'\]"):
+        SparseExpertsInt4.from_codes(ex, {"down_proj": codes["down_proj"]}, scales)
+    bad = dict(codes, down_proj=codes["down_proj"].clone())
+    bad["down_proj"][1, 2, 3] = 9
+    with pytest.raises(ValueError, match="down_proj: codes: int4 codes must lie in -8..7"):
+        SparseExpertsInt4.from_codes(ex, bad, scales)
+    bad["down_proj"][1, 2, :4] = torch.tensor([1, 1, 1, 0])
+    bad["down_proj"][1, 2, 3] = 0
+    with pytest.raises(ValueError, match="down_proj: codes: not 2:4"):
+        SparseExpertsInt4.from_codes(ex, bad, scales)
+    with pytest.raises(ValueError, match="one group size for every expert parameter, got \\[16, 32\\]"):
+        SparseExpertsInt4.from_codes(ex, codes, dict(scales, down_proj=torch.ones(4, 64, 1)))
+    with pytest.raises(ValueError, match=r"scales\['gate_up_proj'\]: expected 3-D tensors"):
+        SparseExpertsInt4.from_codes(ex, codes, dict(scales, gate_up_proj=torch.ones(64, 4)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_int4_convert_stores_sparsegpts_codes_in_int4_experts(family):
+    """prune(int4=G, convert=True): each experts module becomes SparseExpertsInt4 holding the codes
+    and scales of SparseGPT's joint quantization, gate and up rows put back where they were (halves,
+    or gpt-oss's interleaved rows): its weights equal, bit for bit, what the same prune leaves in the
+    3-D parameters without convert."""
+    from sparse_kernels.nn import SparseExpertsInt4
+
+    ids = calib()
+    m, ref = tiny(family), tiny(family)
+    rep = prune(m, method="sparsegpt", sparsity="2:4", int4=16, calibration=ids, progress=False, convert=True)
+    prune(ref, method="sparsegpt", sparsity="2:4", int4=16, calibration=ids, progress=False)
+    assert any("2 experts modules became SparseExpertsInt4" in n and "groups of 16" in n for n in rep.notes)
+    for blk, rblk in zip(m.model.layers, ref.model.layers):
+        q, ex = blk.mlp.experts, experts_of(rblk)
+        assert isinstance(q, SparseExpertsInt4) and q.group_size == 16
+        for name in q.params:
+            assert_bitexact(q.dense_param(name), getattr(ex, name).detach(), name)
+    with torch.no_grad():
+        assert_close(m(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_prune_int4_convert_leaves_an_experts_module_with_a_starved_expert_dense():
+    from sparse_kernels.nn import SparseExpertsInt4
+
+    m = tiny("mixtral")
+
+    def only_0_and_1(mod, args, out):  # the router picks experts 0 and 1 for every token
+        logits, scores, index = out
+        return logits, scores, torch.tensor([0, 1]).expand_as(index).contiguous()
+
+    m.model.layers[0].mlp.gate.register_forward_hook(only_0_and_1)
+    rep = prune(m, method="sparsegpt", sparsity="2:4", int4=16, calibration=calib(), progress=False, convert=True,
+                calibrate_all_experts=False)
+    assert is_experts_module(m.model.layers[0].mlp.experts)  # experts 2 and 3: magnitude, no codes
+    assert isinstance(m.model.layers[1].mlp.experts, SparseExpertsInt4)
+    assert any("1 experts modules stay dense-shaped" in n and "0.mlp.experts" in n for n in rep.notes), rep.notes
+    assert any("convert: 1 experts modules became SparseExpertsInt4" in n for n in rep.notes), rep.notes
+
+
+def test_quantize_int4_rounds_sparse_experts():
+    from sparse_kernels import quantize_int4, sparsify
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    m = tiny("qwen3_moe")  # moe_intermediate_size 32: down_proj's 32 inputs
+    ids = calib()
+    prune(m, method="wanda", sparsity="2:4", calibration=ids, progress=False, convert=True)
+    assert all(isinstance(blk.mlp.experts, SparseExperts) for blk in m.model.layers)
+    rep = quantize_int4(m, 64)  # 64 divides the attention layers' and gate_up's inputs, not down_proj's 32
+    assert [n for n, _ in rep.skipped] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert "does not divide its 64/32 (padded) input features" in rep.skipped[0][1]
+    before = [copy.deepcopy(blk.mlp.experts) for blk in m.model.layers]
+    rep = quantize_int4(m, 32)
+    assert "model.layers.0.mlp.experts" in rep.layers and rep.bytes_after < rep.bytes_before / 2
+    qs = [blk.mlp.experts for blk in m.model.layers]
+    assert all(isinstance(q, SparseExpertsInt4) and q.group_size == 32 for q in qs)
+    for q, se in zip(qs, before):  # round to nearest: within half a step of the 16-bit values
+        for n in q.params:
+            step = getattr(q, n + "_scales").repeat_interleave(32, -1)
+            assert ((q.dense_param(n) - se.dense_param(n)).abs() <= step / 2 + 1e-7).all(), n
+    assert not quantize_int4(m, 32).layers  # nothing left to round
+    assert sparsify(m, "2:4").layers == ["lm_head"]  # an int4 experts module is no experts module to convert
+    with torch.no_grad():
+        got = m(ids).logits
+        for blk in m.model.layers:  # the same model on the 16-bit experts of the dequantized values
+            blk.mlp.experts = blk.mlp.experts.to_sparse()
+        assert_close(got, m(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_round_trips_int4_experts(tmp_path):
+    import json
+
+    from sparse_kernels.llm import checkpoint
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    ids = calib()
+    m = tiny("gpt_oss")  # [E, in, out] layout, biases
+    prune(m, method="sparsegpt", sparsity="2:4", int4=16, calibration=ids, progress=False, convert=True)
+    path = tmp_path / "ck"
+    cfg = checkpoint.save(m, str(path))
+    assert cfg["format_version"] == 6
+    key = "model.layers.0.mlp.experts.down_proj"
+    assert cfg["experts"][key] == {"sparsity": 0.5, "pattern": "2:4-int4", "num_experts": 4, "out_features": 64,
+                                   "in_features": 64, "group_size": 16}
+    assert cfg["sizes"]["experts_ratio"] == 0.625 / 4  # fp32: codes 1/4 + meta 1/8 + fp32 scale per 16 = 1/4 byte
+    with torch.no_grad():
+        want = m(ids).logits
+    m2, _ = checkpoint.load(str(path))
+    sd, sd2 = m.state_dict(), m2.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert all(isinstance(blk.mlp.experts, SparseExpertsInt4) for blk in m2.model.layers)
+    with torch.no_grad():
+        assert_bitexact(m2(ids).logits, want)
+    m3, _ = checkpoint.load(str(path), dtype=torch.bfloat16)  # scales as stored, the rest cast
+    q3 = m3.model.layers[0].mlp.experts
+    assert q3.down_proj_scales.dtype == torch.float32 and q3.down_proj_bias.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(m3(ids).logits).all()
+    m4, _ = checkpoint.load(str(path), int4="dequantize")
+    q4 = m4.model.layers[0].mlp.experts
+    assert type(q4) is SparseExperts
+    assert_bitexact(q4.dense_param("down_proj"), m.model.layers[0].mlp.experts.dense_param("down_proj"))
+    # tampered manifests
+    cfg_path = path / checkpoint.CONFIG_NAME
+    good = json.loads(cfg_path.read_text())
+    cases = [(lambda c: c["experts"][key].update(group_size=32), r"group_size must be one positive int .* \["),
+             (lambda c: c["experts"][key].update(in_features=48), r"down_proj is recorded as \[experts, out, in\] = "
+                                                                  r"\[4, 64, 48\], the model's is \[4, 64, 64\]"),
+             (lambda c: c["experts"].pop(key), r"records \['gate_up_proj'\], the model's GptOssExperts there has "
+                                               r"expert parameters \['down_proj', 'gate_up_proj'\]"),
+             (lambda c: c["experts"].update({"model.layers.0.mlp.router.down_proj": dict(c["experts"][key])}),
+              "2:4-int4 experts 'model.layers.0.mlp.router': records")]
+    for edit, msg in cases:
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        cfg_path.write_text(json.dumps(bad))
+        with pytest.raises(checkpoint.CheckpointError, match=msg):
+            checkpoint.load(str(path))
+    cfg_path.write_text(json.dumps(good))
+    with pytest.raises(checkpoint.CheckpointError, match="2:4-int4 experts need format_version 6; the checkpoint says 5"):
+        checkpoint._int4_experts(m, good["experts"], {}, "f", 5)  # (the file's metadata would refuse it first)
+    # a stored meta with an invalid nibble (the file rewritten with a matching hash)
+    from safetensors.torch import load_file, save_file
+
+    tpath = path / checkpoint.TENSORS_NAME
+    raw = load_file(str(tpath))
+    raw[key + "_meta"][2, 5, 1] = 0
+    save_file(raw, str(tpath), metadata={"format": checkpoint.FORMAT_NAME, "format_version": "6"})
+    with pytest.raises(checkpoint.CheckpointError, match=r"2:4-int4 layer 'model.layers.0.mlp.experts.down_proj'"):
+        checkpoint.load(str(path), verify_hash=False)
+
+
+def test_cli_prunes_an_moe_model_to_int4_experts(tmp_path, capsys):
+    import json
+
+    pytest.importorskip("tokenizers")
+    from sparse_kernels import cli
+    from sparse_kernels.llm import checkpoint
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    d = tmp_path / "moe"
+    text = save_word_model_dir(d, tiny("mixtral"))
+    out = tmp_path / "pruned"
+    assert cli.main(["prune", "--model", str(d), "--method", "sparsegpt", "--pattern", "2:4", "--int4", "16",
+                     "--nsamples", "4", "--seqlen", "32", "--calibration-source", str(text), "--eval-tokens", "0",
+                     "-o", str(out), "--no-progress"]) == 0
+    o = capsys.readouterr().out
+    assert "convert: 2 experts modules became SparseExpertsInt4" in o
+    cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
+    assert cfg["format_version"] == 6 and {v["pattern"] for v in cfg["experts"].values()} == {"2:4-int4"}
+    m, _ = checkpoint.load(str(out))
+    assert all(isinstance(blk.mlp.experts, SparseExpertsInt4) for blk in m.model.layers)
+    m, _ = checkpoint.load(str(out), int4="dequantize")
+    assert all(type(blk.mlp.experts) is SparseExperts for blk in m.model.layers)
+    for keep in ([], ["--keep-int4"]):
+        assert cli.main(["eval", "--model", str(out), *keep, "--eval-source", str(text), "--tokens", "200",
+                         "--window", "64", "--stride", "32", "--no-progress"]) == 0
+        assert "ppl" in capsys.readouterr().out
+    assert cli.main(["bench", "--model", str(d), "--sparse", str(out), "--keep-int4", "--new-tokens", "3",
+                     "--repeats", "1", "--prompt", "and the lord"]) == 0
+    assert "tok/s" in capsys.readouterr().out

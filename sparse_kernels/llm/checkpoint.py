@@ -66,12 +66,13 @@ import torch
 import torch.nn as nn
 
 FORMAT_NAME = "sparse_kernels.pruned_lm"
-FORMAT_VERSION = 5  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm); 4: 2:4 int4 layers;
-#                    5: pruned 3-D expert parameters bitmask-compressed
-READ_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6  # 2: masked layers bitmask-compressed; 3: permuted 2:4 layers (in_perm); 4: 2:4 int4 layers;
+#                    5: pruned 3-D expert parameters bitmask-compressed; 6: 2:4 int4 experts
+READ_VERSIONS = (1, 2, 3, 4, 5, 6)
 _VERSION_PERM = 3
 _VERSION_INT4 = 4
 _VERSION_EXPERTS = 5
+_VERSION_EXPERTS_INT4 = 6
 # A checkpoint without permuted layers is written as version 2, so earlier readers still load it;
 # one with them is version 3, which earlier readers refuse by its version (not by a stray tensor).
 _VERSION_WITHOUT_PERM = 2
@@ -327,7 +328,7 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         for n, mod in kept.items():
             _replace(model, n, mod)
     tensors, aliases = _unique_tensors(sd)
-    _densify_sparse_experts(model, tensors)
+    _densify_sparse_experts(model, tensors, keep_int4=True)
     model_class, model_config = _hf_config(model)
     dense_bytes = sparse_bytes = sparse_dense_bytes = 0
     for k, v in tensors.items():
@@ -364,7 +365,9 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         bitmask[key] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "nnz": int(enc[1].numel())}
         masked_bytes += enc[0].numel() + enc[1].numel() * enc[1].element_size()
     experts, experts_bytes, experts_dense_bytes = _compress_experts(model, tensors, bitmask)
-    if experts:
+    if any(v.get("pattern") == PATTERN_24_INT4 for v in experts.values()):
+        version = _VERSION_EXPERTS_INT4
+    elif experts:
         version = _VERSION_EXPERTS
     elif any(li["format"] == PATTERN_24_INT4 for li in info24.values()):
         version = _VERSION_INT4
@@ -440,19 +443,20 @@ def _is_24_experts(mod: nn.Module) -> bool:
     return bool(params)
 
 
-def _densify_sparse_experts(model: nn.Module, tensors: dict) -> None:
+def _densify_sparse_experts(model: nn.Module, tensors: dict, keep_int4: bool = False) -> None:
     """In ``tensors``, replace each :class:`sparse_kernels.nn.SparseExperts`' ``P_values``/``P_meta``
+    (a SparseExpertsInt4's ``P_qvalues``/``P_meta``/``P_scales``, dequantized, unless ``keep_int4``)
     by the dense 3-D parameter ``P`` of the transformers module it came from (the layout the
     model's config rebuilds; :func:`_compress_experts` then stores it compressed and :func:`load`
     turns it back into SparseExperts)."""
-    from ..nn import SparseExperts
+    from ..nn import SparseExperts, SparseExpertsInt4
 
     for mname, mod in model.named_modules():
-        if isinstance(mod, SparseExperts):
+        if isinstance(mod, SparseExperts) and not (keep_int4 and isinstance(mod, SparseExpertsInt4)):
             for pname in mod.params:
                 key = f"{mname}.{pname}" if mname else pname
-                tensors.pop(key + "_values", None)
-                tensors.pop(key + "_meta", None)
+                for part in ("values", "qvalues", "meta", "scales"):
+                    tensors.pop(f"{key}_{part}", None)
                 tensors[key] = mod.dense_param(pname).cpu()
 
 
@@ -460,13 +464,26 @@ def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[d
     """Bitmask-compress, in ``tensors``, every stored 3-D expert parameter with at least 10% zeros
     (recorded in ``bitmask`` with its ``tensor_shape``), and every parameter of a SparseExperts or
     of an experts module whose every expert matrix is 2:4 along its input (recorded with
-    ``"pattern": "2:4"``, so :func:`load` rebuilds them as SparseExperts); returns
-    ``({key: {"sparsity"[, "pattern"]}}, bytes stored, dense bytes)`` over those parameters."""
-    from ..nn import SparseExperts
+    ``"pattern": "2:4"``, so :func:`load` rebuilds them as SparseExperts); a SparseExpertsInt4's
+    parameters stay as they are (``P_qvalues``, ``P_meta``, ``P_scales``), recorded with
+    ``"pattern": "2:4-int4"`` and their shape and group size.  Returns
+    ``({key: {"sparsity"[, "pattern", ...]}}, bytes stored, dense bytes)`` over those parameters."""
+    from ..nn import SparseExperts, SparseExpertsInt4
     from ..pruning.experts import EXPERT_PARAMS, is_experts_module
 
     experts, stored, dense = {}, 0, 0
     for mname, mod in model.named_modules():
+        if isinstance(mod, SparseExpertsInt4):
+            for pname in mod.params:
+                key = f"{mname}.{pname}" if mname else pname
+                parts = [tensors[f"{key}_{p}"] for p in ("qvalues", "meta", "scales")]
+                e, out_f = parts[0].shape[:2]
+                in_f = mod.in_features[pname]
+                experts[key] = {"sparsity": 0.5, "pattern": PATTERN_24_INT4, "num_experts": e, "out_features": out_f,
+                                "in_features": in_f, "group_size": mod.group_size}
+                stored += sum(t.numel() * t.element_size() for t in parts)
+                dense += e * out_f * in_f * parts[2].element_size()
+            continue
         dense_experts = is_experts_module(mod)
         sparse = isinstance(mod, SparseExperts) or (dense_experts and _is_24_experts(mod))
         if not (sparse or dense_experts):
@@ -765,7 +782,7 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     m = _skeleton(cfg, model)
     if floats:  # build in the stored dtype so load_state_dict never silently casts
         m = _to_dtype(m, max(set(floats), key=floats.count))
-    from ..nn import SparseLinearInt4
+    from ..nn import SparseExpertsInt4, SparseLinearInt4
 
     sl = _sparse_linear_cls()
     for name, li in cfg["layers"].items():
@@ -798,6 +815,7 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         except AttributeError as e:
             raise CheckpointError(f"unstructured layer {name!r} is not a module of {type(m).__name__}") from e
         unstructured[name] = None if pat == "masked" else pat
+    _int4_experts(m, cfg.get("experts", {}), tensors, path, cfg["format_version"])
     try:
         m.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -806,13 +824,15 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         _replace(m, name, sl.from_dense(m.get_submodule(name), pattern=pat))
     _rebuild_sparse_experts(m, cfg.get("experts", {}), path, cfg["format_version"])
     m = m.to(device)
+    quantized = (SparseLinearInt4, SparseExpertsInt4)
     if dtype is not None:  # int4 layers keep their scales as stored (the kernels take any float dtype)
-        scales = {n: mod.scales for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)}
+        scales = [(n, b, t) for n, mod in m.named_modules() if isinstance(mod, quantized)
+                  for b, t in mod._buffers.items() if b == "scales" or b.endswith("_scales")]
         m = _to_dtype(m, dtype)
-        for n, sc in scales.items():
-            m.get_submodule(n)._buffers["scales"] = sc
+        for n, b, t in scales:
+            m.get_submodule(n)._buffers[b] = t
     if int4 == "dequantize":
-        for n in [n for n, mod in m.named_modules() if isinstance(mod, SparseLinearInt4)]:
+        for n in [n for n, mod in m.named_modules() if isinstance(mod, quantized)]:
             _replace(m, n, _dequantized(m.get_submodule(n), dtype))
     return m.eval(), cfg
 
@@ -827,9 +847,11 @@ def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str, version: int
     if experts and version < _VERSION_EXPERTS:
         raise CheckpointError(f"{path}: an 'experts' entry needs format_version {_VERSION_EXPERTS}; the checkpoint "
                               f"says {version}")
-    bad = {k: v["pattern"] for k, v in experts.items() if v.get("pattern", PATTERN_24) != PATTERN_24}
+    bad = {k: v["pattern"] for k, v in experts.items() if v.get("pattern", PATTERN_24) not in (PATTERN_24,
+                                                                                              PATTERN_24_INT4)}
     if bad:
-        raise CheckpointError(f"{path}: expert parameters with an unknown pattern {bad} (only '2:4' is written)")
+        raise CheckpointError(f"{path}: expert parameters with an unknown pattern {bad} (this sparse_kernels reads "
+                              f"'{PATTERN_24}' and '{PATTERN_24_INT4}')")
     modules = sorted({k.rpartition(".")[0] for k, v in experts.items()
                       if isinstance(v, dict) and v.get("pattern") == PATTERN_24})
     for name in modules:
@@ -843,11 +865,71 @@ def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str, version: int
             raise CheckpointError(f"{path}: 2:4 experts {name!r} cannot be rebuilt: {e}") from e
 
 
+def _int4_experts(m: nn.Module, experts: dict, tensors: dict, path: str, version: int) -> None:
+    """Before the state dict is loaded: replace each experts module whose parameters are recorded
+    with ``"pattern": "2:4-int4"`` by a SparseExpertsInt4 of their shapes (filled by
+    ``load_state_dict``), after checking the entries against the module and the stored codes,
+    meta and scales as :func:`_check_layer` checks a 2:4-int4 layer (CheckpointError otherwise)."""
+    from ..nn import SparseExpertsInt4
+    from ..pruning.experts import expert_params, is_experts_module, out_in
+
+    if not isinstance(experts, dict):
+        return  # (_rebuild_sparse_experts names the problem)
+    modules: dict[str, dict] = {}
+    for k, v in experts.items():
+        if isinstance(v, dict) and v.get("pattern") == PATTERN_24_INT4:
+            mname, _, pname = k.rpartition(".")
+            modules.setdefault(mname, {})[pname] = v
+    if modules and version < _VERSION_EXPERTS_INT4:
+        raise CheckpointError(f"{path}: {PATTERN_24_INT4} experts need format_version {_VERSION_EXPERTS_INT4}; the "
+                              f"checkpoint says {version}")
+    for name, entries in sorted(modules.items()):
+        what = f"{path}: {PATTERN_24_INT4} experts {name!r}"
+        try:
+            mod = m.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{what} is not a module of {type(m).__name__}") from e
+        have = expert_params(mod) if is_experts_module(mod) else {}
+        if set(entries) != set(have):
+            raise CheckpointError(f"{what}: records {sorted(entries)}, the model's {type(mod).__name__} there has "
+                                  f"expert parameters {sorted(have)}")
+        groups = {json.dumps(v.get("group_size")) for v in entries.values()}
+        g = next(iter(entries.values())).get("group_size")
+        if len(groups) != 1 or not (g is None or (type(g) is int and g > 0)):
+            raise CheckpointError(f"{what}: group_size must be one positive int (or null) for all its parameters, "
+                                  f"got {sorted(groups)}")
+        shapes = {}
+        for pname, v in entries.items():
+            e, out_f, in_f = out_in(mod, have[pname]).shape
+            got = [v.get("num_experts"), v.get("out_features"), v.get("in_features")]
+            if got != [e, out_f, in_f]:
+                raise CheckpointError(f"{what}: {pname} is recorded as [experts, out, in] = {got}, the model's is "
+                                      f"{[e, out_f, in_f]}")
+            key = f"{name}.{pname}"
+            parts = {p: tensors.get(f"{key}_{p}") for p in ("qvalues", "meta", "scales")}
+            for p, t in parts.items():
+                if t is None or t.dim() != 3 or list(t.shape[:2]) != [e, out_f]:
+                    raise CheckpointError(f"{what}: {key}_{p} must be stored as [{e}, {out_f}, ...], got "
+                                          f"{None if t is None else list(t.shape)}")
+            in_pad = (in_f + 15) // 16 * 16
+            _check_layer(key, {"format": PATTERN_24_INT4, "in_features": in_f, "out_features": e * out_f, "bias": False,
+                               "group_size": in_pad if g is None else g},
+                         {f"{key}.{p}": t.reshape(e * out_f, -1) for p, t in parts.items()})
+            shapes[pname] = (e, out_f, in_f)
+        scales = tensors[f"{name}.{next(iter(entries))}_scales"]
+        try:
+            new = SparseExpertsInt4._allocate(mod, shapes, {p: getattr(mod, p + "_bias", None) for p in shapes}, g,
+                                              scales.dtype, scales.device, None)._finish(mod)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{what} cannot be rebuilt: {e}") from e
+        _replace(m, name, new)
+
+
 def _dequantized(mod, dtype):
-    """The 16-bit 2:4 SparseLinear of a SparseLinearInt4 (values rounded to ``dtype``, default the
-    scales' dtype)."""
+    """The 16-bit 2:4 SparseLinear (SparseExperts) of a SparseLinearInt4 (SparseExpertsInt4), values
+    rounded to ``dtype``, default the scales' dtype."""
     sl = mod.to_sparse()
-    return sl if dtype is None or sl.values.dtype == dtype else sl.to(dtype)
+    return sl if dtype is None else _to_dtype(sl, dtype)
 
 
 def _to_dtype(m: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -387,23 +387,48 @@ def _convert_block(block: nn.Module, layers: dict, masks: dict, spec: Sparsity, 
         setattr(parent, child, new)
 
 
-def _convert_experts(block: nn.Module, layers: dict) -> int:
+def _convert_experts(block: nn.Module, layers: dict, int4_parts: dict | None = None) -> tuple[int, list[str]]:
     """Replace each experts module of ``block`` whose every expert matrix is in ``layers`` (pruned
-    2:4) by a :class:`sparse_kernels.nn.SparseExperts`; returns how many."""
-    from ..nn import SparseExperts
-    from .experts import expert_matrices
+    2:4) by a :class:`sparse_kernels.nn.SparseExperts`, or with ``int4_parts`` (``prune(int4=...)``:
+    each matrix's codes and scales) by a :class:`sparse_kernels.nn.SparseExpertsInt4` holding them
+    as they are.  Returns how many, and the names of those left dense (an int4 module with a
+    matrix that has no codes: no calibration token reached it)."""
+    from ..nn import SparseExperts, SparseExpertsInt4
+    from .experts import expert_matrices, expert_params, out_in
 
-    pruned = {id(layer) for layer in layers.values()}
-    done = 0
+    names = {id(layer): name for name, layer in layers.items()}
+    done, left = 0, []
     for name, mod in list(block.named_modules()):
         mats = expert_matrices(mod)
-        if name and mats and all(id(mat) in pruned for mat in mats.values()):  # (a block cannot replace itself)
+        if not (name and mats and all(id(mat) in names for mat in mats.values())):  # (a block cannot replace itself)
+            continue
+        if int4_parts is None:
             block.set_submodule(name, SparseExperts.from_experts(mod))
             done += 1
-    return done
+            continue
+        if not all(names[id(mat)] in int4_parts for mat in mats.values()):
+            left.append(name)
+            continue
+        codes, scales = {}, {}
+        c0, s0 = int4_parts[names[id(next(iter(mats.values())))]]
+        group = c0.shape[1] // s0.shape[1]
+        for pname, p in expert_params(mod).items():
+            e, out_f, in_f = out_in(mod, p).shape
+            groups = in_f // group
+            codes[pname] = torch.zeros(e, out_f, in_f, dtype=torch.int8, device=p.device)
+            scales[pname] = torch.ones(e, out_f, groups, dtype=p.dtype, device=p.device)
+        for mat in mats.values():  # each matrix's rows: the whole expert, or its gate / up rows
+            c, s = int4_parts[names[id(mat)]]
+            rows = mat.rows(codes[mat.param].shape[1])
+            codes[mat.param][mat.index, rows] = c
+            scales[mat.param][mat.index, rows] = s
+        block.set_submodule(name, SparseExpertsInt4.from_codes(mod, codes, scales))
+        done += 1
+    return done, left
 
 
-def _experts_notes(report: PruneReport, n_experts: int, all_experts: bool, convert, converted: int) -> list[str]:
+def _experts_notes(report: PruneReport, n_experts: int, all_experts: bool, convert, converted: int, left: list,
+                   int4) -> list[str]:
     """What :func:`prune` says about the ``n_experts`` expert matrices it pruned."""
     rows = [r for r in report.layers if r.calibration_tokens is not None]
     notes = [f"{n_experts} expert matrices pruned in place (3-D parameters)"]
@@ -418,11 +443,16 @@ def _experts_notes(report: PruneReport, n_experts: int, all_experts: bool, conve
                          f"(not quantized, with int4=): " + ", ".join(starved[:8])
                          + (" ..." if len(starved) > 8 else "")
                          + ("" if all_experts else " (calibrate_all_experts=True sends every token to every expert)"))
+    kind = "SparseExperts (2:4 values + meta per expert)" if int4 is None else \
+        f"SparseExpertsInt4 (2:4 int4 codes + meta + scales per expert, groups of {int4})"
     if converted:
-        notes.append(f"convert: {converted} experts modules became SparseExperts (2:4 values + meta per expert)")
-    elif convert:
+        notes.append(f"convert: {converted} experts modules became {kind}")
+    if left:
+        notes.append(f"convert: {len(left)} experts modules stay dense-shaped, some of their matrices got no "
+                     f"calibration token and no int4 codes: " + ", ".join(left[:4]) + (" ..." if len(left) > 4 else ""))
+    elif convert and not converted:
         notes.append("convert: the expert matrices stay dense-shaped in their 3-D parameters (SparseExperts holds "
-                     "2:4 experts only, int4 ones not yet); sparse_kernels.save_sparse stores them compressed")
+                     "2:4 experts); sparse_kernels.save_sparse stores them compressed")
     return notes
 
 
@@ -625,6 +655,7 @@ def prune(
         raise TypeError(f"calibrate_all_experts: expected a bool, got {type(calibrate_all_experts).__name__}")
     has_conv = False  # a convolution among the layers to prune (for the BatchNorm note at the end)
     n_experts = experts_converted = 0  # expert matrices among them; experts modules made SparseExperts
+    experts_left = []  # experts modules left dense by convert (int4: a matrix without codes)
     routers = [f"{bi}.{n}" for bi, b in enumerate(blocks) for n in sorted(router_layers(b))]
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
@@ -707,8 +738,10 @@ def prune(
                                options["_int4_parts"])
                 for r in layer_reports:
                     r.mask = None
-                if block_specs[bi].m == 4 and block_specs[bi].n <= 2 and convert is True and int4 is None:
-                    experts_converted += _convert_experts(block, layers)
+                if block_specs[bi].m == 4 and block_specs[bi].n <= 2 and convert is True:
+                    done, left = _convert_experts(block, layers, None if int4 is None else options["_int4_parts"])
+                    experts_converted += done
+                    experts_left += [f"{bi}.{n}" for n in left]
                 if perm_opts is not None and perm_opts.get("fold", True):
                     report.folded_permutations += [f"{bi}.{n.split('.', 1)[1]}" for n in fold_permutations([block])]
             options["_int4_parts"].clear()
@@ -724,7 +757,8 @@ def prune(
             model.config.use_cache = hf_cache
     report.seconds = time.perf_counter() - t_start
     if n_experts:
-        report.notes += _experts_notes(report, n_experts, calibrate_all_experts, convert, experts_converted)
+        report.notes += _experts_notes(report, n_experts, calibrate_all_experts, convert, experts_converted,
+                                       experts_left, int4)
     if routers:
         report.notes.append(f"{len(routers)} MoE routing layers left dense: " + ", ".join(routers[:4])
                             + (" ..." if len(routers) > 4 else ""))

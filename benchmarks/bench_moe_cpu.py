@@ -52,12 +52,15 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", default="1,8,64", help="routed tokens for the experts-module timing")
+    ap.add_argument("--int4", type=int, default=None, metavar="G",
+                    help="also the 2:4 model rounded to int4 in groups of G (quantize_int4: SparseLinearInt4, "
+                         "SparseExpertsInt4)")
     ap.add_argument("--prompt", default="In the beginning God created the heaven and the earth. And the earth was")
     ap.add_argument("--out", default="benchmarks/results/cpu/bench_moe_cpu.json")
     args = ap.parse_args(argv)
     import sparse_kernels as sk
     from sparse_kernels.llm import bench, models
-    from sparse_kernels.nn import SparseExperts
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
 
     llama, tok, src = models.load_model(None)
     rows = []
@@ -70,6 +73,11 @@ def main(argv=None) -> int:
         sk.prune(sparse, method="magnitude", sparsity="2:4", progress=False, convert=True)
         assert all(isinstance(b.mlp.experts, SparseExperts) for b in sparse.model.layers)
         contenders = {"dense (grouped_mm)": dense, "dense (eager)": eager, "2:4 (SparseExperts)": sparse}
+        if args.int4 is not None:
+            q = copy.deepcopy(sparse)
+            sk.quantize_int4(q, args.int4)
+            assert all(isinstance(b.mlp.experts, SparseExpertsInt4) for b in q.model.layers)
+            contenders[f"2:4 int4 g{args.int4} (SparseExpertsInt4)"] = q
         gens = bench.compare_generation(contenders, tok, args.prompt, new_tokens=args.new_tokens,
                                         repeats=args.repeats)
         base = gens["dense (grouped_mm)"].tokens_per_s
@@ -91,7 +99,7 @@ def main(argv=None) -> int:
                        "speedup_vs_grouped_mm": round(times["dense (grouped_mm)"] / ms, 3)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-        del dense, eager, sparse, contenders
+        del dense, eager, sparse, contenders  # (and the int4 copy)
     doc = run_record(f"2:4 MoE on CPU: {src.name} upcycled to {args.experts} experts top-{args.top_k}, SparseExperts "
                      f"against transformers' dense experts", "bench_moe_cpu.py", argv, rows,
                      machine=f"{device_name('cpu')}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",

@@ -20,6 +20,7 @@ tokens in 512-token windows, fp32). Writes JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--skip-dense", action="store_true", help="no rows for the dense SmolLM2")
+    ap.add_argument("--int4", type=int, default=None, metavar="G",
+                    help="SparseGPT rows: quantize jointly to int4 in groups of G and convert (attention "
+                         "SparseLinearInt4, experts SparseExpertsInt4), so perplexity runs on the int4 kernels")
     ap.add_argument("--mask-agreement", type=int, default=0, metavar="L",
                     help="instead: keep the first L blocks, prune SmolLM2 and the MoE (every token to every "
                          "expert) with each config, and record per block how far the MoE's masks and weights "
@@ -97,12 +101,17 @@ def main(argv=None) -> int:
     def run(model, kind, method, sparsity, all_experts=None):
         t0 = time.perf_counter()
         opts = {} if all_experts is None else {"calibrate_all_experts": all_experts}
+        if args.int4 is not None and method == "sparsegpt":
+            opts.update(int4=args.int4, convert=True)
+            model = copy.deepcopy(model)  # (converted modules: restore() could not put the dense weights back)
         rep = prune(model, method=method, sparsity=sparsity if ":" in sparsity else float(sparsity),
                     calibration=None if method == "magnitude" else calib, progress=False, **opts)
         secs = time.perf_counter() - t0
         ppl = evaluate.perplexity(model, ev).ppl
         toks = [r.calibration_tokens for r in rep.layers if r.calibration_tokens is not None]
         row = {"model": kind, "method": method, "sparsity": sparsity, "calibrate_all_experts": all_experts,
+               **({"int4": opts["int4"], "converted": [n for n in rep.notes if n.startswith("convert:")]}
+                  if "int4" in opts else {}),
                "ppl": round(ppl, 3), "prune_s": round(secs, 1), "overall_sparsity": round(rep.overall_sparsity, 4),
                "expert_matrices": sum("[" in r.name for r in rep.layers),
                "min_expert_tokens": min(toks) if toks else None,

@@ -77,9 +77,9 @@ def _sparsity(s: str) -> float:
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {s!r}") from None
-    if not 0.0 < v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) such as 0.5, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) such as 0.5, got {s!r}") from None
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1) such as 0.5, got {s!r}")
     return v
 
 
@@ -247,14 +247,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--method", choices=demo.METHODS + ("ria", "structured"), default="sparsegpt",
                    help="ria: relative importance and activations (Zhang et al., 2024); structured: remove "
-                        "whole FFN channels (--sparsity of them), heads, layers; saves a smaller dense model")
+                        "whole FFN channels (--sparsity of them, default 0.5; 0 keeps them all), --heads, "
+                        "--drop-layers; saves a smaller dense model")
     p.add_argument("--ria-alpha", type=float, default=0.5,
                    help="ria: exponent of the activation norm in the score (default 0.5)")
     p.add_argument("--scope", choices=("layer", "row", "global"), default=None,
                    help="comparison group of an unstructured --sparsity: magnitude layer (default) | row | global; "
                         "wanda/ria row (default, the papers') | layer; sparsegpt takes none")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--sparsity", type=_sparsity, help="unstructured: fraction of weights zeroed, e.g. 0.5")
+    g.add_argument("--sparsity", type=_sparsity,
+                   help="unstructured: fraction of weights zeroed, e.g. 0.5; --method structured: fraction of FFN "
+                        "channels removed (default 0.5; 0: none, to remove only --heads / --drop-layers)")
     g.add_argument("--pattern", type=_pattern, help="N:M, N kept of every M along in_features, e.g. 2:4 (default)")
     _add_calib(p)
     p.add_argument("--output", "-o", required=True, help="checkpoint directory to write")
@@ -285,12 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blocks with more activation outliers get a lower sparsity, the mean stays --sparsity")
     o.add_argument("--owl-m", type=_positive(float), default=5.0, help="outlier: score > M x mean (default 5)")
     o.add_argument("--owl-lambda", type=float, default=0.08, help="sparsity spread is 2 x lambda (default 0.08)")
-    s = p.add_argument_group("structured pruning (--method structured)")
-    s.add_argument("--criterion", choices=("magnitude", "activation", "taylor"), default="activation",
+    s = p.add_argument_group("structured pruning (--method structured only)")
+    s.add_argument("--criterion", choices=("magnitude", "activation", "taylor"), default=None,
                    help="unit importance (default activation norm on the calibration data)")
-    s.add_argument("--heads", type=_fraction_or_count, default=0,
-                   help="attention heads to remove: a fraction such as 0.25 or a count (whole KV groups)")
-    s.add_argument("--drop-layers", type=int, default=0, help="whole decoder layers to remove (default 0)")
+    s.add_argument("--heads", type=_fraction_or_count, default=None,
+                   help="attention heads to remove: a fraction such as 0.25 or a count (whole KV groups; default 0)")
+    s.add_argument("--drop-layers", type=int, default=None, help="whole decoder layers to remove (default 0)")
     f = p.add_argument_group("recovery fine-tuning after pruning (masks fixed)")
     f.add_argument("--finetune-steps", type=int, default=0, help="AdamW steps on calibration text (default 0: off)")
     f.add_argument("--finetune-lr", type=_positive(float), default=2e-5, help="learning rate (default 2e-5)")
@@ -354,10 +357,28 @@ def cmd_eval(args) -> int:
 def cmd_prune(args) -> int:
     from .llm import checkpoint, data, demo, evaluate
 
+    _check_output(args)
     if args.finetune_steps < 0:
         raise SystemExit(f"prune: --finetune-steps must be >= 0, got {args.finetune_steps}")
-    if args.method == "structured" and args.pattern:
-        raise SystemExit("prune: --method structured takes --sparsity (fraction of FFN channels), not --pattern")
+    if args.finetune_steps and args.finetune_seqlen < 2:
+        raise SystemExit(f"prune: --finetune-seqlen must be >= 2 (each step predicts the next tokens), got "
+                         f"{args.finetune_seqlen}")
+    structured_only = [f"--{k.replace('_', '-')}" for k in ("criterion", "heads", "drop_layers")
+                       if getattr(args, k) is not None]
+    if args.method == "structured":
+        if args.pattern:
+            raise SystemExit("prune: --method structured takes --sparsity (fraction of FFN channels), not --pattern")
+        if args.drop_layers is not None and args.drop_layers < 0:
+            raise SystemExit(f"prune: --drop-layers must be >= 0, got {args.drop_layers}")
+        if args.sparsity == 0 and not (args.heads or args.drop_layers):
+            raise SystemExit("prune: --method structured --sparsity 0 keeps every FFN channel; give --heads or "
+                             "--drop-layers, or a --sparsity above 0")
+    elif structured_only:
+        raise SystemExit(f"prune: --method {args.method} takes none of {', '.join(structured_only)} (options of "
+                         f"--method structured)")
+    elif args.sparsity == 0:
+        raise SystemExit(f"prune: --sparsity 0 prunes nothing with --method {args.method} (0 is for --method "
+                         f"structured, to remove only --heads / --drop-layers); give a fraction in (0, 1)")
     if args.skip and args.method == "structured":
         raise SystemExit("prune: --skip applies to --method sparsegpt/wanda/magnitude, not structured")
     try:
@@ -423,8 +444,13 @@ def cmd_prune(args) -> int:
         calib = data.calibration_samples(tok, args.nsamples, args.seqlen, seed=args.seed,
                                          source=args.calibration_source)
     names = demo.block_layer_names(m, skip=args.skip)
-    if not demo.block_layer_names(m, skip=args.skip, experts=True) and args.method != "structured":
+    pruned = demo.block_layer_names(m, skip=args.skip, experts=True)
+    if not pruned and args.method != "structured":
         raise SystemExit(f"prune: --skip {' '.join(args.skip)} leaves no layer to prune")
+    experts = [n for n in pruned if "[" in n]  # an expert's matrix: "<experts module>.<param>[i]..."
+    if args.permute and experts:
+        raise SystemExit(f"prune: --permute: {experts[0]} is an expert's matrix inside a 3-D parameter, which cannot "
+                         f"hold an input permutation; drop --permute or leave the experts dense with --skip experts")
     if args.format == "compressed-tensors":
         from .pruning.layers import _is_conv1d
 
@@ -462,7 +488,7 @@ def cmd_prune(args) -> int:
               + ", ".join(f"{v:.3f}" for v in rep.owl["block_sparsity"]))
     ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval pruned").ppl if args.eval_tokens else None
     if args.finetune_steps:
-        ft = _finetune(args, m, tok)
+        ft = _finetune(args, m, tok, {n.split("[")[0] for n in pruned})  # (an expert: its whole 3-D parameter)
         ppl_ft = evaluate.perplexity(m, ev, progress=progress, desc="eval fine-tuned").ppl if args.eval_tokens else None
         print(table(["steps", "lr", "loss first", "loss last", "ppl pruned", "ppl fine-tuned"],
                     [[args.finetune_steps, f"{args.finetune_lr:g}", ft["loss_first"], ft["loss_last"], ppl, ppl_ft]],
@@ -495,17 +521,17 @@ def cmd_prune(args) -> int:
     return 0
 
 
+CT_EXPERTS_NOTE = ("note: the pruned expert parameters of this mixture-of-experts model are written dense "
+                   "(compressed-tensors' sparsity formats address Linear layers): the default --format stores them "
+                   "compressed")
+
+
 def _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense_ppl, ppl) -> int:
-    from .llm import bench, checkpoint
+    from .llm import bench
     from .llm import compressed_tensors as ct
-    from .nn import SparseLinear
 
     if args.int4 is None:  # (--int4: the layers are SparseLinearInt4 already)
-        checkpoint.to_sparse(m, {n: kind for n in names})  # 2:4 -> SparseLinear; unstructured -> masked nn.Linear
-        for n in names:
-            mod = m.get_submodule(n)
-            if not isinstance(mod, SparseLinear):
-                checkpoint._replace(m, n, SparseLinear.from_dense(checkpoint.as_linear(mod), pattern="bitmask"))
+        _to_sparse_linear(m, {n: kind for n in names})
     try:
         sc = ct.save(m, args.output, tokenizer=tok)
     except (TypeError, ValueError) as e:
@@ -520,44 +546,70 @@ def _save_compressed_tensors(args, m, tok, names, kind, src, rep, pattern, dense
                   sc["format"], _mib(disk), _mib(bench.tensor_bytes(m))]],
                 title=f"\npruned and saved (compressed-tensors) to {args.output}"))
     if any(r.calibration_tokens is not None or "[" in r.name for r in rep.layers):
-        print("note: the pruned expert parameters of this mixture-of-experts model are written dense "
-              "(compressed-tensors' sparsity formats address Linear layers): the default --format stores them "
-              "compressed")
+        print(CT_EXPERTS_NOTE)
     for note in rep.notes:
         print(f"note: {note}")
     return 0
 
 
-def _finetune(args, m, tok) -> dict:
+def _to_sparse_linear(m, layers: dict[str, str]) -> None:
+    """The pruned ``layers`` ({name: "2:4" | "masked"}) as the SparseLinear layers compressed-tensors
+    stores: 2:4 ones as such, the others (unstructured, N:M other than 2:4) bitmask."""
+    from .llm import checkpoint
+    from .nn import SparseLinear
+
+    checkpoint.to_sparse(m, {n: k for n, k in layers.items() if k == checkpoint.PATTERN_24})
+    for n in layers:
+        mod = m.get_submodule(n)
+        if not isinstance(mod, SparseLinear):
+            checkpoint._replace(m, n, SparseLinear.from_dense(checkpoint.as_linear(mod), pattern="bitmask"))
+
+
+def _check_output(args) -> None:
+    """Refuse, before any work, an ``--output`` that cannot be a directory or is the ``--model`` directory."""
+    out = os.path.abspath(args.output)
+    if args.model and os.path.isdir(args.model) and os.path.isdir(out) and os.path.samefile(args.model, out):
+        raise SystemExit(f"{args.command}: --output {args.output!r} is the --model directory; writing there would "
+                         f"overwrite the source model: choose another directory")
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise SystemExit(f"{args.command}: --output {args.output!r}: {existing!r} is a file, not a directory")
+
+
+def _finetune(args, m, tok, layers) -> dict:
+    """--finetune-steps on ``m`` with exactly ``layers`` (the pruned ones) masked, whatever their sparsity."""
     from .llm import data
     from .training import finetune
 
     ids = data.calibration_samples(tok, max(args.nsamples, args.finetune_steps), args.finetune_seqlen,
                                    seed=args.seed + 1, source=args.calibration_source)
-    return finetune(m, ids, steps=args.finetune_steps, lr=args.finetune_lr, batch_size=1,
-                    progress=not args.no_progress)
+    return finetune(m, ids, steps=args.finetune_steps, lr=args.finetune_lr, batch_size=1, mask_zeros=None,
+                    mask_layers=layers, progress=not args.no_progress)
 
 
 def _prune_structured(args, m, tok, calib, dense_ppl, ev) -> int:
     """--method structured: shrink the model (FFN channels, heads, layers), save it dense."""
-    import os
-
     from . import prune
+    from .llm import compressed_tensors as ct
     from .llm import evaluate
 
     sparsity = args.sparsity if args.sparsity is not None else 0.5
-    rep = prune(m, method="structured", sparsity=sparsity, calibration=calib, criterion=args.criterion,
-                heads=args.heads, layers=args.drop_layers)
+    criterion, heads, drop = args.criterion or "activation", args.heads or 0, args.drop_layers or 0
+    rep = prune(m, method="structured", sparsity=sparsity, calibration=calib, criterion=criterion,
+                heads=heads, layers=drop)
     progress = not args.no_progress
     ppl = evaluate.perplexity(m, ev, progress=progress, desc="eval pruned").ppl if ev is not None else None
-    ft = _finetune(args, m, tok) if args.finetune_steps else None
+    ft = _finetune(args, m, tok, ()) if args.finetune_steps else None  # (a smaller dense model: nothing to mask)
     ppl_ft = evaluate.perplexity(m, ev, progress=progress, desc="eval fine-tuned").ppl if ft and ev is not None else None
     os.makedirs(args.output, exist_ok=True)
+    ct._remove_stale(args.output)  # an earlier checkpoint's config there would be read instead of this model
     m.save_pretrained(args.output)
     tok.save_pretrained(args.output)
     print(table(["criterion", "FFN removed", "heads", "layers", "params before", "params after", "ppl dense",
                  "ppl pruned", "ppl fine-tuned"],
-                [[args.criterion, sparsity, args.heads, args.drop_layers, rep.params_before, rep.params_after,
+                [[criterion, sparsity, heads, drop, rep.params_before, rep.params_after,
                   dense_ppl, ppl, ppl_ft]],
                 title=f"\nstructured pruning: smaller dense model saved to {args.output}"))
     return 0
@@ -660,6 +712,7 @@ def cmd_convert(args) -> int:
     from .llm import checkpoint, models
     from .llm import compressed_tensors as ct
 
+    _check_output(args)
     src = models.resolve(args.model)
     if src.kind not in ("checkpoint", "compressed-tensors"):
         raise SystemExit(f"convert: --model {args.model!r} is a dense model ({src.kind}), not a pruned checkpoint; "
@@ -668,6 +721,8 @@ def cmd_convert(args) -> int:
     if src.kind == "checkpoint":
         m, info = checkpoint.load(src.path, dtype=dtype)  # int4 layers stay int4 (both formats store them)
         tok_dir = src.path if info.get("tokenizer_saved") else None
+        if args.format == "compressed-tensors":  # as prune --format compressed-tensors stores them
+            _to_sparse_linear(m, {n: checkpoint.MASKED for n in info.get("masked", {})})
     else:
         m, ct_info = ct.load(src.path, dtype=dtype, int4="keep")
         tok_dir = src.path
@@ -685,6 +740,8 @@ def cmd_convert(args) -> int:
     n = sum(1 for mod in m.modules() if type(mod).__name__ in ("SparseLinear", "SparseLinearInt4"))
     print(f"converted {src.name} ({src.kind}) to {what} in {args.output}: {n} sparse layers"
           + ("" if tok is not None else " (no tokenizer in the source)"))
+    if args.format == "compressed-tensors" and src.kind == "checkpoint" and info.get("experts"):
+        print(CT_EXPERTS_NOTE)
     return 0
 
 
@@ -703,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         rc = COMMANDS[args.command](args)
-    except (OSError, ValueError) as e:  # missing packages/files/models, bad inputs: one clear line
+    except (OSError, TypeError, ValueError) as e:  # missing packages/files/models, bad inputs: one clear line
         print(f"sparse-kernels {args.command}: error: {e}", file=sys.stderr)
         return 2
     if args.command != "info":

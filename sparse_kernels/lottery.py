@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .training.masks import MASK_SUFFIX, apply_masks
-from .training.schedule import MagnitudePruner, OneShot, _check_fraction
+from .training.schedule import MagnitudePruner, OneShot, _check_fraction, _check_int
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -110,10 +110,13 @@ class LotteryTicket:
 
     def prune(self, rounds: int = 1) -> dict:
         """Prune ``rate`` of the remaining weights ``rounds`` times at once (``rounds > 1`` is the
-        one-shot baseline reaching the same sparsity in one go). Returns the pruning event."""
-        self.round += rounds
-        per_layer = {n: self.sparsity_after(self.round, r) for n, r in self.rates.items()}
-        return self.pruner.prune(self.sparsity_after(self.round), per_layer=per_layer)
+        one-shot baseline reaching the same sparsity in one go; 0 re-applies the current sparsity).
+        Returns the pruning event.  Raises TypeError/ValueError unless ``rounds`` is an int >= 0."""
+        total = self.round + _check_int("rounds", rounds, 0)
+        per_layer = {n: self.sparsity_after(total, r) for n, r in self.rates.items()}
+        event = self.pruner.prune(self.sparsity_after(total), per_layer=per_layer)
+        self.round = total
+        return event
 
     def rewind(self) -> None:
         """Set every surviving weight (and every other parameter/buffer) to the rewind snapshot."""

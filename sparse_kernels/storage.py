@@ -24,8 +24,9 @@ back as ``+0.0`` whatever its sign (pruning writes ``w * 0``, which is ``-0.0`` 
 ``w``; the two compare and compute alike but for the sign of ``1/x``). An entry that would not
 round-trip is stored dense. Dense entries keep every bit. One safetensors
 file, written atomically; its metadata key ``sparse_kernels`` holds a JSON description of every
-entry, validated on load (:class:`SparseStateError`, naming the entry, for anything that does
-not fit).
+entry, with the SHA-256 of its stored tensors' bytes (format version 2; version 1 files, which
+have none, still load), validated on load (:class:`SparseStateError`, naming the entry, for
+anything that does not fit, corrupted bytes included).
 
     report = save_sparse(model, "pruned.safetensors")
     model.load_state_dict(load_sparse("pruned.safetensors"))
@@ -33,6 +34,7 @@ not fit).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,7 +47,8 @@ from .pruning.layers import channels_last_2d, from_channels_last_2d
 
 __all__ = ["save_sparse", "load_sparse", "SparseStateError", "StorageReport"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: each stored entry records the SHA-256 of its tensors ("sha256")
+READ_VERSIONS = (1, 2)
 _META_KEY = "sparse_kernels"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -138,6 +141,15 @@ def _compress(fmt: str, v: torch.Tensor, nonzero: torch.Tensor):
     return parts if _same(back, v) else None
 
 
+def _digest(parts: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the raw bytes of an entry's stored tensors, concatenated in the order of their
+    names (a dense entry: its one tensor)."""
+    h = hashlib.sha256()
+    for name in sorted(parts):
+        h.update(parts[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def _state(obj) -> dict:
     if isinstance(obj, nn.Module):
         state = obj.state_dict()
@@ -174,10 +186,15 @@ def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
         from safetensors.torch import save_file
     except ImportError as e:  # pragma: no cover - an optional dependency
         raise ImportError("save_sparse needs safetensors (pip install safetensors)") from e
-    from .llm.checkpoint import _atomic_write
+    from .llm.checkpoint import _atomic_write, _check_path
 
+    path = _check_path(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a directory; save_sparse writes one file")
     if isinstance(formats, str):
         formats = (formats,)
+    if not isinstance(formats, (tuple, list)):
+        raise TypeError(f"formats: expected a str or a tuple of them, got {type(formats).__name__}")
     bad = [f for f in formats if f not in ("2:4", "bitmask")]
     if bad:
         raise ValueError(f"formats: unknown {bad[0]!r}; expected a subset of ('2:4', 'bitmask')")
@@ -225,13 +242,15 @@ def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
                 dense = dense.clone()
             written.add(dense.untyped_storage().data_ptr())
             tensors[key] = dense
-            entries[key] = {"format": "dense"}
+            entries[key] = {"format": "dense", "sha256": _digest({key: dense})}
             report.formats[key] = "dense"
             report.stored_bytes += _nbytes(t)
             continue
+        parts = {name: p.contiguous() for name, p in parts.items()}
         for name, p in parts.items():
-            tensors[f"{key}::{name}"] = p.contiguous()
-        entries[key] = {"format": chosen, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            tensors[f"{key}::{name}"] = p
+        entries[key] = {"format": chosen, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                        "sha256": _digest(parts)}
         if t.dim() > 2:
             entries[key]["view"] = chosen_view
         report.formats[key] = chosen
@@ -244,6 +263,17 @@ def save_sparse(obj, path: str, *, formats=("2:4", "bitmask")) -> StorageReport:
 
 def _fail(key: str, what: str):
     raise SparseStateError(f"{key}: {what}")
+
+
+def _check_digest(key: str, entry: dict, parts: dict[str, torch.Tensor], version: int) -> None:
+    if version < 2:  # version 1 recorded no checksum
+        return
+    want = entry.get("sha256")
+    if not isinstance(want, str):
+        _fail(key, f"no 'sha256' recorded (format version {version} records one for every stored entry)")
+    got = _digest(parts)
+    if got != want:
+        _fail(key, f"corrupted: the SHA-256 of its stored tensors is {got}, the file records {want}")
 
 
 def _shape(key: str, entry: dict) -> tuple:
@@ -297,11 +327,20 @@ def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = Tru
     """Read a :func:`save_sparse` file back into a state_dict of dense tensors (bit-exact but for
     the sign of zeros in compressed entries, on the CPU). With ``model``, also ``model.load_state_dict(state, strict=strict)``. Raises
     :class:`SparseStateError` (a ValueError) for a file that is not ours, another format version,
-    or an entry that does not describe its tensor; FileNotFoundError for a missing file."""
+    an entry that does not describe its tensor or whose bytes do not match its SHA-256;
+    FileNotFoundError for a missing file; TypeError for arguments of the wrong type and ValueError
+    when the tensors do not fit ``model``."""
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - an optional dependency
         raise ImportError("load_sparse needs safetensors (pip install safetensors)") from e
+    from .llm.checkpoint import _check_module, _check_path
+
+    path = _check_path(path)
+    if model is not None:
+        _check_module(model)
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict: expected True or False, got {strict!r}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no file at {path!r}")
     try:
@@ -317,8 +356,9 @@ def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = Tru
         version, entries = desc["format_version"], desc["entries"]
     except (ValueError, KeyError, TypeError) as e:
         raise SparseStateError(f"path: the {_META_KEY!r} metadata is not valid ({e})") from None
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise SparseStateError(f"path: format version {version!r}; this sparse_kernels reads version {FORMAT_VERSION}")
+    if type(version) is not int or version not in READ_VERSIONS:
+        raise SparseStateError(f"path: format version {version!r}; this sparse_kernels reads versions "
+                               f"{', '.join(map(str, READ_VERSIONS))}")
     if not isinstance(entries, dict):
         raise SparseStateError("path: the entries are not a dict")
     parts: dict[str, dict] = {}
@@ -333,9 +373,11 @@ def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = Tru
         if fmt == "dense":
             if key not in stored:
                 _fail(key, "a dense entry whose tensor is missing from the file")
+            _check_digest(key, entry, {key: stored[key]}, version)
             state[key] = stored[key]
             used.add(key)
         elif fmt in ("2:4", "bitmask"):
+            _check_digest(key, entry, parts.get(key, {}), version)
             state[key] = _rebuild(key, entry, parts.get(key, {}))
             used.update(f"{key}::{n}" for n in parts.get(key, {}))
         elif fmt != "alias":
@@ -351,5 +393,8 @@ def load_sparse(path: str, model: nn.Module | None = None, *, strict: bool = Tru
         raise SparseStateError(f"path: tensors {extra[:3]} belong to no entry")
     state = {k: state[k] for k in entries}  # the saved order
     if model is not None:
-        model.load_state_dict(state, strict=strict)
+        try:
+            model.load_state_dict(state, strict=strict)
+        except RuntimeError as e:
+            raise ValueError(f"model: the tensors of {path!r} do not fit this {type(model).__name__}: {e}") from None
     return state

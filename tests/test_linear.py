@@ -285,6 +285,70 @@ def test_errors_cpp_kernel_direct():
         torch.ops.sparse_kernels.masked_linear_cpp(x, torch.randn(8, 32), torch.zeros(8, 3, dtype=torch.uint8), None)
 
 
+@pytest.mark.parametrize("rows,k", [(5, 64), (3, 16)])  # 20 meta words (SWAR chunks of 4); 3 words (the tail loop)
+def test_cpp_kernels_refuse_corrupt_meta(rows, k):
+    """A nibble with i0 >= i1 would make the 2:4 kernels pick the wrong x entries (never out of
+    bounds): the CPU kernels refuse it as decompress_2to4 does, naming the first bad group. Every
+    one of the 16 nibble values, at the first and the last group of the meta."""
+    skip_unless_backend("sparse_linear", "cpp", "cpu")
+    torch.manual_seed(0)
+    values, meta = sk.compress_2to4(torch.randn(rows, k), prune=True)
+    q, _, scales = sk.compress_2to4_int4(torch.randn(rows, k), 16, prune=True)
+    x, gy = torch.randn(2, k), torch.randn(2, rows)
+    ops = torch.ops.sparse_kernels
+    calls = {"sparse_linear": lambda m: ops.sparse_linear_cpp(x, values, m, None, None),
+             "sparse_linear_int4": lambda m: ops.sparse_linear_int4_cpp(x, q, m, scales, None),
+             "grad_x": lambda m: ops.sparse_linear_grad_x_cpp(gy, values, m),
+             "grad_values": lambda m: ops.sparse_linear_grad_values_cpp(gy, x, m)}
+    groups = k // 4
+    for r, g in ((0, 0), (rows - 1, groups - 1)):
+        for nib in range(16):
+            bad = meta.clone()
+            word = int(bad[r, g // 4]) & 0xFFFF
+            word = (word & ~(0xF << (4 * (g % 4)))) | (nib << (4 * (g % 4)))
+            bad[r, g // 4] = word - 0x10000 if word >= 0x8000 else word
+            for name, call in calls.items():
+                if (nib & 3) < (nib >> 2):
+                    assert torch.isfinite(call(bad)).all(), (name, nib)
+                    continue
+                with pytest.raises(ValueError, match=rf"meta is corrupt: row {r}, group {g} \(columns {4 * g}\.\."
+                                                     rf"{4 * g + 3}\) has nibble {nib} with"):
+                    call(bad)
+    # the public op on the reference backend says the same
+    bad = meta.clone()
+    bad[0, 0] = bad[0, 0] & ~0xF
+    for backend in ("cpp", "reference"):
+        with pytest.raises(ValueError, match=r"meta is corrupt: row 0, group 0 \(columns 0\.\.3\) has nibble 0"):
+            sk.sparse_linear(x, values, bad, backend=backend)
+
+
+def test_cpp_kernels_refuse_widths_whose_product_overflows():
+    """A 0-stride operand can claim any width; K = 4 * width must not wrap around (it did to 0)."""
+    skip_unless_backend("sparse_linear", "cpp", "cpu")
+    ops = torch.ops.sparse_kernels
+    huge = torch.zeros(1, 1, dtype=torch.uint8).expand(1, 2 ** 62)
+    with pytest.raises(ValueError, match="qvalues: 4611686018427387904 columns; no weight has that many"):
+        ops.sparse_linear_int4_cpp(torch.zeros(2, 0), huge, torch.zeros(1, 0, dtype=torch.int16), torch.ones(1, 1),
+                                   torch.tensor([7.0]))
+    with pytest.raises(ValueError, match="values: 4611686018427387904 columns"):
+        ops.sparse_linear_cpp(torch.zeros(2, 0), torch.zeros(1, 1).expand(1, 2 ** 62),
+                              torch.zeros(1, 0, dtype=torch.int16), None, None)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_zero_size_inputs_give_empty_results_on_every_cpu_backend(backend):
+    skip_unless_backend("sparse_linear_int4", backend, "cpu")
+    from sparse_kernels.ops.permutation import nm_split_scores
+
+    assert sk.mask_2to4(torch.zeros(3, 0), backend=backend).shape == (3, 0)
+    y = sk.sparse_linear_int4(torch.randn(2, 64), torch.zeros(0, 16, dtype=torch.uint8),
+                              torch.zeros(0, 4, dtype=torch.int16), torch.ones(0, 1), backend=backend)
+    assert y.shape == (2, 0)
+    s = nm_split_scores(torch.rand(16, 20), torch.zeros(0, 8, dtype=torch.int64), torch.arange(8).reshape(1, 8), 2,
+                        backend=backend)
+    assert s.shape == (0, 1)
+
+
 def test_errors_masked_linear():
     x, w, mask, b, m = _masked_problem((2,), 6, 20, torch.float32, True)
     with pytest.raises(ValueError, match=r"mask: shape \(6, 2\) is wrong for a bit-packed uint8 mask"):

@@ -433,7 +433,7 @@ def test_atomic_write_leaves_old_checkpoint(saved, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- CLI
 @pytest.mark.parametrize("argv,msg", [
     (["prune"], "the following arguments are required: --output"),
-    (["prune", "-o", "x", "--sparsity", "1.5"], "expected a fraction in \\(0, 1\\)"),
+    (["prune", "-o", "x", "--sparsity", "1.5"], "expected a fraction in \\[0, 1\\) such as 0.5, got '1.5'"),
     (["prune", "-o", "x", "--pattern", "4:2"], "expected 'N:M' with 0 < N < M"),
     (["prune", "-o", "x", "--pattern", "2:4", "--sparsity", "0.5"], "not allowed with argument"),
     (["prune", "-o", "x", "--method", "obs"], "invalid choice: 'obs'"),

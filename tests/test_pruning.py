@@ -374,7 +374,8 @@ def test_hf_calibration_errors():
         prune(model, "sparsegpt", 0.5, calibration=torch.randn(2, 8))
     with pytest.raises(ValueError, match=r"shape \[n, seqlen\]"):
         prune(model, "sparsegpt", 0.5, calibration=torch.randint(0, 96, (16,)))
-    with pytest.raises(ValueError, match=r"calibration\[1\]"):
+    with pytest.raises(TypeError, match=r"calibration\[1\]: expected a LongTensor \[n, seqlen\] of token ids, "
+                                        r"got float32 \(1, 8\)"):
         prune(model, "wanda", 0.5, calibration=[torch.randint(0, 96, (1, 8)), torch.randn(1, 8)], progress=False)
 
 

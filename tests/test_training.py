@@ -288,7 +288,7 @@ def test_finetune_after_2to4_lowers_loss_and_keeps_masks():
 
 def test_finetune_errors():
     model = mlp()
-    with pytest.raises(ValueError, match="steps: expected an int >= 1"):
+    with pytest.raises(ValueError, match="steps: must be >= 1, got 0"):
         finetune(model, torch.zeros(2, 3, dtype=torch.long), steps=0)
     with pytest.raises(ValueError, match=r"token_batches: expected a LongTensor \[n, seqlen\]"):
         finetune(model, torch.zeros(2, 3), steps=1)

@@ -9,8 +9,7 @@
 //   weight streamed from memory is the 4-bit codes, the meta and the scales: 1/3 of a 16-bit 2:4
 //   weight's bytes (plus the scales).  x is converted to fp32 once per call; accumulation is fp32.
 //   Every shape and dtype is validated before any pointer arithmetic (the Python wrapper checks the
-//   same things first, with friendlier messages).  Corrupt meta (i0 >= i1) cannot read out of
-//   bounds: a nibble always indexes inside its group.
+//   same things first, with friendlier messages), and corrupt meta (i0 >= i1) is refused.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -200,7 +199,7 @@ at::Tensor sparse_linear_int4_cpp(const at::Tensor& x, const at::Tensor& qvalues
   TORCH_CHECK_VALUE(qvalues.dim() == 2, "qvalues: expected a 2-D tensor [N, K/4], got ", qvalues.dim(), "-D");
   TORCH_CHECK_TYPE(qvalues.scalar_type() == at::kByte, "qvalues: dtype ", qvalues.scalar_type(),
                    " is not supported; expected uint8");
-  const int64_t N = qvalues.size(0), K = 4 * qvalues.size(1);
+  const int64_t N = qvalues.size(0), K = sk_linear::packed_cols(qvalues, 4, "qvalues");
   TORCH_CHECK_VALUE(K % 16 == 0, "qvalues: ", K, " columns; the 2:4 int4 format needs a multiple of 16");
   TORCH_CHECK_TYPE(meta.scalar_type() == at::kShort, "meta: dtype ", meta.scalar_type(), " is not supported; expected int16");
   TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == N && meta.size(1) == K / 16, "meta: expected shape (", N, ", ",
@@ -214,6 +213,7 @@ at::Tensor sparse_linear_int4_cpp(const at::Tensor& x, const at::Tensor& qvalues
                     "] weight; expected (N, K/G) with G a multiple of 16 dividing K");
   sk_linear::check_x_and_bias(x, bias, N, K, qvalues, "qvalues", /*w_dtype_is_x=*/false);
   TORCH_CHECK_VALUE(meta.device().is_cpu() && scales.device().is_cpu(), "meta and scales must be CPU tensors");
+  sk_linear::check_meta_nibbles(meta.contiguous());
   const int64_t M = x.size(0), G = N > 0 ? K / scales.size(1) : K;
   at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));  // every element written below
   if (M > 0 && N > 0 && K > 0) {

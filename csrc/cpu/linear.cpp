@@ -13,7 +13,7 @@
 //   two permutevar8x32 + blend), chosen at run time with __builtin_cpu_supports (the build stays
 //   portable: no -march flags); elsewhere a scalar loop.  SPARSE_KERNELS_CPU_ISA=avx512|avx2|scalar
 //   forces a lower path (tests use it to cover every path on one machine).
-//   Corrupt meta (i0 >= i1) cannot read out of bounds: a nibble always indexes inside its group.
+//   Corrupt meta (i0 >= i1) is refused (ValueError naming the group) before the kernel runs.
 //
 // masked_linear_cpp(x [M,K], weight [N,K], mask bool [N,K] | uint8 [N,ceil(K/8)], bias?) -> [M,N]
 // pack_mask_cpp / unpack_mask_cpp: bit c%8 of byte c/8 holds mask[..., c] (little bit order).
@@ -80,7 +80,7 @@ at::Tensor sparse_linear_cpp(const at::Tensor& x, const at::Tensor& values, cons
   TORCH_CHECK_VALUE(values.dim() == 2, "values: expected a 2-D tensor [N, K/2], got ", values.dim(), "-D");
   TORCH_CHECK_VALUE(values.size(1) % 8 == 0, "values: the number of columns must be a multiple of 8 (K % 16 == 0), got ",
                     values.size(1));
-  const int64_t N = values.size(0), K = 2 * values.size(1);
+  const int64_t N = values.size(0), K = sk_linear::packed_cols(values, 2, "values");
   TORCH_CHECK_TYPE(meta.scalar_type() == at::kShort, "meta: dtype ", meta.scalar_type(), " is not supported; expected int16");
   TORCH_CHECK_VALUE(meta.dim() == 2 && meta.size(0) == N && meta.size(1) == K / 16, "meta: expected shape (", N, ", ",
                     K / 16, "), got ", meta.sizes());
@@ -88,6 +88,7 @@ at::Tensor sparse_linear_cpp(const at::Tensor& x, const at::Tensor& values, cons
   check_x_and_bias(x, bias, N, K, values, "values");
   const int64_t M = x.size(0);
   at::Tensor v = values.contiguous(), mt = meta.contiguous();
+  sk_linear::check_meta_nibbles(mt);
 #if SK_X86_BF16
   const bool bf16_dot = x.scalar_type() == at::kBFloat16 && K % 64 == 0 && has_avx512bf16();
 #else

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "blocked_gemm.h"
+#include "linear_checks.h"
 #include "simd.h"
 
 #define SKG_INLINE inline __attribute__((always_inline))
@@ -502,11 +503,12 @@ at::Tensor sparse_linear_grad_x_cpp(const at::Tensor& grad_y, const at::Tensor& 
   TORCH_CHECK_VALUE(values.dim() == 2, "values: expected a 2-D tensor [N, K/2], got ", values.dim(), "-D");
   TORCH_CHECK_VALUE(values.size(1) % 8 == 0, "values: the number of columns must be a multiple of 8 (K % 16 == 0), got ",
                     values.size(1));
-  const int64_t N = values.size(0), K = 2 * values.size(1);
+  const int64_t N = values.size(0), K = sk_linear::packed_cols(values, 2, "values");
   check_meta(meta, N, K);
   check_grad_y(grad_y, N);
   check_same(values, "values", grad_y);
   at::Tensor v = values.contiguous(), mt = meta.contiguous();
+  sk_linear::check_meta_nibbles(mt);
   return grad_x_impl<true>(grad_y, v, nullptr, false, mt, N, K);
 }
 
@@ -565,11 +567,12 @@ at::Tensor masked_linear_grad_w_cpp(const at::Tensor& grad_y, const at::Tensor& 
 
 at::Tensor sparse_linear_grad_values_cpp(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& meta) {
   TORCH_CHECK_VALUE(meta.dim() == 2, "meta: expected a 2-D tensor [N, K/16], got ", meta.dim(), "-D");
-  const int64_t N = meta.size(0), K = 16 * meta.size(1);
+  const int64_t N = meta.size(0), K = sk_linear::packed_cols(meta, 16, "meta");
   check_meta(meta, N, K);
   check_grad_y(grad_y, N);
   check_x(x, grad_y, K, "the 2:4 weight (16 * meta.shape[1])");
   at::Tensor mt = meta.contiguous();
+  sk_linear::check_meta_nibbles(mt);
   return grad_w_impl(grad_y, x, nullptr, false, mt, N, K);
 }
 

@@ -362,10 +362,14 @@ static void lazy_update_rows(float* W, int64_t ldw, const float* E, int64_t lde,
 static void sparsegpt_lazy_update_cpp(const at::Tensor& W, const at::Tensor& Err1, const at::Tensor& U) {
   TORCH_CHECK_VALUE(W.dim() == 2 && Err1.dim() == 2 && U.dim() == 2, "sparsegpt_lazy_update: W, Err1 and U must be 2-D, got ",
                     W.sizes(), ", ", Err1.sizes(), ", ", U.sizes());
+  const char* names[] = {"W", "Err1", "U"};
+  int i = 0;
   for (const at::Tensor* t : {&W, &Err1, &U}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "sparsegpt_lazy_update: expected float32 tensors, got ",
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat, "sparsegpt_lazy_update: ", names[i], ": expected float32, got ",
                      t->scalar_type());
-    TORCH_CHECK_VALUE(t->device().is_cpu(), "sparsegpt_lazy_update_cpp: tensors must be on the CPU");
+    TORCH_CHECK_VALUE(t->device().is_cpu(), "sparsegpt_lazy_update_cpp: ", names[i], ": expected a CPU tensor, got ",
+                      t->device());
+    ++i;
   }
   const int64_t rows = W.size(0), L = W.size(1), B = Err1.size(1);
   TORCH_CHECK_VALUE(Err1.size(0) == rows, "Err1: shape ", Err1.sizes(), " must have W's ", rows, " rows");

@@ -14,9 +14,9 @@ A checkpoint is a directory:
   ``qvalues`` ``[out, in_pad/4]`` uint8 (the int4 codes + 8, two per byte), ``meta`` as a 2:4
   layer and ``scales`` ``[out, in_pad/group_size]`` (see docs/FORMAT.md, "2:4 int4"), plus
   ``in_perm`` when permuted; the JSON records its ``group_size``.
-* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (5 when it
-  holds compressed expert parameters, else 4 when a layer is 2:4 int4, else 3 when a layer is
-  permuted, else 2)
+* ``sparse_kernels.json``: ``format`` (:data:`FORMAT_NAME`) and ``format_version`` (6 when it
+  holds 2:4 int4 experts, else 5 when it holds compressed expert parameters, else 4 when a layer
+  is 2:4 int4, else 3 when a layer is permuted, else 2)
   (:data:`FORMAT_VERSION`), the base model it came from, the Hugging Face model class and
   config (when there is one), which layers are ``2:4`` (with their dense shape, original module
   type, bias and, for a permuted layer, ``"in_perm": true``) and which are ``masked``
@@ -35,13 +35,16 @@ A checkpoint is a directory:
   (pruned in place by :func:`sparse_kernels.prune`) are stored bitmask-compressed the same way,
   as the 2-D matrix ``[E * rows, cols]``; their ``bitmask`` entry adds ``tensor_shape`` (the
   3-D shape to restore) and ``experts`` in the JSON records each one's sparsity (format version
-  5, written only when there is such a parameter).
+  5, written only when there is such a parameter); a :class:`sparse_kernels.nn.SparseExpertsInt4`
+  stores its ``P_qvalues``, ``P_meta``, ``P_scales`` as they are (format version 6).
 * optionally the tokenizer files (``tokenizer.save_pretrained``).
 
-Writes are atomic: each file is written to a temporary name in the same directory, flushed
-and fsynced, then ``os.replace``-d into place; the JSON goes last and names the SHA-256 of the
-tensors file, so a crash between the two leaves a checkpoint that fails to load with a clear
-error rather than one that loads the wrong weights.
+Writes are atomic: :func:`save` checks its arguments, then writes every file to a temporary
+name in the same directory (flushed and fsynced; the tokenizer into a temporary folder) before
+any is ``os.replace``-d into place, so a failed save leaves an existing checkpoint as it was and
+no temporary file behind.  The tensors file is replaced first, then the JSON, which names its
+SHA-256 (a crash between the two leaves a checkpoint that fails to load with a clear error
+rather than one that loads the wrong weights), then the tokenizer files are moved in.
 
 :func:`load` checks, before building anything: the format name and version, the file size
 (truncation), the SHA-256 (corruption), the stored tensors against the manifest (names, shapes,
@@ -50,15 +53,17 @@ values), every 2:4 layer's meta nibbles (the six valid ones, 4 8 9 12 13 14) and
 layer's ``in_perm`` (int64, each input channel exactly once); any failure raises
 :class:`CheckpointError` (a ValueError) naming the file or layer and what is wrong.  Then it
 rebuilds the model with its 2:4 layers as SparseLinear (``permuted=True`` where recorded) and
-loads every tensor strictly.  Checkpoints without permuted layers are unchanged (an older reader
+loads every tensor strictly, each in its stored dtype (unless ``dtype=``).  Checkpoints without permuted layers are unchanged (an older reader
 rejects one with an ``in_perm``: an unexpected tensor).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -238,24 +243,86 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(tmp_path)``, fsync it, then ``os.replace`` it onto ``path``."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+def _write_temp(path: str, write) -> str:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, fsync it and give it the mode a
+    plain open() would; returns ``tmp`` (removed if this fails)."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)  # mkstemp made it 0600: give it the mode a plain open() would
+        umask = os.umask(0)  # mkstemp made it 0600
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-        _fsync_dir(d)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp
+
+
+def _atomic_write(path: str, write) -> None:
+    """Call ``write(tmp)``, fsync it, then ``os.replace`` it onto ``path``."""
+    tmp = _write_temp(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def _staging(directory: str):
+    """For a save of several files into ``directory`` (created if needed) that must leave what is
+    there untouched until all of them are written: yields the list of staged ``(tmp, final)``
+    pairs (:func:`_stage`, :func:`_publish`), and removes every temporary file or folder still
+    there on the way out, and ``directory`` too if it was created here and the save failed."""
+    created = not os.path.isdir(directory)
+    os.makedirs(directory, exist_ok=True)
+    staged: list[tuple[str, str | None]] = []
+    ok = False
+    try:
+        yield staged
+        ok = True
+    finally:
+        for tmp, _ in staged:
+            if os.path.isdir(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif os.path.exists(tmp):
+                os.unlink(tmp)
+        if created and not ok:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+
+
+def _stage(staged: list, path: str, write) -> str:
+    """Write ``path``'s new content to a temporary file (:func:`_write_temp`) recorded in ``staged``."""
+    tmp = _write_temp(path, write)
+    staged.append((tmp, path))
+    return tmp
+
+
+def _write_text(text: str):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    return write
+
+
+def _publish(directory: str, staged: list, tokenizer=None) -> None:
+    """Save ``tokenizer`` (when given) into a temporary folder, then ``os.replace`` each staged
+    file onto its name, in order, then move the tokenizer's files in."""
+    moves = list(staged)
+    if tokenizer is not None:  # a tokenizer that fails must do so before anything is replaced
+        tokdir = tempfile.mkdtemp(prefix=".tokenizer.", suffix=".tmp", dir=directory)
+        staged.append((tokdir, None))
+        tokenizer.save_pretrained(tokdir)
+        moves += [(os.path.join(tokdir, f), os.path.join(directory, f)) for f in sorted(os.listdir(tokdir))]
+    for tmp, final in moves:
+        os.replace(tmp, final)
+    _fsync_dir(directory)
 
 
 def sha256_file(path: str) -> str:
@@ -264,6 +331,52 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- arguments
+def _check_path(path, what: str = "path") -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what}: expected a str or os.PathLike, got {type(path).__name__} {path!r}")
+    return os.fspath(path)
+
+
+def _check_save_args(path, tokenizer) -> str:
+    """``path`` (a str or PathLike that is not a file) as a str; ``tokenizer`` None or with save_pretrained."""
+    path = _check_path(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"path: {path!r} exists and is not a directory")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer: expected None or a tokenizer with save_pretrained(), got "
+                        f"{type(tokenizer).__name__}")
+    return path
+
+
+def _check_module(model, what: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: expected an nn.Module, got {type(model).__name__} {model!r}")
+
+
+def _json_dict(value, what: str) -> dict:
+    """``value`` checked to be a dict that JSON can store, or {} for None."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"{what}: expected a dict or None, got {type(value).__name__} {value!r}")
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what}: must hold only JSON values (str, numbers, bool, None, lists, dicts): {e}") from None
+    return value
+
+
+def _check_load_args(dtype, device) -> None:
+    """``dtype`` None or a floating torch.dtype, ``device`` one torch can allocate on (TypeError/ValueError)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected None or a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, AssertionError) as e:  # (AssertionError: torch built without CUDA)
+        raise ValueError(f"device: {device!r} is not a device torch can use here ({e})") from None
 
 
 # ---------------------------------------------------------------- save
@@ -297,16 +410,31 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
 
     ``layers``: ``{module name: "2:4" | "masked"}``; default :func:`find_sparse_layers`.  The
     model is modified in place: its 2:4 layers become SparseLinear (they compute the same thing).
-    ``base_model``: a description of where the dense model came from (stored as-is).
-    ``tokenizer``: saved next to the weights when given.  ``pruning``: free-form record of how
+    ``base_model``: a JSON dict describing where the dense model came from (stored as-is).
+    ``tokenizer``: saved next to the weights when given.  ``pruning``: free-form JSON dict of how
     the model was pruned.  The returned dict's ``sizes`` holds the bytes on disk and the dense
     equivalent.
+
+    The arguments are checked before anything is written, and every file (the tokenizer's in a
+    temporary folder) is written in full before the first one replaces its old version, so a save
+    that fails leaves the checkpoint already at ``path`` as it was.
     """
-    os.makedirs(path, exist_ok=True)
+    _check_module(model)
+    path = _check_save_args(path, tokenizer)
+    base_model, pruning = _json_dict(base_model, "base_model"), _json_dict(pruning, "pruning")
+    if layers is not None and not isinstance(layers, dict):
+        raise TypeError(f"layers: expected a dict {{module name: format}} or None, got {type(layers).__name__}")
     layers = find_sparse_layers(model) if layers is None else dict(layers)
     bad = {k: v for k, v in layers.items() if v not in (PATTERN_24, PATTERN_24_INT4, MASKED)}
     if bad:
         raise ValueError(f"save: layer formats must be '2:4', '2:4-int4' or 'masked', got {bad}")
+    modules = dict(model.named_modules())
+    missing = [n for n in layers if n not in modules]
+    if missing:
+        raise ValueError(f"layers: {missing[:3]} are not modules of {type(model).__name__}")
+    if "" in layers:  # load replaces layers inside their parent module; the root has none
+        raise ValueError(f"layers: the model itself ('', a {type(model).__name__}) cannot be a layer of its "
+                         f"checkpoint; save nn.Sequential(model) instead")
     from ..nn import SparseLinearInt4
 
     int4 = sorted(n for n, mod in model.named_modules() if isinstance(mod, SparseLinearInt4))
@@ -376,57 +504,51 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
     else:
         version = _VERSION_WITHOUT_PERM
     meta = {"format": FORMAT_NAME, "format_version": str(version)}
-    tpath = os.path.join(path, TENSORS_NAME)
 
     def write_tensors(tmp):
         from safetensors.torch import save_file
 
         save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta)
 
-    _atomic_write(tpath, write_tensors)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-    file_bytes = os.path.getsize(tpath)
-    cfg = {
-        "format": FORMAT_NAME,
-        "format_version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "torch_version": torch.__version__,
-        "base_model": base_model or {},
-        "model_class": model_class,
-        "model_config": model_config,
-        "tokenizer_saved": tokenizer is not None,
-        "layers": info24,
-        "masked": masked,
-        "bitmask": bitmask,
-        "experts": experts,
-        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
-        "aliases": aliases,
-        "tensors_file": TENSORS_NAME,
-        "tensors_bytes": file_bytes,
-        "tensors_sha256": sha256_file(tpath),
-        "pruning": pruning or {},
-        "sizes": {
-            "file_bytes": file_bytes,
-            "dense_tensor_bytes": dense_bytes,
-            "sparse_layers_bytes": sparse_bytes,
-            "sparse_layers_dense_bytes": sparse_dense_bytes,
-            "sparse_layers_ratio": (sparse_bytes / sparse_dense_bytes) if sparse_dense_bytes else None,
-            "masked_layers_bytes": masked_bytes,
-            "masked_layers_dense_bytes": masked_dense_bytes,
-            "masked_layers_ratio": (masked_bytes / masked_dense_bytes) if masked_dense_bytes else None,
-            "experts_bytes": experts_bytes,
-            "experts_dense_bytes": experts_dense_bytes,
-            "experts_ratio": (experts_bytes / experts_dense_bytes) if experts_dense_bytes else None,
-            "file_vs_dense_ratio": file_bytes / dense_bytes if dense_bytes else None,
-        },
-    }
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(cfg, f, indent=1)
-
-    _atomic_write(os.path.join(path, CONFIG_NAME), write_json)
+    with _staging(path) as staged:
+        tmp = _stage(staged, os.path.join(path, TENSORS_NAME), write_tensors)
+        file_bytes = os.path.getsize(tmp)
+        cfg = {
+            "format": FORMAT_NAME,
+            "format_version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch_version": torch.__version__,
+            "base_model": base_model,
+            "model_class": model_class,
+            "model_config": model_config,
+            "tokenizer_saved": tokenizer is not None,
+            "layers": info24,
+            "masked": masked,
+            "bitmask": bitmask,
+            "experts": experts,
+            "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+            "aliases": aliases,
+            "tensors_file": TENSORS_NAME,
+            "tensors_bytes": file_bytes,
+            "tensors_sha256": sha256_file(tmp),
+            "pruning": pruning,
+            "sizes": {
+                "file_bytes": file_bytes,
+                "dense_tensor_bytes": dense_bytes,
+                "sparse_layers_bytes": sparse_bytes,
+                "sparse_layers_dense_bytes": sparse_dense_bytes,
+                "sparse_layers_ratio": (sparse_bytes / sparse_dense_bytes) if sparse_dense_bytes else None,
+                "masked_layers_bytes": masked_bytes,
+                "masked_layers_dense_bytes": masked_dense_bytes,
+                "masked_layers_ratio": (masked_bytes / masked_dense_bytes) if masked_dense_bytes else None,
+                "experts_bytes": experts_bytes,
+                "experts_dense_bytes": experts_dense_bytes,
+                "experts_ratio": (experts_bytes / experts_dense_bytes) if experts_dense_bytes else None,
+                "file_vs_dense_ratio": file_bytes / dense_bytes if dense_bytes else None,
+            },
+        }
+        _stage(staged, os.path.join(path, CONFIG_NAME), _write_text(json.dumps(cfg, indent=1)))
+        _publish(path, staged, tokenizer)  # the tensors, then the JSON naming their hash, then the tokenizer
     return cfg
 
 
@@ -516,7 +638,7 @@ def read_config(path: str) -> dict:
     """Read and check ``sparse_kernels.json`` of the checkpoint directory ``path``.
 
     Raises CheckpointError when it is missing, not JSON, of another format or of a format
-    version this code does not read.
+    version this code does not read, or when a field load relies on has the wrong type.
     """
     cpath = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cpath):
@@ -536,7 +658,37 @@ def read_config(path: str) -> dict:
     for key in ("layers", "masked", "tensors", "aliases", "tensors_bytes", "tensors_sha256"):
         if key not in cfg:
             raise CheckpointError(f"{cpath}: the required field {key!r} is missing")
+    _check_manifest(cpath, cfg)
     return cfg
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_manifest(cpath: str, cfg: dict) -> None:
+    """The types of the manifest's fields that :func:`load` reads before its own checks."""
+    def need(ok: bool, what: str, expected: str, got) -> None:
+        if not ok:
+            raise CheckpointError(f"{cpath}: {what} must be {expected}, got {repr(got)[:200]}")
+
+    for key in ("layers", "masked", "bitmask", "experts", "aliases", "tensors"):
+        need(isinstance(cfg.get(key, {}), dict), repr(key), "a JSON object", cfg.get(key))
+    for k, spec in cfg["tensors"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        need(isinstance(shape, list) and all(map(_is_count, shape)) and isinstance(spec.get("dtype"), str),
+             f"the 'tensors' entry {k!r}", '{"shape": [non-negative ints], "dtype": "<name>"}', spec)
+    for k, target in cfg["aliases"].items():
+        need(isinstance(target, str), f"the alias {k!r}", "the name of a stored tensor", target)
+    need(_is_count(cfg["tensors_bytes"]), "'tensors_bytes'", "a non-negative int", cfg["tensors_bytes"])
+    need(isinstance(cfg["tensors_sha256"], str), "'tensors_sha256'", "a hex string", cfg["tensors_sha256"])
+    tf = cfg.get("tensors_file", TENSORS_NAME)
+    need(isinstance(tf, str) and tf not in ("", ".", "..") and os.path.basename(tf) == tf, "'tensors_file'",
+         "a file name in the checkpoint directory", tf)
+    mc = cfg.get("model_config")
+    need(mc is None or (isinstance(mc, dict) and (not mc or isinstance(mc.get("model_type"), str))),
+         "'model_config'", "null or a JSON object with a string 'model_type'",
+         {"model_type": mc.get("model_type")} if isinstance(mc, dict) else mc)
 
 
 def _read_tensors(path: str, cfg: dict, verify_hash: bool) -> dict[str, torch.Tensor]:
@@ -719,13 +871,78 @@ def _check_perm(name: str, li: dict, tensors: dict[str, torch.Tensor], in_f: int
         raise CheckpointError(f"2:4 layer {name!r}: {e}") from e
 
 
-def _skeleton(cfg: dict, model: nn.Module | None) -> nn.Module:
+def _config_errors() -> tuple[type[BaseException], ...]:
+    """What building a Hugging Face model from a bad config dict raises (huggingface_hub's strict
+    dataclass validation error is not a ValueError)."""
+    errors = (ValueError, KeyError, TypeError, AttributeError, ImportError, OSError, RuntimeError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return errors
+    return errors + (StrictDataclassError,)
+
+
+def _skeleton(path: str, cfg: dict, model: nn.Module | None) -> nn.Module:
     if model is not None:
         return model
     if not cfg.get("model_config"):
         raise CheckpointError("the checkpoint holds no Hugging Face config: pass model= (a module of the same "
                               "architecture) to load it")
-    return model_from_config(cfg["model_config"])
+    try:
+        return model_from_config(cfg["model_config"])
+    except _config_errors() as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: cannot build a model from its model_config "
+                              f"({type(e).__name__}: {e})") from e
+
+
+def _linear_shape(mod: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a Linear-like module (nn.Linear, Conv1D, SparseLinear,
+    SparseLinearInt4), None for anything else."""
+    from ..nn import SparseLinearInt4
+
+    if isinstance(mod, (nn.Linear, _sparse_linear_cls(), SparseLinearInt4)):
+        return mod.in_features, mod.out_features
+    conv = _conv1d_cls()
+    if conv is not None and isinstance(mod, conv):
+        return tuple(mod.weight.shape)  # [in, out]
+    return None
+
+
+def _check_replaced(m: nn.Module, name: str, what: str, in_f: int, out_f: int) -> None:
+    """The module ``name`` that load replaces must be a Linear-like ``[in_f -> out_f]`` layer: load
+    must not turn another architecture into this one."""
+    try:
+        old = m.get_submodule(name) if name else None
+    except AttributeError as e:
+        raise CheckpointError(f"{what} {name!r} is not a module of {type(m).__name__}") from e
+    if old is None:
+        raise CheckpointError(f"{what} '': the model itself cannot be replaced (layers live inside a parent module)")
+    got = _linear_shape(old)
+    if got != (in_f, out_f):
+        has = type(old).__name__ + ("" if got is None else f" with in_features {got[0]}, out_features {got[1]}")
+        raise CheckpointError(f"{what} {name!r}: the checkpoint records a linear layer with in_features {in_f}, "
+                              f"out_features {out_f}; the model holds a module of type {has} there")
+
+
+def _match_dtypes(m: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each parameter and buffer the dtype of its stored tensor, so that load_state_dict copies
+    it bit for bit instead of casting it (a float32 norm in a bfloat16 model stays float32); tied
+    parameters stay tied."""
+    done: dict[int, torch.Tensor] = {}
+    for key, t in tensors.items():
+        mname, _, attr = key.rpartition(".")
+        try:
+            mod = m.get_submodule(mname)
+        except AttributeError:
+            continue  # load_state_dict names it
+        for store in (mod._parameters, mod._buffers):
+            cur = store.get(attr)
+            if cur is None or cur.dtype == t.dtype:
+                continue
+            if id(cur) not in done:
+                new = torch.empty_like(cur, dtype=t.dtype)
+                done[id(cur)] = nn.Parameter(new, cur.requires_grad) if isinstance(cur, nn.Parameter) else new
+            store[attr] = done[id(cur)]
 
 
 def model_from_config(config: dict, *, empty: bool = False) -> nn.Module:
@@ -760,8 +977,20 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
     (``int4="keep"``), or as the 16-bit SparseLinear of their dequantized values
     (``int4="dequantize"``).
 
+    Every tensor comes back in its stored dtype (a float32 norm of a bfloat16 model included) unless
+    ``dtype`` is given.  A layer the checkpoint records as 2:4 (or an unstructured SparseLinear)
+    replaces the module of that name, which must be a linear layer (nn.Linear, Conv1D,
+    SparseLinear, SparseLinearInt4) of the recorded shape.
+
     Raises CheckpointError (a ValueError) on any mismatch; see the module docstring.
+    TypeError/ValueError for bad arguments.
     """
+    path = _check_path(path)
+    if model is not None:
+        _check_module(model)
+    _check_load_args(dtype, device)
+    if not isinstance(verify_hash, bool):
+        raise TypeError(f"verify_hash: expected True or False, got {verify_hash!r}")
     if int4 not in ("keep", "dequantize"):
         raise ValueError(f"int4: got {int4!r}, expected 'keep' or 'dequantize'")
     cfg = read_config(path)
@@ -779,24 +1008,17 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
             raise CheckpointError(f"alias {k!r} points at {target!r}, which is not stored")
         tensors[k] = tensors[target]
     floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    m = _skeleton(cfg, model)
-    if floats:  # build in the stored dtype so load_state_dict never silently casts
+    m = _skeleton(path, cfg, model)
+    if floats:  # the common dtype first: _match_dtypes then changes only the exceptions
         m = _to_dtype(m, max(set(floats), key=floats.count))
     from ..nn import SparseExpertsInt4, SparseLinearInt4
 
     sl = _sparse_linear_cls()
     for name, li in cfg["layers"].items():
-        try:
-            old = m.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"2:4 layer {name!r} is not a module of {type(m).__name__}") from e
-        del old
+        _check_replaced(m, name, f"{li.get('format', PATTERN_24)} layer", li["in_features"], li["out_features"])
         if li.get("format") == PATTERN_24_INT4:
             q4 = SparseLinearInt4(li["in_features"], li["out_features"], bias=li["bias"], group_size=li["group_size"],
                                   dtype=tensors[name + ".scales"].dtype, permuted=li.get("in_perm", False))
-            b = tensors.get(name + ".bias")
-            if q4.bias is not None and b is not None and b.dtype != q4.bias.dtype:  # (load(dtype=) keeps the scales)
-                q4.bias = nn.Parameter(torch.zeros_like(b))
             _replace(m, name, q4)
             continue
         _replace(m, name, sl(li["in_features"], li["out_features"], bias=li["bias"], pattern=PATTERN_24,
@@ -810,12 +1032,12 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         w = tensors.get(name + ".weight")
         if pat not in ("masked", "bitmask") or w is None or w.dim() != 2:
             raise CheckpointError(f"{path}: unstructured layer {name!r} ({pat!r}) has no 2-D {name}.weight stored")
-        try:  # the stored weight is [out, in] (Linear layout), whatever the skeleton holds there
-            _replace(m, name, nn.Linear(w.shape[1], w.shape[0], bias=name + ".bias" in tensors, dtype=w.dtype))
-        except AttributeError as e:
-            raise CheckpointError(f"unstructured layer {name!r} is not a module of {type(m).__name__}") from e
+        _check_replaced(m, name, "unstructured layer", w.shape[1], w.shape[0])
+        # the stored weight is [out, in] (Linear layout), whatever the skeleton holds there
+        _replace(m, name, nn.Linear(w.shape[1], w.shape[0], bias=name + ".bias" in tensors, dtype=w.dtype))
         unstructured[name] = None if pat == "masked" else pat
     _int4_experts(m, cfg.get("experts", {}), tensors, path, cfg["format_version"])
+    _match_dtypes(m, tensors)
     try:
         m.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

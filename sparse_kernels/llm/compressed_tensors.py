@@ -1069,6 +1069,7 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
     from ..nn import SparseLinear
     from .checkpoint import _replace, _to_dtype, is_2to4
 
+    ckpt._check_load_args(dtype, device)
     if not isinstance(convert, bool):
         raise TypeError(f"convert: expected True or False, got {convert!r}")
     if unstructured not in UNSTRUCTURED:
@@ -1089,7 +1090,7 @@ def load(path: str, *, dtype: torch.dtype | None = None, device: str = "cpu", co
                                      f"compressed weight (*.compressed / *.bitmask)")
     try:
         m = _skeleton(cfg)
-    except (ValueError, KeyError, TypeError, ImportError, OSError) as e:
+    except ckpt._config_errors() as e:
         raise CompressedTensorsError(f"{path}: cannot build model_type {cfg.get('model_type')!r} from config.json "
                                      f"({type(e).__name__}: {e})") from e
     info = LoadInfo(path=path, sparsity_config=sc)
@@ -1312,8 +1313,8 @@ def _check_architecture(cfg: dict, layers: dict[str, nn.Module]) -> None:
 
 
 def _remove_stale(path: str) -> None:
-    """Before writing into ``path``: remove what an earlier checkpoint there would be read instead of
-    (or besides) the new one: our own ``sparse_kernels.json``, and a sharded index with its shards."""
+    """Once the new files are in ``path``: remove what an earlier checkpoint there would be read
+    instead of (or besides) the new one: our own ``sparse_kernels.json``, and a sharded index with its shards."""
     own = os.path.join(path, ckpt.CONFIG_NAME)
     if os.path.isfile(own):
         os.remove(own)
@@ -1349,14 +1350,17 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
     Refused: mixing int4 and 16-bit sparse layers, permuted int4 layers (their groups would need
     activation order, which compressed-tensors 0.13+ no longer reads), and groups that do not
     divide a layer's in_features.  Files are
-    written atomically (temporary name, fsync, rename; config.json last); an earlier checkpoint's
-    ``sparse_kernels.json``, sharded index and shards in ``path`` are removed first, so that no
+    written atomically: every file (the tokenizer's in a temporary folder) is written in full
+    before the first replaces its old version (model.safetensors, then config.json, then the
+    tokenizer's), so a failed save leaves what was in ``path`` as it was; only then are an earlier
+    checkpoint's ``sparse_kernels.json``, sharded index and shards in ``path`` removed, so that no
     reader takes them for the new one.  ``tokenizer``: saved alongside.
     """
     from safetensors.torch import save_file
 
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):
         raise TypeError(f"model: expected a Hugging Face model (with .config), got {type(model).__name__}")
+    path = ckpt._check_save_args(path, tokenizer)
     layers = _sparse_layers(model)
     int4 = _int4_layers(model)
     if int4 and layers:
@@ -1417,16 +1421,11 @@ def save(model: nn.Module, path: str, *, format: str = "auto", tokenizer=None) -
                                   "version": WRITES_FORMAT_OF}
     if int4:
         cfg["quantization_config"].update(_int4_quant_config(int4))
-    os.makedirs(path, exist_ok=True)
+    text = json.dumps(cfg, indent=2, sort_keys=True, default=str)
+    with ckpt._staging(path) as staged:
+        ckpt._stage(staged, os.path.join(path, "model.safetensors"),
+                    lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+        ckpt._stage(staged, os.path.join(path, "config.json"), ckpt._write_text(text))
+        ckpt._publish(path, staged, tokenizer)
     _remove_stale(path)
-    if tokenizer is not None:  # first: if it fails, the directory still holds the old tensors and config
-        tokenizer.save_pretrained(path)
-    ckpt._atomic_write(os.path.join(path, "model.safetensors"),
-                       lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True, default=str)
-
-    ckpt._atomic_write(os.path.join(path, "config.json"), write_json)
     return sc

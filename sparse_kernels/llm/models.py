@@ -109,6 +109,20 @@ def load_tokenizer(src: ModelSource):
     return AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
 
 
+def _checkpoint_tokenizer(src: ModelSource, info: dict) -> ModelSource:
+    """Where a checkpoint of ours has its tokenizer: its own directory when one was saved with it,
+    else its ``base_model``'s ``path`` (and ``gguf_file``)."""
+    if info.get("tokenizer_saved"):
+        return ModelSource(src.name, "hf", src.path)
+    base = info.get("base_model")
+    path, gguf = (base.get("path"), base.get("gguf_file")) if isinstance(base, dict) else (None, None)
+    if not isinstance(path, str) or not path or not (gguf is None or isinstance(gguf, str)):
+        raise ValueError(f"{src.path}: the checkpoint was saved without its tokenizer and its base_model {base!r} "
+                         f"names no tokenizer source (a 'path' str, and a 'gguf_file' str or null); save it with "
+                         f"tokenizer=, or with base_model={{'path': <the base model>}}")
+    return ModelSource(str(base.get("name", "?")), str(base.get("kind", "hf")), path, gguf)
+
+
 def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                int4: str = "dequantize", activations: str = "ignore"):
     """Load ``(model, tokenizer, source)``; the model is in eval mode on ``device``.
@@ -121,22 +135,18 @@ def load_model(model: str | None = None, *, dtype: torch.dtype = torch.float32, 
     SparseLinear.  ``activations="emulate"``: a compressed-tensors checkpoint's input-activation
     quantization is applied as compressed-tensors applies it (see its ``load``).
     """
+    from . import checkpoint
+
     _offline()
+    checkpoint._check_load_args(dtype, device)
     src = resolve(model)
     if activations == "emulate" and src.kind != "compressed-tensors":
         print(f"note: activation emulation applies to compressed-tensors checkpoints; {src.name} ({src.kind}) "
               f"quantizes no activations", file=sys.stderr)
     if src.kind == "checkpoint":
-        from . import checkpoint
-
         m, info = checkpoint.load(src.path, dtype=dtype, device=device, int4=int4)
-        tok_src = ModelSource(src.name, "hf", src.path) if info.get("tokenizer_saved") else None
-        if tok_src is None:
-            base = info.get("base_model") or {}
-            tok_src = ModelSource(base.get("name", "?"), base.get("kind", "hf"), base.get("path", ""),
-                                  base.get("gguf_file"))
         src.extra = info
-        return m.eval(), load_tokenizer(tok_src), src
+        return m.eval(), load_tokenizer(_checkpoint_tokenizer(src, info)), src
     if src.kind == "compressed-tensors":
         from . import compressed_tensors
 

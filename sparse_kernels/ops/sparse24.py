@@ -39,7 +39,7 @@ R.define("decompress_2to4", "(Tensor values, Tensor meta) -> Tensor", fake=_deco
 # Not a backend of decompress_2to4: the CUDA kernel without its metadata check (the check reads an
 # error flag back to the host, a sync on every call that also rules out CUDA-graph capture).
 # Only sparse_linear's "decompress" backend calls it (ops/linear.py); like the other
-# sparse_linear kernels it does not validate meta's contents (a corrupt nibble gives wrong
+# GPU sparse_linear kernels it does not validate meta's contents (a corrupt nibble gives wrong
 # numbers, never an access outside the group: each index is 2 bits).  Kernel:
 # csrc/cuda/sparse24_ops.cpp.
 UNCHECKED_DECOMPRESS = "decompress_2to4_unchecked_cuda"

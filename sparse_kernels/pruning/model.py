@@ -277,6 +277,7 @@ class StructuredMethod(PruningMethod):
 
     name = "structured"
     needs_calibration = False
+    option_names = ("criterion", "heads", "layers", "round_to")
 
     def prune_model(self, model, sparsity, calibration, batch_size=4, **options):
         from ..structured import structured_prune
@@ -509,7 +510,9 @@ def prune(
         calibration: token ids ``LongTensor [n, seqlen]`` (split into ``batch_size`` rows; for a
             model without a ``config.vocab_size``, any tensor, e.g. images ``[n, C, H, W]``), or
             an iterable of batches (tensor: ``model(batch)``; tuple: ``model(*batch)``; dict:
-            ``model(**batch)``).  Required for sparsegpt and wanda; optional for magnitude
+            ``model(**batch)``; a bare dict is refused: wrap it in a list).  A language model's
+            token ids (the tensor, a tuple's first element, a dict's ``input_ids``) must lie in
+            ``[0, config.vocab_size)``.  Required for sparsegpt and wanda; optional for magnitude
             (with it, the report has block output errors).
         blocks: the sequence of blocks, in forward order; found by :func:`find_blocks` if None.
             Each block is called as ``block(hidden, *args, **kwargs)`` with what the model
@@ -518,8 +521,10 @@ def prune(
         scope: the comparison group of an unstructured sparsity. Magnitude: ``"layer"``
             (default), ``"row"`` or ``"global"`` (one threshold across all prunable layers of all
             blocks); Wanda and RIA: ``"row"`` (default, the papers') or ``"layer"``; SparseGPT
-            takes none (it chooses per block of columns).  None: the method's default.
-        layer_filter: ``f(name, module) -> bool`` selecting layers inside a block (default: all).
+            takes none (it chooses per block of columns).  None: the method's default; the only
+            value an ``"N:M"`` sparsity takes (each group of M is its own comparison group).
+        layer_filter: ``f(name, module) -> bool`` selecting layers inside a block (default: all);
+            one that selects no layer raises ValueError before the calibration runs.
         device: where to process each block (moved there and back); None: leave it in place.
         convert: replace pruned layers with ``sparse_kernels.nn.SparseLinear``: ``True`` gives
             packed 2:4 layers for 2:4-compatible patterns and masked ones (dense weight + a
@@ -564,7 +569,9 @@ def prune(
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
-            fraction of each FFN's channels to remove and the model shrinks in place).
+            fraction of each FFN's channels to remove and the model shrinks in place).  Whole-model
+            methods take ``batch_size`` and none of the block-by-block options (``blocks``,
+            ``layer_filter``, ``device``, ``int4``, ``scope``, ...: ValueError).
 
         calibrate_all_experts: mixture-of-experts models (transformers' 3-D expert weights: each
             expert's matrix is pruned as a layer, :mod:`sparse_kernels.pruning.experts`).  True
@@ -584,29 +591,37 @@ def prune(
     ``device=``, those sums stay on the device and are read once per layer.
 
     Raises ValueError/TypeError for an unknown method, a bad sparsity, missing or malformed
-    calibration, no blocks found.
+    calibration, no blocks found, no layer selected, an option the method does not take.
     """
     if method not in METHODS:
         raise ValueError(f"method: got {method!r}, expected one of {', '.join(sorted(METHODS))}")
     meth = METHODS[method]
-    if meth.prune_model is not None:
-        given = [k for k, v in (("owl", owl), ("permute", permute), ("dsnot", dsnot), ("convert", convert),
-                                ("scope", scope)) if v]
-        if given:
-            raise ValueError(f"prune: method {method!r} prunes the whole model its own way and takes none of owl, "
-                             f"permute, dsnot, convert, scope; got {', '.join(given)}")
-        return meth.prune_model(model, sparsity, calibration, batch_size=batch_size, **method_options)
     unknown = sorted(set(method_options) - set(meth.option_names))
     if unknown:
         raise TypeError(f"prune: method {method!r} takes no options {unknown}"
                         + (f" (it takes {', '.join(meth.option_names)})" if meth.option_names else ""))
+    if meth.prune_model is not None:
+        block_options = (("owl", bool(owl)), ("permute", bool(permute)), ("dsnot", bool(dsnot)),
+                         ("convert", bool(convert)), ("scope", scope is not None), ("blocks", blocks is not None),
+                         ("layer_filter", layer_filter is not None), ("device", device is not None),
+                         ("blocksize", blocksize != 128), ("percdamp", percdamp != 0.01),
+                         ("backend", backend is not None), ("int4", int4 is not None),
+                         ("calibrate_all_experts", calibrate_all_experts is not True))
+        given = [k for k, v in block_options if v]
+        if given:
+            raise ValueError(f"prune: method {method!r} prunes the whole model its own way and takes none of "
+                             f"{', '.join(k for k, _ in block_options)}; got {', '.join(given)}")
+        return meth.prune_model(model, sparsity, calibration, batch_size=batch_size, **method_options)
     meth.check_options(method_options)
     if scope is not None and scope not in meth.scopes:
         raise ValueError(f"scope: method {method!r} " + (f"takes {', '.join(map(repr, meth.scopes))}" if meth.scopes
                          else "takes no scope" + (f" ({meth.scope_note})" if meth.scope_note else ""))
                          + f", got {scope!r}")
-    scope = scope if scope is not None else (meth.scopes[0] if meth.scopes else None)
     spec = parse_sparsity(sparsity)
+    if scope is not None and spec.is_nm:
+        raise ValueError(f"scope={scope!r} chooses the comparison group of an unstructured sparsity; '{spec}' keeps "
+                         f"{spec.n} of every group of {spec.m} whatever the scope (drop scope, or give a fraction)")
+    scope = scope if scope is not None else (meth.scopes[0] if meth.scopes else None)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size: got {batch_size!r}, expected a positive int")
     if calibration is None and meth.needs_calibration:
@@ -628,8 +643,6 @@ def prune(
             raise ValueError(f"permute: needs an 'N:M' sparsity (channel permutation rearranges the groups of M), "
                              f"got {spec}")
         check_search_m(spec.m, "permute")
-        if method == "magnitude" and scope == "global":
-            raise ValueError("permute: cannot be combined with scope='global' (one threshold across all layers)")
     dsnot_opts = parse_dsnot(dsnot)
     if dsnot_opts is not None:
         if not meth.mask_only:
@@ -657,8 +670,13 @@ def prune(
     n_experts = experts_converted = 0  # expert matrices among them; experts modules made SparseExperts
     experts_left = []  # experts modules left dense by convert (int4: a matrix without codes)
     routers = [f"{bi}.{n}" for bi, b in enumerate(blocks) for n in sorted(router_layers(b))]
+    if layer_filter is not None and not callable(layer_filter):
+        raise TypeError(f"layer_filter: expected a callable f(name, module) -> bool, "
+                        f"got {type(layer_filter).__name__}")
+    n_selected = 0
     for bi, block in enumerate(blocks):  # check every layer before pruning any
         for name, layer in prunable_layers(block, layer_filter).items():
+            n_selected += 1
             where = f"blocks[{bi}].{name}" if name else f"blocks[{bi}]"
             if isinstance(layer, ExpertMatrix):
                 n_experts += 1
@@ -673,6 +691,12 @@ def prune(
             if int4 is not None and _get_weight(layer).shape[1] % int4:
                 raise ValueError(f"int4: group size {int4} does not divide {where}'s "
                                  f"{_get_weight(layer).shape[1]} input features")
+    if not n_selected:
+        n_all = sum(len(prunable_layers(b)) for b in blocks)
+        raise ValueError(f"layer_filter: selected none of the {n_all} prunable layers in the {len(blocks)} blocks; "
+                         f"nothing to prune" if layer_filter is not None and n_all else
+                         f"blocks: the {len(blocks)} blocks hold no prunable layer (nn.Linear, GPT-2 Conv1D, "
+                         f"nn.Conv1d/nn.Conv2d with groups=1, mixture-of-experts matrices); nothing to prune")
 
     t_start = time.perf_counter()
     report = PruneReport(method=method, sparsity=str(spec) + (" (OWL)" if owl_opts is not None else "")

@@ -37,12 +37,12 @@ MAX_CODE = 7  # symmetric int4: q in -8..7, scales from |w|max / 7 (so -8 is nev
 def unpack_codes(qvalues: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, K/4]`` -> int16 ``q`` ``[N, K/2]`` (``code - 8``), in kept-value order."""
     b = qvalues.to(torch.int16)
-    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(qvalues.shape[0], -1) - 8
+    return torch.stack((b & 0xF, b >> 4), dim=-1).reshape(qvalues.shape[0], qvalues.shape[1] * 2) - 8
 
 
 def pack_codes(q: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`unpack_codes`: integer ``q [N, K/2]`` in ``-8..7`` -> uint8 ``[N, K/4]``."""
-    c = (q.to(torch.int16) + 8).reshape(q.shape[0], -1, 2)
+    c = (q.to(torch.int16) + 8).reshape(q.shape[0], q.shape[1] // 2, 2)
     return (c[..., 0] | (c[..., 1] << 4)).to(torch.uint8)
 
 

@@ -31,7 +31,8 @@ def nm_split_scores(scores_t: torch.Tensor, cols: torch.Tensor, splits: torch.Te
     out = torch.zeros(P, S, dtype=torch.float64, device=scores_t.device)
     step = max(1, _CHUNK_ELEMS // max(1, cand.numel()))
     for r0 in range(0, R, step):
-        v = scores_t[:, r0:r0 + step].index_select(0, cand).view(P, S, 2, m, -1)
+        chunk = scores_t[:, r0:r0 + step]
+        v = chunk.index_select(0, cand).view(P, S, 2, m, chunk.shape[1])
         out += v.topk(n, dim=3).values.sum(3).sum(2).sum(-1, dtype=torch.float64)
     return out
 

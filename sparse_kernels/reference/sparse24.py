@@ -50,7 +50,7 @@ def mask_2to4(w: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tens
         what = "w" if scores is None else "scores"
         raise ValueError(f"mask_2to4: {what} contains NaN; a 2:4 mask needs comparable values")
     shape = w.shape
-    g = s.reshape(-1, shape[-1] // 4, 4)
+    g = s.reshape(s.numel() // max(shape[-1], 1), shape[-1] // 4, 4)  # (explicit sizes: 0 columns too)
     return _keep_top2(g).reshape(shape)
 
 

@@ -389,7 +389,7 @@ def _input_norms(model: nn.Module, consumers: dict, batches) -> dict:
     for name, q in consumers.items():
         handles.append(q.register_forward_pre_hook(hook(name, isinstance(q, nn.Linear))))
     try:
-        if run_batches(model, batches) == 0:
+        if run_batches(model, batches, explain=True) == 0:
             raise ValueError("calibration: empty; give at least one batch")
     finally:
         for h in handles:
@@ -467,8 +467,9 @@ def prune_channels(model: nn.Module, sparsity: float, calibration=None, *, crite
     Returns a :class:`ChannelReport`. Everything is checked and every chain's channels chosen
     before the model changes, and a surgery that fails puts every module back. Raises
     ValueError for a sparsity outside [0, 1), an unknown criterion, missing calibration, chains
-    that do not fit the model or change one module twice, or a model with no chain; TypeError
-    for wrong argument types.
+    that do not fit the model or change one module twice, a model with no chain, or a
+    calibration batch the model fails on (its dtypes and shapes named); TypeError for wrong
+    argument types.
     """
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):

@@ -7,6 +7,7 @@ Units, criteria and the equivalence with masking are described in :mod:`sparse_k
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..training.schedule import bottom_k_mask
 from .arch import _Arch, _drop_layers, _prune_ffn, _prune_heads
+from .channels import _check_int
 from .scores import _activation_stats, _calib_batches, _ffn_scores, _head_scores, _layer_scores, _taylor_grads
 
 CRITERIA = ("magnitude", "activation", "taylor")
@@ -61,6 +63,12 @@ def _layers_to_remove(layers, n_layers: int) -> list[int] | int:
         if not 0 <= layers < n_layers:
             raise ValueError(f"layers: can remove 0..{n_layers - 1} of the {n_layers} decoder layers, got {layers}")
         return layers
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers: expected an int count or a list of layer indices, got {type(layers).__name__}")
+    layers = list(layers)
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if bad:
+        raise TypeError(f"layers: expected int layer indices, got {bad[0]!r}")
     idx = sorted(set(int(i) for i in layers))
     if any(i < 0 or i >= n_layers for i in idx) or len(idx) >= n_layers:
         raise ValueError(f"layers: indices {idx} must be distinct, in [0, {n_layers}) and leave at least one layer")
@@ -80,7 +88,9 @@ def structured_prune(model: nn.Module, sparsity: float = 0.0, calibration=None, 
         sparsity: fraction of each FFN's intermediate channels to remove, in [0, 1); the count is
             ``round(sparsity * I)``, adjusted so the kept count is a multiple of ``round_to``.
         calibration: LongTensor ``[n, seqlen]`` (split into ``batch_size`` rows) or an iterable of
-            batches; required by ``criterion="activation"`` and ``"taylor"``.
+            batches (token ids ``[batch, seqlen]`` or dicts of keyword arguments with ``input_ids``),
+            every id in ``[0, config.vocab_size)``; required by ``criterion="activation"`` and
+            ``"taylor"``.
         criterion: ``"magnitude" | "activation" | "taylor"`` (see :mod:`sparse_kernels.structured`).
         heads: per layer, a fraction of the query heads (float) or a count of query heads (int)
             to remove; it must be whole KV groups (a multiple of num_attention_heads/num_key_value_heads).
@@ -90,8 +100,9 @@ def structured_prune(model: nn.Module, sparsity: float = 0.0, calibration=None, 
     ``{"ffn": [channels], "kv_groups": [...], "q_heads": [...]}``, and ``"layers": [...]``), parameter
     counts before/after, the new config values and the seconds taken.
 
-    Raises ValueError for out-of-range sparsity/heads/layers, heads that do not divide into whole
-    KV groups, an unknown criterion, or a missing calibration; TypeError for unsupported models.
+    Raises ValueError for out-of-range sparsity/heads/layers/batch_size, heads that do not divide
+    into whole KV groups, an unknown criterion, or a missing, empty or out-of-vocabulary
+    calibration; TypeError for unsupported models and arguments of the wrong type.
     """
     t0 = time.perf_counter()
     s = _check_sparsity(sparsity)
@@ -103,7 +114,8 @@ def structured_prune(model: nn.Module, sparsity: float = 0.0, calibration=None, 
     h, kv, d = arch.heads()
     n_groups = _groups_to_remove(heads, h, kv)
     drop_spec = _layers_to_remove(layers, len(arch.layers))
-    batches = _calib_batches(calibration, batch_size)
+    _check_int("batch_size", batch_size, 1)
+    batches = _calib_batches(calibration, batch_size, getattr(arch.config, "vocab_size", None))
     if criterion != "magnitude" and not batches:
         raise ValueError(f"calibration: criterion={criterion!r} needs calibration token batches")
     device = next(model.parameters()).device

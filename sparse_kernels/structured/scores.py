@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..pruning.calibration import check_batch, check_iterable, check_token_ids
 from .arch import _Arch, _head_rows
 
 
@@ -17,24 +18,25 @@ def _sq(t: torch.Tensor, dim) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- calibration
-def _calib_batches(calibration, batch_size: int) -> list:
+def _calib_batches(calibration, batch_size: int, vocab_size: int | None) -> list:
     if calibration is None:
         return []
     if isinstance(calibration, torch.Tensor):
-        if calibration.dim() != 2 or calibration.dtype != torch.long:
-            raise ValueError(f"calibration: expected a LongTensor [n, seqlen], got {calibration.dtype} "
-                             f"with shape {tuple(calibration.shape)}")
+        check_token_ids(calibration, vocab_size)
         return list(calibration.split(batch_size))
+    check_iterable(calibration)
     out = list(calibration)
     if not out:
         raise ValueError("calibration: empty")
+    for i, b in enumerate(out):
+        check_batch(b, vocab_size, f"calibration[{i}]", positional=False)
     return out
 
 
 def _run(model, batch, device, labels: bool):
     b = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else {"input_ids": batch.to(device)}
     if labels:
-        b.setdefault("labels", b["input_ids"])
+        b.setdefault("labels", b["input_ids"].long())  # int32 ids: the loss needs int64
     return model(**b, use_cache=False)
 
 

@@ -697,25 +697,33 @@ def experts_module(model_type, cls_name, hidden=48, inter=40, experts=4):
     return mod, cfg
 
 
+def equals_transformers(mod, ex, cfg, model_type):
+    """``mod`` (SparseExperts or SparseExpertsInt4) on 11 tokens routed to 2 of 4 experts, checked
+    against the transformers module ``ex`` holding ``mod``'s weights, in its eager and batched_mm
+    implementations; returns ``mod``'s output and the inputs."""
+    with torch.no_grad():
+        for name in mod.params:
+            getattr(ex, name).copy_(mod.dense_param(name))
+    hidden = mod.in_features["gate_up_proj" if "gate_up_proj" in mod.params else "up_proj"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(11, hidden, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
+    weights = torch.softmax(torch.randn(11, 2, generator=g), -1)
+    with torch.no_grad():
+        got = mod(x, index, weights)
+        for impl in ("eager", "batched_mm"):
+            cfg._experts_implementation = impl
+            assert_close(got, ex(x, index, weights), f"{model_type} vs {impl}", atol=2e-5, rtol=1e-5)
+    return got, (x, index, weights)
+
+
 @pytest.mark.parametrize("model_type,cls_name", EXPERTS_CLASSES, ids=[c[0] for c in EXPERTS_CLASSES])
 def test_sparse_experts_equal_transformers_implementations_in_every_family(model_type, cls_name):
     from sparse_kernels.nn import SparseExperts
 
     ex, cfg = experts_module(model_type, cls_name)
     se = SparseExperts.from_experts(ex, prune=True)
-    with torch.no_grad():  # the same 2:4 weights in the transformers module
-        for name in se.params:
-            getattr(ex, name).copy_(se.dense_param(name))
-    hidden = se.in_features["gate_up_proj" if "gate_up_proj" in se.params else "up_proj"]
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, hidden, generator=g)
-    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
-    weights = torch.softmax(torch.randn(11, 2, generator=g), -1)
-    with torch.no_grad():
-        got = se(x, index, weights)
-        for impl in ("eager", "batched_mm"):
-            cfg._experts_implementation = impl
-            assert_close(got, ex(x, index, weights), f"{model_type} vs {impl}", atol=2e-5, rtol=1e-5)
+    got, (x, index, weights) = equals_transformers(se, ex, cfg, model_type)
     # a state_dict round trip into another SparseExperts of the same module, and a copy that shares nothing
     other = SparseExperts.from_experts(ex)
     other.load_state_dict({k: v * 1 for k, v in se.state_dict().items()})
@@ -813,27 +821,17 @@ def test_sparsegpt_on_concatenated_gate_and_up_equals_pruning_them_apart():
 def test_int4_experts_equal_transformers_with_their_dequantized_weights(model_type, cls_name):
     from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
 
+    from sparse_kernels.pruning.experts import out_in
+
     ex, cfg = experts_module(model_type, cls_name)
     se = SparseExperts.from_experts(ex, prune=True)
     q = SparseExpertsInt4.from_sparse(se, 16)  # in_features 48 / 40 -> padded 48: groups of 16 divide both
+    for name in q.params:  # the codes round the 16-bit values: at most half a step of the group's scale away
+        err = (q.dense_param(name) - se.dense_param(name)).abs()
+        step = getattr(q, name + "_scales").repeat_interleave(16, -1)[..., :q.in_features[name]]
+        assert (out_in(q, err) <= step / 2 + 1e-6).all(), name
+    got, (x, index, weights) = equals_transformers(q, ex, cfg, model_type)
     with torch.no_grad():
-        for name in q.params:
-            getattr(ex, name).copy_(q.dense_param(name))
-            # the codes round the 16-bit values: at most half a step of the group's scale away
-            err = (q.dense_param(name) - se.dense_param(name)).abs()
-            step = getattr(q, name + "_scales").repeat_interleave(16, -1)[..., :q.in_features[name]]
-            from sparse_kernels.pruning.experts import out_in
-            assert (out_in(q, err) <= step / 2 + 1e-6).all(), name
-    hidden = q.in_features["gate_up_proj" if "gate_up_proj" in q.params else "up_proj"]
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(11, hidden, generator=g)
-    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(11)])
-    weights = torch.softmax(torch.randn(11, 2, generator=g), -1)
-    with torch.no_grad():
-        got = q(x, index, weights)
-        for impl in ("eager", "batched_mm"):
-            cfg._experts_implementation = impl
-            assert_close(got, ex(x, index, weights), f"{model_type} vs {impl}", atol=2e-5, rtol=1e-5)
         back = q.to_sparse()  # the 16-bit experts of the dequantized values
         assert type(back) is SparseExperts and back.training == q.training
         assert_close(back(x, index, weights), got, atol=2e-5, rtol=1e-5)

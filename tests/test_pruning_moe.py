@@ -902,6 +902,31 @@ def test_prune_int4_convert_stores_sparsegpts_codes_in_int4_experts(family):
         assert_close(m(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_int4_experts_forward_matches_the_dequantized_experts_on_every_device(device):
+    """SparseExpertsInt4 on the device's sparse_linear_int4 backend (CPU kernels; Triton on CUDA)
+    against the SparseExperts of its dequantized values, in every dtype the device runs."""
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    for family in FAMILIES:
+        m = tiny(family)
+        prune(m, method="magnitude", sparsity="2:4", progress=False)
+        q = SparseExpertsInt4.from_sparse(SparseExperts.from_experts(experts_of(m.model.layers[0])), 32)
+        for dtype in (torch.float32, torch.bfloat16) + ((torch.float16,) if device == "cuda" else ()):
+            qd = copy.deepcopy(q).to(device)  # (scales stay float32: the kernels take x in any float dtype)
+            ref = qd.to_sparse().to(dtype)
+            g = torch.Generator().manual_seed(3)
+            x = torch.randn(9, 64, generator=g).to(device, dtype)
+            index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(9)]).to(device)
+            weights = torch.softmax(torch.randn(9, 2, generator=g), -1).to(device, dtype)
+            with torch.no_grad():
+                out = qd(x, index, weights)
+                want = ref(x, index, weights)
+            assert out.dtype == dtype and out.device.type == device
+            tol = {} if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+            assert_close(out, want, f"{family} {dtype}", **tol)
+
+
 def test_prune_int4_convert_leaves_an_experts_module_with_a_starved_expert_dense():
     from sparse_kernels.nn import SparseExpertsInt4
 

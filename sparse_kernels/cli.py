@@ -195,7 +195,9 @@ def _int4(args, model):
         raise SystemExit(f"--int4 {args.int4}: no 16-bit 2:4 SparseLinear layer to round"
                          + (" (its 2:4 layers are int4 already: --keep-int4 loaded them so)" if already else
                             f" (the model has none, or the group size divides none: {rep.skipped[:1]})"))
-    print(f"int4: {len(rep.layers)} 2:4 layers rounded to int4 in groups of {args.int4}, {rep.bytes_before} -> "
+    experts = sum(type(model.get_submodule(n)).__name__ == "SparseExpertsInt4" for n in rep.layers)
+    what = f"{len(rep.layers) - experts} 2:4 layers" + (f" and {experts} experts modules" if experts else "")
+    print(f"int4: {what} rounded to int4 in groups of {args.int4}, {rep.bytes_before} -> "
           f"{rep.bytes_after} bytes" + (f"; {len(rep.skipped)} kept 16-bit ({rep.skipped[0][1]})" if rep.skipped else ""))
     return model
 
@@ -639,8 +641,8 @@ def cmd_bench(args) -> int:
         sparsify(sm, "2:4", include=lambda name, mod: is_experts_module(mod))  # MoE experts -> SparseExperts
         label = "sparse (magnitude 2:4, speed only)" + (f" int4 g{args.int4}" if args.int4 else "")
     _int4(args, sm)
-    if args.int4 and moe:
-        label += " (experts 16-bit)"
+    if args.int4 and any(type(mod).__name__ == "SparseExperts" for mod in sm.modules()):
+        label += " (experts 16-bit)"  # (a group size that divides none of their widths)
     both = {f"dense {src.name}": m, label: sm}
     gens = bench.compare_generation(both, tok, args.prompt, new_tokens=args.new_tokens, repeats=args.repeats)
     for lab, model in both.items():

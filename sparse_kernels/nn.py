@@ -899,7 +899,8 @@ class SparseExpertsInt4(SparseExperts):
             shapes[n] = (v.shape[0], v.shape[1], experts.in_features[n])
             biases[n] = getattr(experts, n + "_bias")
         v = getattr(experts, experts.params[0] + "_values")
-        mod = cls._allocate(experts, shapes, biases, group_size, v.dtype, v.device, experts.backend)
+        backend = experts.backend if experts.backend in R.OPS["sparse_linear_int4"].backends else None
+        mod = cls._allocate(experts, shapes, biases, group_size, v.dtype, v.device, backend)
         for n in experts.params:
             v = getattr(experts, n + "_values").detach()
             e, out_f, half = v.shape

@@ -1066,3 +1066,61 @@ def test_cli_prunes_an_moe_model_to_int4_experts(tmp_path, capsys):
     assert cli.main(["bench", "--model", str(d), "--sparse", str(out), "--keep-int4", "--new-tokens", "3",
                      "--repeats", "1", "--prompt", "and the lord"]) == 0
     assert "tok/s" in capsys.readouterr().out
+    assert cli.main(["bench", "--model", str(d), "--int4", "16", "--new-tokens", "3", "--repeats", "1",
+                     "--prompt", "and the lord"]) == 0
+    o = capsys.readouterr().out
+    assert "int4: 8 2:4 layers and 2 experts modules rounded to int4 in groups of 16" in o
+    assert "int4 g16" in o and "experts 16-bit" not in o
+
+
+def test_int4_experts_sizes_backend_and_compressed_tensors_dtype(tmp_path):
+    """Regressions from a review: the checkpoint's dense size counts int4 experts at their dense
+    size; a SparseExperts on a backend sparse_linear_int4 lacks converts with auto; compressed-
+    tensors writes dequantized int4 experts in the model's dtype after load(dtype=)."""
+    from sparse_kernels.llm import checkpoint
+    from sparse_kernels.llm import compressed_tensors as ct
+    from sparse_kernels.nn import SparseExperts, SparseExpertsInt4
+
+    ids = calib()
+    sizes = {}
+    for int4 in (None, 16):
+        m = tiny("mixtral", layers=1)
+        prune(m, method="sparsegpt", sparsity="2:4", int4=int4, calibration=ids, progress=False, convert=True)
+        sizes[int4] = checkpoint.save(m, str(tmp_path / f"ck{int4}"))["sizes"]
+    assert sizes[16]["dense_tensor_bytes"] == sizes[None]["dense_tensor_bytes"]
+    assert sizes[16]["file_bytes"] < sizes[None]["file_bytes"]
+    ex, _ = experts_module("mixtral", "MixtralExperts", hidden=64, inter=32)
+    se = SparseExperts.from_experts(ex, prune=True, backend="decompress")
+    assert SparseExpertsInt4.from_sparse(se, 16).backend is None
+    m, _ = checkpoint.load(str(tmp_path / "ck16"), dtype=torch.bfloat16)  # int4 scales stay float32
+    ct.save(m, str(tmp_path / "ct"))
+    m2, _ = ct.load(str(tmp_path / "ct"))
+    assert m2.model.layers[0].mlp.experts.down_proj.dtype == torch.bfloat16
+    assert_bitexact(m2.model.layers[0].mlp.experts.down_proj.detach(),
+                    m.model.layers[0].mlp.experts.dense_param("down_proj", torch.bfloat16))
+    with torch.no_grad():
+        assert torch.isfinite(m2(ids).logits).all()
+
+
+def test_checkpoint_refuses_an_integer_tensor_where_the_model_holds_floats(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from sparse_kernels.llm import checkpoint
+
+    m = tiny("gpt_oss", layers=1)
+    prune(m, method="sparsegpt", sparsity="2:4", int4=16, calibration=calib(), progress=False, convert=True)
+    checkpoint.save(m, str(tmp_path))
+    cfg = json.loads((tmp_path / checkpoint.CONFIG_NAME).read_text())
+    raw = load_file(str(tmp_path / checkpoint.TENSORS_NAME))
+    key = "model.layers.0.mlp.experts.down_proj_bias"
+    raw[key] = raw[key].to(torch.int32)
+    tpath = tmp_path / checkpoint.TENSORS_NAME
+    save_file(raw, str(tpath), metadata={"format": checkpoint.FORMAT_NAME, "format_version": "6"})
+    cfg["tensors"][key]["dtype"] = "int32"
+    cfg["tensors_bytes"], cfg["tensors_sha256"] = tpath.stat().st_size, checkpoint.sha256_file(str(tpath))
+    (tmp_path / checkpoint.CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(checkpoint.CheckpointError, match=f"{key}: stored as int32, but the model holds a float32 "
+                                                         f"parameter there"):
+        checkpoint.load(str(tmp_path))

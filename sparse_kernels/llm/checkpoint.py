@@ -492,7 +492,8 @@ def save(model: nn.Module, path: str, *, layers: dict[str, str] | None = None, b
         tensors[key + ".bitmask"], tensors[key + ".nonzeros"] = enc
         bitmask[key] = {"shape": list(w.shape), "dtype": _dtype_name(w.dtype), "nnz": int(enc[1].numel())}
         masked_bytes += enc[0].numel() + enc[1].numel() * enc[1].element_size()
-    experts, experts_bytes, experts_dense_bytes = _compress_experts(model, tensors, bitmask)
+    experts, experts_bytes, experts_dense_bytes, int4_extra = _compress_experts(model, tensors, bitmask)
+    dense_bytes += int4_extra
     if any(v.get("pattern") == PATTERN_24_INT4 for v in experts.values()):
         version = _VERSION_EXPERTS_INT4
     elif experts:
@@ -570,30 +571,39 @@ def _densify_sparse_experts(model: nn.Module, tensors: dict, keep_int4: bool = F
     (a SparseExpertsInt4's ``P_qvalues``/``P_meta``/``P_scales``, dequantized, unless ``keep_int4``)
     by the dense 3-D parameter ``P`` of the transformers module it came from (the layout the
     model's config rebuilds; :func:`_compress_experts` then stores it compressed and :func:`load`
-    turns it back into SparseExperts)."""
+    turns it back into SparseExperts).  Int4 experts are dequantized to the dtype most of the
+    model's float elements have (their scales may have kept another one through ``load(dtype=)``)."""
     from ..nn import SparseExperts, SparseExpertsInt4
 
+    count: dict = {}
+    for t in tensors.values():  # (by elements: int4 layers' scales are many small tensors)
+        if t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    dtype = max(count, key=count.get) if count else None
     for mname, mod in model.named_modules():
         if isinstance(mod, SparseExperts) and not (keep_int4 and isinstance(mod, SparseExpertsInt4)):
             for pname in mod.params:
                 key = f"{mname}.{pname}" if mname else pname
                 for part in ("values", "qvalues", "meta", "scales"):
                     tensors.pop(f"{key}_{part}", None)
-                tensors[key] = mod.dense_param(pname).cpu()
+                w = mod.dense_param(pname, dtype) if isinstance(mod, SparseExpertsInt4) else mod.dense_param(pname)
+                tensors[key] = w.cpu()
 
 
-def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[dict, int, int]:
+def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[dict, int, int, int]:
     """Bitmask-compress, in ``tensors``, every stored 3-D expert parameter with at least 10% zeros
     (recorded in ``bitmask`` with its ``tensor_shape``), and every parameter of a SparseExperts or
     of an experts module whose every expert matrix is 2:4 along its input (recorded with
     ``"pattern": "2:4"``, so :func:`load` rebuilds them as SparseExperts); a SparseExpertsInt4's
     parameters stay as they are (``P_qvalues``, ``P_meta``, ``P_scales``), recorded with
     ``"pattern": "2:4-int4"`` and their shape and group size.  Returns
-    ``({key: {"sparsity"[, "pattern", ...]}}, bytes stored, dense bytes)`` over those parameters."""
+    ``({key: {"sparsity"[, "pattern", ...]}}, bytes stored, dense bytes)`` over those parameters,
+    and the dense bytes the int4 ones stand for beyond what they store (``tensors`` held them as
+    codes, not as dense parameters)."""
     from ..nn import SparseExperts, SparseExpertsInt4
     from ..pruning.experts import EXPERT_PARAMS, is_experts_module
 
-    experts, stored, dense = {}, 0, 0
+    experts, stored, dense, int4_extra = {}, 0, 0, 0
     for mname, mod in model.named_modules():
         if isinstance(mod, SparseExpertsInt4):
             for pname in mod.params:
@@ -603,8 +613,10 @@ def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[d
                 in_f = mod.in_features[pname]
                 experts[key] = {"sparsity": 0.5, "pattern": PATTERN_24_INT4, "num_experts": e, "out_features": out_f,
                                 "in_features": in_f, "group_size": mod.group_size}
-                stored += sum(t.numel() * t.element_size() for t in parts)
+                nbytes = sum(t.numel() * t.element_size() for t in parts)
+                stored += nbytes
                 dense += e * out_f * in_f * parts[2].element_size()
+                int4_extra += e * out_f * in_f * parts[2].element_size() - nbytes
             continue
         dense_experts = is_experts_module(mod)
         sparse = isinstance(mod, SparseExperts) or (dense_experts and _is_24_experts(mod))
@@ -630,7 +642,7 @@ def _compress_experts(model: nn.Module, tensors: dict, bitmask: dict) -> tuple[d
             bitmask[key] = {"shape": [w.shape[0] * w.shape[1], w.shape[2]], "dtype": _dtype_name(w.dtype),
                             "nnz": int(enc[1].numel()), "tensor_shape": list(w.shape)}
             stored += enc[0].numel() + enc[1].numel() * enc[1].element_size()
-    return experts, stored, dense
+    return experts, stored, dense, int4_extra
 
 
 # ---------------------------------------------------------------- load
@@ -939,6 +951,10 @@ def _match_dtypes(m: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             cur = store.get(attr)
             if cur is None or cur.dtype == t.dtype:
                 continue
+            if cur.is_floating_point() != t.is_floating_point():
+                raise CheckpointError(f"{key}: stored as {_dtype_name(t.dtype)}, but the model holds a "
+                                      f"{_dtype_name(cur.dtype)} {'parameter' if store is mod._parameters else 'buffer'} "
+                                      f"there")
             if id(cur) not in done:
                 new = torch.empty_like(cur, dtype=t.dtype)
                 done[id(cur)] = nn.Parameter(new, cur.requires_grad) if isinstance(cur, nn.Parameter) else new

@@ -515,8 +515,9 @@ def cmd_prune(args) -> int:
                   s.get("masked_layers_ratio") if kind == checkpoint.MASKED else s["sparse_layers_ratio"]]],
                 title=f"\npruned and saved to {args.output}"))
     if s.get("experts_dense_bytes"):
+        int4 = sum(v.get("pattern") == checkpoint.PATTERN_24_INT4 for v in cfg["experts"].values())
         print(f"expert parameters: {sum(k in cfg['bitmask'] for k in cfg['experts'])} of {len(cfg['experts'])} "
-              f"stored bitmask-compressed, "
+              f"stored bitmask-compressed" + (f", {int4} as 2:4 int4 codes" if int4 else "") + ", "
               f"{_mib(s['experts_bytes']):.2f} MiB against {_mib(s['experts_dense_bytes']):.2f} MiB dense")
     for note in rep.notes:
         print(f"note: {note}")

@@ -1053,6 +1053,7 @@ def test_cli_prunes_an_moe_model_to_int4_experts(tmp_path, capsys):
                      "-o", str(out), "--no-progress"]) == 0
     o = capsys.readouterr().out
     assert "convert: 2 experts modules became SparseExpertsInt4" in o
+    assert "expert parameters: 0 of 4 stored bitmask-compressed, 4 as 2:4 int4 codes" in o
     cfg = json.loads((out / checkpoint.CONFIG_NAME).read_text())
     assert cfg["format_version"] == 6 and {v["pattern"] for v in cfg["experts"].values()} == {"2:4-int4"}
     m, _ = checkpoint.load(str(out))

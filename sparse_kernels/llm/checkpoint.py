@@ -566,6 +566,16 @@ def _is_24_experts(mod: nn.Module) -> bool:
     return bool(params)
 
 
+def _common_dtype(tensors: dict) -> torch.dtype | None:
+    """The float dtype most of the elements of ``tensors`` have (by elements, not tensors: int4
+    layers' scales are many small tensors), None without float tensors."""
+    count: dict = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
+    return max(count, key=count.get) if count else None
+
+
 def _densify_sparse_experts(model: nn.Module, tensors: dict, keep_int4: bool = False) -> None:
     """In ``tensors``, replace each :class:`sparse_kernels.nn.SparseExperts`' ``P_values``/``P_meta``
     (a SparseExpertsInt4's ``P_qvalues``/``P_meta``/``P_scales``, dequantized, unless ``keep_int4``)
@@ -575,11 +585,7 @@ def _densify_sparse_experts(model: nn.Module, tensors: dict, keep_int4: bool = F
     model's float elements have (their scales may have kept another one through ``load(dtype=)``)."""
     from ..nn import SparseExperts, SparseExpertsInt4
 
-    count: dict = {}
-    for t in tensors.values():  # (by elements: int4 layers' scales are many small tensors)
-        if t.is_floating_point():
-            count[t.dtype] = count.get(t.dtype, 0) + t.numel()
-    dtype = max(count, key=count.get) if count else None
+    dtype = _common_dtype(tensors)
     for mname, mod in model.named_modules():
         if isinstance(mod, SparseExperts) and not (keep_int4 and isinstance(mod, SparseExpertsInt4)):
             for pname in mod.params:
@@ -1023,10 +1029,10 @@ def load(path: str, *, model: nn.Module | None = None, dtype: torch.dtype | None
         if target not in tensors:
             raise CheckpointError(f"alias {k!r} points at {target!r}, which is not stored")
         tensors[k] = tensors[target]
-    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    common = _common_dtype(tensors)
     m = _skeleton(path, cfg, model)
-    if floats:  # the common dtype first: _match_dtypes then changes only the exceptions
-        m = _to_dtype(m, max(set(floats), key=floats.count))
+    if common is not None:  # the common dtype first: _match_dtypes then changes only the exceptions
+        m = _to_dtype(m, common)
     from ..nn import SparseExpertsInt4, SparseLinearInt4
 
     sl = _sparse_linear_cls()
@@ -1080,7 +1086,7 @@ def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str, version: int
     a SparseExperts (CheckpointError when they are not 2:4, or the entry names no such module)."""
     from ..nn import SparseExperts
 
-    if not isinstance(experts, dict) or not all(isinstance(v, dict) for v in experts.values()):
+    if not all(isinstance(v, dict) for v in experts.values()):  # (read_config checked it is a dict)
         raise CheckpointError(f"{path}: the manifest's 'experts' entry is not a mapping of objects")
     if experts and version < _VERSION_EXPERTS:
         raise CheckpointError(f"{path}: an 'experts' entry needs format_version {_VERSION_EXPERTS}; the checkpoint "
@@ -1090,8 +1096,7 @@ def _rebuild_sparse_experts(m: nn.Module, experts: dict, path: str, version: int
     if bad:
         raise CheckpointError(f"{path}: expert parameters with an unknown pattern {bad} (this sparse_kernels reads "
                               f"'{PATTERN_24}' and '{PATTERN_24_INT4}')")
-    modules = sorted({k.rpartition(".")[0] for k, v in experts.items()
-                      if isinstance(v, dict) and v.get("pattern") == PATTERN_24})
+    modules = sorted({k.rpartition(".")[0] for k, v in experts.items() if v.get("pattern") == PATTERN_24})
     for name in modules:
         try:
             mod = m.get_submodule(name)
@@ -1111,8 +1116,6 @@ def _int4_experts(m: nn.Module, experts: dict, tensors: dict, path: str, version
     from ..nn import SparseExpertsInt4
     from ..pruning.experts import expert_params, is_experts_module, out_in
 
-    if not isinstance(experts, dict):
-        return  # (_rebuild_sparse_experts names the problem)
     modules: dict[str, dict] = {}
     for k, v in experts.items():
         if isinstance(v, dict) and v.get("pattern") == PATTERN_24_INT4:

@@ -565,7 +565,8 @@ def prune(
             :func:`~sparse_kernels.pruning.sparsegpt.sparsegpt_prune_int4`; its column loop is the
             ``sparsegpt_block_update_int4`` op, run on ``backend``).  A multiple of 16 dividing
             ``blocksize`` and every layer's ``in_features``.  With ``convert`` (needs ``"2:4"``), the layers become
-            :class:`sparse_kernels.nn.SparseLinearInt4` holding exactly those codes and scales.
+            :class:`sparse_kernels.nn.SparseLinearInt4` (experts modules
+            :class:`sparse_kernels.nn.SparseExpertsInt4`) holding exactly those codes and scales.
         method_options: options of a method: ``alpha`` for ``"ria"`` (default 0.5); for whole-model
             methods, e.g. ``"structured"``:
             ``criterion="activation", heads=0.25, layers=2, round_to=64`` (then ``sparsity`` is the
@@ -576,13 +577,14 @@ def prune(
         calibrate_all_experts: mixture-of-experts models (transformers' 3-D expert weights: each
             expert's matrix is pruned as a layer, :mod:`sparse_kernels.pruning.experts`).  True
             (default, as llm-compressor calibrates): every calibration token reaches every expert
-            while the statistics are collected (with weight 0 where the router did not pick it, so
-            the block's output is the routed one); False: each expert sees only its routed tokens,
-            and an expert that gets none is pruned by magnitude (listed in the report's notes).
-            Expert matrices are pruned in place; with ``convert=True`` and a 2:4 pattern (without
-            ``int4``) each experts module whose experts were all pruned becomes a
-            :class:`sparse_kernels.nn.SparseExperts` (2:4 values + meta per expert); other
-            patterns leave them in their 3-D parameters.  ``permute`` refuses them.
+            in a separate statistics call whose output is discarded (the block's output is the
+            routed one); False: each expert sees only its routed tokens, and an expert that gets
+            none is pruned by magnitude (listed in the report's notes).  Expert matrices are
+            pruned in place; with ``convert=True`` and a 2:4 pattern each experts module whose
+            experts were all pruned becomes a :class:`sparse_kernels.nn.SparseExperts` (2:4 values
+            + meta per expert), or with ``int4`` a :class:`sparse_kernels.nn.SparseExpertsInt4`
+            (SparseGPT's codes and scales); other patterns leave them in their 3-D parameters.
+            ``permute`` refuses them.
 
     Returns a :class:`PruneReport`: per layer the sparsity, SparseGPT's loss (its own
     objective; None for other methods), the relative output error
